@@ -1,0 +1,345 @@
+"""Experiment configuration: frozen dataclasses with validation. Imports no jax.
+
+A config is four sections (data, model, train, decode) plus a name. Experiment files in
+`experiments/configs/*.py` expose `get_config() -> Config`; the CLI overrides any field with
+`--set section.field=value` (values parsed as Python literals, falling back to strings).
+Every problem a user can cause is raised as `ConfigError` naming the field and the fix; the CLI
+turns it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UserError(Exception):
+    """A problem the user caused and can fix (bad path, bad value, misaligned files...).
+
+    The message is one sentence naming the file or field and what to do; the CLI prints it
+    alone (no traceback) and exits with code 2, before any work starts.
+    """
+
+
+class ConfigError(UserError, ValueError):
+    """A user-caused configuration problem; the message names the field and the fix."""
+
+
+BUILTIN_TASKS = ("copy", "reverse", "sort", "addition", "dates")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Where examples come from: "task" (built-in generated task), "text" (a folder of
+    # line-aligned `{split}.{lang}` files) or "tfds" (a TFDS catalogue dataset name).
+    source: str = "task"
+    # Built-in task name (source="task"): copy | reverse | sort | addition | dates.
+    task: str = "dates"
+    task_train_size: int = 50_000  # examples generated for training (seeded, no download)
+    task_eval_size: int = 1_000  # held-out examples (disjoint seed stream)
+    task_seed: int = 1234
+    # Text folder (source="text"): dir/{split}.{src_lang}, dir/{split}.{tgt_lang}.
+    dir: str = ""
+    # TFDS dataset (source="tfds"), e.g. "wmt14_translate/de-en".
+    tfds_name: str = ""
+    tfds_data_dir: str = ""
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    train_split: str = "train"
+    valid_split: str = "valid"
+    test_split: str = "test"
+    # Tokenization (text/tfds): SentencePiece trained on the training split.
+    vocab_size: int = 8000
+    joint_vocab: bool = True  # one SentencePiece model for both sides
+    spm_model_type: str = "unigram"  # unigram | bpe | char | word
+    spm_character_coverage: float = 1.0
+    normalization: str = "nfkc"  # nfkc | nfc | none (applied before SentencePiece)
+    empty_lines: str = "skip"  # skip (drop pairs with an empty side, counted) | error
+    cache_dir: str = ""  # prepared-data cache; "" = ~/.cache/s2s_jax
+    # Length filter (in tokens, without BOS/EOS): longer pairs are dropped and counted.
+    max_source_length: int = 64
+    max_target_length: int = 64
+    # Bucketing: padded (source, target) shapes; each batch is padded to the smallest bucket
+    # that holds it. Empty = one bucket (max_source_length, max_target_length + 1).
+    buckets: tuple = ()
+    # Batch size: target tokens per batch (token-based per bucket) if > 0, else sentences.
+    batch_tokens: int = 0
+    batch_size: int = 64
+    shuffle_seed: int = 0
+    prefetch: int = 2  # batches prepared ahead by the loader
+    worker_count: int = 0  # Grain worker processes (0 = in-process)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: str = "lstm"  # lstm | gru
+    source_embed_dim: int = 64
+    target_embed_dim: int = 64
+    hidden_dim: int = 128  # decoder size; encoder output size (split across directions)
+    encoder_layers: int = 1
+    decoder_layers: int = 1
+    bidirectional: bool = True  # each direction has hidden_dim // 2 units (OpenNMT "brnn")
+    residual: bool = False  # residual connections from layer 2 on (encoder and decoder)
+    dropout: float = 0.0  # on embeddings and between layers
+    share_embeddings: bool = False  # one embedding for source and target (joint vocab)
+    tie_output: bool = False  # output projection = target embedding (transposed)
+    bridge: str = "last"  # zero | last | dense
+    attention: str = "general"  # dot | general | mlp | none
+    input_feeding: bool = True
+    attention_dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    unroll: int = 1  # lax.scan unroll factor
+    loss_chunk: int = 0  # time steps per output-projection chunk in the loss (0 = whole)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    steps: int = 2000
+    optimizer: str = "adam"  # adam | adamw | sgd
+    learning_rate: float = 1e-3
+    schedule: str = "constant"  # constant | rsqrt | cosine | plateau
+    warmup_steps: int = 0
+    weight_decay: float = 0.0  # adamw only
+    momentum: float = 0.0  # sgd only
+    clip_norm: float = 5.0  # global-norm clipping; 0 = off
+    label_smoothing: float = 0.0
+    grad_accum: int = 1  # micro-batches per update
+    ema_decay: float = 0.0  # parameter EMA used for evaluation; 0 = off
+    plateau_patience: int = 2  # schedule=plateau: evaluations without improvement before halving
+    plateau_factor: float = 0.5
+    log_every: int = 50
+    eval_every: int = 500
+    eval_sentences: int = 1000  # validation sentences decoded for exact match / BLEU
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # latest K
+    keep_best: int = 1  # best M by best_metric
+    best_metric: str = "auto"  # auto (bleu for text, exact_match for tasks) | loss | bleu | ...
+    early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    parallel: str = "shard_map"  # shard_map | pmap | none
+    tensorboard: bool = False
+    plot: bool = True  # PNG of curves at the end of a run
+    # Multi-host (jax.distributed); also read from the environment when left empty.
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    beam_size: int = 1
+    length_penalty: float = 0.6  # GNMT alpha; 0 = none
+    coverage_penalty: float = 0.0  # GNMT beta; 0 = none
+    max_len_a: float = 1.5  # maximum output length = a * source_length + b
+    max_len_b: int = 10
+    batch_size: int = 128  # sentences per translate batch
+    nbest: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "decode": DecodeConfig}
+
+_CHOICES = {
+    ("data", "source"): ("task", "text", "tfds"),
+    ("data", "task"): BUILTIN_TASKS,
+    ("data", "spm_model_type"): ("unigram", "bpe", "char", "word"),
+    ("data", "normalization"): ("nfkc", "nfc", "none"),
+    ("data", "empty_lines"): ("skip", "error"),
+    ("model", "cell"): ("lstm", "gru"),
+    ("model", "bridge"): ("zero", "last", "dense"),
+    ("model", "attention"): ("dot", "general", "mlp", "none"),
+    ("model", "dtype"): ("float32", "bfloat16"),
+    ("train", "optimizer"): ("adam", "adamw", "sgd"),
+    ("train", "schedule"): ("constant", "rsqrt", "cosine", "plateau"),
+    ("train", "parallel"): ("shard_map", "pmap", "none"),
+}
+
+# (section, field) -> (lower bound, inclusive?) for numeric fields.
+_POSITIVE = {
+    "data": ("task_train_size", "task_eval_size", "vocab_size", "max_source_length",
+             "max_target_length", "batch_size"),
+    "model": ("source_embed_dim", "target_embed_dim", "hidden_dim", "encoder_layers",
+              "decoder_layers", "unroll"),
+    "train": ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "grad_accum", "max_nonfinite", "eval_sentences"),
+    "decode": ("beam_size", "batch_size", "nbest"),
+}
+_NON_NEGATIVE = {
+    "data": ("batch_tokens", "prefetch", "worker_count"),
+    "model": ("loss_chunk",),
+    "train": ("warmup_steps", "weight_decay", "momentum", "clip_norm", "keep_best",
+              "early_stopping_patience", "plateau_patience", "num_processes"),
+    "decode": ("length_penalty", "coverage_penalty", "max_len_a", "max_len_b"),
+}
+_PROBABILITY = {
+    "model": ("dropout", "attention_dropout"),
+    "train": ("label_smoothing", "ema_decay"),
+}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def validate(config: Config) -> Config:
+    """Checks types, choices and ranges; raises ConfigError naming the first bad field."""
+    for section, cls in _SECTIONS.items():
+        obj = getattr(config, section)
+        if not isinstance(obj, cls):
+            raise ConfigError(f"config.{section} must be a {cls.__name__}")
+        for name, typ in _field_types(cls).items():
+            value = getattr(obj, name)
+            where = f"{section}.{name}"
+            if typ is bool and not isinstance(value, bool):
+                raise ConfigError(f"{where}={value!r}: expected true/false (True or False)")
+            if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{where}={value!r}: expected an integer")
+            if typ is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{where}={value!r}: expected a number")
+            if typ is str and not isinstance(value, str):
+                raise ConfigError(f"{where}={value!r}: expected a string")
+            choices = _CHOICES.get((section, name))
+            if choices and value not in choices:
+                raise ConfigError(f"{where}={value!r}: choose one of {', '.join(choices)}")
+        for name in _POSITIVE.get(section, ()):
+            if getattr(obj, name) <= 0:
+                raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: must be > 0")
+        for name in _NON_NEGATIVE.get(section, ()):
+            if getattr(obj, name) < 0:
+                raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: must be >= 0")
+        for name in _PROBABILITY.get(section, ()):
+            v = getattr(obj, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{section}.{name}={v!r}: must be in [0, 1)")
+    d, m, t = config.data, config.model, config.train
+    if d.source == "text" and not d.dir:
+        raise ConfigError("data.dir is empty: set --set data.dir=PATH/TO/CORPUS for data.source='text'")
+    if d.source == "tfds" and not d.tfds_name:
+        raise ConfigError("data.tfds_name is empty: set e.g. --set data.tfds_name=wmt14_translate/de-en")
+    if not isinstance(d.buckets, (tuple, list)) or not all(
+        isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, int) and x > 0 for x in b)
+        for b in d.buckets
+    ):
+        raise ConfigError(f"data.buckets={d.buckets!r}: expected a list of (source_length, target_length) pairs of positive integers")
+    if m.bidirectional and m.hidden_dim % 2:
+        raise ConfigError(f"model.hidden_dim={m.hidden_dim}: must be even when model.bidirectional=True (split across directions)")
+    if m.tie_output and m.target_embed_dim != m.hidden_dim:
+        raise ConfigError("model.tie_output=True needs model.target_embed_dim == model.hidden_dim")
+    if m.share_embeddings and m.source_embed_dim != m.target_embed_dim:
+        raise ConfigError("model.share_embeddings=True needs model.source_embed_dim == model.target_embed_dim")
+    if m.share_embeddings and d.source != "task" and not d.joint_vocab:
+        raise ConfigError("model.share_embeddings=True needs data.joint_vocab=True (one vocabulary)")
+    if m.input_feeding and m.attention == "none":
+        raise ConfigError("model.input_feeding=True needs an attention type (model.attention != 'none')")
+    if t.schedule in ("cosine",) and t.warmup_steps >= t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps} for schedule='cosine'")
+    if config.decode.nbest > config.decode.beam_size:
+        raise ConfigError(f"decode.nbest={config.decode.nbest} must be <= decode.beam_size={config.decode.beam_size}")
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(where: str, typ: Any, value: Any) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is str and not isinstance(value, str):
+        return str(value)
+    if typ is tuple and isinstance(value, list):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return value
+
+
+def override(config: Config, assignments: list[str]) -> Config:
+    """Applies `section.field=value` strings; unknown fields are ConfigErrors."""
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. --set train.steps=200")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key == "name":
+            config = dataclasses.replace(config, name=raw)
+            continue
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in _SECTIONS:
+            raise ConfigError(f"--set {key}: unknown field; use one of the sections {', '.join(_SECTIONS)} as section.field")
+        section, name = parts
+        types = _field_types(_SECTIONS[section])
+        if name not in types:
+            close = [n for n in types if n.startswith(name[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"--set {key}: unknown field {section}.{name}{hint}")
+        value = _coerce(key, types[name], _parse_value(raw))
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{name: value})})
+    return validate(config)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of to_dict; unknown keys (e.g. from a newer version) are ConfigErrors."""
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        values = dict(d.get(section, {}))
+        types = _field_types(cls)
+        unknown = set(values) - set(types)
+        if unknown:
+            raise ConfigError(f"config.json: unknown field(s) {section}.{', '.join(sorted(unknown))}")
+        for k, v in values.items():
+            values[k] = _coerce(k, types[k], v)
+        sections[section] = cls(**values)
+    return validate(Config(name=d.get("name", "default"), **sections))
+
+
+def to_json(config: Config) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def load(path: str) -> Config:
+    """Loads `get_config()` from an experiment file, or a resolved config.json."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file; pick one from experiments/configs/")
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return from_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}); restore it from the run's checkpoint") from None
+    spec = importlib.util.spec_from_file_location("_s2s_experiment_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config(); an experiment file must return a Config from get_config()")
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected s2s_jax.config.Config")
+    return validate(config)
