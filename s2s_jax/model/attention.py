@@ -1,0 +1,75 @@
+"""Luong (`dot`, `general`) and Bahdanau (`mlp`, additive) attention, keys projected once.
+
+Scores for a query q [.., H] against encoder memory m [B, S, H]:
+    dot:      q · m_s
+    general:  q · (W_a m_s)                 — W_a m is computed once per batch ("keys")
+    mlp:      v · tanh(W_q q + W_k m_s)     — W_k m is computed once per batch
+Padded source positions get exactly zero weight; each weight row sums to one.
+The attentional hidden state is h~ = tanh(W_c [context; q]) (Luong et al., 2015, eq. 5).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from s2s_jax.model.cells import matmul
+
+Array = jax.Array
+NEG_INF = -1e9  # finite: exp underflows to exactly 0, and an all-padding row stays NaN-free
+
+
+class AttentionParams(nn.Module):
+    kind: str
+    hidden: int  # query and memory size
+
+    @nn.compact
+    def __call__(self) -> dict[str, Array]:
+        H = self.hidden
+        init = nn.initializers.lecun_uniform()
+        p = {"output_kernel": self.param("output_kernel", init, (2 * H, H))}
+        if self.kind == "general":
+            p["key_kernel"] = self.param("key_kernel", init, (H, H))
+        elif self.kind == "mlp":
+            p["key_kernel"] = self.param("key_kernel", init, (H, H))
+            p["query_kernel"] = self.param("query_kernel", init, (H, H))
+            p["bias"] = self.param("bias", nn.initializers.zeros, (H,))
+            p["v"] = self.param("v", init, (H, 1))
+        return p
+
+
+def project_keys(params: dict, kind: str, memory: Array, dtype) -> Array:
+    """memory [B, S, H] -> keys [B, S, H]; done once per batch, outside any scan."""
+    if kind == "dot":
+        return memory.astype(jnp.float32)
+    return matmul(memory, params["key_kernel"], dtype)
+
+
+def attend(params: dict, kind: str, query: Array, keys: Array, memory: Array, mask: Array, dtype,
+           dropout_mask: Array | None = None):
+    """Attention for one step (query [B, H]) or many (query [B, T, H]).
+
+    keys, memory [B, S, H]; mask [B, S] (True at real source positions).
+    dropout_mask: optional, broadcastable to the weights, already scaled by 1/(1-rate).
+    Returns (attentional hidden [B, (T,) H] float32, weights [B, (T,) S] float32).
+    """
+    single = query.ndim == 2
+    q = query[:, None, :] if single else query  # [B, T, H]
+    if kind == "mlp":
+        qp = matmul(q, params["query_kernel"], dtype) + params["bias"]  # [B, T, H]
+        feat = jnp.tanh(qp[:, :, None, :] + keys[:, None, :, :])  # [B, T, S, H]
+        scores = matmul(feat, params["v"], dtype)[..., 0]  # [B, T, S]
+    else:
+        scores = jnp.einsum("bth,bsh->bts", q.astype(dtype), keys.astype(dtype),
+                            preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, :], scores, NEG_INF)
+    weights = jax.nn.softmax(scores, axis=-1)  # float32
+    probs = weights if dropout_mask is None else weights * dropout_mask
+    context = jnp.einsum("bts,bsh->bth", probs.astype(dtype), memory.astype(dtype),
+                         preferred_element_type=jnp.float32)
+    hidden = jnp.tanh(matmul(jnp.concatenate([context, q.astype(jnp.float32)], -1),
+                             params["output_kernel"], dtype))
+    if single:
+        return hidden[:, 0], weights[:, 0]
+    return hidden, weights

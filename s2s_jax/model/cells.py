@@ -1,0 +1,165 @@
+"""LSTM and GRU recurrences written for XLA: hoisted input projections, fused gates, both
+directions of a bidirectional layer in one scan.
+
+Parameters of one recurrent layer (`RecurrentParams`), K = number of directions (1 or 2),
+G = 4 (LSTM, gate order i, f, g, o) or 3 (GRU, gate order r, z, n):
+    input_kernel      [D, K, G·H]   x_t @ W_ih, hoisted out of the scan
+    bias              [K, G·H]      added to the hoisted projection
+    recurrent_kernel  [K, H, G·H]   h_{t-1} @ W_hh, the only matmul inside the scan body
+    recurrent_bias    [K, G·H]      GRU only (b_hn sits inside r * (h W_hn + b_hn))
+
+All matmuls take the compute dtype (float32 or bfloat16) and accumulate in float32; the carry
+and gate nonlinearities stay float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+GATES = {"lstm": 4, "gru": 3}
+
+
+def matmul(x: Array, w: Array, dtype) -> Array:
+    """x @ w with inputs in the compute dtype and a float32 result."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _bias_init(cell: str, hidden: int):
+    def init(key, shape, dtype=jnp.float32):
+        b = jnp.zeros(shape, dtype)
+        if cell == "lstm":  # forget-gate bias 1 (Jozefowicz et al., 2015): remember by default
+            b = b.at[..., hidden:2 * hidden].set(1.0)
+        return b
+    return init
+
+
+class RecurrentParams(nn.Module):
+    """Holds one recurrent layer's parameters and returns them as a dict of arrays."""
+
+    cell: str
+    in_dim: int
+    hidden: int
+    directions: int = 1
+
+    @nn.compact
+    def __call__(self) -> dict[str, Array]:
+        g = GATES[self.cell] * self.hidden
+        glorot = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1,
+                                                  batch_axis=())
+        p = {
+            "input_kernel": self.param(
+                "input_kernel",
+                nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=-1,
+                                                 batch_axis=(1,)),
+                (self.in_dim, self.directions, g)),
+            "recurrent_kernel": self.param("recurrent_kernel", glorot, (self.directions, self.hidden, g)),
+            "bias": self.param("bias", _bias_init(self.cell, self.hidden), (self.directions, g)),
+        }
+        if self.cell == "gru":
+            p["recurrent_bias"] = self.param("recurrent_bias", nn.initializers.zeros, (self.directions, g))
+        return p
+
+
+def row_dropout_mask(key: Array, rate: float, row_ids: Array, shape: tuple) -> Array:
+    """Inverted-dropout keep mask [B, *shape], drawn per row from fold_in(key, row_ids[b]).
+
+    Each example's mask depends only on its global row index, never on how the batch is split,
+    so a data-parallel step draws exactly the masks a single-device step draws.
+    """
+    def one(row):
+        keep = jax.random.bernoulli(jax.random.fold_in(key, row), 1.0 - rate, shape)
+        return keep.astype(jnp.float32) / (1.0 - rate)
+    return jax.vmap(one)(row_ids)
+
+
+def initial_carry(cell: str, like: Array) -> Any:
+    """Zero carry shaped like `like` [..., H]; built from an input so shard_map sees its axes."""
+    z = jnp.zeros_like(like, dtype=jnp.float32)
+    return (z, z) if cell == "lstm" else z
+
+
+def carry_hidden(cell: str, carry) -> Array:
+    return carry[0] if cell == "lstm" else carry
+
+
+def cell_update(cell: str, gates_x: Array, gates_h: Array, carry) -> tuple[Any, Array]:
+    """One step given the input-side and hidden-side gate pre-activations (float32).
+
+    LSTM: gates_x + gates_h are the fused [i f g o] pre-activations.
+    GRU: kept apart because the candidate uses r * (h W_hn + b_hn).
+    Returns (new carry, new hidden).
+    """
+    if cell == "lstm":
+        _, c = carry
+        i, f, g, o = jnp.split(gates_x + gates_h, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+    h = carry
+    xr, xz, xn = jnp.split(gates_x, 3, axis=-1)
+    hr, hz, hn = jnp.split(gates_h, 3, axis=-1)
+    r = jax.nn.sigmoid(xr + hr)
+    z = jax.nn.sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * hn)
+    h = (1.0 - z) * n + z * h
+    return h, h
+
+
+def select_carry(mask: Array, new, old):
+    """Keeps `old` where mask [.., B, 1] is False (padded steps leave the state untouched)."""
+    return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, old)
+
+
+def reverse_within_length(x: Array, lengths: Array) -> Array:
+    """x [B, T, ...] with each row's first lengths[b] steps reversed; padding stays in place."""
+    t = jnp.arange(x.shape[1])[None, :]  # [1, T]
+    idx = jnp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # [B, T]
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, initial=None, dtype=jnp.float32,
+              unroll: int = 1):
+    """A (bi)directional recurrent layer over x [B, T, D] with right padding.
+
+    Direction 1 (if present) reads each sequence backwards within its own length, in the same
+    scan as direction 0 (stacked weights, one batched matmul per step), so a bidirectional
+    layer costs T sequential steps, not 2T.
+    Returns outputs [B, T, K·H] (zero at padded steps; direction 0 first) and the final carry
+    (per direction, stacked [K, B, H]; the state at each row's last real step).
+    """
+    K = params["recurrent_kernel"].shape[0]
+    B, T, _ = x.shape
+    if K == 1:
+        xs = x[:, None]  # [B, 1, T, D]
+    else:
+        xs = jnp.stack([x, reverse_within_length(x, lengths)], axis=1)  # [B, 2, T, D]
+    # Hoisted input projection for all steps and directions: [T, K, B, G·H], time-major.
+    xp = jnp.einsum("bktd,dkg->tkbg", xs.astype(dtype), params["input_kernel"].astype(dtype),
+                    preferred_element_type=jnp.float32) + params["bias"][None, :, None, :]
+    mask = (jnp.arange(T)[:, None] < lengths[None, :])[:, None, :, None]  # [T, 1, B, 1]
+    w_hh = params["recurrent_kernel"].astype(dtype)
+    b_hh = params.get("recurrent_bias")
+    if initial is None:
+        H = w_hh.shape[1]
+        initial = initial_carry(cell, xp[0, :, :, :H])  # [K, B, H]
+
+    def body(carry, inputs):
+        gx, m = inputs  # [K, B, G·H], [1, B, 1]
+        h = carry_hidden(cell, carry)
+        gh = jnp.einsum("kbh,khg->kbg", h.astype(dtype), w_hh, preferred_element_type=jnp.float32)
+        if b_hh is not None:
+            gh = gh + b_hh[:, None, :]
+        new_carry, h_new = cell_update(cell, gx, gh, carry)
+        return select_carry(m, new_carry, carry), jnp.where(m, h_new, 0.0)
+
+    final, ys = jax.lax.scan(body, initial, (xp, mask), unroll=unroll)  # ys [T, K, B, H]
+    ys = jnp.transpose(ys, (1, 2, 0, 3))  # [K, B, T, H]
+    outs = [ys[0]] if K == 1 else [ys[0], reverse_within_length(ys[1], lengths)]
+    return jnp.concatenate(outs, axis=-1), final

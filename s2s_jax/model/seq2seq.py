@@ -1,0 +1,122 @@
+"""The encoder-decoder: embeddings, encoder, bridge, decoder, output projection.
+
+    model = Seq2Seq(config.model, source_vocab_size, target_vocab_size)
+    params = model.init(rngs, source, source_lengths, target_input)["params"]
+    hidden, weights = model.apply({"params": params}, source, source_lengths, target_input,
+                                  deterministic=False, rngs={"dropout": key})
+    kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
+
+The forward pass stops at the attentional hidden states [B, T, H]: the output projection and
+the loss run outside the decoder scan, chunked over time (`losses.py`), so [B, T, V] logits never
+need to exist at once. Decoding: `encode` once per batch, then `decode_step` per token.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from s2s_jax.config import ModelConfig
+from s2s_jax.model.cells import initial_carry, matmul, row_dropout_mask
+from s2s_jax.model.decoder import Decoder
+from s2s_jax.model.encoder import Encoder
+
+Array = jax.Array
+
+
+class Seq2Seq(nn.Module):
+    config: ModelConfig
+    source_vocab_size: int
+    target_vocab_size: int
+
+    def setup(self):
+        cfg = self.config
+        emb_init = nn.initializers.normal(stddev=cfg.target_embed_dim ** -0.5)
+        self.target_embedding = self.param("target_embedding", emb_init,
+                                           (self.target_vocab_size, cfg.target_embed_dim))
+        if not cfg.share_embeddings:
+            self.source_embedding = self.param("source_embedding", emb_init,
+                                               (self.source_vocab_size, cfg.source_embed_dim))
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        H = cfg.hidden_dim
+        if cfg.bridge == "dense":
+            init = nn.initializers.lecun_uniform()
+            n = cfg.decoder_layers * (2 if cfg.cell == "lstm" else 1)
+            self.bridge_kernel = self.param("bridge_kernel", init, (n, H, H))
+            self.bridge_bias = self.param("bridge_bias", nn.initializers.zeros, (n, H))
+        if not cfg.tie_output:
+            self.output_kernel = self.param("output_kernel", nn.initializers.lecun_uniform(),
+                                            (H, self.target_vocab_size))
+        self.output_bias = self.param("output_bias", nn.initializers.zeros, (self.target_vocab_size,))
+
+    def _source_table(self):
+        return self.target_embedding if self.config.share_embeddings else self.source_embedding
+
+    def output_weights(self) -> tuple[Array, Array]:
+        """(kernel [H, V], bias [V]) of the output projection (tied: the target embedding)."""
+        kernel = self.target_embedding.T if self.config.tie_output else self.output_kernel
+        return kernel, self.output_bias
+
+    def _bridge(self, finals, memory):
+        """Encoder final carries (per layer, [B, H]) -> decoder initial carries (per layer)."""
+        cfg = self.config
+        L = cfg.decoder_layers
+        if cfg.bridge == "zero":
+            return [initial_carry(cfg.cell, memory[:, 0, :]) for _ in range(L)]
+        # Layer i of the decoder starts from layer i of the encoder when the depths match,
+        # otherwise every decoder layer starts from the top encoder layer.
+        src = finals if len(finals) == L else [finals[-1]] * L
+        if cfg.bridge == "last":
+            return list(src)
+        dtype = jnp.dtype(cfg.dtype)
+        out = []
+        for i, carry in enumerate(src):
+            if cfg.cell == "lstm":
+                h, c = carry
+                j = 2 * i
+                h = jnp.tanh(matmul(h, self.bridge_kernel[j], dtype) + self.bridge_bias[j])
+                c = matmul(c, self.bridge_kernel[j + 1], dtype) + self.bridge_bias[j + 1]
+                out.append((h, c))
+            else:
+                out.append(jnp.tanh(matmul(carry, self.bridge_kernel[i], dtype) + self.bridge_bias[i]))
+        return out
+
+    def encode(self, source: Array, source_lengths: Array, deterministic: bool = True,
+               row_ids: Array | None = None) -> dict:
+        """source [B, S] int32 -> decoding cache: memory/keys [B, S, H], mask [B, S], state."""
+        emb = jnp.take(self._source_table(), source, axis=0)
+        memory, finals = self.encoder(emb, source_lengths, row_ids, deterministic=deterministic)
+        mask = jnp.arange(source.shape[1])[None, :] < source_lengths[:, None]
+        keys = self.decoder.project_keys(memory)
+        state = self.decoder.initial_state(self._bridge(finals, memory), memory)
+        return {"memory": memory, "keys": keys, "mask": mask, "state": state}
+
+    def __call__(self, source: Array, source_lengths: Array, target_input: Array,
+                 deterministic: bool = True, row_ids: Array | None = None):
+        """Teacher forcing. Returns (attentional hidden [B, T, H] float32, weights [B, T, S] | None).
+
+        row_ids [B]: each example's index in the global batch (default arange(B)); dropout masks
+        are drawn per row from it, so sharding the batch never changes them.
+        """
+        if row_ids is None:
+            row_ids = jnp.arange(source.shape[0])
+        cache = self.encode(source, source_lengths, deterministic, row_ids)
+        emb = jnp.take(self.target_embedding, target_input, axis=0)
+        if not deterministic and self.config.dropout > 0:
+            key = self.make_rng("dropout")
+            emb = emb * row_dropout_mask(key, self.config.dropout, row_ids, emb.shape[1:])
+        return self.decoder(emb, cache["state"], cache["memory"], cache["keys"], cache["mask"],
+                            row_ids, deterministic=deterministic)
+
+    def logits(self, hidden: Array) -> Array:
+        kernel, bias = self.output_weights()
+        return matmul(hidden, kernel, jnp.dtype(self.config.dtype)) + bias
+
+    def decode_step(self, tokens: Array, cache: dict):
+        """tokens [N] (previous output) -> (logits [N, V] float32, new cache, weights [N, S] | None)."""
+        emb = jnp.take(self.target_embedding, tokens, axis=0)
+        hidden, state, weights = self.decoder.step(emb, cache["state"], cache["memory"], cache["keys"],
+                                                   cache["mask"])
+        return self.logits(hidden), dict(cache, state=state), weights
