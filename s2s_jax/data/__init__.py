@@ -1,0 +1,258 @@
+"""s2s_jax data layer: sources -> prepare (SentencePiece + TFDS array_record) -> Grain loader.
+
+Public API (the trainer, CLI and export are written against these names):
+
+    DataError                         bad input data (a UserError: one sentence, file, fix)
+    build_data(config, workdir=None, *, process_index=0, process_count=1, batch_multiple=1) -> Data
+    Data.source_vocab / target_vocab  encode / decode / pieces / vocab_size / to_json
+    Data.stats                        counts (examples per split, dropped by reason, batches...)
+    Data.train_batches(state=None)    infinite iterator with get_state() -> {"epoch", "batch"}
+    Data.eval_batches(split, limit)   list of batch dicts (fixed bucket shapes, "index")
+    Data.eval_examples(split, limit)  [(source_text, target_text)] in corpus order
+    load_vocabs(workdir)              (source_vocab, target_vocab) from workdir/vocab/
+    normalize(text, form)             the text normalisation used everywhere
+    prepare(config) -> folder | None  prepare (cached) without building a loader
+    loader_throughput(config, seconds) target tokens/s of the train iterator
+
+Batches are dicts of numpy arrays; see `pipeline.py` for shapes and the batch plan.
+This package never imports TensorFlow or JAX.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from s2s_jax.data import tasks
+from s2s_jax.data.errors import DataError
+from s2s_jax.data.pipeline import (Loader, Materialize, TrainIterator, assign_buckets, bucket_rows,
+                                   bucket_shapes, eval_plan, grain_batches, length_filter,
+                                   loader_throughput, local_rows)
+from s2s_jax.data.preprocess import load_prepared, open_split, prepare, split_roles
+from s2s_jax.data.text import normalize
+from s2s_jax.data.tokenizer import VOCAB_JSON, read_vocab_dir
+from s2s_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab
+
+__all__ = ["DataError", "build_data", "Data", "load_vocabs", "normalize", "prepare",
+           "loader_throughput", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID"]
+
+log = logging.getLogger(__name__)
+
+
+class _Split:
+    """One split: a random-access record source plus token lengths (corpus order)."""
+
+    def __init__(self, name: str, source, src_len: np.ndarray, tgt_len: np.ndarray):
+        self.name, self.source = name, source
+        self.src_len, self.tgt_len = src_len.astype(np.int64), tgt_len.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.src_len)
+
+
+def _task_splits(d, vocab: CharVocab):
+    generated = tasks.generate_splits(d.task, d.task_train_size, d.task_eval_size, d.task_seed)
+    splits = {}
+    for role, name in split_roles(d).items():
+        exs, ls, lt = [], [], []
+        for s, t in generated[role]:
+            si, ti = vocab.encode(s), vocab.encode(t)
+            exs.append({"source": np.asarray(si, np.int32), "target": np.asarray(ti, np.int32),
+                        "source_text": s, "target_text": t})
+            ls.append(len(si))
+            lt.append(len(ti))
+        splits[role] = _Split(name, exs, np.asarray(ls), np.asarray(lt))
+    return splits
+
+
+class Data:
+    """Vocabularies, statistics and batch iterators of one configured corpus, for one process."""
+
+    def __init__(self, config, splits: dict, source_vocab, target_vocab, prepare_stats: dict, *,
+                 prepared_dir: str | None, process_index: int, process_count: int, batch_multiple: int):
+        d = self.d = config.data
+        self.config = config
+        self.source_vocab, self.target_vocab = source_vocab, target_vocab
+        self.prepared_dir = prepared_dir
+        self.process_index, self.process_count = process_index, process_count
+        self.batch_multiple = batch_multiple
+        self._splits = splits
+        self.shapes = bucket_shapes(d)
+        self.rows = bucket_rows(d, self.shapes, process_count * batch_multiple)
+
+        train = splits["train"]
+        keep, reasons = length_filter(d, self.shapes, train.src_len, train.tgt_len)
+        ids = np.nonzero(keep)[0]
+        bucket = assign_buckets(self.shapes, train.src_len[ids], train.tgt_len[ids])
+        assert np.all(bucket >= 0), "length filter and buckets disagree"
+        if len(ids) == 0:
+            raise DataError(f"split {train.name!r}: all {len(train)} training pairs are longer than "
+                            f"data.max_source_length={d.max_source_length} / data.max_target_length="
+                            f"{d.max_target_length} (or the largest bucket); raise those limits")
+        self._train = Loader(train.source, bucket, ids, self.shapes, self.rows, seed=d.shuffle_seed,
+                             process_index=process_index, process_count=process_count,
+                             prefetch=d.prefetch, worker_count=d.worker_count)
+        n_batches = len(self._train.global_epoch_plan(0))
+
+        examples, dropped = {}, {}
+        for role, sp in splits.items():
+            pst = prepare_stats.get(sp.name, {})
+            dropped[sp.name] = {k: v for k, v in pst.get("dropped", {}).items() if v}
+            examples[sp.name] = len(sp)
+        examples[train.name] = int(len(ids))
+        dropped[train.name].update({k: v for k, v in reasons.items() if v})
+        bucket_examples = np.bincount(bucket, minlength=len(self.shapes))
+        self.stats = {
+            "source": d.source,
+            "prepared_dir": prepared_dir,
+            "splits": {sp.name: role for role, sp in splits.items()},
+            "examples": examples,  # train: after the length filter; eval splits: all
+            "dropped": dropped,  # {split: {reason: count}}
+            "lines": {sp.name: prepare_stats.get(sp.name, {}).get("lines", len(sp)) for sp in splits.values()},
+            "buckets": [list(s) for s in self.shapes],
+            "bucket_rows": list(self.rows),  # global rows per bucket
+            "bucket_examples": [int(x) for x in bucket_examples],
+            "train_batches_per_epoch": n_batches,
+            "vocab_size": {"source": source_vocab.vocab_size, "target": target_vocab.vocab_size},
+            "process_count": process_count,
+        }
+        for name, reasons_ in dropped.items():
+            for reason, count in reasons_.items():
+                log.info("data: %s: dropped %d pairs (%s)", name, count, reason)
+        log.info("data: %s training pairs in %d buckets %s -> %d batches/epoch; eval: %s",
+                 examples[train.name], len(self.shapes), self.stats["buckets"], n_batches,
+                 {sp.name: len(sp) for r, sp in splits.items() if r != "train"})
+
+    # ------------------------------------------------------------------ splits
+
+    def _role(self, split: str) -> str:
+        for role, sp in self._splits.items():
+            if split == sp.name:
+                return role
+        if split in self._splits:  # role names ("valid", "test") work too
+            return split
+        names = ", ".join(sp.name for sp in self._splits.values())
+        raise DataError(f"split {split!r} is not configured; use one of {names} "
+                        f"(data.train_split / valid_split / test_split)")
+
+    def split_size(self, split: str) -> int:
+        return len(self._splits[self._role(split)])
+
+    # ------------------------------------------------------------------ iterators
+
+    def train_batches(self, state: dict | None = None) -> TrainIterator:
+        """Infinite iterator over this process's training batches (epoch after epoch).
+
+        `state` is a dict from a previous iterator's get_state(); None starts at epoch 0.
+        """
+        return TrainIterator(self._train, state)
+
+    def eval_batches(self, split: str, limit: int | None = None) -> list[dict]:
+        """Batches of the first `limit` examples of `split` (all if None), never filtered.
+
+        Grouped by bucket (fixed shapes), corpus order within a bucket, filler rows (index -1)
+        at the end of each bucket's last batch; use "index" to map rows back to
+        eval_examples(). Examples longer than the largest bucket are truncated to it (counted in
+        stats["truncated"]). Like training, process p gets its 1/P slice of each batch's rows.
+        """
+        sp = self._splits[self._role(split)]
+        n = len(sp) if limit is None else min(int(limit), len(sp))
+        big_s = max(s for s, _ in self.shapes)
+        big_t = max(t for _, t in self.shapes)
+        src_len, tgt_len = sp.src_len[:n], sp.tgt_len[:n]
+        truncated = int(np.sum((src_len > big_s) | (tgt_len + 1 > big_t)))
+        if truncated:
+            self.stats.setdefault("truncated", {})[sp.name] = truncated
+            log.warning("data: %s: %d of %d eval pairs are longer than the largest bucket (%d, %d) and are "
+                        "truncated for evaluation", sp.name, truncated, n, big_s, big_t)
+        bucket = assign_buckets(self.shapes, np.minimum(src_len, big_s), np.minimum(tgt_len, big_t - 1))
+        plan = [(b, local_rows(i, self.process_index, self.process_count)) for b, i in eval_plan(bucket, self.rows)]
+        return list(grain_batches(plan, Materialize(sp.source, self.shapes), prefetch=self.d.prefetch))
+
+    def eval_examples(self, split: str, limit: int | None = None) -> list[tuple[str, str]]:
+        """Normalised (source_text, target_text) pairs of `split` in corpus order (all processes
+        get all of them), for BLEU / exact match; index i matches batch "index" i."""
+        sp = self._splits[self._role(split)]
+        n = len(sp) if limit is None else min(int(limit), len(sp))
+        getitems = getattr(sp.source, "__getitems__", None)
+        records = getitems(list(range(n))) if getitems else sp.source[:n]
+        return [(_text(r["source_text"]), _text(r["target_text"])) for r in records]
+
+
+def _text(x) -> str:
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if isinstance(x, np.ndarray):
+        x = x.item()
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+# ---------------------------------------------------------------------- build / vocab files
+
+def build_data(config, workdir: str | None = None, *, process_index: int = 0, process_count: int = 1,
+               batch_multiple: int = 1) -> Data:
+    """Prepares the corpus if not cached, opens it, and builds this process's loaders.
+
+    process_index/process_count: this process among all data-parallel processes (each gets its
+    slice of every global batch). batch_multiple: the local batch must divide by this (e.g. the
+    number of local devices); global rows are multiples of process_count * batch_multiple.
+    With `workdir`, the tokenizer files are copied to workdir/vocab/ so translate/export never
+    need the raw data again.
+    """
+    if not (0 <= process_index < process_count) or batch_multiple < 1:
+        raise ValueError(f"bad process_index={process_index} / process_count={process_count} / "
+                         f"batch_multiple={batch_multiple}")
+    d = config.data
+    if d.source == "task":
+        vocab = CharVocab()
+        splits = _task_splits(d, vocab)
+        source_vocab = target_vocab = vocab
+        prep_stats, path = {}, None
+    else:
+        path = prepare(config)
+        manifest, prep_stats, lengths, (source_vocab, target_vocab) = load_prepared(path)
+        splits = {}
+        for role, name in manifest["roles"].items():
+            splits[role] = _Split(name, open_split(path, role), lengths[f"{role}_source"], lengths[f"{role}_target"])
+    data = Data(config, splits, source_vocab, target_vocab, prep_stats, prepared_dir=path,
+                process_index=process_index, process_count=process_count, batch_multiple=batch_multiple)
+    if workdir:
+        install_vocabs(workdir, source_vocab, target_vocab)
+    return data
+
+
+def install_vocabs(workdir: str, source_vocab, target_vocab) -> str:
+    """Writes workdir/vocab/ (vocab.json + SentencePiece models). If the folder already exists
+    (a resumed run) it must hold the same vocabulary, or the checkpoint would be decoded with
+    the wrong pieces: that is a DataError."""
+    vdir = os.path.join(workdir, "vocab")
+    files = {}
+    for v in (source_vocab, target_vocab):
+        if getattr(v, "kind", None) == "sentencepiece":
+            files[os.path.basename(v.model_file)] = v.model_proto
+    import json
+
+    files[VOCAB_JSON] = json.dumps({"source": source_vocab.to_json(), "target": target_vocab.to_json()},
+                                   indent=2, sort_keys=True).encode()
+    if os.path.isdir(vdir) and os.path.isfile(os.path.join(vdir, VOCAB_JSON)):
+        for name, content in files.items():
+            p = os.path.join(vdir, name)
+            old = open(p, "rb").read() if os.path.isfile(p) else None
+            if old != content:
+                raise DataError(f"{p}: this workdir was trained with a different vocabulary than the data "
+                                f"configured now; use a new workdir (or restore the original data settings)")
+        return vdir
+    os.makedirs(vdir, exist_ok=True)
+    for name, content in files.items():
+        tmp = os.path.join(vdir, f".{name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(content)
+        os.replace(tmp, os.path.join(vdir, name))  # atomic: other hosts may write the same file
+    return vdir
+
+
+def load_vocabs(workdir: str):
+    """(source_vocab, target_vocab) saved by build_data in workdir/vocab/ (CharVocab for tasks)."""
+    return read_vocab_dir(os.path.join(workdir, "vocab"))
