@@ -233,12 +233,24 @@ def grain_batches(plan, materialize, *, start: int = 0, prefetch: int = 2, worke
     ds = ds.map(materialize)
     if worker_count > 0:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        return iter(it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                                per_worker_buffer_size=max(1, prefetch))))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                         per_worker_buffer_size=max(1, prefetch)))
+        # Worker outputs arrive in shared memory; copy them into plain arrays right away so the
+        # shared blocks are released now rather than (noisily) at interpreter exit.
+        return (_plain(b) for b in it)
     if prefetch <= 0:
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
     # A couple of threads is enough: materialising is numpy + array_record reads (GIL released).
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=min(2, prefetch), prefetch_buffer_size=prefetch)))
+
+
+def _plain(batch: dict) -> dict:
+    out = {k: np.array(v, copy=True) for k, v in batch.items()}
+    for v in batch.values():
+        unlink = getattr(v, "unlink_on_del", None)
+        if callable(unlink):
+            unlink()
+    return out
 
 
 class TrainIterator:
