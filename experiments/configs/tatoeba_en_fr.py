@@ -10,8 +10,8 @@ Command (from the repository root):
     python -m s2s_jax train --config experiments/configs/tatoeba_en_fr.py \
         --set data.dir=../shared/data/tatoeba_fra_eng --workdir runs/tatoeba_en_fr
 
-Hardware: sized for ~50 minutes on 2 CPU cores (steps=3500 of ~3000-target-token batches, about
-two epochs: sentences are short, so batches are wide); minutes on one GPU. Preparing the data
+Hardware: sized for ~50 minutes on 2 CPU cores (steps=3500 of ~3000-target-token batches; 636
+batches per epoch, so ~5.5 epochs); minutes on one GPU. Preparing the data
 takes ~30 s once, then it is cached.
 Expected result: test BLEU around 40 (sacreBLEU; short sentences make this pair easy) — an
 estimate, not yet measured with this code; update it with the measured figure.
