@@ -325,7 +325,11 @@ def to_json(config: Config) -> str:
 
 
 def load(path: str) -> Config:
-    """Loads `get_config()` from an experiment file, or a resolved config.json."""
+    """Loads `get_config()` from an experiment file, or a resolved config.json.
+
+    An experiment file's config is validated by `override` (after the command line's --set
+    values), since some files leave fields such as data.dir for the command line to fill in.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file; pick one from experiments/configs/")
     if path.endswith(".json"):
@@ -342,4 +346,4 @@ def load(path: str) -> Config:
     config = module.get_config()
     if not isinstance(config, Config):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected s2s_jax.config.Config")
-    return validate(config)
+    return config

@@ -1,0 +1,145 @@
+"""Pure, un-jitted step functions: train_step, eval_step and the decoding adapters.
+
+One per-device body serves every parallel mode: with `axis_name=None` it is a single-device
+step; under shard_map (check_vma=False) or pmap it is given the axis name and reduces gradient
+and metric *sums* with `lax.psum` before dividing by the global token count, so the update is
+exactly that of one device seeing the whole global batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from s2s_jax import decoding, losses
+from s2s_jax.config import Config
+from s2s_jax.data.vocab import BOS_ID, EOS_ID
+from s2s_jax.model import Seq2Seq
+from s2s_jax.train_state import TrainState, build_optimizer, learning_rate_fn
+
+Batch = dict[str, jax.Array]
+
+
+def target_weights(batch: Batch) -> jax.Array:
+    """[B, T] float32: 1 at real target positions (including EOS), 0 at padding."""
+    T = batch["target_output"].shape[1]
+    return (jnp.arange(T)[None, :] < batch["target_lengths"][:, None]).astype(jnp.float32)
+
+
+def _row_ids(batch_rows: int, axis_name) -> jax.Array:
+    """Global index of each local row (device-major), for sharding-invariant dropout."""
+    base = 0 if axis_name is None else jax.lax.axis_index(axis_name) * batch_rows
+    return base + jnp.arange(batch_rows)
+
+
+def loss_sums(params, batch: Batch, *, model: Seq2Seq, config: Config, rng=None, row_ids=None):
+    """Sums over the batch's real target tokens: loss, nll, correct, weight."""
+    train = rng is not None
+    hidden, _ = model.apply({"params": params}, batch["source"], batch["source_lengths"],
+                            batch["target_input"], deterministic=not train, row_ids=row_ids,
+                            rngs={"dropout": rng} if train else None)
+    kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
+    return losses.sequence_loss(
+        hidden, kernel, bias, batch["target_output"], target_weights(batch),
+        label_smoothing=config.train.label_smoothing if train else 0.0,
+        chunk=config.model.loss_chunk, dtype=jnp.dtype(config.model.dtype))
+
+
+def _psum(tree, axis_name):
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Config,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from a (local shard of a) batch. Returns (new state, metric sums)."""
+    tc = config.train
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    B = batch["source"].shape[0]
+    row_ids = _row_ids(B, axis_name)
+
+    def grad_sums(micro, rows):
+        def f(params):
+            sums = loss_sums(params, micro, model=model, config=config, rng=step_key, row_ids=rows)
+            return sums["loss"], sums
+        return jax.grad(f, has_aux=True)(state.params)
+
+    A = tc.grad_accum
+    if A == 1:
+        grads, sums = grad_sums(batch, row_ids)
+    else:  # micro-batches: sum gradients of loss *sums*, divide once by the total weight
+        if B % A:
+            raise ValueError(f"batch of {B} rows is not divisible by train.grad_accum={A}")
+        split = lambda x: x.reshape((A, B // A) + x.shape[1:])  # noqa: E731
+        micro = jax.tree.map(split, batch)
+
+        def body(acc, xs):
+            g, s = grad_sums(*xs)
+            return jax.tree.map(jnp.add, acc, (g, s)), None
+
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_sums, jax.tree.map(lambda x: x[0], micro),
+                                                             row_ids[: B // A]))
+        (grads, sums), _ = jax.lax.scan(body, zero, (micro, split(row_ids)))
+
+    grads, sums = _psum((grads, sums), axis_name)
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+
+    tx = build_optimizer(tc)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr = learning_rate_fn(tc)(state.step) * state.lr_scale
+    params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        d = tc.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+    # Non-finite guard: the step is skipped (state untouched but for the counter).
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        ema_params=None if ema is None else keep(ema, state.ema_params),
+        nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+    )
+    metrics = dict(sums, grad_norm=grad_norm, learning_rate=lr, skipped=(~finite).astype(jnp.float32),
+                   sentences=(batch["target_lengths"] > 0).sum().astype(jnp.float32),
+                   nonfinite_run=new_state.nonfinite)
+    metrics["sentences"] = _psum(metrics["sentences"], axis_name)
+    return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, model: Seq2Seq, config: Config,
+              axis_name: str | None = None) -> dict[str, jax.Array]:
+    """Metric sums (loss, nll, correct, weight) of a batch, deterministic."""
+    return _psum(loss_sums(params, batch, model=model, config=config), axis_name)
+
+
+# -- decoding adapters ----------------------------------------------------------------------
+
+def decode_batch(params, source: jax.Array, source_lengths: jax.Array, *, model: Seq2Seq, config: Config,
+                 beam_size: int = 1, nbest: int = 1, max_len: int) -> dict[str, jax.Array]:
+    """Greedy (beam_size=1) or beam search for a batch; max_len static.
+
+    Returns decoding.py's dict (tokens [B, (nbest,) max_len], lengths, scores, attention).
+    """
+    dc = config.decode
+    cache = model.apply({"params": params}, source, source_lengths, method=Seq2Seq.encode)
+
+    def step_fn(tokens, cache):
+        return model.apply({"params": params}, tokens, cache, method=Seq2Seq.decode_step)
+
+    max_lengths = jnp.minimum(
+        jnp.floor(dc.max_len_a * source_lengths + dc.max_len_b).astype(jnp.int32), max_len)
+    max_lengths = jnp.maximum(max_lengths, 1)
+    B = source.shape[0]
+    if beam_size == 1:
+        return decoding.greedy_search(step_fn, cache, batch_size=B, max_lengths=max_lengths, max_len=max_len,
+                                      bos_id=BOS_ID, eos_id=EOS_ID)
+    return decoding.beam_search(step_fn, cache, batch_size=B, beam_size=beam_size, max_lengths=max_lengths,
+                                max_len=max_len, length_penalty=dc.length_penalty,
+                                coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths,
+                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID)

@@ -1,0 +1,255 @@
+"""train_and_evaluate(config, workdir): the training loop, and the one place that jits steps.
+
+The loop: restore-or-init the state and the data iterator from the workdir's latest good
+checkpoint; run jitted steps (metrics stay on the device and are fetched every `log_every`);
+evaluate every `eval_every` (loss, perplexity, greedy decoding scored by exact match, sacreBLEU
+and chrF); save asynchronously every `checkpoint_every`; on SIGTERM/SIGINT finish the step,
+save and return. Same config + seed + machine => bit-identical loss trace and parameters,
+whether or not the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from s2s_jax import config as config_lib
+from s2s_jax import metrics as metrics_lib
+from s2s_jax import steps
+from s2s_jax.checkpoint import Checkpoints
+from s2s_jax.config import Config, ConfigError, UserError
+from s2s_jax.parallel import Parallel, maybe_initialize_distributed
+from s2s_jax.train_state import abstract_state, create_state, make_model
+from s2s_jax.translator import Translator
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+
+class TrainingStopped(UserError):
+    """The run stopped itself (e.g. too many non-finite steps); the last good checkpoint is kept."""
+
+
+def check_workdir(config: Config, workdir: str) -> bool:
+    """Validates the workdir before any work. Returns True when it holds a run to resume."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir}: is a file, not a directory; pick another path")
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    resume = os.path.isfile(config_path)
+    if os.path.isdir(workdir) and os.listdir(workdir) and not resume:
+        raise UserError(f"--workdir {workdir}: not empty and holds no s2s_jax run ({CONFIG_FILE} missing); "
+                        "use a new or empty directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--workdir {workdir}: not writable ({e.strerror}); pick a writable directory") from None
+    if resume:
+        try:
+            saved = config_lib.load(config_path)
+        except UserError as e:
+            raise UserError(f"{config_path}: unreadable ({e}); use a new --workdir") from None
+        for section in ("model", "data"):
+            if getattr(saved, section) != getattr(config, section):
+                diff = [k for k, v in config_lib.to_dict(config)[section].items()
+                        if config_lib.to_dict(saved)[section][k] != v]
+                raise UserError(f"--workdir {workdir}: holds a run with a different {section} config "
+                                f"({', '.join(f'{section}.{k}' for k in diff)}); use a new --workdir "
+                                "or the saved settings")
+    return resume
+
+
+def best_metric_and_mode(config: Config) -> tuple[str, str]:
+    metric = config.train.best_metric
+    if metric == "auto":
+        metric = "exact_match" if config.data.source == "task" else "bleu"
+    return metric, ("min" if metric in ("loss", "nll", "perplexity") else "max")
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
+
+    def __init__(self):
+        self.received = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            self.received = signal.Signals(signum).name
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            yield self
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+
+def evaluate(config: Config, params, data, translator: Translator, eval_fn, parallel: Parallel,
+             split: str) -> dict:
+    """Validation loss/perplexity over `eval_sentences` of `split`, plus decoding scores."""
+    limit = config.train.eval_sentences
+    sums = None
+    for batch in data.eval_batches(split, limit=limit):
+        batch = {k: v for k, v in batch.items() if k != "index"}
+        out = parallel.unreplicate_metrics(eval_fn(params, parallel.put_batch(batch)))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    result = metrics_lib.scalars_from_sums(jax.device_get(sums)) if sums is not None else {}
+    examples = data.eval_examples(split, limit=limit)
+    if examples:
+        sources = [data.source_vocab.encode(s) for s, _ in examples]
+        hyps = translator.translate_ids(sources, beam=1)
+        texts = [data.target_vocab.decode(h["tokens"][0]) for h in hyps]
+        refs = [t for _, t in examples]
+        result.update(metrics_lib.corpus_scores(texts, refs))
+        result["samples"] = [{"source": s, "reference": r, "hypothesis": h}
+                             for (s, r), h in list(zip(examples, texts))[:3]]
+    return result
+
+
+def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True) -> dict:
+    """Trains (or resumes) the run in `workdir`. Returns the last evaluation's metrics."""
+    from s2s_jax.data import build_data  # data never imports jax; import here keeps the CLI light
+
+    config = config_lib.validate(config)
+    resume = check_workdir(config, workdir)
+    maybe_initialize_distributed(config)
+    tc = config.train
+    parallel = Parallel(tc.parallel)
+    primary = jax.process_index() == 0
+    local_devices = parallel.num_devices // jax.process_count()
+    data = build_data(config, workdir, process_index=jax.process_index(),
+                      process_count=jax.process_count(), batch_multiple=local_devices * tc.grad_accum)
+    if primary and not resume:
+        with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(config_lib.to_json(config))
+
+    model = make_model(config, data.source_vocab.vocab_size, data.target_vocab.vocab_size)
+    metric, mode = best_metric_and_mode(config)
+    ckpts = Checkpoints(workdir, keep=tc.keep_checkpoints, keep_best=tc.keep_best, best_metric=metric,
+                        best_mode=mode)
+    restored = ckpts.restore(abstract_state(config, model))
+    if restored is not None:
+        state, meta, start = restored
+        data_state = meta.get("data_state")
+        best_value = meta.get("best_value")
+        bad_evals = int(meta.get("bad_evals", 0))
+        log.info("resuming from step %d", start)
+    else:
+        state, data_state, best_value, bad_evals, start = create_state(config, model), None, None, 0, 0
+    state = parallel.put_state(state)
+    train_iter = data.train_batches(data_state)
+
+    train_fn = parallel.wrap_train(functools.partial(steps.train_step, model=model, config=config))
+    eval_fn = parallel.wrap_eval(functools.partial(steps.eval_step, model=model, config=config))
+    writer = metrics_lib.MetricWriter(workdir, enabled=primary, tensorboard=tc.tensorboard)
+    bar = metrics_lib.Progress(tc.steps, start, enabled=primary and progress)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parallel.get_state(state).params))
+    bar.write(f"s2s_jax: {config.name}: {n_params:,} parameters; {parallel.num_devices} device(s) "
+              f"({tc.parallel}); {jax.process_count()} process(es); starting at step {start} of {tc.steps}")
+
+    def eval_params():
+        s = parallel.get_state(state)
+        return s.ema_params if s.ema_params is not None else s.params
+
+    def meta_now():
+        return {"data_state": train_iter.get_state(), "best_value": best_value, "bad_evals": bad_evals,
+                "config": config_lib.to_dict(config), "vocab_dir": "vocab"}
+
+    def run_eval(step):
+        nonlocal best_value, bad_evals, state
+        params = eval_params()
+        translator = Translator(config, model, params, data.source_vocab, data.target_vocab)
+        eval_params_fn = eval_fn
+        result = evaluate(config, parallel.put_state(params) if tc.parallel == "pmap" else params,
+                          data, translator, eval_params_fn, parallel, config.data.valid_split)
+        value = result.get(metric)
+        improved = value is not None and (best_value is None or
+                                          (value > best_value if mode == "max" else value < best_value))
+        if improved:
+            best_value, bad_evals = value, 0
+        else:
+            bad_evals += 1
+            if tc.schedule == "plateau" and bad_evals % max(tc.plateau_patience, 1) == 0:
+                state = state.replace(lr_scale=state.lr_scale * tc.plateau_factor)
+        samples = result.pop("samples", [])
+        writer.write("eval", step, {k: v for k, v in result.items()})
+        shown = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "perplexity", "exact_match", "bleu", "chrf")
+                          if k in result)
+        bar.write(f"[eval step {step}] {shown}")
+        for s in samples[:2]:
+            bar.write(f"  {s['source']!r} -> {s['hypothesis']!r} (ref {s['reference']!r})")
+        if value is not None:
+            ckpts.save_best(step, parallel.get_state(state), meta_now(), {metric: float(value)})
+        return result
+
+    sums = None
+    t_last, step_last = time.perf_counter(), start
+    last_eval: dict = {}
+    stop = _StopSignal()
+    step = start
+    prev_nonfinite = None
+    with stop.installed():
+        while step < tc.steps:
+            batch = next(train_iter)
+            state, m = train_fn(state, parallel.put_batch(batch))
+            m = parallel.unreplicate_metrics(m)
+            sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+            step += 1
+            # Non-finite guard: read the previous step's counter (already computed, no stall).
+            if prev_nonfinite is not None and int(prev_nonfinite) >= tc.max_nonfinite:
+                ckpts.wait()
+                raise TrainingStopped(f"{tc.max_nonfinite} consecutive steps had a non-finite loss or "
+                                      "gradient; stopped. The last good checkpoint is intact in "
+                                      f"{workdir}/checkpoints: lower train.learning_rate or check the data")
+            prev_nonfinite = m["nonfinite_run"]  # metrics are not donated, unlike the state
+            if step % tc.log_every == 0 or step == tc.steps:
+                host = jax.device_get(sums)
+                now = time.perf_counter()
+                values = metrics_lib.scalars_from_sums(host)
+                values.update(grad_norm=float(host["grad_norm"]) / (step - step_last),
+                              learning_rate=float(m["learning_rate"]),
+                              skipped_steps=int(host["skipped"]),
+                              tokens_per_sec=float(host["weight"]) / (now - t_last),
+                              sentences=int(host["sentences"]))
+                writer.write("train", step, values)
+                bar.update(step, loss=values["loss"], tok_s=f"{values['tokens_per_sec']:.0f}")
+                sums, t_last, step_last = None, now, step
+            if step % tc.eval_every == 0 or step == tc.steps:
+                last_eval = run_eval(step)
+                if tc.early_stopping_patience and bad_evals >= tc.early_stopping_patience:
+                    bar.write(f"early stopping: no {metric} improvement in {bad_evals} evaluations")
+                    ckpts.save(step, parallel.get_state(state), meta_now(), force=True)
+                    break
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                ckpts.save(step, parallel.get_state(state), meta_now(), force=True)
+            if stop.received:
+                ckpts.save(step, parallel.get_state(state), meta_now(), force=True)
+                bar.write(f"{stop.received}: checkpoint written at step {step}; exiting")
+                break
+    ckpts.wait()
+    ckpts.close()
+    bar.close()
+    writer.close()
+    if primary and tc.plot and not stop.received:
+        metrics_lib.plot_curves(workdir)
+    return last_eval
