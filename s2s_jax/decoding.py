@@ -373,7 +373,9 @@ def _check_sizes(**sizes):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive Python int (it is static), got {value!r}.")
     if sizes.get("nbest", 1) > sizes.get("beam_size", 1):
-        raise ValueError(f"nbest ({sizes['nbest']}) cannot exceed beam_size ({sizes['beam_size']}).")
+        raise ValueError(
+            f"nbest ({sizes['nbest']}) cannot exceed beam_size ({sizes['beam_size']})."
+        )
 
 
 def _is_zero(value):

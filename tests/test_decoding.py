@@ -459,3 +459,27 @@ def test_rejects_bad_arguments():
         beam_search(step, cache, beam_size=2, nbest=3, **common)
     with pytest.raises(ValueError, match="max_lengths"):
         greedy_search(step, cache, batch_size=2, max_lengths=jnp.array([4]), max_len=4)
+
+
+def test_early_stop_bound_uses_the_longest_allowed_length():
+    """With alpha = 2, `EOS` (0.5) finishes first and beats the live prefix `t3` (0.3) even if
+    that prefix finished next step: -1.204 / (7/6)^2 = -0.885 < log(0.5) = -0.693. Stopping
+    there would be wrong: `t3 ... t10 EOS` (0.3 * 0.99^8, 9 tokens) scores
+    -1.284 / (14/6)^2 = -0.236, which only the bound at the longest length sees coming."""
+    vocab_size, alpha = 11, 2.0
+    chain_tokens = list(range(3, 11))  # t3 .. t10
+    rows = {BOS_ID: {EOS_ID: 0.5, 3: 0.3}}
+    rows[BOS_ID].update({t: 0.2 / 9 for t in [PAD_ID, BOS_ID] + chain_tokens[1:]})
+    for t in chain_tokens:
+        following = t + 1 if t < 10 else EOS_ID
+        rows[t] = {u: 0.01 / 10 for u in range(vocab_size) if u != following}
+        rows[t][following] = 0.99
+    out = beam_search(
+        markov_step(chain_table(rows, vocab_size)), dummy_cache(1), batch_size=1, beam_size=2,
+        max_lengths=jnp.array([10]), max_len=10, length_penalty=alpha,
+    )
+    long = tuple(chain_tokens) + (EOS_ID,)
+    long_score = (np.log(0.3) + 8 * np.log(0.99)) / ((5 + 9) / 6) ** alpha
+    assert long_score > np.log(0.5)
+    assert unpad(out["tokens"][0, 0], out["lengths"][0, 0]) == long
+    np.testing.assert_allclose(out["scores"][0, 0], long_score, rtol=1e-4)
