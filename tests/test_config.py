@@ -1,0 +1,80 @@
+"""Config validation: every user mistake is one clear ConfigError naming the field."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from s2s_jax import config as config_lib
+from s2s_jax.config import Config, ConfigError
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_override_sets_typed_values():
+    cfg = config_lib.override(Config(), ["train.steps=200", "train.learning_rate=1e-3", "model.bidirectional=false",
+                                         "data.buckets=[[8, 9], [16, 17]]", "model.cell=gru"])
+    assert cfg.train.steps == 200
+    assert cfg.train.learning_rate == pytest.approx(1e-3) and isinstance(cfg.train.learning_rate, float)
+    assert cfg.model.bidirectional is False
+    assert cfg.data.buckets == ((8, 9), (16, 17))
+    assert cfg.model.cell == "gru"
+
+
+@pytest.mark.parametrize("assignment, fragment", [
+    ("train.stepz=5", "unknown field train.stepz"),
+    ("modle.cell=lstm", "unknown field"),
+    ("train.steps=-3", "train.steps=-3: must be > 0"),
+    ("train.steps=abc", "train.steps='abc': expected an integer"),
+    ("model.cell=rnn", "model.cell='rnn': choose one of lstm, gru"),
+    ("model.dropout=1.5", "model.dropout=1.5: must be in [0, 1)"),
+    ("data.task=nope", "data.task='nope': choose one of"),
+    ("model.bidirectional=maybe", "expected true/false"),
+    ("train.steps", "expected section.field=value"),
+])
+def test_bad_override_names_the_field(assignment, fragment):
+    with pytest.raises(ConfigError) as e:
+        config_lib.override(Config(), [assignment])
+    assert fragment in str(e.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="hidden_dim"):
+        config_lib.override(Config(), ["model.hidden_dim=33"])  # odd with a bidirectional encoder
+    with pytest.raises(ConfigError, match="input_feeding"):
+        config_lib.override(Config(), ["model.attention=none"])
+    with pytest.raises(ConfigError, match="data.dir"):
+        config_lib.override(Config(), ["data.source=text"])
+
+
+def test_json_round_trip(tmp_path):
+    cfg = config_lib.override(Config(), ["data.buckets=[[8, 9]]", "train.steps=7"])
+    path = tmp_path / "config.json"
+    path.write_text(config_lib.to_json(cfg))
+    assert config_lib.load(str(path)) == cfg
+    d = json.loads(path.read_text())
+    d["model"]["future_field"] = 1
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="unknown field"):
+        config_lib.load(str(path))
+
+
+def test_experiment_files_load_and_validate():
+    for name in ("dates", "tiny"):
+        cfg = config_lib.override(config_lib.load(str(ROOT / f"experiments/configs/{name}.py")), [])
+        assert cfg.name == name
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--set", "train.stepz=1"], "unknown field train.stepz"),
+    (["--set", "model.cell=rnn"], "model.cell='rnn'"),
+    (["--set", "data.task=nope"], "data.task='nope'"),
+])
+def test_cli_config_errors_exit_2_with_one_line(tmp_path, extra, fragment):
+    proc = subprocess.run([sys.executable, "-m", "s2s_jax", "train", "--config", "experiments/configs/tiny.py",
+                           "--workdir", str(tmp_path / "run"), *extra], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()  # failed before any work
