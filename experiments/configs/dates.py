@@ -21,7 +21,7 @@ def get_config() -> Config:
         model=ModelConfig(cell="lstm", source_embed_dim=32, target_embed_dim=32, hidden_dim=128,
                           encoder_layers=1, decoder_layers=1, bidirectional=True, attention="general",
                           input_feeding=True),
-        train=TrainConfig(steps=1500, learning_rate=3e-3, schedule="cosine", warmup_steps=100,
-                          clip_norm=5.0, log_every=50, eval_every=500, checkpoint_every=500),
+        train=TrainConfig(steps=2500, learning_rate=3e-3, schedule="cosine", warmup_steps=100,
+                          clip_norm=5.0, log_every=100, eval_every=500, checkpoint_every=500),
         decode=DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=12, batch_size=256),
     )
