@@ -1,0 +1,347 @@
+"""Loads an export bundle and translates with it, using only jax, numpy, safetensors and
+sentencepiece (never flax, optax, orbax, grain or tensorflow-datasets). jax.export's
+deserializer also needs the small `flatbuffers` package.
+
+    from s2s_jax.export import load_bundle        # (or from s2s_jax.bundle_runtime)
+    bundle = load_bundle("bundles/tiny")
+    bundle.translate(["hello", "world"])          # the run's decode.beam_size
+    bundle.translate(["hello"], beam=5)           # any beam size the bundle was exported with
+    bundle.params["decoder"]["layer_0"]["input_kernel"]   # numpy arrays, nested dicts
+
+Bundle layout (format version 1; `s2s_jax export` writes it, see export.py):
+
+    bundle.json            manifest: format, format_version, checkpoint used, decode settings,
+                           programs, and the byte size + sha256 of every other file
+    config.json            the run's resolved config (s2s_jax.config format)
+    params.safetensors     parameters, flat names = the Flax parameter path joined by "/"
+                           (e.g. "decoder/layer_0/input_kernel"), float32 or bfloat16
+    vocab/vocab.json       {"source": desc, "target": desc}; desc is {"kind": "char", "itos": [...]}
+                           or {"kind": "sentencepiece", "model": FILE, "vocab_size": V}
+    vocab/*.model          SentencePiece model(s), when the run used them
+    programs/*.jaxexport   serialized `jax.export` programs (see `Bundle.program`):
+                           encode, greedy and beam_<K> (one per exported beam size K)
+    MODEL.md               model card: architecture, data, scores, tensor names, programs
+
+Translation mirrors `s2s_jax.translator.Translator` exactly (the same sort by length, batch
+size, row/length padding and maximum output length), so a float32 bundle gives the same
+translations as the run it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from s2s_jax.config import UserError
+
+FORMAT = "s2s_jax-bundle"
+FORMAT_VERSION = 1  # the newest bundle format this module reads (and export.py writes)
+MANIFEST = "bundle.json"
+PARAMS_FILE = "params.safetensors"
+CONFIG_FILE = "config.json"
+VOCAB_DIR = "vocab"
+PROGRAM_DIR = "programs"
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+LENGTH_MULTIPLE = 8  # source lengths are padded to a multiple of this (as the Translator does)
+
+
+class BundleError(UserError):
+    """A bundle that cannot be read: missing, truncated, corrupt or from a newer s2s_jax."""
+
+
+# -- parameters -----------------------------------------------------------------------------
+
+def flatten_params(params, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dict of arrays -> {"a/b/c": numpy array}, keys sorted."""
+    flat = {}
+    for key in sorted(params):
+        value = params[key]
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, name + "/"))
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
+    """{"a/b/c": array} -> nested dicts {"a": {"b": {"c": array}}}."""
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+# -- vocabularies (same encode/decode as s2s_jax.data's CharVocab / SentencePieceVocab) --------
+
+class CharVocab:
+    kind = "char"
+
+    def __init__(self, itos: Sequence[str]):
+        self.itos = list(itos)
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(ch, UNK_ID) for ch in text]
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i in (PAD_ID, BOS_ID):
+                continue
+            out.append(self.itos[i] if 0 <= i < len(self.itos) and i != UNK_ID else "?")
+        return "".join(out)
+
+
+class SentencePieceVocab:
+    kind = "sentencepiece"
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        with open(model_file, "rb") as f:
+            self.sp = spm.SentencePieceProcessor(model_proto=f.read())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i in (PAD_ID, BOS_ID) or not 0 <= i < self.vocab_size:
+                continue
+            out.append(i)
+        return self.sp.decode(out)
+
+
+def _vocab(desc: dict, directory: str):
+    kind = desc.get("kind")
+    if kind == "char":
+        return CharVocab(desc["itos"])
+    if kind == "sentencepiece":
+        return SentencePieceVocab(os.path.join(directory, desc["model"]))
+    raise BundleError(f"{os.path.join(directory, 'vocab.json')}: unknown vocabulary kind {kind!r}; "
+                      f"re-export the bundle with this s2s_jax version")
+
+
+# -- the bundle -----------------------------------------------------------------------------
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise BundleError(f"{path}: no such bundle directory; write one with `python -m s2s_jax export`")
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise BundleError(f"{manifest_path}: missing; {path} is not an s2s_jax bundle (or is incomplete), "
+                          f"re-export it with `python -m s2s_jax export`")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BundleError(f"{manifest_path}: not valid JSON (truncated or corrupt); re-export the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path}: not an s2s_jax bundle manifest; re-export the bundle")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise BundleError(f"{manifest_path}: bad format_version {version!r}; re-export the bundle")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format version {version} is newer than this s2s_jax reads "
+                          f"(up to {FORMAT_VERSION}); upgrade s2s_jax, or re-export the bundle with this version")
+    return manifest
+
+
+def verify_files(path: str, manifest: dict) -> None:
+    """Every file the manifest lists exists with its recorded size and sha256."""
+    for name, info in sorted(manifest.get("files", {}).items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise BundleError(f"{file}: missing from the bundle; re-export it with `python -m s2s_jax export`")
+        size = os.path.getsize(file)
+        if size != info["bytes"]:
+            raise BundleError(f"{file}: {size} bytes where the bundle recorded {info['bytes']} (truncated or "
+                              f"modified); re-export the bundle")
+        if file_digest(file) != info["sha256"]:
+            raise BundleError(f"{file}: sha256 does not match the bundle manifest (corrupt); re-export the bundle")
+
+
+def _round_up(n: int, m: int) -> int:
+    return max(m, -(-n // m) * m)
+
+
+class Bundle:
+    """A loaded bundle. `translate` / `translate_ids` decode; `params` holds numpy arrays."""
+
+    def __init__(self, path: str, *, verify: bool = True):
+        self.path = path
+        self.manifest = manifest = _read_manifest(path)
+        if verify:
+            verify_files(path, manifest)
+        try:
+            with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+                self.config = json.load(f)  # plain dict; s2s_jax.config.from_dict makes a Config
+            with open(os.path.join(path, VOCAB_DIR, "vocab.json"), encoding="utf-8") as f:
+                vocab_desc = json.load(f)
+            vocab_dir = os.path.join(path, VOCAB_DIR)
+            self.source_vocab = _vocab(vocab_desc["source"], vocab_dir)
+            self.target_vocab = _vocab(vocab_desc["target"], vocab_dir)
+            from safetensors.numpy import load_file
+
+            flat = load_file(os.path.join(path, manifest["params"]["file"]))
+        except BundleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any unreadable part means the bundle is damaged
+            raise BundleError(f"{path}: cannot read the bundle ({type(e).__name__}: {str(e)[:200]}); "
+                              f"re-export it with `python -m s2s_jax export`") from None
+        self.flat_params = dict(sorted(flat.items()))
+        self.params = unflatten_params(self.flat_params)
+        self.decode = manifest["decode"]
+        self._programs: dict = {}
+        self._device_params = None
+
+    # -- programs -------------------------------------------------------------------------
+
+    @property
+    def beam_sizes(self) -> list[int]:
+        """Beam sizes this bundle can decode with (1 = greedy)."""
+        return sorted(p.get("beam_size", 1) for name, p in self.manifest["programs"].items() if name != "encode")
+
+    def program(self, name: str):
+        """The deserialized `jax.export.Exported` program `name` (encode | greedy | beam_<K>).
+
+        Inputs (B, S, T symbolic): params (nested dict as in `self.params`, the bundle's dtype),
+        source [B, S] int32 (PAD=0 after each row's length), source_lengths [B] int32, and for
+        the decoders max_len_carrier [T] int32 whose *length* T bounds the output length (its
+        values are ignored). Decoders return {"tokens" [B, T], "lengths" [B], "scores" [B]}.
+        """
+        if name not in self._programs:
+            info = self.manifest["programs"].get(name)
+            if info is None:
+                raise BundleError(f"{self.path}: no program {name!r}; it has {sorted(self.manifest['programs'])}")
+            import jax
+            from jax import export
+
+            file = os.path.join(self.path, info["file"])
+            try:
+                with open(file, "rb") as f:
+                    exported = export.deserialize(bytearray(f.read()))
+            except ImportError as e:  # jax.export's (de)serialization needs the flatbuffers package
+                raise BundleError(f"{file}: cannot deserialize without {e.name or 'flatbuffers'}; "
+                                  f"pip install flatbuffers") from None
+            except Exception as e:  # noqa: BLE001
+                raise BundleError(f"{file}: cannot deserialize ({type(e).__name__}: {str(e)[:200]}); "
+                                  f"re-export the bundle") from None
+            platform = jax.default_backend()
+            platform = {"gpu": "cuda"}.get(platform, platform)
+            if platform not in exported.platforms:
+                raise BundleError(f"{file}: exported for {list(exported.platforms)}, not for this {platform} "
+                                  f"backend; re-export with --platforms including {platform}")
+            self._programs[name] = jax.jit(exported.call)
+        return self._programs[name]
+
+    def _params_on_device(self):
+        if self._device_params is None:
+            import jax
+
+            self._device_params = jax.device_put(self.params)
+        return self._device_params
+
+    def encode(self, source: np.ndarray, source_lengths: np.ndarray) -> dict:
+        """source [B, S] int32, source_lengths [B] -> the decoder cache (memory, keys, mask, state)."""
+        return self.program("encode")(self._params_on_device(), np.asarray(source, np.int32),
+                                      np.asarray(source_lengths, np.int32))
+
+    def max_len_for(self, source_len: int) -> int:
+        d = self.decode
+        return max(1, int(math.floor(d["max_len_a"] * source_len + d["max_len_b"])))
+
+    def _decoder_name(self, beam: int) -> str:
+        if beam == 1:
+            return "greedy"
+        name = f"beam_{beam}"
+        if name not in self.manifest["programs"]:
+            raise BundleError(f"beam={beam}: this bundle has programs for beam sizes {self.beam_sizes}; "
+                              f"re-export with --beam {beam}")
+        return name
+
+    # -- translation ----------------------------------------------------------------------
+
+    def translate_ids(self, sources: Sequence[Sequence[int]], *, beam: int | None = None,
+                      batch_size: int | None = None) -> list[dict]:
+        """Token ids in (no BOS/EOS), per sentence {"tokens": ids without EOS, "score": float}."""
+        beam = self.decode["default_beam"] if beam is None else int(beam)
+        fn = self.program(self._decoder_name(beam))
+        params = self._params_on_device()
+        batch_size = batch_size or self.decode["batch_size"]
+        order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+        results: list[dict | None] = [None] * len(sources)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = 1 << (len(idx) - 1).bit_length()  # pad rows to a power of two
+            S = _round_up(max(len(sources[i]) for i in idx), LENGTH_MULTIPLE)
+            src = np.zeros((rows, S), np.int32)
+            lengths = np.zeros((rows,), np.int32)
+            for r, i in enumerate(idx):
+                src[r, :len(sources[i])] = sources[i]
+                lengths[r] = len(sources[i])
+            carrier = np.zeros((self.max_len_for(S),), np.int32)
+            out = {k: np.asarray(v) for k, v in fn(params, src, lengths, carrier).items()}
+            for r, i in enumerate(idx):
+                seq = [int(t) for t in out["tokens"][r, :int(out["lengths"][r])]]
+                if seq and seq[-1] == EOS_ID:
+                    seq = seq[:-1]
+                results[i] = {"tokens": seq, "score": float(out["scores"][r])}
+        return results
+
+    def translate(self, lines: Sequence[str], *, beam: int | None = None,
+                  batch_size: int | None = None) -> list[str]:
+        """Text in, one translation per line out (empty lines stay empty).
+
+        beam: 1 = greedy; None = the run's decode.beam_size; otherwise one of `beam_sizes`.
+        """
+        if isinstance(lines, str):
+            raise TypeError("translate() takes a list of strings, not one string")
+        encoded = [self.source_vocab.encode(line) if line.strip() else [] for line in lines]
+        nonempty = [i for i, e in enumerate(encoded) if e]
+        decoded = self.translate_ids([encoded[i] for i in nonempty], beam=beam, batch_size=batch_size)
+        out = [""] * len(lines)
+        for i, res in zip(nonempty, decoded):
+            out[i] = self.target_vocab.decode(res["tokens"])
+        return out
+
+
+def load_bundle(path: str, *, verify: bool = True) -> Bundle:
+    """Opens a bundle written by `python -m s2s_jax export`; BundleError if it is unreadable.
+
+    verify=True checks every file's size and sha256 against the manifest first.
+    """
+    return Bundle(os.fspath(path), verify=verify)
