@@ -146,37 +146,6 @@ def load_export_params(workdir: str, *, step: int | None = None, best: bool = Fa
 
 # -- programs -------------------------------------------------------------------------------
 
-class _SymbolicSizes:
-    """Lets decoding.py's static size check accept `jax.export` symbolic dimensions while tracing.
-
-    decoding._check_sizes insists on Python ints; a symbolic batch size (or T) is a positive
-    dimension expression, which the searches otherwise handle. This is a no-op once
-    decoding accepts symbolic dims itself.
-    """
-
-    def __enter__(self):
-        from jax import export
-
-        from s2s_jax import decoding
-
-        self.module, self.original = decoding, decoding._check_sizes
-        try:
-            decoding._check_sizes(batch_size=export.symbolic_shape("b")[0])
-            self.original = None  # already accepts symbolic sizes
-        except ValueError:
-            original = self.original
-
-            def check(**sizes):
-                return original(**{k: (v if isinstance(v, int) else 1)
-                                   for k, v in sizes.items()})
-            decoding._check_sizes = check
-        return self
-
-    def __exit__(self, *exc):
-        if self.original is not None:
-            self.module._check_sizes = self.original
-
-
 def _export_programs(config, model, params_avals, beams, platforms) -> dict[str, bytes]:
     """Serialized programs {name: bytes}: encode, greedy, beam_<K> for each K in beams."""
     import functools
@@ -208,14 +177,13 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
         return {k: out[k][:, 0] for k in keys}  # drop the n-best axis (n-best = 1)
 
     programs = {}
-    with _SymbolicSizes():
-        exported = export.export(jax.jit(encode), platforms=platforms)(params_avals, source, lengths)
-        programs["encode"] = exported.serialize()
-        for beam in [1, *beams]:
-            name = "greedy" if beam == 1 else f"beam_{beam}"
-            fn = jax.jit(functools.partial(decode, beam=beam))
-            exported = export.export(fn, platforms=platforms)(params_avals, source, lengths, carrier)
-            programs[name] = exported.serialize()
+    exported = export.export(jax.jit(encode), platforms=platforms)(params_avals, source, lengths)
+    programs["encode"] = exported.serialize()
+    for beam in [1, *beams]:
+        name = "greedy" if beam == 1 else f"beam_{beam}"
+        fn = jax.jit(functools.partial(decode, beam=beam))
+        exported = export.export(fn, platforms=platforms)(params_avals, source, lengths, carrier)
+        programs[name] = exported.serialize()
     return programs
 
 
