@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.export
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -368,11 +369,18 @@ def _probe(step_fn, tokens, cache):
     return logits.shape[1], attention.shape[1]
 
 
+def _is_symbolic(value) -> bool:
+    """A `jax.export` symbolic dimension (e.g. the batch size of an exported program)."""
+    return not isinstance(value, (int, np.integer)) and jax.export.is_symbolic_dim(value)
+
+
 def _check_sizes(**sizes):
     for name, value in sizes.items():
+        if _is_symbolic(value):
+            continue
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive Python int (it is static), got {value!r}.")
-    if sizes.get("nbest", 1) > sizes.get("beam_size", 1):
+    if not any(_is_symbolic(v) for v in sizes.values()) and sizes.get("nbest", 1) > sizes.get("beam_size", 1):
         raise ValueError(
             f"nbest ({sizes['nbest']}) cannot exceed beam_size ({sizes['beam_size']})."
         )
