@@ -118,7 +118,12 @@ def _read_lines(path: str) -> list[str]:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UserError(f"{name}: invalid UTF-8 at line {line}; convert the file to UTF-8") from None
-    return text.splitlines()
+    # Split on newlines only (str.splitlines would also split on \f, \x1c, U+2028..., and the
+    # output must have exactly one line per input line).
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _cmd_translate(args) -> int:
@@ -130,8 +135,11 @@ def _cmd_translate(args) -> int:
     beam = args.beam or translator.config.decode.beam_size
     if args.nbest > beam:
         raise UserError(f"--nbest {args.nbest} must be <= --beam {beam}")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if args.output != "-" and not os.path.isdir(out_dir):
+        raise UserError(f"--output {args.output}: folder {out_dir} does not exist")
     t0 = time.perf_counter()
-    results = translator.translate(lines, beam=beam, nbest=args.nbest)
+    results = translator.translate(lines, beam=beam, nbest=args.nbest)  # includes compilation
     elapsed = time.perf_counter() - t0
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     try:
@@ -144,12 +152,12 @@ def _cmd_translate(args) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    n_tok = sum(len(translator.target_vocab.encode(h[0][0])) for h in results)
+    n_tok = translator.last_stats.get("tokens", 0)  # output tokens of the best hypotheses
     print(f"translated {len(lines)} sentences in {elapsed:.2f}s: {len(lines) / max(elapsed, 1e-9):.1f} "
           f"sentences/s, {n_tok / max(elapsed, 1e-9):.0f} tokens/s (beam {beam})", file=sys.stderr)
     if args.attention_plot:
         from s2s_jax.translator import plot_attention
-        plot_attention(translator, [l for l in lines if l.strip()][:4], args.attention_plot, beam=beam)
+        plot_attention(translator, lines, args.attention_plot, beam=beam)
     return 0
 
 

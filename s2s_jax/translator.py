@@ -1,95 +1,202 @@
 """Batched translation of token ids or text with a trained model (greedy or beam search).
 
-Sentences are sorted by length, cut into batches of `decode.batch_size`, padded to a few fixed
-shapes (rows to a power of two, source length to a multiple of 8) so that only a handful of
-programs are ever compiled, decoded under jit, and returned in input order.
+Speed on CPU comes from doing little work and compiling few programs:
+
+* Sentences are sorted by length and cut into batches of `decode.batch_size` rows; every batch
+  has exactly that many rows (the last one is padded with one-token dummies that stop at once),
+  and the source length is padded up to a multiple of `LENGTH_MULTIPLE`, so a whole file needs
+  one or two compiled programs per (beam, nbest), reused by every batch and every Translator of
+  the same model (module-level cache).
+* The decoding loop is `lax.while_loop` (decoding.py): a batch stops as soon as every sentence
+  has finished, and each sentence at `decode.max_len_a * source_length + decode.max_len_b`.
+* The encoder runs once per batch. Encoder memory, attention keys and mask are closed over by
+  the step function instead of travelling in the search cache, so beam search reorders only the
+  small decoder state each step (not [B·K, S, H] tensors), and attention weights are produced
+  only when asked for (plots) or needed (coverage penalty).
+* All batches are dispatched before any result is fetched, so host work overlaps device work.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import steps
+from s2s_jax import decoding
 from s2s_jax.config import Config
+from s2s_jax.data.vocab import BOS_ID, EOS_ID
 from s2s_jax.model import Seq2Seq
 
-LENGTH_MULTIPLE = 8
+LENGTH_MULTIPLE = 16
+_DECODERS: dict = {}  # compiled decoders shared by all Translators: key -> jitted function
 
 
 def _round_up(n: int, m: int) -> int:
     return max(m, -(-n // m) * m)
 
 
+def encode(params, source, source_lengths, *, model: Seq2Seq) -> dict:
+    """source [B, S] -> decoding cache {memory, keys [B, S, H], mask [B, S], state}; un-jitted."""
+    return model.apply({"params": params}, source, source_lengths, method=Seq2Seq.encode)
+
+
+def pad_cache(cache: dict, length: int) -> dict:
+    """Pads memory/keys/mask of an encoder cache to `length` source positions (mask False there)."""
+    pad = length - cache["mask"].shape[1]
+    if pad == 0:
+        return cache
+    out = dict(cache)
+    for k in ("memory", "keys", "mask"):
+        widths = [(0, 0)] * cache[k].ndim
+        widths[1] = (0, pad)
+        out[k] = jnp.pad(cache[k], widths)
+    return out
+
+
+def decode(params, cache, source_lengths, max_lengths, *, model: Seq2Seq, config: Config, beam_size: int,
+           nbest: int, max_len: int, attention: bool) -> dict:
+    """Greedy (beam_size=1) or beam search of one encoded batch; un-jitted (see `Translator`).
+
+    cache: `encode`'s output for B sentences (S source positions); source_lengths [B];
+    max_lengths [B] (most output tokens, EOS included); max_len: static bound on all of them.
+    Returns decoding.py's dict: tokens [B, (N,) T], lengths, scores, attention [B, (N,) T, S] or None.
+    """
+    dc = config.decode
+    variables = {"params": params}
+    # Memory, keys and mask are the same for every beam of a sentence: tile them once here and
+    # keep them out of the search cache, which beam search gathers every step.
+    static = {k: jnp.repeat(cache[k], beam_size, axis=0) for k in ("memory", "keys", "mask")}
+    want_attention = attention or (beam_size > 1 and dc.coverage_penalty != 0)
+
+    def step_fn(tokens, state):
+        logits, new_cache, weights = model.apply(variables, tokens, dict(static, state=state),
+                                                 method=Seq2Seq.decode_step)
+        return logits, new_cache["state"], weights if want_attention else None
+
+    B = source_lengths.shape[0]
+    if beam_size == 1:
+        return decoding.greedy_search(step_fn, cache["state"], batch_size=B, max_lengths=max_lengths,
+                                      max_len=max_len, bos_id=BOS_ID, eos_id=EOS_ID)
+    return decoding.beam_search(step_fn, cache["state"], batch_size=B, beam_size=beam_size,
+                                max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
+                                coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths,
+                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID)
+
+
 class Translator:
+    """Translates token ids or text with fixed params. Not thread-safe.
+
+    After each call, `last_stats` holds {"sentences", "tokens", "batches", "encoder_shapes"} of it
+    (tokens: output tokens of the best hypotheses, EOS excluded).
+    """
+
     def __init__(self, config: Config, model: Seq2Seq, params, source_vocab, target_vocab):
         self.config = config
         self.model = model
         self.params = params
         self.source_vocab = source_vocab
         self.target_vocab = target_vocab
-        self._compiled = {}
+        self.last_stats: dict = {}
 
-    def _decoder(self, beam: int, nbest: int, max_len: int):
-        key = (beam, nbest, max_len)
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(functools.partial(
-                steps.decode_batch, model=self.model, config=self.config, beam_size=beam, nbest=nbest,
-                max_len=max_len))
-        return self._compiled[key]
+    def _jitted(self, *key):
+        """jit of encode (key ("encode", S)) or decode (key (beam, nbest, max_len, S, attention))."""
+        m = self.model
+        full_key = (m.config, m.source_vocab_size, m.target_vocab_size, self.config.decode) + key
+        if full_key not in _DECODERS:
+            if key[0] == "encode":
+                fn = functools.partial(lambda p, s, l, pad_to: pad_cache(encode(p, s, l, model=m), pad_to),
+                                       pad_to=key[1])
+            else:
+                beam, nbest, max_len, _, attention = key
+                fn = functools.partial(decode, model=m, config=self.config, beam_size=beam, nbest=nbest,
+                                       max_len=max_len, attention=attention)
+            _DECODERS[full_key] = jax.jit(fn)
+        return _DECODERS[full_key]
 
-    def max_len_for(self, source_len: int) -> int:
+    def max_len_for(self, source_len) -> int:
+        """Most output tokens (EOS included) for a source of `source_len` tokens (int or array)."""
         dc = self.config.decode
-        return max(1, int(math.floor(dc.max_len_a * source_len + dc.max_len_b)))
+        return np.maximum(1, np.floor(dc.max_len_a * np.asarray(source_len) + dc.max_len_b).astype(np.int64))
 
     def translate_ids(self, sources: Sequence[Sequence[int]], *, beam: int = 1, nbest: int = 1,
                       attention: bool = False, batch_size: int | None = None) -> list[dict]:
-        """Decodes token-id sequences. Returns, in input order, one dict per sentence:
-        {"tokens": [nbest lists of ids without EOS], "scores": [nbest floats], "attention": [T, S] (best)}.
+        """Decodes token-id sequences (each non-empty, without BOS/EOS). Returns, in input order,
+        one dict per sentence: {"tokens": [nbest lists of ids, EOS dropped], "scores": [nbest
+        floats], "attention": [T+1, S] of the best (with attention=True; the row T is the EOS)}.
+        With beam 1, nbest must be 1 and the score is the sum of log-probs.
         """
+        if nbest > max(beam, 1):
+            raise ValueError(f"nbest {nbest} must be <= beam {beam}")
         batch_size = batch_size or self.config.decode.batch_size
-        order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
-        results: list[dict | None] = [None] * len(sources)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            rows = 1 << (len(idx) - 1).bit_length()  # pad rows to a power of two
-            S = _round_up(max(len(sources[i]) for i in idx), LENGTH_MULTIPLE)
+        n = len(sources)
+        lengths = np.asarray([len(s) for s in sources], np.int64)
+        if n and lengths.min() == 0:
+            raise ValueError("empty source sequence; translate() maps empty lines to empty output")
+        # Longest first: the first batch compiles the largest shape, later batches reuse shapes.
+        order = np.argsort(-lengths, kind="stable")
+        rows = batch_size if n >= batch_size else 1 << max(n - 1, 0).bit_length()
+        # Each batch is encoded at its own padded length (cheap programs); the decoding loop (the
+        # expensive program to compile) sees every batch padded to the longest, so it is
+        # compiled once per call. Padded source positions cost only a little attention work.
+        S_all = _round_up(int(lengths.max()), LENGTH_MULTIPLE) if n else LENGTH_MULTIPLE
+        max_len = int(self.max_len_for(S_all))
+        decode_fn = self._jitted(beam, nbest, max_len, S_all, attention)
+        pending, shapes = [], set()
+        for start in range(0, n, rows):
+            idx = order[start:start + rows]
+            S = _round_up(int(lengths[idx].max()), LENGTH_MULTIPLE)
             src = np.zeros((rows, S), np.int32)
-            lengths = np.zeros((rows,), np.int32)
+            src_len = np.ones((rows,), np.int32)  # dummy rows: one PAD token, one output token (EOS)
             for r, i in enumerate(idx):
-                src[r, :len(sources[i])] = sources[i]
-                lengths[r] = len(sources[i])
-            out = self._decoder(beam, nbest, self.max_len_for(S))(self.params, jnp.asarray(src), jnp.asarray(lengths))
+                src[r, :lengths[i]] = sources[i]
+            src_len[:len(idx)] = lengths[idx]
+            limits = np.ones((rows,), np.int32)
+            limits[:len(idx)] = np.minimum(self.max_len_for(lengths[idx]), max_len)
+            shapes.add(S)
+            cache = self._jitted("encode", S_all)(self.params, src, src_len)
+            pending.append((idx, decode_fn(self.params, cache, src_len, limits)))  # async dispatch
+        results: list[dict | None] = [None] * n
+        n_tokens = 0
+        for idx, out in pending:
             out = jax.device_get(out)
             tokens, lens, scores = out["tokens"], out["lengths"], out["scores"]
-            if beam == 1:  # greedy returns [B, L]; give it the n-best axis
-                tokens, lens, scores = tokens[:, None], lens[:, None], scores[:, None]
             att = out.get("attention")
+            if beam == 1:  # greedy returns [B, T]; give it the n-best axis
+                tokens, lens, scores = tokens[:, None], lens[:, None], scores[:, None]
+                att = None if att is None else att[:, None]
             for r, i in enumerate(idx):
                 hyps = []
-                for k in range(tokens.shape[1]):
-                    seq = [int(t) for t in tokens[r, k, :int(lens[r, k])]]
-                    if seq and seq[-1] == 2:  # drop EOS
-                        seq = seq[:-1]
+                for k in range(nbest):
+                    seq = tokens[r, k, :lens[r, k]].tolist()
+                    if seq and seq[-1] == EOS_ID:
+                        seq.pop()
                     hyps.append(seq)
-                res = {"tokens": hyps, "scores": [float(s) for s in scores[r]]}
-                if attention and att is not None:
-                    a = att[r] if beam == 1 else att[r, 0]
-                    res["attention"] = np.asarray(a[:len(hyps[0]) + 1, :len(sources[i])])
+                n_tokens += len(hyps[0])
+                res = {"tokens": hyps, "scores": [float(s) for s in scores[r, :nbest]]}
+                if attention:
+                    res["attention"] = np.asarray(att[r, 0, :len(hyps[0]) + 1, :lengths[i]])
                 results[i] = res
+        self.last_stats = {"sentences": n, "tokens": n_tokens, "batches": len(pending),
+                           "encoder_shapes": len(shapes)}
         return results
 
-    def translate(self, lines: Sequence[str], *, beam: int = 1, nbest: int = 1) -> list[list[tuple[str, float]]]:
-        """Text in, per line a list of (translation, score) n-best pairs. Empty lines stay empty."""
-        encoded = [self.source_vocab.encode(line) if line.strip() else [] for line in lines]
+    def translate(self, lines: Sequence[str], *, beam: int = 1, nbest: int = 1,
+                  batch_size: int | None = None) -> list[list[tuple[str, float]]]:
+        """Text in, per line a list of `nbest` (translation, score) pairs, in input order.
+
+        Blank lines (and lines that encode to nothing) give [("", 0.0)] * nbest.
+        """
+        encode_batch = getattr(self.source_vocab, "encode_batch", None)
+        texts = [line if line.strip() else "" for line in lines]
+        encoded = encode_batch(texts) if encode_batch else [self.source_vocab.encode(t) for t in texts]
         nonempty = [i for i, e in enumerate(encoded) if e]
-        decoded = self.translate_ids([encoded[i] for i in nonempty], beam=beam, nbest=nbest)
-        out: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
+        decoded = self.translate_ids([encoded[i] for i in nonempty], beam=beam, nbest=nbest,
+                                     batch_size=batch_size)
+        self.last_stats["sentences"] = len(lines)
+        out: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
         for i, res in zip(nonempty, decoded):
             out[i] = [(self.target_vocab.decode(t), s) for t, s in zip(res["tokens"], res["scores"])]
         return out
@@ -146,3 +253,95 @@ def load_translator(workdir: str, *, step: int | None = None, best: bool = False
         raise config_lib.ConfigError(f"--set {bad[0]}: only decode.* fields can change at translation time")
     config = config_lib.override(config, overrides)
     return Translator(config, model, params, sv, tv)
+
+
+def evaluate_split(args) -> dict:
+    """`eval`: translates a split of the run's corpus and scores it (sacreBLEU, chrF, exact match).
+
+    args: the parsed `eval` options (workdir, split, data_dir, beam, max_len, batch_size, step,
+    best, overrides). Writes the scores to workdir/eval_<split>_beam<beam>.json and the
+    hypotheses to workdir/eval_<split>_beam<beam>.txt; returns the record.
+    """
+    import json
+    import os
+    import time
+
+    from s2s_jax import config as config_lib
+    from s2s_jax import metrics as metrics_lib
+    from s2s_jax.config import UserError
+    from s2s_jax.data import build_data
+
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise UserError(f"--data-dir {args.data_dir}: no such folder")
+    translator = load_translator(args.workdir, step=args.step, best=args.best, overrides=args.overrides,
+                                 max_len=args.max_len, batch_size=args.batch_size)
+    config = translator.config
+    beam = args.beam or config.decode.beam_size
+    d = config.data
+    data_overrides = [f"data.dir={args.data_dir}"] if args.data_dir is not None else []
+    split = args.split or d.test_split
+    if split not in (d.train_split, d.valid_split, d.test_split, "train", "valid", "test"):
+        data_overrides.append(f"data.test_split={split}")  # any split file of the corpus
+    config = config_lib.override(config, data_overrides)
+    if config.data.source == "text" and not os.path.isdir(config.data.dir):
+        raise UserError(f"data.dir {config.data.dir!r} (from the run's config) is not a folder; "
+                        f"point --data-dir at the corpus")
+    # With the workdir, build_data checks that the corpus gives the vocabulary the model was
+    # trained with (a DataError otherwise).
+    data = build_data(config, args.workdir)
+    examples = data.eval_examples(split)
+    if not examples:
+        raise UserError(f"split {split!r} is empty")
+    sources = [s for s, _ in examples]
+    references = [r for _, r in examples]
+    t0 = time.perf_counter()
+    hyps = [h[0][0] for h in translator.translate(sources, beam=beam)]
+    elapsed = time.perf_counter() - t0
+    record = {"workdir": os.path.abspath(args.workdir), "split": split, "sentences": len(examples), "beam": beam,
+              "length_penalty": config.decode.length_penalty, "coverage_penalty": config.decode.coverage_penalty,
+              **metrics_lib.corpus_scores(hyps, references),
+              "translate_seconds": round(elapsed, 3),
+              "sentences_per_second": round(len(examples) / max(elapsed, 1e-9), 1),
+              "checkpoint": "best" if args.best else (args.step if args.step is not None else "latest")}
+    stem = os.path.join(args.workdir, f"eval_{split}_beam{beam}")
+    with open(stem + ".txt", "w", encoding="utf-8") as f:
+        f.writelines(h + "\n" for h in hyps)
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    record["output"] = stem + ".json"
+    return record
+
+
+def plot_attention(translator: Translator, lines: Sequence[str], path: str, *, beam: int = 1,
+                   max_sentences: int = 4) -> str:
+    """Draws the attention of the best translation of up to `max_sentences` non-empty lines, one
+    heatmap each: source pieces along x, output pieces (EOS last) down y. Writes a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [line for line in lines if line.strip()][:max_sentences]
+    sources = [translator.source_vocab.encode(line) for line in lines]
+    keep = [i for i, s in enumerate(sources) if s]
+    sources = [sources[i] for i in keep]
+    results = translator.translate_ids(sources, beam=beam, attention=True) if sources else []
+    n = max(len(results), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.5), squeeze=False)
+    for ax, src, res in zip(axes[0], sources, results):
+        weights = res["attention"]  # [T+1, S]
+        out_pieces = translator.target_vocab.pieces(res["tokens"][0]) + ["</s>"]
+        ax.imshow(weights, cmap="Greys", aspect="auto", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks(range(len(src)))
+        ax.set_xticklabels(translator.source_vocab.pieces(src), rotation=90, fontsize=7)
+        ax.set_yticks(range(len(out_pieces)))
+        ax.set_yticklabels(out_pieces, fontsize=7)
+        ax.set_xlabel("source")
+        ax.set_ylabel("output")
+    if not results:
+        axes[0][0].text(0.5, 0.5, "no non-empty input", ha="center", va="center")
+        axes[0][0].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,163 @@
+"""translate / eval / attention plots through the Translator and the CLI, on a tiny trained model.
+
+One tiny `reverse` model is trained once for the module (in-process, ~40 steps); every test
+reuses its workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from s2s_jax import cli, decoding
+from s2s_jax import translator as translator_lib
+from s2s_jax.data.vocab import BOS_ID, EOS_ID
+from s2s_jax.model import Seq2Seq
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "tiny.py")
+LINES = ["hello world", "", "abc", "  ", "quick brown fox", "x", "jax and flax", "seq2seq"]  # <= 16 chars: one shape
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("tiny_run"))
+    assert cli.main(["train", "--config", TINY, "--workdir", wd, "--no-progress", "--set", "train.steps=40",
+                     "--set", "train.eval_every=40", "--set", "train.checkpoint_every=40"]) == 0
+    return wd
+
+
+@pytest.fixture(scope="module")
+def translator(workdir):
+    return translator_lib.load_translator(workdir)
+
+
+def test_translate_keeps_order_and_empty_lines_and_batching_changes_nothing(translator):
+    lines = LINES + ["the quick brown fox jumps"]  # a second source-length bucket
+    batched = translator.translate(lines, beam=1, batch_size=4)  # several batches, a padded last one
+    assert len(batched) == len(lines)
+    for line, hyps in zip(lines, batched):
+        if not line.strip():
+            assert hyps == [("", 0.0)]
+            continue
+        alone = translator.translate([line], beam=1)[0]
+        assert hyps[0][0] == alone[0][0]
+        assert hyps[0][1] == pytest.approx(alone[0][1], abs=1e-4)
+    assert translator.last_stats["sentences"] == 1  # stats describe the last call
+
+
+def test_beam_search_batched_equals_one_at_a_time(translator):
+    sources = [translator.source_vocab.encode(line) for line in LINES if line.strip()]
+    together = translator.translate_ids(sources, beam=3, nbest=2, batch_size=4)
+    for src, res in zip(sources, together):
+        alone = translator.translate_ids([src], beam=3, nbest=2)[0]
+        assert res["tokens"] == alone["tokens"]
+        np.testing.assert_allclose(res["scores"], alone["scores"], atol=1e-4)
+        assert res["scores"][0] >= res["scores"][1]
+
+
+def test_beam_size_one_equals_greedy(translator):
+    sources = [translator.source_vocab.encode(line) for line in LINES if line.strip()]
+    greedy = translator.translate_ids(sources, beam=1)
+    # Beam search (K=1) over the same encoded batch, bypassing the greedy shortcut.
+    n = len(sources)
+    S = max(map(len, sources))
+    src = np.zeros((n, S), np.int32)
+    for r, s in enumerate(sources):
+        src[r, :len(s)] = s
+    lengths = np.asarray([len(s) for s in sources], np.int32)
+    model, params = translator.model, translator.params
+    cache = translator_lib.encode(params, src, lengths, model=model)
+    static = {k: cache[k] for k in ("memory", "keys", "mask")}
+
+    def step_fn(tokens, state):
+        logits, new, _ = model.apply({"params": params}, tokens, dict(static, state=state),
+                                     method=Seq2Seq.decode_step)
+        return logits, new["state"], None
+
+    limits = translator.max_len_for(lengths).astype(np.int32)
+    search = jax.jit(lambda state: decoding.beam_search(
+        step_fn, state, batch_size=n, beam_size=1, max_lengths=limits, max_len=int(limits.max()),
+        length_penalty=0.0, bos_id=BOS_ID, eos_id=EOS_ID))
+    out = jax.device_get(search(cache["state"]))
+    for r, g in enumerate(greedy):
+        seq = out["tokens"][r, 0, :out["lengths"][r, 0]].tolist()
+        assert seq[-1] == EOS_ID
+        assert seq[:-1] == g["tokens"][0]
+        assert float(out["log_probs"][r, 0]) == pytest.approx(g["scores"][0], abs=1e-4)
+
+
+def test_cli_translate_file_nbest_and_throughput(workdir, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    out = tmp_path / "out.txt"
+    assert cli.main(["translate", "--workdir", workdir, "--input", str(src), "--output", str(out),
+                     "--beam", "3", "--nbest", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"translated {len(LINES)} sentences" in err and "sentences/s" in err and "tokens/s" in err
+    rows = out.read_text(encoding="utf-8").split("\n")
+    assert rows[-1] == "" and len(rows) - 1 == 2 * len(LINES)
+    for i, line in enumerate(LINES):
+        pair = [r.split("\t") for r in rows[2 * i:2 * i + 2]]
+        assert all(len(p) == 2 for p in pair)
+        scores = [float(p[0]) for p in pair]
+        if not line.strip():
+            assert [p[1] for p in pair] == ["", ""]
+        else:
+            assert scores[0] >= scores[1]
+
+    one_best = tmp_path / "one.txt"
+    assert cli.main(["translate", "--workdir", workdir, "--input", str(src), "--output", str(one_best)]) == 0
+    got = one_best.read_text(encoding="utf-8").split("\n")[:-1]
+    translator = translator_lib.load_translator(workdir)
+    beam = translator.config.decode.beam_size
+    assert got == [h[0][0] for h in translator.translate(LINES, beam=beam)]
+
+
+def test_cli_attention_plot_is_png(workdir, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("abc\n\nhello\n", encoding="utf-8")
+    png = tmp_path / "att.png"
+    assert cli.main(["translate", "--workdir", workdir, "--input", str(src), "--output", str(tmp_path / "o"),
+                     "--attention-plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_rows_sum_to_one(translator):
+    res = translator.translate_ids([translator.source_vocab.encode("hello")], attention=True)[0]
+    att = res["attention"]
+    assert att.shape == (len(res["tokens"][0]) + 1, 5)
+    np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-5)
+
+
+def test_cli_eval_writes_scores(workdir, capsys):
+    assert cli.main(["eval", "--workdir", workdir, "--beam", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    path = os.path.join(workdir, "eval_test_beam2.json")
+    record = json.load(open(path, encoding="utf-8"))
+    assert printed["output"] == path
+    for key in ("bleu", "chrf", "exact_match", "bleu_signature", "chrf_signature"):
+        assert key in record
+    assert record["bleu_signature"].startswith("nrefs:1|case:mixed")
+    assert record["beam"] == 2 and record["split"] == "test" and record["sentences"] > 0
+    hyps = open(os.path.join(workdir, "eval_test_beam2.txt"), encoding="utf-8").read().split("\n")
+    assert len(hyps) - 1 == record["sentences"]
+
+
+@pytest.mark.parametrize("content,expect", [(None, "no such file"), (b"ok\n\xff\xfe bad\n", "invalid UTF-8 at line 2")])
+def test_cli_bad_input_is_one_line_error(workdir, tmp_path, capsys, content, expect):
+    path = tmp_path / "input.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert cli.main(["translate", "--workdir", workdir, "--input", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expect in err and "\n" not in err
+
+
+def test_cli_missing_run_is_one_line_error(tmp_path, capsys):
+    assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
