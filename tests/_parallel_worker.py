@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                 metrics = parallel.unreplicate_metrics(metrics)
                 losses.append(float(metrics["loss"]) / float(metrics["weight"]))
             record(f"{name}+{opts['then']}", parallel.get_state(state), losses)
-        print(f"{name}: {parallel.describe(data.stats["bucket_rows"], config.train.grad_accum)}", flush=True)
+        print(f"{name}: {parallel.describe(data.stats['bucket_rows'], config.train.grad_accum)}", flush=True)
     if jax.process_index() == 0 or args.out.count("{process}"):
         np.savez(args.out.format(process=jax.process_index()), **out)
     return 0
