@@ -174,7 +174,22 @@ COMMANDS = {"train": _cmd_train, "prepare": _cmd_prepare, "translate": _cmd_tran
             "export": lambda args: _module_hook("export", "run", args)}
 
 
+def _enable_compilation_cache() -> None:
+    """Persistent XLA compilation cache, so a second `translate`/`train` skips compilation.
+
+    Set through the environment before jax is imported; S2S_JAX_COMPILATION_CACHE=0 turns it off,
+    JAX_COMPILATION_CACHE_DIR moves it. Cached programs are the same programs: results stay
+    bit-identical.
+    """
+    if os.environ.get("S2S_JAX_COMPILATION_CACHE", "1") == "0":
+        return
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "s2s_jax", "xla"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _enable_compilation_cache()  # before anything imports jax
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging()
