@@ -36,16 +36,29 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict:
 
 
 class MetricWriter:
-    """Writes metrics.jsonl (always) and TensorBoard events (if asked) — on process 0 only."""
+    """Writes metrics.jsonl (always) and TensorBoard events (if asked) — on process 0 only.
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = False):
+    `resume_step`: the step a resumed run restarts from. Records past it were written by the
+    interrupted run after its last checkpoint and will be written again; they are dropped so
+    that metrics.jsonl reads like one uninterrupted run (and purged from TensorBoard's view).
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = False,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._file = None
         self._tb = None
-        if enabled and tensorboard:
+        if not enabled:
+            return
+        if resume_step is not None and os.path.exists(self.path):
+            _truncate_after(self.path, resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # purge_step: TensorBoard hides the interrupted run's events past the resume step.
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -55,14 +68,40 @@ class MetricWriter:
         self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+                if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{kind}/{k}", float(v), step)
+                elif isinstance(v, str) and k.endswith("signature"):
+                    self._tb.add_text(f"{kind}/{k}", v, step)
+            self._tb.flush()
 
     def close(self) -> None:
         if self._file:
             self._file.close()
+            self._file = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Rewrites a metrics.jsonl without records past `step` (and without a torn last line)."""
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                dropped += 1
+                continue
+            if int(record.get("step", 0)) > step:
+                dropped += 1
+            else:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -73,31 +112,61 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-class Progress:
-    """A tqdm bar over training steps showing loss, target tokens/s and the ETA."""
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
-    def __init__(self, total: int, initial: int, enabled: bool = True):
+
+class Progress:
+    """Training progress: step, loss, target tokens/s and the ETA.
+
+    On a terminal, a tqdm bar (its ETA comes from the smoothed step rate); otherwise (a log
+    file, a cloud job) one plain line per update, with the ETA from the rate since start.
+    enabled=False (processes other than 0) prints nothing; steps=False (--no-progress) prints
+    messages (evaluations, warnings) but no step updates.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool = True, steps: bool = True):
+        self.total, self.initial = total, initial
+        self.enabled = enabled
+        self.steps = enabled and steps
         self.bar = None
-        if enabled:
+        self._t0 = time.perf_counter()
+        self._first = None
+        if self.steps and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0, disable=None)
+                            file=sys.stderr, mininterval=1.0)
 
     def update(self, step: int, **postfix) -> None:
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
         if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                 refresh=True)
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif self.steps:
+            # Rate measured from the first update on, so the first step's compilation does not
+            # inflate the ETA for the rest of the run.
+            now = time.perf_counter()
+            if self._first is None:
+                self._first = (now, step)
+                t_ref, s_ref = self._t0, self.initial
+            else:
+                t_ref, s_ref = self._first
+            eta = (now - t_ref) / (step - s_ref) * (self.total - step) if step > s_ref else float("nan")
+            fields = " ".join(f"{k} {v}" for k, v in shown.items())
+            print(f"step {step}/{self.total} ({100.0 * step / max(self.total, 1):.0f}%) {fields} "
+                  f"eta {_hms(eta) if math.isfinite(eta) else '?'}", file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr)
+        elif self.enabled:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def plot_curves(workdir: str, records: Iterable[dict] | None = None) -> str | None:

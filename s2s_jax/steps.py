@@ -85,12 +85,15 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
 
     tx = build_optimizer(tc)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     lr = learning_rate_fn(tc)(state.step) * state.lr_scale
     params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state.params, updates)
+    # A finite loss and gradient can still give non-finite parameters (an overflowing update,
+    # an absurd learning rate): those steps are skipped too.
+    params_finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), params))
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm) & params_finite
     ema = state.ema_params
     if ema is not None:
         d = tc.ema_decay

@@ -3,16 +3,22 @@
 The loop: restore-or-init the state and the data iterator from the workdir's latest good
 checkpoint; run jitted steps (metrics stay on the device and are fetched every `log_every`);
 evaluate every `eval_every` (loss, perplexity, greedy decoding scored by exact match, sacreBLEU
-and chrF); save asynchronously every `checkpoint_every`; on SIGTERM/SIGINT finish the step,
-save and return. Same config + seed + machine => bit-identical loss trace and parameters,
-whether or not the run was interrupted.
+and chrF; early stopping and plateau halving on `best_metric`); save asynchronously every
+`checkpoint_every`; on SIGTERM/SIGINT finish the step, save and return. Steps with a
+non-finite loss, gradient or update are skipped inside the step; `max_nonfinite` of them in a
+row stop the run (exit code 2) without saving, so the last good checkpoint stays the latest.
+
+Same config + seed + machine => bit-identical loss trace and parameters, whether or not the
+run was interrupted (SIGKILL included: tests/test_resume.py, experiments/kill_resume.py).
+A resumed run drops the metrics.jsonl records the interrupted one wrote after its checkpoint,
+so the log reads like one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
+import hashlib
 import logging
 import math
 import os
@@ -27,7 +33,7 @@ from s2s_jax import config as config_lib
 from s2s_jax import metrics as metrics_lib
 from s2s_jax import steps
 from s2s_jax.checkpoint import Checkpoints
-from s2s_jax.config import Config, ConfigError, UserError
+from s2s_jax.config import Config, UserError
 from s2s_jax.parallel import Parallel, maybe_initialize_distributed
 from s2s_jax.train_state import abstract_state, create_state, make_model
 from s2s_jax.translator import Translator
@@ -47,7 +53,8 @@ def check_workdir(config: Config, workdir: str) -> bool:
         raise UserError(f"--workdir {workdir}: is a file, not a directory; pick another path")
     config_path = os.path.join(workdir, CONFIG_FILE)
     resume = os.path.isfile(config_path)
-    if os.path.isdir(workdir) and os.listdir(workdir) and not resume:
+    # vocab/ is written just before config.json: a run killed in between left only that.
+    if os.path.isdir(workdir) and set(os.listdir(workdir)) - {"vocab"} and not resume:
         raise UserError(f"--workdir {workdir}: not empty and holds no s2s_jax run ({CONFIG_FILE} missing); "
                         "use a new or empty directory")
     try:
@@ -81,7 +88,12 @@ def best_metric_and_mode(config: Config) -> tuple[str, str]:
 
 
 class _StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns.
+
+    A second signal while the first is being handled raises KeyboardInterrupt (the CLI exits
+    130): a user pressing Ctrl-C twice wants out now. An interrupted save is harmless: Orbax
+    commits a step by renaming its tmp folder, so the previous checkpoint stays the latest.
+    """
 
     def __init__(self):
         self.received = None
@@ -89,6 +101,8 @@ class _StopSignal:
     @contextlib.contextmanager
     def installed(self):
         def handler(signum, frame):
+            if self.received is not None:
+                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
             self.received = signal.Signals(signum).name
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,6 +115,24 @@ class _StopSignal:
         finally:
             for sig, h in previous.items():
                 signal.signal(sig, h)
+
+
+def params_for_eval(state):
+    """The parameters evaluation and decoding use: the EMA when train.ema_decay > 0."""
+    return state.ema_params if state.ema_params is not None else state.params
+
+
+def vocab_reference(workdir: str) -> dict:
+    """{"dir": "vocab", "files": {name: sha256}}: which vocabulary a checkpoint's ids refer to."""
+    vdir = os.path.join(workdir, "vocab")
+    files = {}
+    if os.path.isdir(vdir):
+        for name in sorted(os.listdir(vdir)):
+            path = os.path.join(vdir, name)
+            if os.path.isfile(path) and not name.startswith("."):
+                with open(path, "rb") as f:
+                    files[name] = hashlib.sha256(f.read()).hexdigest()
+    return {"dir": "vocab", "files": files}
 
 
 def evaluate(config: Config, params, data, translator: Translator, eval_fn, parallel: Parallel,
@@ -126,62 +158,90 @@ def evaluate(config: Config, params, data, translator: Translator, eval_fn, para
 
 
 def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True) -> dict:
-    """Trains (or resumes) the run in `workdir`. Returns the last evaluation's metrics."""
-    from s2s_jax.data import build_data  # data never imports jax; import here keeps the CLI light
+    """Trains (or resumes) the run in `workdir`. Returns the last evaluation's metrics.
 
+    Resumes from the newest readable checkpoint in workdir without being asked. Returns
+    normally (after writing a checkpoint) on SIGTERM/SIGINT; raises TrainingStopped (a
+    UserError: exit code 2) after train.max_nonfinite non-finite steps in a row.
+    """
     config = config_lib.validate(config)
     resume = check_workdir(config, workdir)
+    stop = _StopSignal()
+    with stop.installed():
+        return _train(config, workdir, resume, stop, progress)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progress: bool) -> dict:
+    from s2s_jax.data import build_data  # data never imports jax; import here keeps the CLI light
+
     maybe_initialize_distributed(config)
     tc = config.train
     parallel = Parallel(tc.parallel)
     primary = jax.process_index() == 0
-    local_devices = parallel.num_devices // jax.process_count()
     data = build_data(config, workdir, process_index=jax.process_index(),
-                      process_count=jax.process_count(), batch_multiple=local_devices * tc.grad_accum)
+                      process_count=jax.process_count(), batch_multiple=parallel.local_devices * tc.grad_accum)
     if primary and not resume:
-        with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            f.write(config_lib.to_json(config))
+        _write_atomic(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
+    vocab_ref = vocab_reference(workdir)
 
     model = make_model(config, data.source_vocab.vocab_size, data.target_vocab.vocab_size)
     metric, mode = best_metric_and_mode(config)
     ckpts = Checkpoints(workdir, keep=tc.keep_checkpoints, keep_best=tc.keep_best, best_metric=metric,
-                        best_mode=mode)
-    restored = ckpts.restore(abstract_state(config, model))
+                        best_mode=mode, cleanup_tmp=True)
+    # Restore straight onto the devices this run has, whatever the device count of the run that
+    # wrote the checkpoint (abstract targets carry the shardings; nothing is allocated first).
+    restored = ckpts.restore(parallel.state_target(abstract_state(config, model)))
     if restored is not None:
         state, meta, start = restored
         data_state = meta.get("data_state")
         best_value = meta.get("best_value")
         bad_evals = int(meta.get("bad_evals", 0))
-        log.info("resuming from step %d", start)
     else:
         state, data_state, best_value, bad_evals, start = create_state(config, model), None, None, 0, 0
+    if int(np.asarray(jax.device_get(state.step))) != start:
+        raise UserError(f"{workdir}/checkpoints/{start}: holds a state at step {int(np.asarray(state.step))}; "
+                        "the checkpoint folder was tampered with: use a new --workdir")
     state = parallel.put_state(state)
     train_iter = data.train_batches(data_state)
 
     train_fn = parallel.wrap_train(functools.partial(steps.train_step, model=model, config=config))
     eval_fn = parallel.wrap_eval(functools.partial(steps.eval_step, model=model, config=config))
-    writer = metrics_lib.MetricWriter(workdir, enabled=primary, tensorboard=tc.tensorboard)
-    bar = metrics_lib.Progress(tc.steps, start, enabled=primary and progress)
+    writer = metrics_lib.MetricWriter(workdir, enabled=primary, tensorboard=tc.tensorboard,
+                                      resume_step=start if resume else None)
+    bar = metrics_lib.Progress(tc.steps, start, enabled=primary, steps=progress)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parallel.get_state(state).params))
-    bar.write(f"s2s_jax: {config.name}: {n_params:,} parameters; {parallel.num_devices} device(s) "
-              f"({tc.parallel}); {jax.process_count()} process(es); starting at step {start} of {tc.steps}")
+    bar.write(f"s2s_jax: {config.name}: {n_params:,} parameters; "
+              f"{parallel.describe(data.stats['bucket_rows'], tc.grad_accum)}; "
+              + (f"resuming from step {start} of {tc.steps}" if restored else f"starting at step 0 of {tc.steps}"))
 
-    def eval_params():
-        s = parallel.get_state(state)
-        return s.ema_params if s.ema_params is not None else s.params
+    def meta_now() -> dict:
+        return {"data_state": train_iter.get_state(), "best_metric": metric, "best_value": best_value,
+                "bad_evals": bad_evals, "config": config_lib.to_dict(config), "vocab": vocab_ref}
 
-    def meta_now():
-        return {"data_state": train_iter.get_state(), "best_value": best_value, "bad_evals": bad_evals,
-                "config": config_lib.to_dict(config), "vocab_dir": "vocab"}
+    saved_step = start if restored is not None else None
 
-    def run_eval(step):
+    def save(step: int) -> None:
+        nonlocal saved_step
+        if saved_step != step:
+            ckpts.save(step, parallel.get_state(state), meta_now())
+            saved_step = step
+
+    def run_eval(step: int) -> dict:
         nonlocal best_value, bad_evals, state
-        params = eval_params()
+        params = params_for_eval(parallel.get_state(state))
         translator = Translator(config, model, params, data.source_vocab, data.target_vocab)
-        eval_params_fn = eval_fn
         result = evaluate(config, parallel.put_state(params) if tc.parallel == "pmap" else params,
-                          data, translator, eval_params_fn, parallel, config.data.valid_split)
+                          data, translator, eval_fn, parallel, config.data.valid_split)
         value = result.get(metric)
+        if value is not None and not math.isfinite(value):
+            value = None
         improved = value is not None and (best_value is None or
                                           (value > best_value if mode == "max" else value < best_value))
         if improved:
@@ -190,36 +250,49 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True) -
             bad_evals += 1
             if tc.schedule == "plateau" and bad_evals % max(tc.plateau_patience, 1) == 0:
                 state = state.replace(lr_scale=state.lr_scale * tc.plateau_factor)
+                bar.write(f"[eval step {step}] no {metric} improvement in {bad_evals} evaluations: "
+                          f"learning rate x{tc.plateau_factor}")
         samples = result.pop("samples", [])
-        writer.write("eval", step, {k: v for k, v in result.items()})
+        writer.write("eval", step, dict(result, best=best_value, bad_evals=bad_evals))
         shown = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "perplexity", "exact_match", "bleu", "chrf")
                           if k in result)
         bar.write(f"[eval step {step}] {shown}")
         for s in samples[:2]:
             bar.write(f"  {s['source']!r} -> {s['hypothesis']!r} (ref {s['reference']!r})")
-        if value is not None:
+        if improved:
             ckpts.save_best(step, parallel.get_state(state), meta_now(), {metric: float(value)})
         return result
+
+    # A run that stopped early stays stopped: restarting it only re-evaluates the same verdict.
+    finished = bool(restored is not None and tc.early_stopping_patience
+                    and bad_evals >= tc.early_stopping_patience)
+    if finished:
+        bar.write(f"this run stopped early at step {start} (no {metric} improvement in {bad_evals} "
+                  "evaluations); nothing to do: raise train.early_stopping_patience to train on")
 
     sums = None
     t_last, step_last = time.perf_counter(), start
     last_eval: dict = {}
-    stop = _StopSignal()
     step = start
-    prev_nonfinite = None
-    with stop.installed():
-        while step < tc.steps:
+    prev_nonfinite = None  # the previous step's consecutive non-finite count (a device scalar)
+    early_stopped = False
+    try:
+        while step < tc.steps and not stop.received and not finished:
             batch = next(train_iter)
             state, m = train_fn(state, parallel.put_batch(batch))
             m = parallel.unreplicate_metrics(m)
             sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
             step += 1
-            # Non-finite guard: read the previous step's counter (already computed, no stall).
+            # Non-finite guard, one step behind: reading the previous step's counter waits only
+            # for that step, so the one just dispatched keeps the device busy meanwhile.
             if prev_nonfinite is not None and int(prev_nonfinite) >= tc.max_nonfinite:
                 ckpts.wait()
-                raise TrainingStopped(f"{tc.max_nonfinite} consecutive steps had a non-finite loss or "
-                                      "gradient; stopped. The last good checkpoint is intact in "
-                                      f"{workdir}/checkpoints: lower train.learning_rate or check the data")
+                good = saved_step if saved_step is not None else "none"
+                raise TrainingStopped(
+                    f"stopped at step {step - 1}: {int(prev_nonfinite)} consecutive steps had a non-finite "
+                    f"loss or gradient (train.max_nonfinite={tc.max_nonfinite}) and were skipped; the last "
+                    f"good checkpoint ({workdir}/checkpoints, step {good}) is intact: lower "
+                    "train.learning_rate, set train.clip_norm or check the data, then run again")
             prev_nonfinite = m["nonfinite_run"]  # metrics are not donated, unlike the state
             if step % tc.log_every == 0 or step == tc.steps:
                 host = jax.device_get(sums)
@@ -231,25 +304,35 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True) -
                               tokens_per_sec=float(host["weight"]) / (now - t_last),
                               sentences=int(host["sentences"]))
                 writer.write("train", step, values)
+                if values["skipped_steps"]:
+                    log.warning("steps %d-%d: %d step(s) skipped for a non-finite loss or gradient "
+                                "(parameters untouched)", step_last + 1, step, values["skipped_steps"])
                 bar.update(step, loss=values["loss"], tok_s=f"{values['tokens_per_sec']:.0f}")
                 sums, t_last, step_last = None, now, step
             if step % tc.eval_every == 0 or step == tc.steps:
                 last_eval = run_eval(step)
-                if tc.early_stopping_patience and bad_evals >= tc.early_stopping_patience:
-                    bar.write(f"early stopping: no {metric} improvement in {bad_evals} evaluations")
-                    ckpts.save(step, parallel.get_state(state), meta_now(), force=True)
-                    break
                 t_last = time.perf_counter()  # evaluation time is not training throughput
+                if tc.early_stopping_patience and bad_evals >= tc.early_stopping_patience:
+                    bar.write(f"early stopping at step {step}: no {metric} improvement in {bad_evals} "
+                              f"evaluations (best {best_value})")
+                    early_stopped = True
+                    save(step)
+                    break
             if step % tc.checkpoint_every == 0 or step == tc.steps:
-                ckpts.save(step, parallel.get_state(state), meta_now(), force=True)
-            if stop.received:
-                ckpts.save(step, parallel.get_state(state), meta_now(), force=True)
-                bar.write(f"{stop.received}: checkpoint written at step {step}; exiting")
-                break
-    ckpts.wait()
-    ckpts.close()
-    bar.close()
-    writer.close()
+                # Not in the middle of a non-finite streak: keep the latest-K all good ones.
+                if stop.received or int(m["nonfinite_run"]) == 0:
+                    save(step)
+        if stop.received:
+            save(step)
+            ckpts.wait()
+            bar.write(f"{stop.received}: checkpoint written at step {step}; exiting")
+        ckpts.wait()
+    finally:
+        ckpts.close()  # waits for an in-flight save
+        bar.close()
+        writer.close()
     if primary and tc.plot and not stop.received:
         metrics_lib.plot_curves(workdir)
+    if early_stopped:
+        last_eval = dict(last_eval, early_stopped_at=step)
     return last_eval
