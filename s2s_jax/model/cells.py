@@ -116,12 +116,28 @@ def select_carry(mask: Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, old)
 
 
+@jax.custom_vjp
 def reverse_within_length(x: Array, lengths: Array) -> Array:
-    """x [B, T, ...] with each row's first lengths[b] steps reversed; padding stays in place."""
+    """x [B, T, ...] with each row's first lengths[b] steps reversed; padding stays in place.
+
+    The permutation is its own inverse, so the backward pass is the same gather (autodiff would
+    emit a scatter-add, which XLA:CPU runs element by element).
+    """
     t = jnp.arange(x.shape[1])[None, :]  # [1, T]
     idx = jnp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # [B, T]
     idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
     return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _reverse_fwd(x, lengths):
+    return reverse_within_length(x, lengths), lengths
+
+
+def _reverse_bwd(lengths, g):
+    return reverse_within_length(g, lengths), None
+
+
+reverse_within_length.defvjp(_reverse_fwd, _reverse_bwd)
 
 
 def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, initial=None, dtype=jnp.float32,

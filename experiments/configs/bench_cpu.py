@@ -1,0 +1,54 @@
+"""Training-throughput benchmark on CPU: the Multi30k-sized Luong model, fast vs the Flax-examples way.
+
+Model (issue #3): bidirectional 2-layer LSTM encoder (128 units per direction, 256 in total),
+2-layer 256-unit LSTM decoder, 256-dim embeddings, `general` attention with input feeding,
+source and target vocabularies of 8,000, no dropout (the benchmark times the model, not the RNG).
+Batches: 64 sentences of Multi30k-like lengths (source ~13, target ~13.4 with EOS; taken from
+../shared/data/multi30k/tok when present, else from a fitted log-normal), grouped into the three
+bucket shapes below (68 % / 27 % / 6 % of sentences), random token ids.
+
+Command (from the repository root):
+
+    python -m s2s_jax benchmark --config experiments/configs/bench_cpu.py
+
+Hardware: the 2-core development machine; one run takes ~1.5–2 minutes (compiles 3 shapes for
+each of the two models, then 5 interleaved timed rounds).
+Expected result: one JSON record with `speedup` (fast / baseline training throughput) ≥ 1.6;
+measured records are in experiments/results/bench_cpu_*.json.
+`--data-only` instead measures the Grain loader on the real corpus (prepares SentencePiece once).
+"""
+
+from s2s_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        name="bench_cpu",
+        data=DataConfig(
+            source="text",
+            dir="../shared/data/multi30k",  # lengths for the synthetic batches; corpus for --data-only
+            src_lang="en",
+            tgt_lang="de",
+            vocab_size=8000,
+            joint_vocab=True,
+            max_source_length=30,
+            max_target_length=31,
+            buckets=((14, 16), (20, 22), (30, 32)),  # (source, target + 1)
+            batch_size=64,
+        ),
+        model=ModelConfig(
+            cell="lstm",
+            source_embed_dim=256,
+            target_embed_dim=256,
+            hidden_dim=256,
+            encoder_layers=2,
+            decoder_layers=2,
+            bidirectional=True,
+            attention="general",
+            input_feeding=True,
+            bridge="last",
+            dropout=0.0,
+            dtype="float32",
+        ),
+        train=TrainConfig(seed=0, optimizer="adam", learning_rate=1e-3, clip_norm=5.0),
+    )

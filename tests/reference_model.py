@@ -1,0 +1,189 @@
+"""A plain reference for s2s_jax.model.Seq2Seq, written to be obviously right, not fast.
+
+It reads the same Flax parameter tree and computes, step by step (Python loops over time,
+directions and layers; no scan, no hoisting, no fused tricks beyond the stored parameter layout),
+the textbook equations for a batch of right-padded sequences:
+
+    LSTM (gate order i, f, g, o):  [i f g o] = x W_ih + b + h W_hh
+                                   c' = σ(f) c + σ(i) tanh(g);  h' = σ(o) tanh(c')
+    GRU  (gate order r, z, n):     r = σ(x W_r + b_r + h U_r + b'_r);  z = σ(x W_z + b_z + h U_z + b'_z)
+                                   n = tanh(x W_n + b_n + r (h U_n + b'_n));  h' = (1 - z) n + z h
+    attention scores   dot: q·m_s   general: q·(W_a m_s)   mlp: v·tanh(W_q q + b + W_k m_s)
+    weights = exp(score) / Σ exp(score), both over the real source positions only
+    context = Σ_s w_s m_s;  attentional hidden = tanh([context; q] W_c);  logits = hidden W_out + b_out
+
+Padding is handled the plain way: a row's state is updated only at its real steps (t < length),
+so the forward direction stops at the last real token and the backward direction, run from
+t = S-1 down to 0, starts at each row's own last token. Deterministic (no dropout).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+HIGH = jax.lax.Precision.HIGHEST
+
+
+def dot(a, b):
+    return jnp.dot(a, b, precision=HIGH)
+
+
+def lstm_step(x, h, c, w_ih, b, w_hh):
+    gates = dot(x, w_ih) + b + dot(h, w_hh)
+    H = h.shape[-1]
+    i, f, g, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return h, c
+
+
+def gru_step(x, h, w_ih, b, w_hh, b_hh):
+    H = h.shape[-1]
+    gx = dot(x, w_ih) + b
+    gh = dot(h, w_hh) + b_hh
+    r = jax.nn.sigmoid(gx[:, :H] + gh[:, :H])
+    z = jax.nn.sigmoid(gx[:, H:2 * H] + gh[:, H:2 * H])
+    n = jnp.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
+    return (1 - z) * n + z * h
+
+
+def cell_step(cell, p, k, x, state):
+    """Direction k's weights of layer p applied to x [B, D] with state (h, c) or h."""
+    w_ih, b, w_hh = p["input_kernel"][:, k, :], p["bias"][k], p["recurrent_kernel"][k]
+    if cell == "lstm":
+        return lstm_step(x, state[0], state[1], w_ih, b, w_hh)
+    return gru_step(x, state, w_ih, b, w_hh, p["recurrent_bias"][k])
+
+
+def hidden_of(cell, state):
+    return state[0] if cell == "lstm" else state
+
+
+def keep(real, new, old):
+    """new where real [B] is True, else old (padded steps leave the state as it was)."""
+    if isinstance(new, tuple):
+        return tuple(keep(real, a, b) for a, b in zip(new, old))
+    return jnp.where(real[:, None], new, old)
+
+
+def zero_state(cell, B, size):
+    z = jnp.zeros((B, size), jnp.float32)
+    return (z, z) if cell == "lstm" else z
+
+
+def run_direction(cell, p, k, xs, lengths, backward):
+    """xs: list over time of [B, D]. Returns (outputs list [B, h], zero at padding; final state)."""
+    B, S = xs[0].shape[0], len(xs)
+    h = p["recurrent_kernel"].shape[1]
+    state = zero_state(cell, B, h)
+    outs = [None] * S
+    for t in (reversed(range(S)) if backward else range(S)):
+        real = t < lengths
+        state = keep(real, cell_step(cell, p, k, xs[t], state), state)
+        outs[t] = jnp.where(real[:, None], hidden_of(cell, state), 0.0)
+    return outs, state
+
+
+def concat_state(a, b):
+    if isinstance(a, tuple):
+        return tuple(jnp.concatenate([x, y], -1) for x, y in zip(a, b))
+    return jnp.concatenate([a, b], -1)
+
+
+def encode(cfg, params, source, lengths):
+    """source [B, S] -> (memory [B, S, H], zero at padding; per-layer final states)."""
+    table = params["target_embedding"] if cfg.share_embeddings else params["source_embedding"]
+    xs = [table[source[:, t]] for t in range(source.shape[1])]
+    finals = []
+    for i in range(cfg.encoder_layers):
+        p = params["encoder"][f"layer_{i}"]
+        ys, final = run_direction(cfg.cell, p, 0, xs, lengths, backward=False)
+        if cfg.bidirectional:
+            bwd, bwd_final = run_direction(cfg.cell, p, 1, xs, lengths, backward=True)
+            ys = [jnp.concatenate([a, b], -1) for a, b in zip(ys, bwd)]
+            final = concat_state(final, bwd_final)
+        if cfg.residual and i > 0:
+            ys = [y + x for y, x in zip(ys, xs)]
+        xs = ys
+        finals.append(final)
+    return jnp.stack(xs, axis=1), finals
+
+
+def bridge(cfg, params, finals, B):
+    L, H = cfg.decoder_layers, cfg.hidden_dim
+    if cfg.bridge == "zero":
+        return [zero_state(cfg.cell, B, H) for _ in range(L)]
+    src = finals if len(finals) == L else [finals[-1]] * L
+    if cfg.bridge == "last":
+        return list(src)
+    W, b = params["bridge_kernel"], params["bridge_bias"]
+    out = []
+    for i, s in enumerate(src):
+        if cfg.cell == "lstm":
+            h, c = s
+            out.append((jnp.tanh(dot(h, W[2 * i]) + b[2 * i]), dot(c, W[2 * i + 1]) + b[2 * i + 1]))
+        else:
+            out.append(jnp.tanh(dot(s, W[i]) + b[i]))
+    return out
+
+
+def attend(cfg, p, q, memory, mask):
+    """q [B, H], memory [B, S, H], mask [B, S] -> (attentional hidden [B, H], weights [B, S])."""
+    if cfg.attention == "dot":
+        scores = jnp.einsum("bh,bsh->bs", q, memory, precision=HIGH)
+    elif cfg.attention == "general":
+        keys = jnp.einsum("bsh,hk->bsk", memory, p["key_kernel"], precision=HIGH)
+        scores = jnp.einsum("bh,bsh->bs", q, keys, precision=HIGH)
+    else:
+        keys = jnp.einsum("bsh,hk->bsk", memory, p["key_kernel"], precision=HIGH)
+        feat = jnp.tanh((dot(q, p["query_kernel"]) + p["bias"])[:, None, :] + keys)
+        scores = jnp.einsum("bsh,h->bs", feat, p["v"][:, 0], precision=HIGH)
+    biggest = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True)
+    e = jnp.where(mask, jnp.exp(scores - biggest), 0.0)
+    weights = e / e.sum(-1, keepdims=True)
+    context = jnp.einsum("bs,bsh->bh", weights, memory, precision=HIGH)
+    hidden = jnp.tanh(dot(jnp.concatenate([context, q], -1), p["output_kernel"]))
+    return hidden, weights
+
+
+def forward(cfg, params, source, source_lengths, target_input):
+    """Teacher forcing -> (hidden [B, T, H], logits [B, T, V], weights [B, T, S] or None).
+    Only positions t < target length are meaningful (later ones never affect them)."""
+    B, S = source.shape
+    memory, finals = encode(cfg, params, source, source_lengths)
+    mask = jnp.arange(S)[None, :] < source_lengths[:, None]
+    state = bridge(cfg, params, finals, B)
+    feed = jnp.zeros((B, cfg.hidden_dim), jnp.float32)
+    hiddens, all_weights = [], []
+    for t in range(target_input.shape[1]):
+        x = params["target_embedding"][target_input[:, t]]
+        if cfg.input_feeding:
+            x = jnp.concatenate([x, feed], -1)
+        new_state = []
+        for i in range(cfg.decoder_layers):
+            s = cell_step(cfg.cell, params["decoder"][f"layer_{i}"], 0, x, state[i])
+            y = hidden_of(cfg.cell, s)
+            if cfg.residual and i > 0:
+                y = y + x
+            new_state.append(s)
+            x = y
+        state = new_state
+        if cfg.attention != "none":
+            x, w = attend(cfg, params["decoder"]["attention"], x, memory, mask)
+            all_weights.append(w)
+        feed = x
+        hiddens.append(x)
+    hidden = jnp.stack(hiddens, axis=1)
+    kernel = params["target_embedding"].T if cfg.tie_output else params["output_kernel"]
+    logits = dot(hidden, kernel) + params["output_bias"]
+    weights = jnp.stack(all_weights, axis=1) if all_weights else None
+    return hidden, logits, weights
+
+
+def loss(logits, batch):
+    """Mean token cross-entropy of logits [B, T, V] over the real target positions."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["target_output"][..., None], axis=-1)[..., 0]
+    real = jnp.arange(logits.shape[1])[None, :] < batch["target_lengths"][:, None]
+    return jnp.where(real, nll, 0.0).sum() / real.sum()
