@@ -2,6 +2,7 @@
 
     python -m s2s_jax benchmark --config experiments/configs/bench_cpu.py [--rounds 5] [--batches 8]
     python -m s2s_jax benchmark --config experiments/configs/bench_cpu.py --data-only
+    python -m s2s_jax benchmark --config experiments/configs/bench_cpu.py --devices 1,2,4,8  # simulated CPU devices
 
 Batches: `config.data.batch_size` sentences with Multi30k-like lengths (the word counts of
 `{data.dir}/tok/train.{src,tgt}` when that corpus is there, target + 1 for EOS; else a log-normal
@@ -55,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=8, help="batches in the timed list (drawn by bucket frequency)")
     p.add_argument("--no-baseline", action="store_true", help="time only s2s_jax's model")
     p.add_argument("--output", default=None, help="also write the JSON record to this file")
+    p.add_argument("--devices", default=None, metavar="1,2,4,8",
+                   help="rerun s2s_jax's training measurement (train.parallel, default shard_map) with each "
+                        "number of simulated CPU devices, one subprocess each; reports target tokens/s per count")
+    p.add_argument("--device-count-child", action="store_true", help=argparse.SUPPRESS)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -283,10 +288,61 @@ def build_runners(config, batches, baseline: bool = True) -> list[Runner]:
     return runners
 
 
+# -- device counts (--devices) -----------------------------------------------------------------
+
+def build_parallel_runner(config, batches) -> Runner:
+    """s2s_jax's step under train.parallel over every device of this process, global batches."""
+    from functools import partial
+
+    from s2s_jax import steps
+    from s2s_jax.parallel import Parallel
+    from s2s_jax.train_state import create_state, make_model
+
+    parallel = Parallel(config.train.parallel)
+    V = config.data.vocab_size
+    model = make_model(config, V, V)
+    step = parallel.wrap_train(partial(steps.train_step, model=model, config=config))
+    return Runner("s2s_jax", step, parallel.put_state(create_state(config, model)),
+                  [parallel.put_batch(b) for b in batches])
+
+
+def run_device_counts(args, config) -> int:
+    """One child process per device count (the count is fixed before jax is imported)."""
+    import subprocess
+
+    counts = [int(n) for n in args.devices.split(",")]
+    records = {}
+    for n in counts:
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                   f"--xla_force_host_platform_device_count={n}".strip(), JAX_PLATFORMS="cpu")
+        cmd = [sys.executable, "-m", "s2s_jax", "benchmark", "--config", args.config, "--rounds",
+               str(args.rounds), "--batches", str(args.batches), "--device-count-child"]
+        cmd += [a for o in args.overrides for a in ("--set", o)]
+        print(f"[benchmark] {n} simulated CPU device(s)...", file=sys.stderr)
+        child = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        if child.returncode != 0:
+            print(f"[benchmark] the {n}-device run failed (exit {child.returncode})", file=sys.stderr)
+            return child.returncode
+        records[str(n)] = json.loads(child.stdout.strip().splitlines()[-1])
+    tps = {n: r["models"]["s2s_jax"]["target_tokens_per_s"] for n, r in records.items()}
+    record = {"benchmark": "train_step_device_counts", "config": config.name,
+              "parallel": config.train.parallel, "batch_size": config.data.batch_size,
+              "cpu_count": os.cpu_count(), "target_tokens_per_s": {n: t["median"] for n, t in tps.items()},
+              "target_tokens_per_s_spread": tps, "records": records}
+    text = json.dumps(record)
+    print(text)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def run(args) -> int:
     from s2s_jax import config as config_lib
 
     config = config_lib.override(config_lib.load(args.config), args.overrides)
+    if args.devices and not args.data_only:
+        return run_device_counts(args, config)
     if args.data_only:
         from s2s_jax.data import loader_throughput
 
@@ -298,13 +354,17 @@ def run(args) -> int:
         jax.config.update("jax_enable_compilation_cache", False)
         batches = make_batches(config, args.batches)
         t0 = time.perf_counter()
-        runners = build_runners(config, batches, baseline=not args.no_baseline)
+        if args.device_count_child:
+            runners = [build_parallel_runner(config, batches)]
+        else:
+            runners = build_runners(config, batches, baseline=not args.no_baseline)
         setup_s = time.perf_counter() - t0
         record = {
             "benchmark": "train_step",
             "config": config.name,
             "device": str(jax.devices()[0].device_kind),
-            "devices": 1,
+            "devices": jax.device_count() if args.device_count_child else 1,
+            "parallel": config.train.parallel if args.device_count_child else "none",
             "platform": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "jax": jax.__version__,
