@@ -34,30 +34,12 @@ from s2s_jax.data import load_vocabs
 from s2s_jax.metrics import read_metrics
 from s2s_jax.train_state import abstract_state, make_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
-XLA_CACHE = os.environ.get("S2S_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), "s2s_jax_test_xla_cache"))
-if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from _helpers import REPO, TINY, XLA_CACHE, run_env, train_cmd  # noqa: E402
 
 STEPS = 12
 SETS = ["data.buckets=[[20,21]]", f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=6",
         "train.eval_sentences=16", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.ema_decay=0.9"]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-
-def run_env() -> dict:
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-
-
-def train_cmd(workdir, *sets) -> list[str]:
-    cmd = [sys.executable, "-m", "s2s_jax", "train", "--config", TINY, "--workdir", str(workdir), "--no-progress"]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
 
 
 def train(workdir, *extra, expect: int = 0) -> subprocess.CompletedProcess:

@@ -29,31 +29,9 @@ from s2s_jax.metrics import read_metrics
 from s2s_jax.train_state import build_optimizer, create_state, learning_rate_fn, make_model
 from s2s_jax.trainer import params_for_eval
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
+from _helpers import REPO, TINY, XLA_CACHE, run_env, train_cmd  # noqa: E402
+
 V = 13  # vocabulary of the synthetic batches
-# Persistent XLA compilation cache for these tests and their trainer subprocesses: compiling the
-# LSTM train step costs ~10 s of CPU; with the cache only the first process ever pays it. The cache
-# is keyed by the compiled program, so stale entries are harmless.
-XLA_CACHE = os.environ.get("S2S_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), "s2s_jax_test_xla_cache"))
-if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def run_env() -> dict:
-    """Environment for trainer subprocesses (the shared compilation cache, CPU, unbuffered)."""
-    cache = XLA_CACHE
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-
-
-def train_cmd(workdir, *sets) -> list[str]:
-    cmd = [sys.executable, "-m", "s2s_jax", "train", "--config", TINY, "--workdir", str(workdir), "--no-progress"]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
 
 
 # --------------------------------------------------------------------------- schedules, optimizers
