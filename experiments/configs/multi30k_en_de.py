@@ -10,12 +10,11 @@ Command (from the repository root; the corpus is not part of the repo):
     python -m s2s_jax train --config experiments/configs/multi30k_en_de.py \
         --set data.dir=../shared/data/multi30k --workdir runs/multi30k_en_de
 
-Hardware: sized for ~50 minutes on 2 CPU cores (steps=3000 at roughly 1 step/s with
-~3000-target-token batches; 201 batches per epoch, so ~15 epochs); a few minutes on one GPU. Preparing the data
-(normalisation + SentencePiece + TFDS array_record) takes ~11 s once and is then cached.
-Expected result: test2016 BLEU in the high 20s to low 30s (sacreBLEU, detokenised, cased) —
-an estimate from published LSTM baselines of this size, not yet measured with this code; update
-this line with the measured figure from experiments/results/.
+Hardware and result (measured): 38 min 25 s of training on a 2-core x86-64 CPU (~3,100 target
+tokens/s); validation BLEU (greedy) 4.8 / 17.1 / 24.5 / 30.3 / 32.2 / 33.6 at steps 500..3000;
+test2016 beam 5, best checkpoint: sacreBLEU 35.89, chrF 59.59
+(nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0); see docs/results.md.
+Preparing the data (normalisation + SentencePiece + TFDS array_record) takes ~11 s once.
 Data facts (measured): train 29,000 pairs, mean 14.7 / 15.2 pieces (en / de), 99.9th
 percentile 40 / 43, max 52 / 55; so max length 50 drops ~0.01% of pairs.
 """
