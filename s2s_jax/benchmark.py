@@ -329,10 +329,15 @@ def run_device_counts(args, config) -> int:
               "parallel": config.train.parallel, "batch_size": config.data.batch_size,
               "cpu_count": os.cpu_count(), "target_tokens_per_s": {n: t["median"] for n, t in tps.items()},
               "target_tokens_per_s_spread": tps, "records": records}
+    return _emit(record, args.output)
+
+
+def _emit(record: dict, output: str | None) -> int:
+    """Prints the one JSON record (and writes it to `output` when given)."""
     text = json.dumps(record)
     print(text)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     return 0
 
@@ -378,9 +383,4 @@ def run(args) -> int:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         record.update(measure(runners, batches, config.model, config.data.vocab_size, args.rounds))
-    text = json.dumps(record)
-    print(text)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return 0
+    return _emit(record, args.output)

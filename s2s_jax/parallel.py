@@ -83,10 +83,6 @@ def make_mesh(mode: str) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(mesh_devices(mode)), (AXIS,))
 
 
-def device_count(mode: str) -> int:
-    return 1 if mode == "none" else jax.device_count()
-
-
 def _host(x) -> np.ndarray:
     """A (replicated) array as numpy, also when it spans other processes' devices."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
