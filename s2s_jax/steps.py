@@ -83,29 +83,32 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
 
     grads, sums = _psum((grads, sums), axis_name)
     weight = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    grad_norm = optax.global_norm(grads)
-
-    tx = build_optimizer(tc)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.global_norm(jax.tree.map(lambda g: g / weight, grads))  # of the mean gradient
     lr = learning_rate_fn(tc)(state.step) * state.lr_scale
-    params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state.params, updates)
-    # A finite loss and gradient can still give non-finite parameters (an overflowing update,
-    # an absurd learning rate): those steps are skipped too.
-    params_finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), params))
-    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm) & params_finite
-    ema = state.ema_params
-    if ema is not None:
-        d = tc.ema_decay
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    # Non-finite guard: a step with a non-finite loss, gradient or learning rate is skipped (the
+    # state is untouched but for the counters). A finite loss and gradient give a finite clipped
+    # Adam or SGD direction, so these three scalars decide before any update is computed, and a
+    # `cond` runs the update only when it is kept: one fused pass per parameter, where selecting
+    # between new and old values after the fact (or checking the new parameters) costs three more
+    # passes over every parameter and optimizer slot (~27 ms of a ~300 ms bench_cpu step).
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
 
-    # Non-finite guard: the step is skipped (state untouched but for the counter).
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    def update(params, opt_state, ema):
+        mean_grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = build_optimizer(tc).update(mean_grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
+        if ema is not None:
+            d = tc.ema_decay
+            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+        return params, opt_state, ema
+
+    params, opt_state, ema = jax.lax.cond(finite, update, lambda *old: old,
+                                          state.params, state.opt_state, state.ema_params)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        ema_params=None if ema is None else keep(ema, state.ema_params),
+        params=params,
+        opt_state=opt_state,
+        ema_params=ema,
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
     )
     metrics = dict(sums, grad_norm=grad_norm, learning_rate=lr, skipped=(~finite).astype(jnp.float32),

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax.model.cells import matmul
+from s2s_jax.model.scan import plain_dot
 
 Array = jax.Array
 NEG_INF = -1e9  # finite: exp underflows to exactly 0, and an all-padding row stays NaN-free
@@ -47,29 +48,29 @@ def project_keys(params: dict, kind: str, memory: Array, dtype) -> Array:
 
 
 def attend(params: dict, kind: str, query: Array, keys: Array, memory: Array, mask: Array, dtype,
-           dropout_mask: Array | None = None):
+           dropout_mask: Array | None = None, dot=plain_dot):
     """Attention for one step (query [B, H]) or many (query [B, T, H]).
 
     keys, memory [B, S, H]; mask [B, S] (True at real source positions).
     dropout_mask: optional, broadcastable to the weights, already scaled by 1/(1-rate).
+    dot: how products with `params`, `keys` and `memory` are taken (scan.Tape.dot inside the
+    decoder's training scan, under the names att_query_kernel, att_v, keys, memory, att_output_kernel).
     Returns (attentional hidden [B, (T,) H] float32, weights [B, (T,) S] float32).
     """
     single = query.ndim == 2
     q = query[:, None, :] if single else query  # [B, T, H]
     if kind == "mlp":
-        qp = matmul(q, params["query_kernel"], dtype) + params["bias"]  # [B, T, H]
+        qp = dot("att_query_kernel", "bth,hk->btk", q, params["query_kernel"], dtype) + params["bias"]
         feat = jnp.tanh(qp[:, :, None, :] + keys[:, None, :, :])  # [B, T, S, H]
-        scores = matmul(feat, params["v"], dtype)[..., 0]  # [B, T, S]
+        scores = dot("att_v", "btsh,hk->btsk", feat, params["v"], dtype)[..., 0]  # [B, T, S]
     else:
-        scores = jnp.einsum("bth,bsh->bts", q.astype(dtype), keys.astype(dtype),
-                            preferred_element_type=jnp.float32)
+        scores = dot("keys", "bth,bsh->bts", q, keys, dtype)
     scores = jnp.where(mask[:, None, :], scores, NEG_INF)
     weights = jax.nn.softmax(scores, axis=-1)  # float32
     probs = weights if dropout_mask is None else weights * dropout_mask
-    context = jnp.einsum("bts,bsh->bth", probs.astype(dtype), memory.astype(dtype),
-                         preferred_element_type=jnp.float32)
-    hidden = jnp.tanh(matmul(jnp.concatenate([context, q.astype(jnp.float32)], -1),
-                             params["output_kernel"], dtype))
+    context = dot("memory", "bts,bsh->bth", probs, memory, dtype)
+    hidden = jnp.tanh(dot("att_output_kernel", "bti,ih->bth", jnp.concatenate([context, q.astype(jnp.float32)], -1),
+                          params["output_kernel"], dtype))
     if single:
         return hidden[:, 0], weights[:, 0]
     return hidden, weights

@@ -14,6 +14,7 @@ and gate nonlinearities stay float32.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -140,6 +141,129 @@ def _reverse_bwd(lengths, g):
 reverse_within_length.defvjp(_reverse_fwd, _reverse_bwd)
 
 
+# -- the recurrence with a hand-derived backward pass ---------------------------------------
+#
+# Autodiff of a scanned LSTM step saves a dozen per-step residuals (each gate, its derivative
+# pieces, the select masks) and emits ~25 small fused kernels per step forward and more
+# backward; on CPU each costs a dispatch, and together they, not the matmul, bound the step.
+# `recurrence` saves three arrays per step (the post-activation gates, the cell, the hidden
+# carry), its backward loop is one elementwise kernel plus the one truly sequential matmul
+# dz_t·W_hhᵀ, and the recurrent kernel's gradient is formed after the loop as one matmul over
+# time × batch. tests/test_model.py checks values and gradients against the plain reference.
+
+def _dot(x, w, dtype):  # [K, B, H] @ [K, H, G] -> [K, B, G] float32
+    return jnp.einsum("kbh,khg->kbg", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _dot_t(dz, w, dtype):  # [K, B, G] @ [K, H, G]ᵀ -> [K, B, H] float32
+    return jnp.einsum("kbg,khg->kbh", dz.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _lstm_step(gx, gh, h, c, m):
+    """-> new (h, c) after the mask, post-activation gates [i f g o]."""
+    i, f, g, o = jnp.split(gx + gh, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c_new = f * c + i * g
+    h_new = o * jnp.tanh(c_new)
+    return jnp.where(m, h_new, h), jnp.where(m, c_new, c), jnp.concatenate([i, f, g, o], -1)
+
+
+def _gru_step(gx, gh, h, m):
+    """gh includes b_hh. -> new h after the mask, post-activation gates [r u n]."""
+    xr, xu, xn = jnp.split(gx, 3, axis=-1)
+    hr, hu, hn = jnp.split(gh, 3, axis=-1)
+    r, u = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xu + hu)
+    n = jnp.tanh(xn + r * hn)
+    h_new = (1.0 - u) * n + u * h
+    return jnp.where(m, h_new, h), jnp.concatenate([r, u, n], -1)
+
+
+def _recurrence_forward(cell, dtype, unroll, xp, w_hh, b_hh, mask, initial, save: bool):
+    """Runs the scan; with `save`, also returns the per-step residuals of the backward pass."""
+    def body(carry, inp):
+        gx, m = inp
+        if cell == "lstm":
+            h, c = carry
+            h, c, acts = _lstm_step(gx, _dot(h, w_hh, dtype), h, c, m)
+            return (h, c), ((h, c, acts) if save else h)
+        h = carry
+        gh = _dot(h, w_hh, dtype) + b_hh[:, None, :]
+        h, acts = _gru_step(gx, gh, h, m)
+        return h, ((h, gh[..., 2 * h.shape[-1]:], acts) if save else h)
+
+    return jax.lax.scan(body, initial, (xp, mask), unroll=unroll)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _recurrence(cell, dtype, unroll, xp, w_hh, b_hh, mask, initial):
+    final, hs = _recurrence_forward(cell, jnp.dtype(dtype), unroll, xp, w_hh, b_hh, mask, initial, False)
+    return jnp.where(mask, hs, 0.0), final
+
+
+def _recurrence_fwd(cell, dtype, unroll, xp, w_hh, b_hh, mask, initial):
+    final, saved = _recurrence_forward(cell, jnp.dtype(dtype), unroll, xp, w_hh, b_hh, mask, initial, True)
+    hs = saved[0]
+    return (jnp.where(mask, hs, 0.0), final), (saved, w_hh, b_hh, mask, initial)
+
+
+def _recurrence_bwd(cell, dtype, unroll, res, ct):
+    saved, w_hh, b_hh, mask, initial = res
+    dtype = jnp.dtype(dtype)
+    d_ys, d_final = ct
+    d_ys = jnp.where(mask, d_ys, 0.0)  # outputs are zero (constant) at padded steps
+    shift = lambda seq, first: jnp.concatenate([first[None], seq[:-1]], 0)  # noqa: E731  value at t-1
+
+    if cell == "lstm":
+        hs, cs, acts = saved
+        h_prev, c_prev = shift(hs, initial[0]), shift(cs, initial[1])
+
+        def body(carry, inp):
+            dh, dc = carry
+            a, c, cp, m, dy = inp
+            i, f, g, o = jnp.split(a, 4, axis=-1)
+            dh_tot = dh + dy
+            tc = jnp.tanh(c)
+            dc_tot = dc + dh_tot * o * (1.0 - tc * tc)
+            dz = jnp.concatenate([dc_tot * g * i * (1.0 - i), dc_tot * cp * f * (1.0 - f),
+                                  dc_tot * i * (1.0 - g * g), dh_tot * tc * o * (1.0 - o)], -1)
+            dz = jnp.where(m, dz, 0.0)
+            dh_prev = jnp.where(m, _dot_t(dz, w_hh, dtype), dh)
+            dc_prev = jnp.where(m, dc_tot * f, dc)
+            return (dh_prev, dc_prev), dz
+
+        d_initial, dz = jax.lax.scan(body, d_final, (acts, cs, c_prev, mask, d_ys), reverse=True, unroll=unroll)
+        d_x, d_h_side = dz, dz
+        d_b_hh = None
+    else:
+        hs, hn, acts = saved
+        h_prev = shift(hs, initial)
+        H = hs.shape[-1]
+
+        def body(dh, inp):
+            a, n_h, hp, m, dy = inp
+            r, u, n = jnp.split(a, 3, axis=-1)
+            dh_tot = dh + dy
+            dn = dh_tot * (1.0 - u) * (1.0 - n * n)  # w.r.t. n's pre-activation
+            dr = dn * n_h * r * (1.0 - r)
+            du = dh_tot * (hp - n) * u * (1.0 - u)
+            dgx = jnp.where(m, jnp.concatenate([dr, du, dn], -1), 0.0)
+            dgh = jnp.where(m, jnp.concatenate([dr, du, dn * r], -1), 0.0)
+            dh_prev = jnp.where(m, dh_tot * u + _dot_t(dgh, w_hh, dtype), dh)
+            return dh_prev, (dgx, dgh)
+
+        d_initial, (d_x, d_h_side) = jax.lax.scan(body, d_final, (acts, hn, h_prev, mask, d_ys), reverse=True,
+                                                  unroll=unroll)
+        d_b_hh = d_h_side.sum((0, 2))
+        del H
+    # the recurrent kernel's gradient, once, over all steps: Σ_t h_{t-1}ᵀ · dz_t
+    d_w = jnp.einsum("tkbh,tkbg->khg", h_prev.astype(dtype), d_h_side.astype(dtype),
+                     preferred_element_type=jnp.float32).astype(w_hh.dtype)
+    return d_x, d_w, d_b_hh, None, d_initial
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
 def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, initial=None, dtype=jnp.float32,
               unroll: int = 1):
     """A (bi)directional recurrent layer over x [B, T, D] with right padding.
@@ -160,22 +284,12 @@ def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, initial=None
     xp = jnp.einsum("bktd,dkg->tkbg", xs.astype(dtype), params["input_kernel"].astype(dtype),
                     preferred_element_type=jnp.float32) + params["bias"][None, :, None, :]
     mask = (jnp.arange(T)[:, None] < lengths[None, :])[:, None, :, None]  # [T, 1, B, 1]
-    w_hh = params["recurrent_kernel"].astype(dtype)
+    w_hh = params["recurrent_kernel"]
     b_hh = params.get("recurrent_bias")
     if initial is None:
         H = w_hh.shape[1]
         initial = initial_carry(cell, xp[0, :, :, :H])  # [K, B, H]
-
-    def body(carry, inputs):
-        gx, m = inputs  # [K, B, G·H], [1, B, 1]
-        h = carry_hidden(cell, carry)
-        gh = jnp.einsum("kbh,khg->kbg", h.astype(dtype), w_hh, preferred_element_type=jnp.float32)
-        if b_hh is not None:
-            gh = gh + b_hh[:, None, :]
-        new_carry, h_new = cell_update(cell, gx, gh, carry)
-        return select_carry(m, new_carry, carry), jnp.where(m, h_new, 0.0)
-
-    final, ys = jax.lax.scan(body, initial, (xp, mask), unroll=unroll)  # ys [T, K, B, H]
+    ys, final = _recurrence(cell, jnp.dtype(dtype).name, unroll, xp, w_hh, b_hh, mask, initial)  # [T, K, B, H]
     ys = jnp.transpose(ys, (1, 2, 0, 3))  # [K, B, T, H]
     outs = [ys[0]] if K == 1 else [ys[0], reverse_within_length(ys[1], lengths)]
     return jnp.concatenate(outs, axis=-1), final

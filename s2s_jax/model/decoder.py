@@ -18,8 +18,10 @@ import jax.numpy as jnp
 
 from s2s_jax.config import ModelConfig
 from s2s_jax.model.attention import AttentionParams, attend, project_keys
+from s2s_jax.model import scan as deferred
 from s2s_jax.model.cells import (RecurrentParams, carry_hidden, cell_update, matmul, row_dropout_mask,
                                  run_layer)
+from s2s_jax.model.scan import plain_dot
 
 Array = jax.Array
 
@@ -39,70 +41,30 @@ class Decoder(nn.Module):
             self.attention = AttentionParams(cfg.attention, H)
 
     # -- parameters prepared once per call, outside any scan ---------------------------------
-    def _prepared(self):
-        """Per-layer kernels in the compute dtype, LSTM input/recurrent kernels fused."""
+    def _prepared(self) -> dict[str, Array]:
+        """The step's arrays by name (module doc of `_step`); LSTM input/recurrent kernels fused."""
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
         E = cfg.target_embed_dim
-        layers = []
+        W = {}
         for i, layer in enumerate(self.layers):
             p = layer()
             w_ih, w_hh = p["input_kernel"][:, 0], p["recurrent_kernel"][0]
-            q = {"bias": p["bias"][0]}
+            W[f"layer{i}_bias"] = p["bias"][0]
             if i == 0:
-                q["w_emb"] = w_ih[:E].astype(dtype)
+                W["w_emb"] = w_ih[:E]
                 side = w_ih[E:]  # input-feeding part (empty without input feeding)
             else:
                 side = w_ih
             if cfg.cell == "lstm":  # one matmul: [side_input, h] @ [[W_side]; [W_hh]]
-                q["w_fused"] = jnp.concatenate([side, w_hh], axis=0).astype(dtype)
+                W[f"layer{i}"] = jnp.concatenate([side, w_hh], axis=0)
             else:
-                q["w_side"] = side.astype(dtype)
-                q["w_hh"] = w_hh.astype(dtype)
-                q["b_hh"] = p["recurrent_bias"][0]
-            layers.append(q)
-        att = self.attention() if cfg.attention != "none" else None
-        return layers, att
-
-    def _body(self, layers, att, gx0, state, memory, keys, mask, masks):
-        """One step of all layers + attention.
-
-        gx0 [N, G·H]: layer 1's projected embedding (bias included). state: {"layers": tuple of
-        carries, "feed": [N, H]}. masks: per-step dropout masks or None.
-        Returns (attentional hidden [N, H], new state, attention weights [N, S] or None).
-        """
-        cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        new_carries = []
-        inp = None
-        for i, q in enumerate(layers):
-            carry = state["layers"][i]
-            h = carry_hidden(cfg.cell, carry)
-            side = (state["feed"] if cfg.input_feeding else None) if i == 0 else inp
-            if cfg.cell == "lstm":
-                both = h if side is None else jnp.concatenate([side, h], axis=-1)
-                gx = (gx0 if i == 0 else q["bias"]) + matmul(both, q["w_fused"], dtype)
-                gh = 0.0
-            else:
-                gx = gx0 if i == 0 else q["bias"]
-                if side is not None:
-                    gx = gx + matmul(side, q["w_side"], dtype)
-                gh = matmul(h, q["w_hh"], dtype) + q["b_hh"]
-            carry, out = cell_update(cfg.cell, gx, gh, carry)
-            if cfg.residual and i > 0:
-                out = out + inp
-            if masks is not None and i + 1 < len(layers):
-                out = out * masks["between"][i]
-            new_carries.append(carry)
-            inp = out
-        weights = None
-        hidden = inp
-        if att is not None:
-            hidden, weights = attend(att, cfg.attention, inp, keys, memory, mask, dtype,
-                                     None if masks is None else masks.get("attention"))
-        if masks is not None:
-            hidden = hidden * masks["output"]
-        return hidden, {"layers": tuple(new_carries), "feed": hidden}, weights
+                if side.shape[0]:
+                    W[f"layer{i}_side"] = side
+                W[f"layer{i}_hh"] = w_hh
+                W[f"layer{i}_b_hh"] = p["recurrent_bias"][0]
+        if cfg.attention != "none":
+            W.update({f"att_{k}": v for k, v in self.attention().items()})
+        return W
 
     def project_keys(self, memory: Array) -> Array:
         """Attention keys [B, S, H], computed once per batch (memory itself without attention)."""
@@ -137,19 +99,26 @@ class Decoder(nn.Module):
                      "output": draw(k2, cfg.dropout, (T, H))}
             if cfg.attention != "none":
                 masks["attention"] = draw(k3, cfg.attention_dropout, (T, 1, S))
-        layers, att = self._prepared()
+        W = self._prepared()
+        layers = [layer() for layer in self.layers] if not cfg.input_feeding else None
 
         if cfg.input_feeding:
-            gx0 = matmul(jnp.swapaxes(embedded, 0, 1), layers[0]["w_emb"], dtype) + layers[0]["bias"]
+            gx0 = matmul(jnp.swapaxes(embedded, 0, 1), W.pop("w_emb"), dtype) + W["layer0_bias"]
+            W.update(memory=memory, keys=keys)
+            # Products with loop-invariant arrays go through the tape, so their gradients are
+            # formed after the loop (model/scan.py); the rest is differentiated as usual.
+            taped = {k: v for k, v in W.items() if k in _tape_names(cfg)}
+            params = {k: v for k, v in W.items() if k not in taped}
 
-            def body(carry, xs):
-                gx, step_masks = xs
+            def step(tape, params, fixed, carry, gx, step_masks):
                 if step_masks is not None:
                     step_masks = dict(step_masks, between=list(step_masks["between"]))
-                hidden, carry, weights = self._body(layers, att, gx, carry, memory, keys, mask, step_masks)
+                hidden, carry, weights = _step(cfg, {**tape.weights, **params, **fixed}, tape.dot, gx, carry,
+                                               step_masks)
                 return carry, (hidden, weights)
 
-            _, (hidden, weights) = jax.lax.scan(body, state, (gx0, masks), unroll=cfg.unroll)
+            _, (hidden, weights) = deferred.scan(step, taped, params, {"mask": mask}, state, gx0, masks,
+                                                 unroll=cfg.unroll)
             hidden = jnp.swapaxes(hidden, 0, 1)
             weights = None if weights is None else jnp.swapaxes(weights, 0, 1)
             return hidden, weights
@@ -157,18 +126,18 @@ class Decoder(nn.Module):
         # No input feeding: hoisted per-layer scans, then attention over all steps at once.
         lengths = jnp.full((B,), T, jnp.int32)  # right padding: later steps never affect earlier ones
         x = embedded
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             carry = jax.tree.map(lambda a: a[None], state["layers"][i])
-            y, _ = run_layer(layer(), cfg.cell, x, lengths, initial=carry, dtype=dtype, unroll=cfg.unroll)
+            y, _ = run_layer(layer, cfg.cell, x, lengths, initial=carry, dtype=dtype, unroll=cfg.unroll)
             if cfg.residual and i > 0:
                 y = y + x
             if train and i + 1 < L:
                 y = y * jnp.swapaxes(masks["between"][:, i], 0, 1)
             x = y
         weights = None
-        if att is not None:
+        if cfg.attention != "none":
             am = None if not train else jnp.swapaxes(masks["attention"][:, :, 0, :], 0, 1)  # [B, T, S]
-            x, weights = attend(att, cfg.attention, x, keys, memory, mask, dtype, am)
+            x, weights = attend(_attention_params(W), cfg.attention, x, keys, memory, mask, dtype, am)
         if train:
             x = x * jnp.swapaxes(masks["output"], 0, 1)
         return x, weights
@@ -176,6 +145,66 @@ class Decoder(nn.Module):
     def step(self, embedded: Array, state, memory: Array, keys: Array, mask: Array):
         """One decoding step: embedded [N, E] -> (hidden [N, H], new state, weights [N, S] | None)."""
         dtype = jnp.dtype(self.config.dtype)
-        layers, att = self._prepared()
-        gx0 = matmul(embedded, layers[0]["w_emb"], dtype) + layers[0]["bias"]
-        return self._body(layers, att, gx0, state, memory, keys, mask, None)
+        W = self._prepared()
+        gx0 = matmul(embedded, W.pop("w_emb"), dtype) + W["layer0_bias"]
+        W.update(memory=memory, keys=keys, mask=mask)
+        return _step(self.config, W, plain_dot, gx0, state, None)
+
+
+def _attention_params(W: dict) -> dict:
+    return {k[4:]: v for k, v in W.items() if k.startswith("att_")}
+
+
+def _tape_names(cfg: ModelConfig) -> set[str]:
+    """The arrays the step only multiplies by (their gradients can wait until after the loop)."""
+    names = {f"layer{i}" for i in range(cfg.decoder_layers)} if cfg.cell == "lstm" else (
+        {f"layer{i}_side" for i in range(cfg.decoder_layers)} | {f"layer{i}_hh" for i in range(cfg.decoder_layers)})
+    if cfg.attention != "none":
+        names |= {"att_output_kernel", "memory"}
+        names |= {"att_query_kernel", "att_v"} if cfg.attention == "mlp" else {"keys"}
+    return names
+
+
+def _step(cfg: ModelConfig, W: dict, dot, gx0: Array, state, masks):
+    """One step of all layers + attention.
+
+    W: the arrays by name — per layer i `layer{i}_bias` and, LSTM, the fused `layer{i}` =
+    [[W_side]; [W_hh]] or, GRU, `layer{i}_side` (absent without a side input), `layer{i}_hh`,
+    `layer{i}_b_hh`; `att_*` (attention.py's parameters); `memory`, `keys`, `mask`.
+    dot: scan.Tape.dot inside the training scan, scan.plain_dot elsewhere.
+    gx0 [N, G·H]: layer 1's projected embedding (bias included). state: {"layers": tuple of
+    carries, "feed": [N, H]}. masks: per-step dropout masks or None.
+    Returns (attentional hidden [N, H], new state, attention weights [N, S] or None).
+    """
+    dtype = jnp.dtype(cfg.dtype)
+    new_carries = []
+    inp = None
+    L = cfg.decoder_layers
+    for i in range(L):
+        carry = state["layers"][i]
+        h = carry_hidden(cfg.cell, carry)
+        side = (state["feed"] if cfg.input_feeding else None) if i == 0 else inp
+        gx = gx0 if i == 0 else W[f"layer{i}_bias"]
+        if cfg.cell == "lstm":  # one matmul: [side_input, h] @ [[W_side]; [W_hh]]
+            both = h if side is None else jnp.concatenate([side, h], axis=-1)
+            gx = gx + dot(f"layer{i}", "ni,ig->ng", both, W[f"layer{i}"], dtype)
+            gh = 0.0
+        else:
+            if side is not None:
+                gx = gx + dot(f"layer{i}_side", "ni,ig->ng", side, W[f"layer{i}_side"], dtype)
+            gh = dot(f"layer{i}_hh", "nh,hg->ng", h, W[f"layer{i}_hh"], dtype) + W[f"layer{i}_b_hh"]
+        carry, out = cell_update(cfg.cell, gx, gh, carry)
+        if cfg.residual and i > 0:
+            out = out + inp
+        if masks is not None and i + 1 < L:
+            out = out * masks["between"][i]
+        new_carries.append(carry)
+        inp = out
+    weights = None
+    hidden = inp
+    if cfg.attention != "none":
+        hidden, weights = attend(_attention_params(W), cfg.attention, inp, W["keys"], W["memory"], W["mask"],
+                                 dtype, None if masks is None else masks.get("attention"), dot=dot)
+    if masks is not None:
+        hidden = hidden * masks["output"]
+    return hidden, {"layers": tuple(new_carries), "feed": hidden}, weights
