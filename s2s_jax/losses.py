@@ -9,8 +9,10 @@ w·(softmax − target distribution) while the logits are hot in cache and turns
 gradients of the hidden states, kernel and bias (the same three matmuls autodiff would run), so
 the [N, V] logits are read a few times instead of being saved, re-read and transposed by the
 backward pass. On the 2-core CPU this takes the projection+loss from ~1.5× to ~1.0× the cost of
-its three matmuls. `chunk` > 0 runs it `chunk` time steps at a time in a scan, so [B, T, V] never
-exists at once (for large vocabularies).
+its three matmuls. It runs on the real (weight > 0) rows only, gathered to the front and taken a
+block of rows at a time (`_compacted`), so padding costs nothing there. `chunk` > 0 instead runs
+it `chunk` time steps at a time in a scan, so [B, T, V] never exists at once (for large
+vocabularies).
 """
 
 from __future__ import annotations
@@ -66,11 +68,57 @@ def _score(h, kernel, bias, y, w, eps: float, dtype, with_grad: bool):
     return sums, d_h, d_kernel, g.sum(0)
 
 
+def row_block(rows: int) -> int:
+    """Rows per block of the compacted loss: 64 or more, about a sixteenth of the batch."""
+    return max(64, -(-rows // (16 * 64)) * 64)
+
+
+def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad):
+    """_score over only the rows with weight > 0: gathered to the front, `row_block` at a time.
+
+    Padding is a quarter or more of a bucketed batch's target positions, and the output
+    projection and softmax are the costliest part of a step, so they run on the real rows only.
+    Shapes stay static: a `fori_loop` whose trip count is the number of real rows (counted on
+    device) divided by the block size, rounded up, runs one compiled block program; rows past the
+    real ones in the last block carry weight 0. The kernel and bias gradients are accumulated
+    over the blocks. Against one matmul over all rows this runs the step ~8 % faster on
+    bench_cpu; a `lax.switch` over a ladder of static capacities was as fast but compiled each
+    capacity (+2 s per bucket shape).
+    """
+    N, H = h.shape
+    R = row_block(N)
+    n_blocks_max = -(-N // R)
+    pad = n_blocks_max * R - N
+    real = w > 0
+    perm = jnp.argsort(~real, stable=True)  # real rows first, in their order
+    hp, yp, wp = (jnp.concatenate([jnp.take(a, perm, axis=0), jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+                  for a in (h, y, w))
+    n_blocks = (real.sum() + R - 1) // R
+
+    def block(i):
+        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, i * R, R)  # noqa: E731
+        return _score(rows(hp), kernel, bias, rows(yp), rows(wp), eps, dtype, with_grad)
+
+    if not with_grad:
+        return jax.lax.fori_loop(0, n_blocks, lambda i, acc: acc + block(i), jnp.zeros(4, jnp.float32))
+
+    def body(i, acc):
+        sums, d_h, d_kernel, d_bias = acc
+        b_sums, b_h, b_kernel, b_bias = block(i)
+        return (sums + b_sums, jax.lax.dynamic_update_slice_in_dim(d_h, b_h, i * R, 0),
+                d_kernel + b_kernel, d_bias + b_bias)
+
+    init = (jnp.zeros(4, jnp.float32), jnp.zeros((n_blocks_max * R, H), jnp.float32),
+            jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+    sums, d_h, d_kernel, d_bias = jax.lax.fori_loop(0, n_blocks, body, init)
+    return sums, jnp.take(d_h[:N], jnp.argsort(perm), axis=0), d_kernel, d_bias  # original row order
+
+
 def _blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad):
-    """h [B, T, H] etc.; `chunk` time steps per block (0 = all at once)."""
+    """h [B, T, H] etc.; `chunk` time steps per block (0 = all at once, padding rows skipped)."""
     B, T, H = h.shape
     if chunk <= 0 or chunk >= T:
-        out = _score(h.reshape(B * T, H), kernel, bias, y.reshape(-1), w.reshape(-1), eps, dtype, with_grad)
+        out = _compacted(h.reshape(B * T, H), kernel, bias, y.reshape(-1), w.reshape(-1), eps, dtype, with_grad)
         if not with_grad:
             return out
         sums, d_h, d_kernel, d_bias = out
