@@ -119,15 +119,15 @@ def select_carry(mask: Array, new, old):
 
 @jax.custom_vjp
 def reverse_within_length(x: Array, lengths: Array) -> Array:
-    """x [B, T, ...] with each row's first lengths[b] steps reversed; padding stays in place.
+    """Time-major x [T, B, ...] with each column's first lengths[b] steps reversed; padding stays.
 
     The permutation is its own inverse, so the backward pass is the same gather (autodiff would
     emit a scatter-add, which XLA:CPU runs element by element).
     """
-    t = jnp.arange(x.shape[1])[None, :]  # [1, T]
-    idx = jnp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # [B, T]
+    t = jnp.arange(x.shape[0])[:, None]  # [T, 1]
+    idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # [T, B]
     idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, idx, axis=1)
+    return jnp.take_along_axis(x, idx, axis=0)
 
 
 def _reverse_fwd(x, lengths):
@@ -266,30 +266,27 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, initial=None, dtype=jnp.float32,
               unroll: int = 1):
-    """A (bi)directional recurrent layer over x [B, T, D] with right padding.
+    """A (bi)directional recurrent layer over time-major x [T, B, D] with right padding.
 
     Direction 1 (if present) reads each sequence backwards within its own length, in the same
     scan as direction 0 (stacked weights, one batched matmul per step), so a bidirectional
-    layer costs T sequential steps, not 2T.
-    Returns outputs [B, T, K·H] (zero at padded steps; direction 0 first) and the final carry
-    (per direction, stacked [K, B, H]; the state at each row's last real step).
+    layer costs T sequential steps, not 2T. The input projection of both directions is one
+    [T·B, D] × [D, K·G·H] matmul before the scan; the backward direction's part is then reversed
+    within each length (a projection commutes with reordering the steps).
+    Returns outputs [T, B, K·H] (zero at padded steps; direction 0 first) and the final carry
+    (per direction, stacked [K, B, H]; the state at each column's last real step).
     """
-    K = params["recurrent_kernel"].shape[0]
-    B, T, _ = x.shape
+    K, H, G = params["recurrent_kernel"].shape
+    T, B, D = x.shape
+    xp = matmul(x, params["input_kernel"].reshape(D, K * G), dtype).reshape(T, B, K, G) + params["bias"]
     if K == 1:
-        xs = x[:, None]  # [B, 1, T, D]
+        xp = xp[:, None, :, 0]  # [T, 1, B, G]
     else:
-        xs = jnp.stack([x, reverse_within_length(x, lengths)], axis=1)  # [B, 2, T, D]
-    # Hoisted input projection for all steps and directions: [T, K, B, G·H], time-major.
-    xp = jnp.einsum("bktd,dkg->tkbg", xs.astype(dtype), params["input_kernel"].astype(dtype),
-                    preferred_element_type=jnp.float32) + params["bias"][None, :, None, :]
+        xp = jnp.stack([xp[:, :, 0], reverse_within_length(xp[:, :, 1], lengths)], axis=1)  # [T, 2, B, G]
     mask = (jnp.arange(T)[:, None] < lengths[None, :])[:, None, :, None]  # [T, 1, B, 1]
-    w_hh = params["recurrent_kernel"]
-    b_hh = params.get("recurrent_bias")
     if initial is None:
-        H = w_hh.shape[1]
         initial = initial_carry(cell, xp[0, :, :, :H])  # [K, B, H]
-    ys, final = _recurrence(cell, jnp.dtype(dtype).name, unroll, xp, w_hh, b_hh, mask, initial)  # [T, K, B, H]
-    ys = jnp.transpose(ys, (1, 2, 0, 3))  # [K, B, T, H]
-    outs = [ys[0]] if K == 1 else [ys[0], reverse_within_length(ys[1], lengths)]
+    ys, final = _recurrence(cell, jnp.dtype(dtype).name, unroll, xp, params["recurrent_kernel"],
+                            params.get("recurrent_bias"), mask, initial)  # [T, K, B, H]
+    outs = [ys[:, 0]] if K == 1 else [ys[:, 0], reverse_within_length(ys[:, 1], lengths)]
     return jnp.concatenate(outs, axis=-1), final

@@ -128,7 +128,9 @@ class Decoder(nn.Module):
         x = embedded
         for i, layer in enumerate(layers):
             carry = jax.tree.map(lambda a: a[None], state["layers"][i])
-            y, _ = run_layer(layer, cfg.cell, x, lengths, initial=carry, dtype=dtype, unroll=cfg.unroll)
+            y, _ = run_layer(layer, cfg.cell, jnp.swapaxes(x, 0, 1), lengths, initial=carry, dtype=dtype,
+                             unroll=cfg.unroll)
+            y = jnp.swapaxes(y, 0, 1)
             if cfg.residual and i > 0:
                 y = y + x
             if train and i + 1 < L:

@@ -20,7 +20,7 @@ def merge_directions(cell: str, carry):
 
 
 class Encoder(nn.Module):
-    """embedded source [B, S, E] -> memory [B, S, H], per-layer final carries ([B, H] each).
+    """embedded source [S, B, E] (time-major) -> memory [B, S, H], per-layer final carries ([B, H] each).
 
     Bidirectional layers have H/2 units per direction (OpenNMT's `brnn`), so the memory and the
     final states have the decoder's size H whatever the direction count. Dropout on the
@@ -40,7 +40,8 @@ class Encoder(nn.Module):
 
     def __call__(self, embedded: Array, lengths: Array, row_ids: Array | None = None,
                  deterministic: bool = True):
-        """row_ids [B]: global row index of each example, for batch-split-invariant dropout."""
+        """embedded: time-major [S, B, E]. row_ids [B]: global row index of each example, for
+        batch-split-invariant dropout. Returns memory [B, S, H] (zero at padding) and the finals."""
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         train = not deterministic and cfg.dropout > 0
@@ -48,10 +49,13 @@ class Encoder(nn.Module):
         x = embedded
         finals = []
         for i, layer in enumerate(self.layers):
-            if train:  # on the embeddings (i = 0) and between layers
-                x = x * row_dropout_mask(jax.random.fold_in(key, i), cfg.dropout, row_ids, x.shape[1:])
+            if train:  # on the embeddings (i = 0) and between layers; drawn per row, [B, S, D]
+                keep = row_dropout_mask(jax.random.fold_in(key, i), cfg.dropout, row_ids,
+                                        (x.shape[0], x.shape[2]))
+                x = x * jnp.swapaxes(keep, 0, 1)
             y, final = run_layer(layer(), cfg.cell, x, lengths, dtype=dtype, unroll=cfg.unroll)
             x = y + x if (cfg.residual and i > 0) else y
             finals.append(merge_directions(cfg.cell, final))
+        x = jnp.swapaxes(x, 0, 1)  # [B, S, H]
         mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
         return jnp.where(mask[..., None], x, 0.0), finals

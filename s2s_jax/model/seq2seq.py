@@ -86,7 +86,7 @@ class Seq2Seq(nn.Module):
     def encode(self, source: Array, source_lengths: Array, deterministic: bool = True,
                row_ids: Array | None = None) -> dict:
         """source [B, S] int32 -> decoding cache: memory/keys [B, S, H], mask [B, S], state."""
-        emb = jnp.take(self._source_table(), source, axis=0)
+        emb = jnp.take(self._source_table(), source.T, axis=0)  # time-major [S, B, E]
         memory, finals = self.encoder(emb, source_lengths, row_ids, deterministic=deterministic)
         mask = jnp.arange(source.shape[1])[None, :] < source_lengths[:, None]
         keys = self.decoder.project_keys(memory)
