@@ -78,13 +78,13 @@ class Decoder(nn.Module):
 
     def __call__(self, embedded: Array, state, memory: Array, keys: Array, mask: Array,
                  row_ids: Array | None = None, deterministic: bool = True):
-        """Teacher-forced decoding of embedded targets [B, T, E].
+        """Teacher-forced decoding of embedded targets, time-major [T, B, E].
 
         Returns (attentional hidden [B, T, H] float32, attention weights [B, T, S] or None).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        B, T, _ = embedded.shape
+        T, B, _ = embedded.shape
         H, L, S = cfg.hidden_dim, cfg.decoder_layers, memory.shape[1]
         train = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0)
         masks = None
@@ -103,7 +103,7 @@ class Decoder(nn.Module):
         layers = [layer() for layer in self.layers] if not cfg.input_feeding else None
 
         if cfg.input_feeding:
-            gx0 = matmul(jnp.swapaxes(embedded, 0, 1), W.pop("w_emb"), dtype) + W["layer0_bias"]
+            gx0 = matmul(embedded, W.pop("w_emb"), dtype) + W["layer0_bias"]  # [T, B, G·H]
             W.update(memory=memory, keys=keys)
             # Products with loop-invariant arrays go through the tape, so their gradients are
             # formed after the loop (model/scan.py); the rest is differentiated as usual.
@@ -125,17 +125,16 @@ class Decoder(nn.Module):
 
         # No input feeding: hoisted per-layer scans, then attention over all steps at once.
         lengths = jnp.full((B,), T, jnp.int32)  # right padding: later steps never affect earlier ones
-        x = embedded
+        x = embedded  # time-major through the layers
         for i, layer in enumerate(layers):
             carry = jax.tree.map(lambda a: a[None], state["layers"][i])
-            y, _ = run_layer(layer, cfg.cell, jnp.swapaxes(x, 0, 1), lengths, initial=carry, dtype=dtype,
-                             unroll=cfg.unroll)
-            y = jnp.swapaxes(y, 0, 1)
+            y, _ = run_layer(layer, cfg.cell, x, lengths, initial=carry, dtype=dtype, unroll=cfg.unroll)
             if cfg.residual and i > 0:
                 y = y + x
             if train and i + 1 < L:
-                y = y * jnp.swapaxes(masks["between"][:, i], 0, 1)
+                y = y * masks["between"][:, i]
             x = y
+        x = jnp.swapaxes(x, 0, 1)  # [B, T, H]
         weights = None
         if cfg.attention != "none":
             am = None if not train else jnp.swapaxes(masks["attention"][:, :, 0, :], 0, 1)  # [B, T, S]

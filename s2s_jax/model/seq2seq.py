@@ -103,10 +103,11 @@ class Seq2Seq(nn.Module):
         if row_ids is None:
             row_ids = jnp.arange(source.shape[0])
         cache = self.encode(source, source_lengths, deterministic, row_ids)
-        emb = jnp.take(self.target_embedding, target_input, axis=0)
+        emb = jnp.take(self.target_embedding, target_input.T, axis=0)  # time-major [T, B, E]
         if not deterministic and self.config.dropout > 0:
             key = self.make_rng("dropout")
-            emb = emb * row_dropout_mask(key, self.config.dropout, row_ids, emb.shape[1:])
+            T, _, E = emb.shape
+            emb = emb * jnp.swapaxes(row_dropout_mask(key, self.config.dropout, row_ids, (T, E)), 0, 1)
         return self.decoder(emb, cache["state"], cache["memory"], cache["keys"], cache["mask"],
                             row_ids, deterministic=deterministic)
 
