@@ -84,6 +84,10 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
     grads, sums = _psum((grads, sums), axis_name)
     weight = jnp.maximum(sums["weight"], 1.0)
     grad_norm = optax.global_norm(jax.tree.map(lambda g: g / weight, grads))  # of the mean gradient
+    # mean and clip_by_global_norm(train.clip_norm) as one scalar, fused into the optimizer's pass
+    scale = 1.0 / weight
+    if tc.clip_norm > 0:
+        scale = scale * jnp.where(grad_norm < tc.clip_norm, 1.0, tc.clip_norm / grad_norm)
     lr = learning_rate_fn(tc)(state.step) * state.lr_scale
     # Non-finite guard: a step with a non-finite loss, gradient or learning rate is skipped (the
     # state is untouched but for the counters). A finite loss and gradient give a finite clipped
@@ -94,8 +98,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
 
     def update(params, opt_state, ema):
-        mean_grads = jax.tree.map(lambda g: g / weight, grads)
-        updates, opt_state = build_optimizer(tc).update(mean_grads, opt_state, params)
+        clipped = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        updates, opt_state = build_optimizer(tc, clip=False).update(clipped, opt_state, params)
         params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
         if ema is not None:
             d = tc.ema_decay

@@ -46,11 +46,18 @@ def learning_rate_fn(cfg: TrainConfig):
     return fn
 
 
-def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The direction of the update (before -lr): clipping, then Adam/AdamW/SGD."""
+def build_optimizer(cfg: TrainConfig, *, clip: bool = True) -> optax.GradientTransformation:
+    """The direction of the update (before -lr): clipping, then Adam/AdamW/SGD.
+
+    clip=False puts `optax.identity()` where the clipping goes (the same optimizer-state tree, so
+    checkpoints do not care), for a caller that clips by scaling the gradient itself:
+    `train_step` folds the clip factor and 1/token-count into one scalar that XLA fuses into the
+    Adam pass, where optax's clip_by_global_norm materialises the clipped gradient first
+    (measured on bench_cpu's 8.4M parameters: 30 ms for clip + Adam against 9 ms for Adam).
+    """
     parts = []
     if cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm) if clip else optax.identity())
     if cfg.optimizer in ("adam", "adamw"):
         parts.append(optax.scale_by_adam())
         if cfg.optimizer == "adamw" and cfg.weight_decay > 0:

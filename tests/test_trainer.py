@@ -191,6 +191,33 @@ def test_sgd_step_is_params_minus_lr_times_smoothed_gradient_with_fold_in_dropou
     assert float(ev["loss"]) == float(ev["nll"])
 
 
+@pytest.mark.parametrize("clip", [1e-3, 1e3])  # clipping active / inactive
+def test_adam_step_with_clipping_equals_the_optax_chain(clip):
+    """train_step clips by one scalar fused into the update; it must equal optax's
+    clip_by_global_norm + Adam (build_optimizer(clip=True)) applied to the mean gradient."""
+    s = Setup(optimizer="adam", learning_rate=0.01, clip_norm=clip)
+    batch = make_batch()
+    new, m = s.step(s.state, batch)
+    key = jax.random.fold_in(jax.random.wrap_key_data(s.state.rng), 0)
+
+    def mean_loss(p):
+        out = steps.loss_sums(p, batch, model=s.model, config=s.config, rng=key,
+                              row_ids=jnp.arange(batch["source"].shape[0]))
+        return out["loss"] / out["weight"]
+
+    grads = jax.jit(jax.grad(mean_loss))(s.state.params)
+    norm = float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
+    assert float(m["grad_norm"]) == pytest.approx(norm, rel=1e-5)
+    assert (norm > clip) == (clip < 1)  # the case is the one intended
+    tx = build_optimizer(s.config.train)  # optax's own clipping
+    updates, opt_state = tx.update(grads, tx.init(s.state.params), s.state.params)
+    expected = jax.tree.map(lambda p, u: p - 0.01 * u, s.state.params, updates)
+    for got, want in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(opt_state)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
 def test_ema_is_used_for_eval_and_follows_its_formula(main):
     new, _ = main.step(main.state, make_batch())
     d = main.config.train.ema_decay
