@@ -65,54 +65,12 @@ def greedy_search(
     """
     _check_sizes(batch_size=batch_size, max_len=max_len)
     limits = _length_limits(max_lengths, batch_size, max_len)  # [B]
-    first_tokens = jnp.full((batch_size,), bos_id, jnp.int32)
-    _, source_len = _probe(step_fn, first_tokens, cache)
-    has_attention = source_len is not None
-
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "previous": first_tokens,  # [B]
-        "cache": cache,
-        "tokens": jnp.full((batch_size, max_len), PAD_ID, jnp.int32),
-        "lengths": jnp.zeros((batch_size,), jnp.int32),
-        "scores": jnp.zeros((batch_size,), jnp.float32),
-        "finished": jnp.zeros((batch_size,), bool),
-    }
-    if has_attention:
-        state["attention"] = jnp.zeros((batch_size, max_len, source_len), jnp.float32)
-
-    def cond(state):
-        return (state["step"] < max_len) & ~jnp.all(state["finished"])
-
-    def body(state):
-        i = state["step"]
-        logits, cache, attention = step_fn(state["previous"], state["cache"])
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
-        log_probs = _force_eos(log_probs, i >= limits - 1, eos_id)
-        live = ~state["finished"]
-        token = jnp.where(live, jnp.argmax(log_probs, axis=-1).astype(jnp.int32), PAD_ID)
-        token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
-        new_state = {
-            "step": i + 1,
-            "previous": token,
-            "cache": cache,
-            "tokens": state["tokens"].at[:, i].set(token),
-            "lengths": state["lengths"] + live.astype(jnp.int32),
-            "scores": state["scores"] + jnp.where(live, token_log_prob, 0.0),
-            "finished": state["finished"] | (token == eos_id),
-        }
-        if has_attention:
-            step_attention = jnp.where(live[:, None], attention.astype(jnp.float32), 0.0)
-            new_state["attention"] = state["attention"].at[:, i].set(step_attention)
-        return new_state
-
-    state = lax.while_loop(cond, body, state)
-    return {
-        "tokens": state["tokens"],
-        "lengths": state["lengths"],
-        "scores": state["scores"],
-        "attention": state.get("attention"),
-    }
+    _, source_len = _probe(step_fn, jnp.full((batch_size,), bos_id, jnp.int32), cache)
+    ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id)
+    return _run_slots(ops, lambda tokens, rows, _: step_fn(tokens, rows), cache, None, slots=batch_size,
+                      queue_size=batch_size, num_sentences=batch_size, limits=limits,
+                      source_lengths=jnp.full((batch_size,), source_len or 1, jnp.int32),
+                      source_len=source_len, max_len=max_len, refill=0)
 
 
 def beam_search(
@@ -166,94 +124,343 @@ def beam_search(
       entries have score -inf, length 0 and PAD tokens.
     """
     _check_sizes(batch_size=batch_size, max_len=max_len, beam_size=beam_size, nbest=nbest)
-    num_beams, num_best = beam_size, nbest
     limits = _length_limits(max_lengths, batch_size, max_len)  # [B]
-    # Row b*K + k is beam k of sentence b.
-    cache = jax.tree.map(lambda leaf: jnp.repeat(leaf, num_beams, axis=0), cache)
+    tiled = jax.tree.map(lambda leaf: jnp.repeat(leaf, beam_size, axis=0), cache)
     vocab_size, source_len = _probe(
-        step_fn, jnp.full((batch_size * num_beams,), bos_id, jnp.int32), cache
+        step_fn, jnp.full((batch_size * beam_size,), bos_id, jnp.int32), tiled
     )
-    has_attention = source_len is not None
-    if not has_attention and not _is_zero(coverage_penalty):
-        raise ValueError(
-            "coverage_penalty needs attention weights, but the step function returns None for "
-            "them; set coverage_penalty to 0."
-        )
-    if has_attention:
-        positions = jnp.arange(source_len)[None, None, :]
-        if source_lengths is None:
-            source_mask = jnp.ones((batch_size, 1, source_len), bool)  # [B, 1, S]
-        else:
-            source_lengths = jnp.asarray(source_lengths, jnp.int32).reshape(batch_size)
-            source_mask = positions < source_lengths[:, None, None]  # [B, 1, S]
-    # Keeping 2K candidates leaves K non-EOS ones even if K of them end in EOS.
-    num_candidates = min(2 * num_beams, num_beams * vocab_size)
-    candidate_rank = jnp.arange(num_candidates)
+    ops = _Beam(beam_size=beam_size, nbest=nbest, vocab_size=vocab_size, max_len=max_len,
+                source_len=source_len, length_penalty=length_penalty,
+                coverage_penalty=coverage_penalty, bos_id=bos_id, eos_id=eos_id)
+    source_lengths = _source_lengths(source_lengths, batch_size, source_len)
+    return _run_slots(ops, lambda tokens, rows, _: step_fn(tokens, rows), cache, None, slots=batch_size,
+                      queue_size=batch_size, num_sentences=batch_size, limits=limits,
+                      source_lengths=source_lengths, source_len=source_len, max_len=max_len, refill=0)
 
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "cache": cache,
-        "alive_last": jnp.full((batch_size, num_beams), bos_id, jnp.int32),
-        "alive_tokens": jnp.full((batch_size, num_beams, max_len), PAD_ID, jnp.int32),
-        # Only beam 0 is live at first, so the first step cannot fill the beam with K copies of
-        # the same hypothesis.
-        "alive_log_probs": jnp.tile(
-            jnp.where(jnp.arange(num_beams) == 0, 0.0, _NEG_INF).astype(jnp.float32),
-            (batch_size, 1),
-        ),
-        "finished_tokens": jnp.full((batch_size, num_best, max_len), PAD_ID, jnp.int32),
-        "finished_lengths": jnp.zeros((batch_size, num_best), jnp.int32),
-        "finished_scores": jnp.full((batch_size, num_best), _NEG_INF, jnp.float32),
-        "finished_log_probs": jnp.full((batch_size, num_best), _NEG_INF, jnp.float32),
-        "finished_flags": jnp.zeros((batch_size, num_best), bool),
-        "done": jnp.zeros((batch_size,), bool),
-    }
-    if has_attention:
-        attention_shape = (max_len, source_len)
-        state["alive_attention"] = jnp.zeros((batch_size, num_beams, *attention_shape))
-        state["alive_coverage"] = jnp.zeros((batch_size, num_beams, source_len))
-        state["finished_attention"] = jnp.zeros((batch_size, num_best, *attention_shape))
 
-    def cond(state):
-        return (state["step"] < max_len) & ~jnp.all(state["done"])
+# ContextStepFn(tokens [N] int32, state (pytree, leading dim N; follows the beams), context
+# (pytree, leading dim N; the same for every beam of a sentence, never reordered)) ->
+# (logits [N, V], new state, attention [N, S] or None).
+ContextStepFn = Callable[[jax.Array, Any, Any], "tuple[jax.Array, Any, jax.Array | None]"]
 
-    def body(state):
-        i = state["step"]
-        logits, cache, attention = step_fn(
-            state["alive_last"].reshape(batch_size * num_beams), state["cache"]
-        )
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        log_probs = log_probs.reshape(batch_size, num_beams, vocab_size)
-        log_probs = _force_eos(log_probs, (i >= limits - 1)[:, None], eos_id)
 
+def continuous_search(
+    step_fn: ContextStepFn,
+    state: Any,
+    context: Any,
+    *,
+    num_sentences: jax.Array | int,
+    slots: int,
+    beam_size: int = 1,
+    max_lengths: jax.Array | None,
+    max_len: int,
+    length_penalty: float = 0.0,
+    coverage_penalty: float = 0.0,
+    source_lengths: jax.Array | None = None,
+    nbest: int = 1,
+    refill: int | None = None,
+    bos_id: int = BOS_ID,
+    eos_id: int = EOS_ID,
+) -> dict[str, jax.Array | None]:
+    """Greedy (beam_size 1) or beam search of a queue of Q sentences through P decoding slots.
+
+    Every sentence gets exactly the search `greedy_search` / `beam_search` would give it (same
+    tokens, lengths and scores, same output layout with Q for B), but a slot whose sentence has
+    finished is refilled with the next queue sentence at the same step, so no step computes rows
+    of finished sentences and a batch never waits for its longest sentence. Put the longest
+    sentences first in the queue: the loop ends with the last ones, and short ones finish fast.
+
+    Args:
+      step_fn: see `ContextStepFn`; called with P*K rows, row p*K + k being beam k of slot p.
+      state: per-sentence decoder state, leading dim Q (tiled to K rows when a sentence starts,
+        then reordered with its beams).  context: per-sentence step inputs that never change
+        (e.g. encoder memory), leading dim Q, or None.
+      num_sentences: how many queue entries (the first ones) to decode; may be traced. Entries
+        after it are not decoded and their results are zeros.
+      slots: P (static).  refill: most slots refilled in one step (static; default P // 8,
+        at least 1); further free slots wait a step.
+      Other arguments as `beam_search` with Q for B (greedy ignores the penalties).
+
+    Returns:
+      `greedy_search`'s dict (beam_size 1) or `beam_search`'s dict, leading dim Q.
+    """
+    leaves = jax.tree.leaves(state)
+    if not leaves:
+        raise ValueError("state must have at least one array (leading dim = queue size).")
+    queue_size = leaves[0].shape[0]
+    _check_sizes(slots=slots, max_len=max_len, beam_size=beam_size, nbest=nbest)
+    refill = max(1, slots // 8) if refill is None else refill
+    _check_sizes(refill=refill)
+    limits = _length_limits(max_lengths, queue_size, max_len)
+    rows = slots * beam_size
+    probe_rows = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((rows, *leaf.shape[1:]), leaf.dtype),
+                              (state, context))
+    vocab_size, source_len = _probe(lambda t, sc: step_fn(t, *sc), jnp.full((rows,), bos_id, jnp.int32),
+                                    probe_rows)
+    if beam_size == 1:
+        ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id)
+    else:
+        ops = _Beam(beam_size=beam_size, nbest=nbest, vocab_size=vocab_size, max_len=max_len,
+                    source_len=source_len, length_penalty=length_penalty,
+                    coverage_penalty=coverage_penalty, bos_id=bos_id, eos_id=eos_id)
+    return _run_slots(ops, step_fn, state, context, slots=slots, queue_size=queue_size,
+                      num_sentences=jnp.minimum(jnp.asarray(num_sentences, jnp.int32), queue_size),
+                      limits=limits, source_lengths=_source_lengths(source_lengths, queue_size, source_len),
+                      source_len=source_len, max_len=max_len, refill=refill)
+
+
+# ------------------------------------------------------------------ the search, slot by slot
+#
+# Both searches run one `lax.while_loop` over a pool of P decoding slots (K rows each). A slot
+# holds one sentence's search ("search" below: per-slot arrays of the greedy or beam state) and
+# its K rows of decoder state ("rows", reordered along beams) and of per-sentence context
+# ("context", fixed, e.g. encoder memory). The plain searches fill every slot once (P = B).
+# The continuous searches take sentences from a queue of Q >= P: when a slot's sentence
+# finishes, its result is written out and the slot is refilled from the queue at the same step,
+# so no step computes rows of a sentence that has already finished.
+
+
+class _Search:
+    """The per-slot part of a search (greedy or beam): how to start, advance and read out."""
+
+    num_beams: int
+
+    def fresh(self, n: int) -> dict:
+        """Search state of n new slots (every leaf has leading dim n)."""
+        raise NotImplementedError
+
+    def advance(self, search, logits, attention, limits, source_mask):
+        """One step -> (search, parent [P, K] int (rows to follow) or None, stopped [P] bool)."""
+        raise NotImplementedError
+
+    def result(self, search) -> dict:
+        """Per-slot results (leading dim P) in decoding.py's output layout."""
+        raise NotImplementedError
+
+
+def _run_slots(search_ops: _Search, step_fn, state, context, *, slots, queue_size, num_sentences,
+               limits, source_lengths, source_len, max_len, refill):
+    """Decodes `num_sentences` sentences of a queue through `slots` slots -> results [Q, ...].
+
+    state/context: pytrees with leading dim Q (per sentence); limits, source_lengths [Q].
+    With queue_size == slots and refill == 0 (the plain searches) every slot is filled once and
+    the loop runs until every slot has stopped or max_len steps have passed.
+    """
+    K = search_ops.num_beams
+    P, Q = slots, queue_size
+    continuous = refill > 0
+
+    def tile(tree):
+        return jax.tree.map(lambda leaf: jnp.repeat(leaf, K, axis=0), tree)
+
+    def source_mask_of(lengths):  # [P] -> [P, 1, S]
+        if source_len is None:
+            return None
+        return jnp.arange(source_len)[None, None, :] < lengths[:, None, None]
+
+    if not continuous:
+        loop = {"search": search_ops.fresh(P), "rows": tile(state), "context": tile(context),
+                "limits": limits, "source_lengths": source_lengths, "step": jnp.zeros((), jnp.int32),
+                "stopped": jnp.zeros((P,), bool)}
+    else:
+        def zeros_rows(tree):
+            return jax.tree.map(lambda leaf: jnp.zeros((P * K, *leaf.shape[1:]), leaf.dtype), tree)
+
+        empty_results = jax.eval_shape(search_ops.result, search_ops.fresh(Q))
+        loop = {"search": search_ops.fresh(P), "rows": zeros_rows(state), "context": zeros_rows(context),
+                "limits": jnp.ones((P,), jnp.int32), "source_lengths": jnp.ones((P,), jnp.int32),
+                "step": jnp.zeros((), jnp.int32),
+                "sentence": jnp.full((P,), Q, jnp.int32),  # queue index of each slot's sentence; Q = idle
+                "next": jnp.zeros((), jnp.int32), "emitted": jnp.zeros((), jnp.int32),
+                "results": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), empty_results)}
+
+    def fill(loop, slot_ids, sentence_ids):
+        """Starts queue sentences sentence_ids [M] in slots slot_ids [M] (index P = no-op)."""
+        take = jnp.minimum(sentence_ids, Q - 1)
+        row_ids = (slot_ids[:, None] * K + jnp.arange(K)[None, :]).reshape(-1)  # >= P*K: dropped
+
+        def put_rows(rows, queue):
+            return jax.tree.map(lambda r, q: r.at[row_ids].set(jnp.repeat(q[take], K, axis=0), mode="drop"),
+                                rows, queue)
+
+        loop = dict(loop)
+        loop["rows"] = put_rows(loop["rows"], state)
+        loop["context"] = put_rows(loop["context"], context)
+        loop["search"] = jax.tree.map(lambda s, f: s.at[slot_ids].set(f, mode="drop"), loop["search"],
+                                      search_ops.fresh(slot_ids.shape[0]))
+        loop["limits"] = loop["limits"].at[slot_ids].set(limits[take], mode="drop")
+        loop["source_lengths"] = loop["source_lengths"].at[slot_ids].set(source_lengths[take], mode="drop")
+        loop["sentence"] = loop["sentence"].at[slot_ids].set(sentence_ids, mode="drop")
+        return loop
+
+    if continuous:
+        first = jnp.arange(P, dtype=jnp.int32)
+        valid = first < num_sentences
+        loop = fill(loop, jnp.where(valid, first, P), jnp.where(valid, first, Q))
+        loop["next"] = jnp.minimum(num_sentences, P).astype(jnp.int32)
+
+    def cond(loop):
+        if not continuous:
+            return (loop["step"] < max_len) & ~jnp.all(loop["stopped"])
+        # Every sentence finishes within max_len steps of starting; the step bound is a guard.
+        return (loop["emitted"] < num_sentences) & (loop["step"] < (Q + 1) * max_len)
+
+    def body(loop):
+        search = loop["search"]
+        logits, rows, attention = step_fn(search["last"].reshape(P * K), loop["rows"], loop["context"])
+        search, parent, stopped = search_ops.advance(search, logits, attention, loop["limits"],
+                                                     source_mask_of(loop["source_lengths"]))
+        if parent is not None:
+            follow = (jnp.arange(P)[:, None] * K + parent).reshape(-1)
+            rows = jax.tree.map(lambda leaf: leaf[follow], rows)
+        loop = dict(loop, search=search, rows=rows, step=loop["step"] + 1)
+        if not continuous:
+            loop["stopped"] = stopped
+            return loop
+        finished = stopped & (loop["sentence"] < Q)  # [P]: write these out, free their slots
+        out_index = jnp.where(finished, loop["sentence"], Q)
+        loop["results"] = jax.tree.map(lambda r, v: r.at[out_index].set(v, mode="drop"), loop["results"],
+                                       search_ops.result(search))
+        loop["emitted"] = loop["emitted"] + jnp.sum(finished, dtype=jnp.int32)
+        loop["sentence"] = jnp.where(finished, Q, loop["sentence"])
+        # Refill up to `refill` idle slots (the rest wait a step) with the next queue sentences.
+        idle = loop["sentence"] >= Q
+        slot_ids = jnp.nonzero(idle, size=refill, fill_value=P)[0].astype(jnp.int32)
+        count = jnp.minimum(jnp.sum(idle, dtype=jnp.int32), num_sentences - loop["next"])
+        valid = jnp.arange(refill) < count
+        loop = fill(loop, jnp.where(valid, slot_ids, P),
+                    jnp.where(valid, loop["next"] + jnp.arange(refill, dtype=jnp.int32), Q))
+        loop["next"] = loop["next"] + jnp.clip(count, 0, refill).astype(jnp.int32)
+        return loop
+
+    loop = lax.while_loop(cond, body, loop)
+    return loop["results"] if continuous else search_ops.result(loop["search"])
+
+
+class _Greedy(_Search):
+    num_beams = 1
+
+    def __init__(self, *, max_len, source_len, bos_id, eos_id):
+        self.max_len, self.source_len, self.bos_id, self.eos_id = max_len, source_len, bos_id, eos_id
+
+    def fresh(self, n):
+        search = {
+            "last": jnp.full((n, 1), self.bos_id, jnp.int32),
+            "step": jnp.zeros((n,), jnp.int32),
+            "tokens": jnp.full((n, self.max_len), PAD_ID, jnp.int32),
+            "lengths": jnp.zeros((n,), jnp.int32),
+            "scores": jnp.zeros((n,), jnp.float32),
+            "finished": jnp.zeros((n,), bool),
+        }
+        if self.source_len is not None:
+            search["attention"] = jnp.zeros((n, self.max_len, self.source_len), jnp.float32)
+        return search
+
+    def advance(self, search, logits, attention, limits, source_mask):
+        step = search["step"]  # [B]
+        top, lse = _normaliser(logits)
+        log_probs = _log_probs(logits, top, lse, step >= limits - 1, jnp.arange(logits.shape[-1]), self.eos_id)
+        # argmax as max + first index reaching it: the same token as jnp.argmax (first maximum)
+        # at a fraction of the cost of XLA's CPU argmax reduction.
+        token_log_prob = jnp.max(log_probs, axis=-1)  # [B]
+        token = _first_index(log_probs == token_log_prob[:, None])
+        live = ~search["finished"]
+        token = jnp.where(live, token, PAD_ID)
+        at_step = jnp.arange(self.max_len)[None, :] == step[:, None]  # [B, T]
+        new = {
+            "last": token[:, None],
+            "step": step + 1,
+            "tokens": jnp.where(at_step, token[:, None], search["tokens"]),
+            "lengths": search["lengths"] + live.astype(jnp.int32),
+            "scores": search["scores"] + jnp.where(live, token_log_prob, 0.0),
+            "finished": search["finished"] | (token == self.eos_id),
+        }
+        if attention is not None:
+            step_attention = jnp.where(live[:, None], attention.astype(jnp.float32), 0.0)
+            new["attention"] = jnp.where(at_step[:, :, None], step_attention[:, None, :], search["attention"])
+        return new, None, new["finished"]
+
+    def result(self, search):
+        return {"tokens": search["tokens"], "lengths": search["lengths"], "scores": search["scores"],
+                "attention": search.get("attention")}
+
+
+class _Beam(_Search):
+    def __init__(self, *, beam_size, nbest, vocab_size, max_len, source_len, length_penalty,
+                 coverage_penalty, bos_id, eos_id):
+        has_attention = source_len is not None
+        if not has_attention and not _is_zero(coverage_penalty):
+            raise ValueError(
+                "coverage_penalty needs attention weights, but the step function returns None for "
+                "them; set coverage_penalty to 0."
+            )
+        self.num_beams, self.num_best, self.vocab_size = beam_size, nbest, vocab_size
+        self.max_len, self.source_len = max_len, source_len
+        self.length_penalty, self.coverage_penalty = length_penalty, coverage_penalty
+        self.bos_id, self.eos_id = bos_id, eos_id
+        # Keeping 2K candidates leaves K non-EOS ones even if K of them end in EOS.
+        self.num_candidates = min(2 * beam_size, beam_size * vocab_size)
+
+    def fresh(self, n):
+        K, N, T = self.num_beams, self.num_best, self.max_len
+        search = {
+            "step": jnp.zeros((n,), jnp.int32),
+            "last": jnp.full((n, K), self.bos_id, jnp.int32),
+            "alive_tokens": jnp.full((n, K, T), PAD_ID, jnp.int32),
+            # Only beam 0 is live at first, so the first step cannot fill the beam with K copies
+            # of the same hypothesis.
+            "alive_log_probs": jnp.tile(
+                jnp.where(jnp.arange(K) == 0, 0.0, _NEG_INF).astype(jnp.float32), (n, 1)
+            ),
+            "finished_tokens": jnp.full((n, N, T), PAD_ID, jnp.int32),
+            "finished_lengths": jnp.zeros((n, N), jnp.int32),
+            "finished_scores": jnp.full((n, N), _NEG_INF, jnp.float32),
+            "finished_log_probs": jnp.full((n, N), _NEG_INF, jnp.float32),
+            "finished_flags": jnp.zeros((n, N), bool),
+            "done": jnp.zeros((n,), bool),
+        }
+        if self.source_len is not None:
+            S = self.source_len
+            search["alive_attention"] = jnp.zeros((n, K, T, S), jnp.float32)
+            search["alive_coverage"] = jnp.zeros((n, K, S), jnp.float32)
+            search["finished_attention"] = jnp.zeros((n, N, T, S), jnp.float32)
+        return search
+
+    def advance(self, state, logits, attention, limits, source_mask):
+        K, V, T = self.num_beams, self.vocab_size, self.max_len
+        step = state["step"]  # [B]
+        batch_size = step.shape[0]
+        has_attention = self.source_len is not None
         # Every (parent beam, next token) extension, by the raw log-prob of the longer prefix.
-        extended = state["alive_log_probs"][:, :, None] + log_probs  # [B, K, V]
-        candidate_log_probs, flat_index = lax.top_k(
-            extended.reshape(batch_size, num_beams * vocab_size), num_candidates
+        candidate_log_probs, flat_index = _top_extensions(
+            state["alive_log_probs"], logits.reshape(batch_size, K, V), step >= limits - 1,
+            self.eos_id, self.num_candidates,
         )  # [B, C]
-        parent = flat_index // vocab_size  # [B, C]
-        token = (flat_index % vocab_size).astype(jnp.int32)  # [B, C]
-        candidate_tokens = _gather(state["alive_tokens"], parent).at[:, :, i].set(token)
+        parent = flat_index // V  # [B, C]
+        token = (flat_index % V).astype(jnp.int32)  # [B, C]
+        at_step = jnp.arange(T)[None, None, :] == step[:, None, None]  # [B, 1, T]
+        candidate_tokens = jnp.where(at_step, token[:, :, None], _gather(state["alive_tokens"], parent))
         if has_attention:
-            step_attention = attention.astype(jnp.float32).reshape(batch_size, num_beams, -1)
+            step_attention = attention.astype(jnp.float32).reshape(batch_size, K, -1)
             step_attention = _gather(step_attention, parent)  # [B, C, S]
-            candidate_attention = _gather(state["alive_attention"], parent)
-            candidate_attention = candidate_attention.at[:, :, i].set(step_attention)
+            candidate_attention = jnp.where(at_step[..., None], step_attention[:, :, None, :],
+                                            _gather(state["alive_attention"], parent))
             candidate_coverage = _gather(state["alive_coverage"], parent) + step_attention
 
         # Finished candidates: EOS within the top K, a real (finite) hypothesis, and a sentence
         # that has not stopped (a stopped sentence's n-best is final).
-        is_eos = token == eos_id
+        is_eos = token == self.eos_id
+        candidate_rank = jnp.arange(self.num_candidates)
         newly_finished = (
             is_eos
-            & (candidate_rank < num_beams)[None, :]
+            & (candidate_rank < K)[None, :]
             & jnp.isfinite(candidate_log_probs)
             & ~state["done"][:, None]
         )
-        candidate_scores = candidate_log_probs / _gnmt_length_penalty(i + 1, length_penalty)
+        candidate_scores = candidate_log_probs / _gnmt_length_penalty(step + 1, self.length_penalty)[:, None]
         if has_attention:
             candidate_scores = candidate_scores + _gnmt_coverage_penalty(
-                candidate_coverage, source_mask, coverage_penalty
+                candidate_coverage, source_mask, self.coverage_penalty
             )
         candidate_scores = jnp.where(newly_finished, candidate_scores, _NEG_INF)
 
@@ -261,15 +468,15 @@ def beam_search(
         # ones because empty ones have score -inf, so finished_flags stays sorted too.
         merged_flags = jnp.concatenate([state["finished_flags"], newly_finished], axis=1)
         merged_scores = jnp.concatenate([state["finished_scores"], candidate_scores], axis=1)
-        _, keep = lax.top_k(jnp.where(merged_flags, merged_scores, _NEG_INF), num_best)
+        _, keep = lax.top_k(jnp.where(merged_flags, merged_scores, _NEG_INF), self.num_best)
 
         def merge(name, candidate_value):
             merged = jnp.concatenate([state[name], candidate_value], axis=1)
             return _gather(merged, keep)
 
-        candidate_lengths = jnp.full(token.shape, i + 1, jnp.int32)
+        candidate_lengths = jnp.broadcast_to((step + 1)[:, None], token.shape).astype(jnp.int32)
         new_state = {
-            "step": i + 1,
+            "step": step + 1,
             "finished_tokens": merge("finished_tokens", candidate_tokens),
             "finished_lengths": merge("finished_lengths", candidate_lengths),
             "finished_scores": merge("finished_scores", candidate_scores),
@@ -280,14 +487,10 @@ def beam_search(
             new_state["finished_attention"] = merge("finished_attention", candidate_attention)
 
         # The K most probable candidates without EOS stay alive.
-        alive_log_probs, pick = lax.top_k(
-            jnp.where(is_eos, _NEG_INF, candidate_log_probs), num_beams
-        )  # [B, K]
+        alive_log_probs, pick = lax.top_k(jnp.where(is_eos, _NEG_INF, candidate_log_probs), K)  # [B, K]
         alive_parent = jnp.take_along_axis(parent, pick, axis=1)  # [B, K]
-        rows = (jnp.arange(batch_size)[:, None] * num_beams + alive_parent).reshape(-1)
-        new_state["cache"] = jax.tree.map(lambda leaf: leaf[rows], cache)
         new_state["alive_log_probs"] = alive_log_probs
-        new_state["alive_last"] = jnp.take_along_axis(token, pick, axis=1)
+        new_state["last"] = jnp.take_along_axis(token, pick, axis=1)
         new_state["alive_tokens"] = _gather(candidate_tokens, pick)
         if has_attention:
             new_state["alive_attention"] = _gather(candidate_attention, pick)
@@ -295,29 +498,100 @@ def beam_search(
 
         # Best score any live hypothesis could still reach: its log-prob can only fall, and the
         # length penalty is monotone in length, so the best case is at one end of the lengths
-        # it may still finish at (i+2 .. limit); with alpha >= 0 that is the limit.
+        # it may still finish at (step+2 .. limit); with alpha >= 0 that is the limit.
         best_alive = alive_log_probs[:, 0]
         bound = jnp.maximum(
-            best_alive / _gnmt_length_penalty(i + 2, length_penalty),
-            best_alive / _gnmt_length_penalty(limits, length_penalty),
+            best_alive / _gnmt_length_penalty(step + 2, self.length_penalty),
+            best_alive / _gnmt_length_penalty(limits, self.length_penalty),
         )
         nbest_full = new_state["finished_flags"][:, -1]
         cannot_improve = nbest_full & (new_state["finished_scores"][:, -1] >= bound)
         new_state["done"] = state["done"] | ~jnp.isfinite(best_alive) | cannot_improve
-        return new_state
+        return new_state, alive_parent, new_state["done"]
 
-    state = lax.while_loop(cond, body, state)
-    flags = state["finished_flags"]
-    result = {
-        "tokens": jnp.where(flags[:, :, None], state["finished_tokens"], PAD_ID),
-        "lengths": jnp.where(flags, state["finished_lengths"], 0),
-        "scores": state["finished_scores"],
-        "log_probs": jnp.where(flags, state["finished_log_probs"], _NEG_INF),
-        "attention": None,
-    }
-    if has_attention:
-        result["attention"] = jnp.where(flags[:, :, None, None], state["finished_attention"], 0.0)
-    return result
+    def result(self, state):
+        flags = state["finished_flags"]
+        result = {
+            "tokens": jnp.where(flags[:, :, None], state["finished_tokens"], PAD_ID),
+            "lengths": jnp.where(flags, state["finished_lengths"], 0),
+            "scores": state["finished_scores"],
+            "log_probs": jnp.where(flags, state["finished_log_probs"], _NEG_INF),
+            "attention": None,
+        }
+        if self.source_len is not None:
+            result["attention"] = jnp.where(flags[:, :, None, None], state["finished_attention"], 0.0)
+        return result
+
+
+def _normaliser(logits):
+    """logits [..., V] -> (max, log-sum-exp of logits - max), both [..., 1], as jax.nn.log_softmax
+    computes them, so that log_softmax = (logits - max) - lse can be formed where it is needed."""
+    logits = logits.astype(jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    return top, jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+
+
+def _log_probs(logits, top, lse, force, token_ids, eos_id):
+    """log_softmax of logits [..., n] (n of the V tokens, ids token_ids broadcastable to it) with
+    every token but EOS masked out where force [...] is set. Elementwise, so XLA fuses it into
+    its consumers instead of storing [rows, V] log-probs."""
+    log_probs = (logits.astype(jnp.float32) - top) - lse
+    return jnp.where(force[..., None] & (token_ids != eos_id), _NEG_INF, log_probs)
+
+
+def _first_index(mask):
+    """mask [..., V] bool -> [...] int32, the first True position (V if none). A float max
+    reduction (exact for V < 2**24) vectorises on CPU where an int argmin/argmax does not."""
+    positions = jnp.arange(mask.shape[-1], dtype=jnp.float32)
+    return (-jnp.max(jnp.where(mask, -positions, -jnp.inf), axis=-1)).astype(jnp.int32)
+
+
+# Logit rows are cut into chunks of this many tokens for the beam's candidate selection.
+_CHUNK_SIZES = (64, 80, 100, 50, 128, 125, 40, 32)
+
+
+def _top_extensions(alive_log_probs, logits, force, eos_id, num_candidates):
+    """The C best one-token extensions of K live hypotheses.
+
+    alive_log_probs [B, K], logits [B, K, V], force [B] (only EOS allowed) -> (values [B, C],
+    flat index [B, C] = k * V + token) of the C largest alive_log_probs[b, k] + log_softmax(
+    logits[b, k])[token], exactly as lax.top_k over the flattened [B, K*V] values gives them
+    (highest first, lower flat index first among equal values).
+
+    For a large V it never forms the [B, K, V] values: each row is cut into chunks, and only the
+    C chunks with the highest maxima can hold a row's C best entries (an entry outside them is
+    beaten by each of those C chunk maxima, or tied with a maximum at a lower index), so top_k
+    runs over K*C chunks instead of K*V tokens. The chunks are taken in position order, so
+    ties still go to the lower index.
+    """
+    B, K, V = logits.shape
+    top, lse = _normaliser(logits)  # [B, K, 1]
+    force = force[:, None]  # [B, 1]
+
+    def extended(x, token_ids):
+        return alive_log_probs[:, :, None] + _log_probs(x, top, lse, force, token_ids, eos_id)
+
+    chunk = next((c for c in _CHUNK_SIZES if V % c == 0 and V // c >= 4 * num_candidates), None)
+    if chunk is None:
+        values = extended(logits, jnp.arange(V))
+        return lax.top_k(values.reshape(B, K * V), num_candidates)
+    n_chunks = V // chunk
+    chunk_max = jnp.max(extended(logits, jnp.arange(V)).reshape(B, K, n_chunks, chunk), axis=-1)
+    _, chunks = lax.top_k(chunk_max, num_candidates)  # [B, K, C]
+    chunks = jnp.sort(chunks, axis=-1)
+    token_ids = (chunks[..., None] * chunk + jnp.arange(chunk)).reshape(B, K, -1)  # [B, K, C*chunk]
+    picked = jnp.take_along_axis(logits.reshape(B, K, n_chunks, chunk), chunks[..., None], axis=2)
+    values = extended(picked.reshape(B, K, -1), token_ids).reshape(B, -1)
+    flat_ids = (jnp.arange(K)[None, :, None] * V + token_ids).reshape(B, -1)
+    best, position = lax.top_k(values, num_candidates)
+    return best, jnp.take_along_axis(flat_ids, position, axis=1)
+
+
+def _source_lengths(source_lengths, n, source_len):
+    """[n] int32 real source positions (all S when None; 1 when there is no attention)."""
+    if source_lengths is None:
+        return jnp.full((n,), source_len or 1, jnp.int32)
+    return jnp.asarray(source_lengths, jnp.int32).reshape(n)
 
 
 def _gnmt_length_penalty(length, alpha):
@@ -329,12 +603,6 @@ def _gnmt_coverage_penalty(coverage, source_mask, beta):
     """beta * sum over real source words of log(min(coverage, 1)); coverage [..., S]."""
     log_coverage = jnp.log(jnp.clip(coverage, _MIN_COVERAGE, 1.0))
     return beta * jnp.sum(jnp.where(source_mask, log_coverage, 0.0), axis=-1)
-
-
-def _force_eos(log_probs, force, eos_id):
-    """Masks every token but EOS where `force` ([...] bool, log_probs [..., V]) is set."""
-    not_eos = jnp.arange(log_probs.shape[-1]) != eos_id
-    return jnp.where(force[..., None] & not_eos, _NEG_INF, log_probs)
 
 
 def _gather(values, index):
