@@ -237,7 +237,6 @@ def _recurrence_bwd(cell, dtype, unroll, res, ct):
     else:
         hs, hn, acts = saved
         h_prev = shift(hs, initial)
-        H = hs.shape[-1]
 
         def body(dh, inp):
             a, n_h, hp, m, dy = inp
@@ -254,7 +253,6 @@ def _recurrence_bwd(cell, dtype, unroll, res, ct):
         d_initial, (d_x, d_h_side) = jax.lax.scan(body, d_final, (acts, hn, h_prev, mask, d_ys), reverse=True,
                                                   unroll=unroll)
         d_b_hh = d_h_side.sum((0, 2))
-        del H
     # the recurrent kernel's gradient, once, over all steps: Σ_t h_{t-1}ᵀ · dz_t
     d_w = jnp.einsum("tkbh,tkbg->khg", h_prev.astype(dtype), d_h_side.astype(dtype),
                      preferred_element_type=jnp.float32).astype(w_hh.dtype)
