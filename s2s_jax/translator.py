@@ -2,18 +2,20 @@
 
 Speed on CPU comes from doing little work and compiling few programs:
 
-* Sentences are sorted by length and cut into batches of `decode.batch_size` rows; every batch
-  has exactly that many rows (the last one is padded with one-token dummies that stop at once),
-  and the source length is padded up to a multiple of `LENGTH_MULTIPLE`, so a whole file needs
-  one or two compiled programs per (beam, nbest), reused by every batch and every Translator of
-  the same model (module-level cache).
-* The decoding loop is `lax.while_loop` (decoding.py): a batch stops as soon as every sentence
-  has finished, and each sentence at `decode.max_len_a * source_length + decode.max_len_b`.
-* The encoder runs once per batch. Encoder memory, attention keys and mask are closed over by
-  the step function instead of travelling in the search cache, so beam search reorders only the
-  small decoder state each step (not [B·K, S, H] tensors), and attention weights are produced
+* Continuous batching: sentences are sorted by length (longest first) and decoded through a
+  fixed pool of `decode.batch_size` slots (`decoding.continuous_search`); when a sentence
+  finishes, its slot takes the next sentence of the queue at the same step, so no step computes
+  rows of finished sentences and nothing waits for the longest sentence of a batch. A queue
+  holds up to `QUEUE_BATCHES` batches' worth of sentences (its size rounded up to a power of
+  two times the batch size, and the source length up to a multiple of `LENGTH_MULTIPLE`), so a
+  file needs one decode program per (beam, nbest) and queue size, reused by every queue and
+  every Translator of the same model (module-level cache).
+* The encoder runs once per batch of `decode.batch_size` sentences, before decoding. Encoder
+  memory, attention keys and mask travel as per-sentence context that beam search never
+  reorders (only the small decoder state follows the beams), and attention weights are produced
   only when asked for (plots) or needed (coverage penalty).
-* All batches are dispatched before any result is fetched, so host work overlaps device work.
+* Each sentence stops at `decode.max_len_a * source_length + decode.max_len_b` tokens.
+* All queues are dispatched before any result is fetched, so host work overlaps device work.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from s2s_jax.data.vocab import BOS_ID, EOS_ID
 from s2s_jax.model import Seq2Seq
 
 LENGTH_MULTIPLE = 16
+QUEUE_BATCHES = 16  # most sentences decoded by one continuous-batching call, in batches
 _DECODERS: dict = {}  # compiled decoders shared by all Translators: key -> jitted function
 
 
@@ -56,40 +59,45 @@ def pad_cache(cache: dict, length: int) -> dict:
     return out
 
 
-def decode(params, cache, source_lengths, max_lengths, *, model: Seq2Seq, config: Config, beam_size: int,
-           nbest: int, max_len: int, attention: bool) -> dict:
-    """Greedy (beam_size=1) or beam search of one encoded batch; un-jitted (see `Translator`).
+def encode_into(params, source, source_lengths, queue, start, *, model: Seq2Seq) -> dict:
+    """Encodes one batch (source [B, S]) into rows start..start+B of a queue's cache (leading dim
+    Q, S_all >= S source positions); jit it with the queue donated, so it is updated in place."""
+    cache = pad_cache(encode(params, source, source_lengths, model=model), queue["mask"].shape[1])
+    return jax.tree.map(lambda q, c: jax.lax.dynamic_update_slice_in_dim(q, c, start, axis=0), queue, cache)
 
-    cache: `encode`'s output for B sentences (S source positions); source_lengths [B];
-    max_lengths [B] (most output tokens, EOS included); max_len: static bound on all of them.
-    Returns decoding.py's dict: tokens [B, (N,) T], lengths, scores, attention [B, (N,) T, S] or None.
+
+def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: Seq2Seq, config: Config,
+           beam_size: int, nbest: int, max_len: int, slots: int, attention: bool) -> dict:
+    """Greedy (beam_size=1) or beam search of a queue of encoded sentences; un-jitted (see `Translator`).
+
+    cache: `encode`'s output for the queue (leading dim Q, in queue order); source_lengths, max_lengths [Q] (most output tokens, EOS included);
+    num_sentences: how many queue entries are real; max_len: static bound on all lengths;
+    slots: sentences decoded at once. Returns decoding.py's dict: tokens [Q, (N,) T], lengths,
+    scores, attention [Q, (N,) T, S] or None.
     """
     dc = config.decode
     variables = {"params": params}
-    # Memory, keys and mask are the same for every beam of a sentence: tile them once here and
-    # keep them out of the search cache, which beam search gathers every step.
-    static = {k: jnp.repeat(cache[k], beam_size, axis=0) for k in ("memory", "keys", "mask")}
+    # Memory, keys and mask are the same for every beam of a sentence: the search keeps them
+    # out of the state it reorders each step.
+    context = {k: cache[k] for k in ("memory", "keys", "mask")}
     want_attention = attention or (beam_size > 1 and dc.coverage_penalty != 0)
 
-    def step_fn(tokens, state):
-        logits, new_cache, weights = model.apply(variables, tokens, dict(static, state=state),
+    def step_fn(tokens, state, context):
+        logits, new_cache, weights = model.apply(variables, tokens, dict(context, state=state),
                                                  method=Seq2Seq.decode_step)
         return logits, new_cache["state"], weights if want_attention else None
 
-    B = source_lengths.shape[0]
-    if beam_size == 1:
-        return decoding.greedy_search(step_fn, cache["state"], batch_size=B, max_lengths=max_lengths,
-                                      max_len=max_len, bos_id=BOS_ID, eos_id=EOS_ID)
-    return decoding.beam_search(step_fn, cache["state"], batch_size=B, beam_size=beam_size,
-                                max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
-                                coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths,
-                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID)
+    return decoding.continuous_search(
+        step_fn, cache["state"], context, num_sentences=num_sentences, slots=slots, beam_size=beam_size,
+        max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
+        coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths, nbest=nbest,
+        bos_id=BOS_ID, eos_id=EOS_ID)
 
 
 class Translator:
     """Translates token ids or text with fixed params. Not thread-safe.
 
-    After each call, `last_stats` holds {"sentences", "tokens", "batches", "encoder_shapes"} of it
+    After each call, `last_stats` holds {"sentences", "tokens", "queues", "encoder_shapes"} of it
     (tokens: output tokens of the best hypotheses, EOS excluded).
     """
 
@@ -102,17 +110,23 @@ class Translator:
         self.last_stats: dict = {}
 
     def _jitted(self, *key):
-        """jit of encode (key ("encode", S)) or decode (key (beam, nbest, max_len, S, attention))."""
+        """jit of encode_into (key ("encode",)), an empty queue cache (key ("queue", Q, S)) or decode
+        (key (beam, nbest, max_len, S, attention, slots, Q))."""
         m = self.model
         full_key = (m.config, m.source_vocab_size, m.target_vocab_size, self.config.decode) + key
         if full_key not in _DECODERS:
             if key[0] == "encode":
-                fn = functools.partial(lambda p, s, l, pad_to: pad_cache(encode(p, s, l, model=m), pad_to),
-                                       pad_to=key[1])
+                _DECODERS[full_key] = jax.jit(functools.partial(encode_into, model=m), donate_argnums=3)
+                return _DECODERS[full_key]
+            if key[0] == "queue":
+                _, Q, S = key
+                shapes = jax.eval_shape(functools.partial(encode, model=m), self.params,
+                                        jax.ShapeDtypeStruct((Q, S), jnp.int32), jax.ShapeDtypeStruct((Q,), jnp.int32))
+                fn = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # noqa: E731
             else:
-                beam, nbest, max_len, _, attention = key
+                beam, nbest, max_len, _, attention, slots, _ = key
                 fn = functools.partial(decode, model=m, config=self.config, beam_size=beam, nbest=nbest,
-                                       max_len=max_len, attention=attention)
+                                       max_len=max_len, slots=slots, attention=attention)
             _DECODERS[full_key] = jax.jit(fn)
         return _DECODERS[full_key]
 
@@ -135,29 +149,37 @@ class Translator:
         lengths = np.asarray([len(s) for s in sources], np.int64)
         if n and lengths.min() == 0:
             raise ValueError("empty source sequence; translate() maps empty lines to empty output")
-        # Longest first: the first batch compiles the largest shape, later batches reuse shapes.
+        # Longest first: a queue ends with its shortest sentences, so its last steps, when slots
+        # run out of work, are few.
         order = np.argsort(-lengths, kind="stable")
         rows = batch_size if n >= batch_size else 1 << max(n - 1, 0).bit_length()
-        # Each batch is encoded at its own padded length (cheap programs); the decoding loop (the
-        # expensive program to compile) sees every batch padded to the longest, so it is
-        # compiled once per call. Padded source positions cost only a little attention work.
+        # One source length for the whole call: every queue reuses one decode program. Padded
+        # source positions cost only a little attention work.
         S_all = _round_up(int(lengths.max()), LENGTH_MULTIPLE) if n else LENGTH_MULTIPLE
         max_len = int(self.max_len_for(S_all))
-        decode_fn = self._jitted(beam, nbest, max_len, S_all, attention)
+        encode_fn = self._jitted("encode")
         pending, shapes = [], set()
-        for start in range(0, n, rows):
-            idx = order[start:start + rows]
-            S = _round_up(int(lengths[idx].max()), LENGTH_MULTIPLE)
-            src = np.zeros((rows, S), np.int32)
-            src_len = np.ones((rows,), np.int32)  # dummy rows: one PAD token, one output token (EOS)
-            for r, i in enumerate(idx):
-                src[r, :lengths[i]] = sources[i]
-            src_len[:len(idx)] = lengths[idx]
-            limits = np.ones((rows,), np.int32)
-            limits[:len(idx)] = np.minimum(self.max_len_for(lengths[idx]), max_len)
-            shapes.add(S)
-            cache = self._jitted("encode", S_all)(self.params, src, src_len)
-            pending.append((idx, decode_fn(self.params, cache, src_len, limits)))  # async dispatch
+        for queue_start in range(0, n, rows * QUEUE_BATCHES):
+            queue = order[queue_start:queue_start + rows * QUEUE_BATCHES]
+            batches = 1 << max(-(-len(queue) // rows) - 1, 0).bit_length()  # power of two
+            Q = rows * batches
+            src_len = np.ones((Q,), np.int32)  # dummy entries: never decoded
+            src_len[:len(queue)] = lengths[queue]
+            limits = np.ones((Q,), np.int32)
+            limits[:len(queue)] = np.minimum(self.max_len_for(lengths[queue]), max_len)
+            cache = self._jitted("queue", Q, S_all)()
+            for start in range(0, Q, rows):
+                idx = queue[start:start + rows]
+                if not len(idx):
+                    break  # the rest of the queue stays zeros (never decoded)
+                S = _round_up(int(lengths[idx].max()), LENGTH_MULTIPLE)
+                src = np.zeros((rows, S), np.int32)
+                for r, i in enumerate(idx):
+                    src[r, :lengths[i]] = sources[i]
+                shapes.add(S)
+                cache = encode_fn(self.params, src, src_len[start:start + rows], cache, np.int32(start))
+            decode_fn = self._jitted(beam, nbest, max_len, S_all, attention, rows, Q)
+            pending.append((queue, decode_fn(self.params, cache, src_len, limits, np.int32(len(queue)))))
         results: list[dict | None] = [None] * n
         n_tokens = 0
         for idx, out in pending:
@@ -179,7 +201,7 @@ class Translator:
                 if attention:
                     res["attention"] = np.asarray(att[r, 0, :len(hyps[0]) + 1, :lengths[i]])
                 results[i] = res
-        self.last_stats = {"sentences": n, "tokens": n_tokens, "batches": len(pending),
+        self.last_stats = {"sentences": n, "tokens": n_tokens, "queues": len(pending),
                            "encoder_shapes": len(shapes)}
         return results
 
