@@ -358,12 +358,7 @@ class _Greedy(_Search):
 
     def advance(self, search, logits, attention, limits, source_mask):
         step = search["step"]  # [B]
-        top, lse = _normaliser(logits)
-        log_probs = _log_probs(logits, top, lse, step >= limits - 1, jnp.arange(logits.shape[-1]), self.eos_id)
-        # argmax as max + first index reaching it: the same token as jnp.argmax (first maximum)
-        # at a fraction of the cost of XLA's CPU argmax reduction.
-        token_log_prob = jnp.max(log_probs, axis=-1)  # [B]
-        token = _first_index(log_probs == token_log_prob[:, None])
+        token, token_log_prob = _best_token(logits, step >= limits - 1, self.eos_id)  # [B], [B]
         live = ~search["finished"]
         token = jnp.where(live, token, PAD_ID)
         at_step = jnp.arange(self.max_len)[None, :] == step[:, None]  # [B, T]
@@ -546,6 +541,37 @@ def _first_index(mask):
     return (-jnp.max(jnp.where(mask, -positions, -jnp.inf), axis=-1)).astype(jnp.int32)
 
 
+def _best_token(logits, force, eos_id):
+    """logits [B, V], force [B] (only EOS allowed) -> (token [B] int32, log-prob [B]): the
+    first maximum of the (masked) log_softmax, as jnp.argmax of it gives, but without XLA's
+    CPU argmax reduction (slow) and without storing [B, V] log-probs.
+
+    With V cut into chunks (see `_top_extensions`): log-probs are monotone in the logit, so
+    the best value is that of the row maximum, the first token reaching it lies in the first
+    chunk whose maximum reaches it, and only that chunk is searched."""
+    B, V = logits.shape
+    logits = logits.astype(jnp.float32)
+    chunk = next((c for c in _CHUNK_SIZES if V % c == 0 and V // c >= 4), None)
+    if chunk is None:
+        top, lse = _normaliser(logits)
+        log_probs = _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
+        best = jnp.max(log_probs, axis=-1)
+        return _first_index(log_probs == best[:, None]), best
+    n_chunks = V // chunk
+    chunk_logits = jnp.max(logits.reshape(B, n_chunks, chunk), axis=-1)  # [B, n]
+    top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, 1]
+    lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+    best = ((top - top) - lse)[:, 0]
+    first_chunk = _first_index(((chunk_logits - top) - lse) == best[:, None])  # [B]
+    picked = jnp.take_along_axis(logits.reshape(B, n_chunks, chunk), first_chunk[:, None, None], axis=1)[:, 0]
+    token = first_chunk * chunk + _first_index(((picked - top) - lse) == best[:, None])
+    # Where only EOS is allowed, it is the best token unless it is impossible (then every
+    # value is -inf and the first maximum is token 0).
+    eos_log_prob = ((logits[:, eos_id:eos_id + 1] - top) - lse)[:, 0]
+    forced_token = jnp.where(eos_log_prob == _NEG_INF, 0, eos_id).astype(jnp.int32)
+    return jnp.where(force, forced_token, token), jnp.where(force, eos_log_prob, best)
+
+
 # Logit rows are cut into chunks of this many tokens for the beam's candidate selection.
 _CHUNK_SIZES = (64, 80, 100, 50, 128, 125, 40, 32)
 
@@ -562,26 +588,36 @@ def _top_extensions(alive_log_probs, logits, force, eos_id, num_candidates):
     C chunks with the highest maxima can hold a row's C best entries (an entry outside them is
     beaten by each of those C chunk maxima, or tied with a maximum at a lower index), so top_k
     runs over K*C chunks instead of K*V tokens. The chunks are taken in position order, so
-    ties still go to the lower index.
+    ties still go to the lower index. Chunk maxima come from the raw logits (one pass, shared
+    with the row maximum), since alive + log-prob is monotone in the logit.
     """
     B, K, V = logits.shape
-    top, lse = _normaliser(logits)  # [B, K, 1]
+    logits = logits.astype(jnp.float32)
     force = force[:, None]  # [B, 1]
-
-    def extended(x, token_ids):
-        return alive_log_probs[:, :, None] + _log_probs(x, top, lse, force, token_ids, eos_id)
-
     chunk = next((c for c in _CHUNK_SIZES if V % c == 0 and V // c >= 4 * num_candidates), None)
     if chunk is None:
-        values = extended(logits, jnp.arange(V))
+        top, lse = _normaliser(logits)  # [B, K, 1]
+        values = alive_log_probs[:, :, None] + _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
         return lax.top_k(values.reshape(B, K * V), num_candidates)
     n_chunks = V // chunk
-    chunk_max = jnp.max(extended(logits, jnp.arange(V)).reshape(B, K, n_chunks, chunk), axis=-1)
-    _, chunks = lax.top_k(chunk_max, num_candidates)  # [B, K, C]
+    chunk_logits = jnp.max(logits.reshape(B, K, n_chunks, chunk), axis=-1)  # [B, K, n]
+    top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # the row maximum, as _normaliser's
+    lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+
+    def extended(x):  # alive + log-prob, unmasked; monotone non-decreasing in x
+        return alive_log_probs[:, :, None] + ((x - top) - lse)
+
+    # A chunk's best value is extended(its largest logit) (extended is monotone, so it commutes
+    # with max); where only EOS is allowed, only EOS's chunk has a finite value.
+    eos_value = extended(logits[:, :, eos_id:eos_id + 1])  # [B, K, 1]
+    chunk_values = jnp.where(force[..., None], jnp.where(jnp.arange(n_chunks) == eos_id // chunk, eos_value, _NEG_INF),
+                             extended(chunk_logits))
+    _, chunks = lax.top_k(chunk_values, num_candidates)  # [B, K, C]
     chunks = jnp.sort(chunks, axis=-1)
     token_ids = (chunks[..., None] * chunk + jnp.arange(chunk)).reshape(B, K, -1)  # [B, K, C*chunk]
     picked = jnp.take_along_axis(logits.reshape(B, K, n_chunks, chunk), chunks[..., None], axis=2)
-    values = extended(picked.reshape(B, K, -1), token_ids).reshape(B, -1)
+    values = extended(picked.reshape(B, K, -1))
+    values = jnp.where(force[..., None] & (token_ids != eos_id), _NEG_INF, values).reshape(B, -1)
     flat_ids = (jnp.arange(K)[None, :, None] * V + token_ids).reshape(B, -1)
     best, position = lax.top_k(values, num_candidates)
     return best, jnp.take_along_axis(flat_ids, position, axis=1)
