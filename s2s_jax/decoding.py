@@ -551,7 +551,7 @@ def _best_token(logits, force, eos_id):
     chunk whose maximum reaches it, and only that chunk is searched."""
     B, V = logits.shape
     logits = logits.astype(jnp.float32)
-    chunk = next((c for c in _CHUNK_SIZES if V % c == 0 and V // c >= 4), None)
+    chunk = _chunk_size(V, 1)
     if chunk is None:
         top, lse = _normaliser(logits)
         log_probs = _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
@@ -572,8 +572,14 @@ def _best_token(logits, force, eos_id):
     return jnp.where(force, forced_token, token), jnp.where(force, eos_log_prob, best)
 
 
-# Logit rows are cut into chunks of this many tokens for the beam's candidate selection.
+# Logit rows are cut into chunks of one of these sizes (in order of preference) to pick tokens.
 _CHUNK_SIZES = (64, 80, 100, 50, 128, 125, 40, 32)
+
+
+def _chunk_size(vocab_size: int, num_candidates: int) -> int | None:
+    """A chunk size dividing V into at least 4 chunks per candidate, or None (V too small)."""
+    return next((c for c in _CHUNK_SIZES if vocab_size % c == 0 and vocab_size // c >= 4 * num_candidates),
+                None)
 
 
 def _top_extensions(alive_log_probs, logits, force, eos_id, num_candidates):
@@ -594,7 +600,7 @@ def _top_extensions(alive_log_probs, logits, force, eos_id, num_candidates):
     B, K, V = logits.shape
     logits = logits.astype(jnp.float32)
     force = force[:, None]  # [B, 1]
-    chunk = next((c for c in _CHUNK_SIZES if V % c == 0 and V // c >= 4 * num_candidates), None)
+    chunk = _chunk_size(V, num_candidates)
     if chunk is None:
         top, lse = _normaliser(logits)  # [B, K, 1]
         values = alive_log_probs[:, :, None] + _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)

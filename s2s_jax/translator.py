@@ -20,6 +20,7 @@ Speed on CPU comes from doing little work and compiling few programs:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -103,6 +104,8 @@ class Translator:
 
     def __init__(self, config: Config, model: Seq2Seq, params, source_vocab, target_vocab):
         self.config = config
+        if config.decode.dtype not in ("model", model.config.dtype):  # compute dtype only; params stay
+            model = model.clone(config=dataclasses.replace(model.config, dtype=config.decode.dtype))
         self.model = model
         self.params = params
         self.source_vocab = source_vocab

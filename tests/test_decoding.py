@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s2s_jax.decoding import BOS_ID, EOS_ID, PAD_ID, beam_search, greedy_search
+from s2s_jax import decoding
+from s2s_jax.decoding import BOS_ID, EOS_ID, PAD_ID, beam_search, continuous_search, greedy_search
 
 # ----------------------------------------------------------------------------------- stubs
 
@@ -483,3 +484,130 @@ def test_early_stop_bound_uses_the_longest_allowed_length():
     assert long_score > np.log(0.5)
     assert unpad(out["tokens"][0, 0], out["lengths"][0, 0]) == long
     np.testing.assert_allclose(out["scores"][0, 0], long_score, rtol=1e-4)
+
+
+# ----------------------------------------------------------------- continuous batching
+
+
+def split_rnn_cache(cache):
+    """make_rnn_step's cache as (state that follows the beams, per-sentence context)."""
+    return {"h": cache["h"]}, {"keys": cache["keys"], "source_lengths": cache["source_lengths"]}
+
+
+def rnn_context_step(step):
+    def context_step(tokens, state, context):
+        logits, new, attention = step(tokens, {**state, **context})
+        return logits, {"h": new["h"]}, attention
+
+    return context_step
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_continuous_search_equals_plain_search_per_sentence(beam_size):
+    """7 mixed-length sentences through 2 slots (refilled one per step) and through 3 slots
+    (several refills in one step) give each sentence exactly the plain search's tokens, lengths
+    and scores; the queue entry past num_sentences is left undecoded (zeros)."""
+    n, queue = 7, 8
+    source_lengths = np.array([5, 1, 3, 5, 2, 4, 1, 1])
+    max_lengths = np.array([9, 2, 6, 9, 4, 1, 7, 3])  # one sentence may only emit EOS
+    step = make_rnn_step(seed=11)
+    cache = rnn_cache(seed=12, source_lengths=source_lengths)
+    penalties = dict(length_penalty=0.6, coverage_penalty=0.2) if beam_size > 1 else {}
+    if beam_size == 1:
+        plain = greedy_search(step, cache, batch_size=queue, max_lengths=jnp.asarray(max_lengths), max_len=9)
+    else:
+        plain = beam_search(step, cache, batch_size=queue, beam_size=beam_size, nbest=2,
+                            max_lengths=jnp.asarray(max_lengths), max_len=9,
+                            source_lengths=jnp.asarray(source_lengths), **penalties)
+    state, context = split_rnn_cache(cache)
+    for slots, refill in [(2, 1), (3, 3)]:
+        out = jax.jit(partial(
+            continuous_search, rnn_context_step(step), slots=slots, beam_size=beam_size,
+            nbest=1 if beam_size == 1 else 2, max_len=9, refill=refill, **penalties,
+        ))(state, context, num_sentences=n, max_lengths=jnp.asarray(max_lengths),
+           source_lengths=jnp.asarray(source_lengths))
+        keys = ["tokens", "lengths", "scores", "attention"] + ([] if beam_size == 1 else ["log_probs"])
+        for key in keys:
+            np.testing.assert_allclose(np.asarray(out[key])[:n], np.asarray(plain[key])[:n], rtol=1e-6,
+                                       atol=1e-6, err_msg=f"{key} slots={slots}")
+        assert np.all(np.asarray(out["lengths"])[n:] == 0)  # never decoded
+        lengths = np.asarray(out["lengths"])[:n]
+        assert lengths.reshape(n, -1)[:, 0].tolist() == np.asarray(plain["lengths"])[:n].reshape(n, -1)[:, 0].tolist()
+        assert int(lengths.reshape(n, -1)[5, 0]) == 1  # the one-token limit holds in a refilled slot
+
+
+def test_continuous_search_per_row_chains_many_refills():
+    """Markov chains per sentence (state = the table rows), 12 sentences through 2 slots."""
+    tables = random_chains(seed=21, batch_size=12, vocab_size=7)
+
+    def chain_step(tokens, state, context):
+        rows = jnp.arange(tokens.shape[0])
+        return context["table"][rows, tokens], state, None
+
+    max_lengths = jnp.asarray(np.random.default_rng(3).integers(1, 8, size=12))
+    state = jnp.zeros((12, 1))
+    for beam_size in (1, 2):
+        out = continuous_search(chain_step, state, tables, num_sentences=12, slots=2, beam_size=beam_size,
+                                max_lengths=max_lengths, max_len=7, length_penalty=1.0)
+        if beam_size == 1:
+            plain = greedy_search(per_row_chain_step, tables, batch_size=12, max_lengths=max_lengths, max_len=7)
+        else:
+            plain = beam_search(per_row_chain_step, tables, batch_size=12, beam_size=2, max_lengths=max_lengths,
+                                max_len=7, length_penalty=1.0)
+        np.testing.assert_array_equal(out["tokens"], plain["tokens"])
+        np.testing.assert_allclose(out["scores"], plain["scores"], rtol=1e-6)
+        assert out["attention"] is None
+
+
+def test_continuous_search_rejects_bad_arguments():
+    state, context = jnp.zeros((4, 1)), None
+    step = lambda tokens, s, c: (jnp.zeros((tokens.shape[0], 5)), s, None)  # noqa: E731
+    with pytest.raises(ValueError, match="slots"):
+        continuous_search(step, state, context, num_sentences=4, slots=0, max_lengths=None, max_len=4)
+    with pytest.raises(ValueError, match="refill"):
+        continuous_search(step, state, context, num_sentences=4, slots=2, refill=0, max_lengths=None, max_len=4)
+    with pytest.raises(ValueError, match="nbest"):
+        continuous_search(step, state, context, num_sentences=4, slots=2, beam_size=2, nbest=3,
+                          max_lengths=None, max_len=4)
+
+
+# ------------------------------------------------------ candidate selection over a large V
+
+
+def tied_logits(seed, rows, vocab_size):
+    """Random logits with many exact ties (values on a coarse grid), so tie order is tested."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(np.round(rng.normal(size=(rows, vocab_size)) * 2) / 2, jnp.float32)
+
+
+def test_chunked_top_extensions_equal_flat_top_k():
+    """The chunked selection (V = 1024, 64-token chunks) gives lax.top_k's values and indices
+    over all K*V extensions exactly, ties included, also for forced-EOS and dead beams."""
+    B, K, V, C = 6, 3, 1024, 6
+    assert decoding._chunk_size(V, C) == 32 and decoding._chunk_size(5, 2) is None
+    logits = tied_logits(0, B * K, V).reshape(B, K, V)
+    alive = jnp.asarray(np.round(np.random.default_rng(1).normal(size=(B, K)), 1), jnp.float32)
+    alive = alive.at[1, 1:].set(-jnp.inf)  # a sentence with one live beam
+    force = jnp.asarray([False, False, True, False, True, False])
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    log_probs = jnp.where(force[:, None, None] & (jnp.arange(V) != EOS_ID), -jnp.inf, log_probs)
+    want_values, want_index = jax.lax.top_k((alive[:, :, None] + log_probs).reshape(B, K * V), C)
+    values, index = decoding._top_extensions(alive, logits, force, EOS_ID, C)
+    np.testing.assert_array_equal(index, want_index)
+    np.testing.assert_array_equal(values, want_values)
+    assert np.all(np.asarray(index)[[2, 4]][:, :K] % V == EOS_ID)  # forced: EOS of each beam first
+
+
+def test_chunked_best_token_equals_argmax_of_log_softmax():
+    B, V = 8, 1024
+    assert decoding._chunk_size(V, 1) == 64
+    logits = tied_logits(2, B, V)
+    logits = logits.at[3].set(0.0)  # all tied: token 0
+    logits = logits.at[5, EOS_ID].set(-jnp.inf)  # forced EOS that is impossible: token 0, -inf
+    force = jnp.asarray([False, True, False, False, False, True, False, True])
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    log_probs = jnp.where(force[:, None] & (jnp.arange(V) != EOS_ID), -jnp.inf, log_probs)
+    token, best = decoding._best_token(logits, force, EOS_ID)
+    np.testing.assert_array_equal(token, jnp.argmax(log_probs, axis=-1))
+    np.testing.assert_array_equal(best, jnp.max(log_probs, axis=-1))
+    assert int(token[3]) == 0 and int(token[1]) == EOS_ID and int(token[5]) == 0

@@ -161,3 +161,40 @@ def test_cli_missing_run_is_one_line_error(tmp_path, capsys):
     assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_several_queues_and_few_slots_change_nothing(translator, monkeypatch):
+    """Continuous batching through 2 slots, one batch per queue (so 4 queues), gives every
+    sentence what it gets alone, greedy and beam."""
+    sources = [translator.source_vocab.encode(line) for line in LINES + ["the quick brown fox jumps"]
+               if line.strip()]
+    alone = {beam: [translator.translate_ids([s], beam=beam, nbest=min(beam, 2))[0] for s in sources]
+             for beam in (1, 3)}
+    monkeypatch.setattr(translator_lib, "QUEUE_BATCHES", 1)
+    for beam in (1, 3):
+        got = translator.translate_ids(sources, beam=beam, nbest=min(beam, 2), batch_size=2)
+        assert translator.last_stats["queues"] == -(-len(sources) // 2)
+        for res, ref in zip(got, alone[beam]):
+            assert res["tokens"] == ref["tokens"]
+            np.testing.assert_allclose(res["scores"], ref["scores"], atol=1e-4)
+
+
+def test_decode_dtype_is_opt_in_and_validated(workdir, tmp_path, capsys):
+    default = translator_lib.load_translator(workdir)
+    assert default.config.decode.dtype == "model" and default.model.config.dtype == "float32"
+    bf16 = translator_lib.load_translator(workdir, overrides=["decode.dtype=bfloat16"])
+    assert bf16.model.config.dtype == "bfloat16"
+    sources = [default.source_vocab.encode(line) for line in LINES if line.strip()]
+    ref, got = default.translate_ids(sources), bf16.translate_ids(sources)
+    same = [r["tokens"] == g["tokens"] for r, g in zip(ref, got)]
+    assert sum(same) >= len(same) // 2  # an approximation of the same model, not another model
+    for r, g, s in zip(ref, got, same):
+        if s:  # bfloat16 matmuls: the same hypothesis scores within a few percent
+            assert g["scores"][0] == pytest.approx(r["scores"][0], rel=0.05, abs=0.05)
+    with pytest.raises(ValueError, match="decode.dtype"):
+        translator_lib.load_translator(workdir, overrides=["decode.dtype=float16"])
+    src = tmp_path / "in.txt"
+    src.write_text("abc\n", encoding="utf-8")
+    assert cli.main(["translate", "--workdir", workdir, "--input", str(src), "--set", "decode.dtype=half"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: decode.dtype='half'") and "\n" not in err
