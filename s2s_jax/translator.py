@@ -60,10 +60,16 @@ def pad_cache(cache: dict, length: int) -> dict:
     return out
 
 
-def encode_into(params, source, source_lengths, queue, start, *, model: Seq2Seq) -> dict:
+def encode_into(params, source, source_lengths, queue, start, *, model: Seq2Seq,
+                queue_shape: tuple[int, int] | None = None) -> dict:
     """Encodes one batch (source [B, S]) into rows start..start+B of a queue's cache (leading dim
-    Q, S_all >= S source positions); jit it with the queue donated, so it is updated in place."""
-    cache = pad_cache(encode(params, source, source_lengths, model=model), queue["mask"].shape[1])
+    Q, S_all >= S source positions). queue None: a new zero cache of queue_shape (Q, S_all).
+    Jit it with the queue donated, so it is updated in place."""
+    cache = encode(params, source, source_lengths, model=model)
+    if queue is None:
+        Q, S_all = queue_shape
+        queue = jax.tree.map(lambda a: jnp.zeros((Q, *a.shape[1:]), a.dtype), pad_cache(cache, S_all))
+    cache = pad_cache(cache, queue["mask"].shape[1])
     return jax.tree.map(lambda q, c: jax.lax.dynamic_update_slice_in_dim(q, c, start, axis=0), queue, cache)
 
 
@@ -113,19 +119,15 @@ class Translator:
         self.last_stats: dict = {}
 
     def _jitted(self, *key):
-        """jit of encode_into (key ("encode",)), an empty queue cache (key ("queue", Q, S)) or decode
-        (key (beam, nbest, max_len, S, attention, slots, Q))."""
+        """jit of encode_into (key ("encode", queue_shape): queue_shape (Q, S_all) starts a new
+        queue, None adds to one) or decode (key (beam, nbest, max_len, S, attention, slots, Q))."""
         m = self.model
         full_key = (m.config, m.source_vocab_size, m.target_vocab_size, self.config.decode) + key
         if full_key not in _DECODERS:
             if key[0] == "encode":
-                _DECODERS[full_key] = jax.jit(functools.partial(encode_into, model=m), donate_argnums=3)
+                fn = functools.partial(encode_into, model=m, queue_shape=key[1])
+                _DECODERS[full_key] = jax.jit(fn, donate_argnums=3)
                 return _DECODERS[full_key]
-            if key[0] == "queue":
-                _, Q, S = key
-                shapes = jax.eval_shape(functools.partial(encode, model=m), self.params,
-                                        jax.ShapeDtypeStruct((Q, S), jnp.int32), jax.ShapeDtypeStruct((Q,), jnp.int32))
-                fn = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # noqa: E731
             else:
                 beam, nbest, max_len, _, attention, slots, _ = key
                 fn = functools.partial(decode, model=m, config=self.config, beam_size=beam, nbest=nbest,
@@ -160,7 +162,6 @@ class Translator:
         # source positions cost only a little attention work.
         S_all = _round_up(int(lengths.max()), LENGTH_MULTIPLE) if n else LENGTH_MULTIPLE
         max_len = int(self.max_len_for(S_all))
-        encode_fn = self._jitted("encode")
         pending, shapes = [], set()
         for queue_start in range(0, n, rows * QUEUE_BATCHES):
             queue = order[queue_start:queue_start + rows * QUEUE_BATCHES]
@@ -170,7 +171,7 @@ class Translator:
             src_len[:len(queue)] = lengths[queue]
             limits = np.ones((Q,), np.int32)
             limits[:len(queue)] = np.minimum(self.max_len_for(lengths[queue]), max_len)
-            cache = self._jitted("queue", Q, S_all)()
+            cache = None  # the first batch (the longest sentences) starts the queue's cache
             for start in range(0, Q, rows):
                 idx = queue[start:start + rows]
                 if not len(idx):
@@ -180,6 +181,7 @@ class Translator:
                 for r, i in enumerate(idx):
                     src[r, :lengths[i]] = sources[i]
                 shapes.add(S)
+                encode_fn = self._jitted("encode", (Q, S_all) if cache is None else None)
                 cache = encode_fn(self.params, src, src_len[start:start + rows], cache, np.int32(start))
             decode_fn = self._jitted(beam, nbest, max_len, S_all, attention, rows, Q)
             pending.append((queue, decode_fn(self.params, cache, src_len, limits, np.int32(len(queue)))))
