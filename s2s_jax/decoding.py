@@ -558,16 +558,17 @@ def _best_token(logits, force, eos_id):
         best = jnp.max(log_probs, axis=-1)
         return _first_index(log_probs == best[:, None]), best
     n_chunks = V // chunk
-    chunk_logits = jnp.max(logits.reshape(B, n_chunks, chunk), axis=-1)  # [B, n]
+    chunked = logits.reshape(B, n_chunks, chunk)  # every pass reads this one shape
+    chunk_logits = jnp.max(chunked, axis=-1)  # [B, n]
     top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, 1]
-    lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+    lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
     best = ((top - top) - lse)[:, 0]
     first_chunk = _first_index(((chunk_logits - top) - lse) == best[:, None])  # [B]
-    picked = jnp.take_along_axis(logits.reshape(B, n_chunks, chunk), first_chunk[:, None, None], axis=1)[:, 0]
+    picked = jnp.take_along_axis(chunked, first_chunk[:, None, None], axis=1)[:, 0]
     token = first_chunk * chunk + _first_index(((picked - top) - lse) == best[:, None])
     # Where only EOS is allowed, it is the best token unless it is impossible (then every
     # value is -inf and the first maximum is token 0).
-    eos_log_prob = ((logits[:, eos_id:eos_id + 1] - top) - lse)[:, 0]
+    eos_log_prob = ((chunked[:, eos_id // chunk, eos_id % chunk][:, None] - top) - lse)[:, 0]
     forced_token = jnp.where(eos_log_prob == _NEG_INF, 0, eos_id).astype(jnp.int32)
     return jnp.where(force, forced_token, token), jnp.where(force, eos_log_prob, best)
 
@@ -606,22 +607,24 @@ def _top_extensions(alive_log_probs, logits, force, eos_id, num_candidates):
         values = alive_log_probs[:, :, None] + _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
         return lax.top_k(values.reshape(B, K * V), num_candidates)
     n_chunks = V // chunk
-    chunk_logits = jnp.max(logits.reshape(B, K, n_chunks, chunk), axis=-1)  # [B, K, n]
-    top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # the row maximum, as _normaliser's
-    lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+    # Every pass reads the logits in one [B, K, n, chunk] shape, so XLA stores them once.
+    chunked = logits.reshape(B, K, n_chunks, chunk)
+    chunk_logits = jnp.max(chunked, axis=-1)  # [B, K, n]
+    top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, K, 1], the row maximum
+    lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
 
     def extended(x):  # alive + log-prob, unmasked; monotone non-decreasing in x
         return alive_log_probs[:, :, None] + ((x - top) - lse)
 
     # A chunk's best value is extended(its largest logit) (extended is monotone, so it commutes
     # with max); where only EOS is allowed, only EOS's chunk has a finite value.
-    eos_value = extended(logits[:, :, eos_id:eos_id + 1])  # [B, K, 1]
+    eos_value = extended(chunked[:, :, eos_id // chunk, eos_id % chunk][..., None])  # [B, K, 1]
     chunk_values = jnp.where(force[..., None], jnp.where(jnp.arange(n_chunks) == eos_id // chunk, eos_value, _NEG_INF),
                              extended(chunk_logits))
     _, chunks = lax.top_k(chunk_values, num_candidates)  # [B, K, C]
     chunks = jnp.sort(chunks, axis=-1)
     token_ids = (chunks[..., None] * chunk + jnp.arange(chunk)).reshape(B, K, -1)  # [B, K, C*chunk]
-    picked = jnp.take_along_axis(logits.reshape(B, K, n_chunks, chunk), chunks[..., None], axis=2)
+    picked = jnp.take_along_axis(chunked, chunks[..., None], axis=2)
     values = extended(picked.reshape(B, K, -1))
     values = jnp.where(force[..., None] & (token_ids != eos_id), _NEG_INF, values).reshape(B, -1)
     flat_ids = (jnp.arange(K)[None, :, None] * V + token_ids).reshape(B, -1)
