@@ -2,6 +2,15 @@
 
 Both searches drive a `step_fn(tokens, cache) -> (logits, cache, attention)` (see `StepFn`), so
 this module imports only jax and numpy (as t5x's decoding.py does); `steps.py` adapts the model.
+`continuous_search` runs either search over a queue of sentences through a fixed pool of
+decoding slots, refilling a slot as soon as its sentence finishes (continuous batching); its
+step function also gets per-sentence context that beam search never reorders (`ContextStepFn`).
+Every sentence's result is the same however it is batched.
+
+Speed notes (XLA on CPU): the per-step work outside the step function is a few passes over the
+[rows, V] logits, so they are kept few: log-probs are never stored; greedy's argmax and beam's
+top-k look at chunk maxima first (log-probs are monotone in the logit) and search only the
+chunks that can hold the answer, with the same result, ties included, as argmax / top_k.
 
 Conventions shared by both searches:
 
