@@ -22,9 +22,11 @@ Bundle layout (format version 1; `s2s_jax export` writes it, see export.py):
                            encode, greedy and beam_<K> (one per exported beam size K)
     MODEL.md               model card: architecture, data, scores, tensor names, programs
 
-Translation mirrors `s2s_jax.translator.Translator` exactly (the same sort by length, batch
-size, row/length padding and maximum output length), so a float32 bundle gives the same
-translations as the run it came from.
+Translation uses the exported fixed-batch greedy/beam programs (sorted by length, the run's
+batch size, row/length padding and maximum output length). `s2s_jax.translator.Translator`
+decodes the same sentences through a refilled slot pool instead (continuous batching), which
+gives each sentence the same search, so a float32 bundle gives the same translations as the run
+it came from (tests/test_export.py checks it); it is only slower.
 """
 
 from __future__ import annotations
