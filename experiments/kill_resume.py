@@ -23,8 +23,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from s2s_jax.checkpoint import unfinished_saves  # noqa: E402  (the checkpoint layout's own reader)
 TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
-TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def sets(steps: int) -> list[str]:
@@ -42,16 +42,6 @@ def cmd(workdir: str, steps: int) -> list[str]:
     out = [sys.executable, "-m", "s2s_jax", "train", "--config", TINY, "--workdir", workdir, "--no-progress"]
     for s in sets(steps):
         out += ["--set", s]
-    return out
-
-
-def tmp_dirs(workdir: str) -> list[str]:
-    """Unfinished saves: <sub>/<step>.orbax-checkpoint-tmp, relative to the workdir."""
-    out = []
-    for sub in ("checkpoints", "best"):
-        d = os.path.join(workdir, sub)
-        if os.path.isdir(d):
-            out += [os.path.join(sub, n) for n in os.listdir(d) if TMP_SUFFIX in n]
     return out
 
 
@@ -83,7 +73,7 @@ def random_trigger(rng: random.Random, steps: int, duration: float):
         def saving(w, t):  # a tmp folder made by this process (a previous kill's is older)
             since = time.time() - t - 0.01
             return any(int(os.path.basename(n).split(".")[0]) >= k and _mtime(os.path.join(w, n)) >= since
-                       for n in tmp_dirs(w))
+                       for n in unfinished_saves(w))
         return f"during the async save of step >= {k}", saving
     if kind == "step":
         k = rng.randrange(1, steps + 1)
@@ -103,7 +93,7 @@ def run_and_kill(workdir: str, steps: int, cache: str, trigger) -> dict:
         time.sleep(0.002)
     proc.wait()
     return {"killed": proc.returncode == -signal.SIGKILL, "committed": committed(workdir),
-            "tmp": tmp_dirs(workdir)}
+            "tmp": unfinished_saves(workdir)}
 
 
 def train(workdir: str, steps: int, cache: str) -> float:

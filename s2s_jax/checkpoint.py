@@ -33,6 +33,20 @@ class CheckpointError(UserError):
     pass
 
 
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save that has not been committed yet
+
+
+def unfinished_saves(workdir: str) -> list[str]:
+    """Interrupted (never committed) saves: `<which>/<step>.orbax-checkpoint-tmp` folders,
+    relative to the workdir, for which in ("checkpoints", "best")."""
+    out = []
+    for sub in ("checkpoints", "best"):
+        d = os.path.join(workdir, sub)
+        if os.path.isdir(d):
+            out += [os.path.join(sub, n) for n in sorted(os.listdir(d)) if TMP_SUFFIX in n]
+    return out
+
+
 def _manager(directory: str, keep: int, *, best_metric: str | None = None, mode: str = "max",
              async_save: bool = True, cleanup_tmp: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(

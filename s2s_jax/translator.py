@@ -124,15 +124,13 @@ class Translator:
         m = self.model
         full_key = (m.config, m.source_vocab_size, m.target_vocab_size, self.config.decode) + key
         if full_key not in _DECODERS:
-            if key[0] == "encode":
-                fn = functools.partial(encode_into, model=m, queue_shape=key[1])
-                _DECODERS[full_key] = jax.jit(fn, donate_argnums=3)
-                return _DECODERS[full_key]
+            if key[0] == "encode":  # the queue (argument 3) is updated in place
+                fn = jax.jit(functools.partial(encode_into, model=m, queue_shape=key[1]), donate_argnums=3)
             else:
                 beam, nbest, max_len, _, attention, slots, _ = key
-                fn = functools.partial(decode, model=m, config=self.config, beam_size=beam, nbest=nbest,
-                                       max_len=max_len, slots=slots, attention=attention)
-            _DECODERS[full_key] = jax.jit(fn)
+                fn = jax.jit(functools.partial(decode, model=m, config=self.config, beam_size=beam, nbest=nbest,
+                                               max_len=max_len, slots=slots, attention=attention))
+            _DECODERS[full_key] = fn
         return _DECODERS[full_key]
 
     def max_len_for(self, source_len) -> int:

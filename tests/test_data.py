@@ -6,7 +6,6 @@ never copied into the repo). Everything runs on CPU in well under a minute.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess

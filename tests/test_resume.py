@@ -14,13 +14,10 @@ All subprocesses share a persistent XLA compilation cache (only the first compil
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 
 import jax
@@ -29,17 +26,16 @@ import numpy as np
 import pytest
 
 from s2s_jax import config as config_lib
-from s2s_jax.checkpoint import Checkpoints
+from s2s_jax.checkpoint import Checkpoints, unfinished_saves
 from s2s_jax.data import load_vocabs
 from s2s_jax.metrics import read_metrics
 from s2s_jax.train_state import abstract_state, make_model
 
-from _helpers import REPO, TINY, XLA_CACHE, run_env, train_cmd  # noqa: E402
+from _helpers import REPO, run_env, train_cmd  # noqa: E402
 
 STEPS = 12
 SETS = ["data.buckets=[[20,21]]", f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=6",
         "train.eval_sentences=16", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.ema_decay=0.9"]
-TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def train(workdir, *extra, expect: int = 0) -> subprocess.CompletedProcess:
@@ -108,15 +104,6 @@ def test_same_config_and_seed_give_bit_identical_losses_and_params(reference, tm
 
 # --------------------------------------------------------------------------- (b) SIGKILL + resume
 
-def _tmp_dirs(workdir) -> list[str]:
-    out = []
-    for sub in ("checkpoints", "best"):
-        d = os.path.join(workdir, sub)
-        if os.path.isdir(d):
-            out += [os.path.join(sub, n) for n in os.listdir(d) if TMP_SUFFIX in n]
-    return out
-
-
 def _mtime(path) -> float:
     try:
         return os.stat(path).st_mtime
@@ -129,7 +116,7 @@ def saving(min_step: int):
     exists and was made by this process, not left over by a previous kill)."""
     def when(workdir, since):
         return any(int(os.path.basename(p).split(".")[0]) >= min_step and _mtime(os.path.join(workdir, p)) >= since
-                   for p in _tmp_dirs(workdir))
+                   for p in unfinished_saves(workdir))
     when.label = f"during the async save of a step >= {min_step}"
     return when
 
@@ -172,7 +159,7 @@ def run_and_kill(workdir, when, *, poll: float = 0.002, timeout: float = 600) ->
             proc.kill()
         proc.wait()
     return {"killed": proc.returncode == -signal.SIGKILL, "label": when.label,
-            "committed": committed_steps(workdir), "tmp": _tmp_dirs(workdir)}
+            "committed": committed_steps(workdir), "tmp": unfinished_saves(workdir)}
 
 
 def kill_and_resume(reference, workdir, triggers) -> list[dict]:
@@ -184,7 +171,7 @@ def kill_and_resume(reference, workdir, triggers) -> list[dict]:
         assert "resuming from step" in proc.stderr
     assert_same_state(load_state(workdir)[0], reference["state"])
     assert trace(workdir) == reference["trace"]  # the resumed log reads like one uninterrupted run
-    assert not _tmp_dirs(workdir)  # leftovers of interrupted saves are cleaned up
+    assert not unfinished_saves(workdir)  # leftovers of interrupted saves are cleaned up
     return kills
 
 

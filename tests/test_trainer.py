@@ -15,8 +15,6 @@ import glob
 import math
 import os
 import subprocess
-import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +27,7 @@ from s2s_jax.metrics import read_metrics
 from s2s_jax.train_state import build_optimizer, create_state, learning_rate_fn, make_model
 from s2s_jax.trainer import params_for_eval
 
-from _helpers import REPO, TINY, XLA_CACHE, run_env, train_cmd  # noqa: E402
+from _helpers import REPO, TINY, run_env, train_cmd  # noqa: E402
 
 V = 13  # vocabulary of the synthetic batches
 

@@ -42,9 +42,13 @@ class Decoder(nn.Module):
 
     # -- parameters prepared once per call, outside any scan ---------------------------------
     def _prepared(self) -> dict[str, Array]:
-        """The step's arrays by name (module doc of `_step`); LSTM input/recurrent kernels fused."""
+        """The step's arrays by name (module doc of `_step`); LSTM input/recurrent kernels fused.
+
+        Matmul kernels are cast to the compute dtype here, once per call, not in every step.
+        """
         cfg = self.config
         E = cfg.target_embed_dim
+        dtype = jnp.dtype(cfg.dtype)
         W = {}
         for i, layer in enumerate(self.layers):
             p = layer()
@@ -64,7 +68,8 @@ class Decoder(nn.Module):
                 W[f"layer{i}_b_hh"] = p["recurrent_bias"][0]
         if cfg.attention != "none":
             W.update({f"att_{k}": v for k, v in self.attention().items()})
-        return W
+        # every array but the biases (added in float32) is a matmul kernel
+        return {k: v if k.endswith(("bias", "b_hh")) else v.astype(dtype) for k, v in W.items()}
 
     def project_keys(self, memory: Array) -> Array:
         """Attention keys [B, S, H], computed once per batch (memory itself without attention)."""

@@ -56,7 +56,7 @@ class Tape:
         if name in self.inputs:
             raise ValueError(f"tape product {name!r} used twice in one step")
         x = x.astype(dtype)
-        y = jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32)
+        y = plain_dot(name, spec, x, w, dtype)
         self.inputs[name], self.outputs[name], self.specs[name] = x, y, spec
         if self.deltas is not None:
             y = y + self.deltas[name]
@@ -90,7 +90,8 @@ def _run(step, unroll, weights, params, fixed, carry, xs, consts, deltas):
         x, k, d = inp
         tape = Tape(weights, d)
         c, y = step(tape, params, fixed, c, x, k)
-        return c, (y, tape.inputs)
+        # the products' inputs are kept (stacked) only for the weight gradients
+        return c, (y, tape.inputs if deltas is not None else None)
     carry, (ys, inputs) = jax.lax.scan(body, carry, (xs, consts, deltas), unroll=unroll)
     return carry, ys, inputs
 
