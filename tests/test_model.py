@@ -224,6 +224,52 @@ def test_dropout_masks_independent_of_batch_split():
     assert not np.allclose(full, det)  # dropout did something
 
 
+@pytest.mark.parametrize("att,layers,residual,dtype", [("general", 2, False, "float32"),
+                                                       ("dot", 3, True, "float32"),
+                                                       ("general", 1, False, "float32"),
+                                                       ("general", 2, True, "bfloat16")])
+def test_fused_decoder_equals_autodiff_scan(att, layers, residual, dtype, monkeypatch):
+    """model/fused_decoder.py (hand-derived backward) == the generic scan differentiated by JAX.
+
+    With dropout between layers, on the attention weights and on the output (masks the plain
+    reference does not model), residual connections, 1–3 layers, a loss that also reads the
+    attention weights (so their cotangent is used), and bfloat16 compute.
+    """
+    from s2s_jax.model import fused_decoder
+    cfg = model_config("lstm", att, True, True, 0, decoder_layers=layers, encoder_layers=layers,
+                       residual=residual, dropout=0.3, attention_dropout=0.2, bridge="dense", dtype=dtype)
+    assert fused_decoder.supported(cfg)
+    model, params = init(cfg, seed=layers)
+    batch = make_batch(seed=layers)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 6)), jnp.float32)
+
+    def loss(params):
+        hidden, weights = model.apply({"params": params}, batch["source"], batch["source_lengths"],
+                                      batch["target_input"], deterministic=False, rngs={"dropout": jax.random.key(5)})
+        return fast_loss_from(model, params, hidden, batch) + (weights * w).sum(), (hidden, weights)
+
+    fused = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    monkeypatch.setattr(fused_decoder, "supported", lambda cfg: False)
+    generic = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    (v1, (h1, w1)), g1 = fused
+    (v0, (h0, w0)), g0 = generic
+    assert_close(v1, v0, tol, "loss")
+    assert_close(h1, h0, tol, "hidden")
+    assert_close(w1, w0, tol, "attention weights")
+    assert not np.allclose(np.asarray(h1), np.asarray(model.apply({"params": params}, batch["source"],
+                           batch["source_lengths"], batch["target_input"])[0]))  # dropout did something
+    for path, a in jax.tree_util.tree_leaves_with_path(g1):
+        b = functools.reduce(lambda t, k: t[k.key], path, g0)
+        assert_close(a, b, tol, f"grad {jax.tree_util.keystr(path)}")
+
+
+def fast_loss_from(model, params, hidden, batch):
+    kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
+    sums = losses.sequence_loss(hidden, kernel, bias, batch["target_output"], steps.target_weights(batch))
+    return sums["loss"] / sums["weight"]
+
+
 def reverse_batches(rng, n_batches, B=16, S=12, V=20):
     """The `reverse` task in numpy: target = source reversed (BOS=1, EOS=2, PAD=0)."""
     for _ in range(n_batches):

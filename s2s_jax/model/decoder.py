@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from s2s_jax.config import ModelConfig
 from s2s_jax.model.attention import AttentionParams, attend, project_keys
-from s2s_jax.model import scan as deferred
+from s2s_jax.model import fused_decoder, scan as deferred
 from s2s_jax.model.cells import (RecurrentParams, carry_hidden, cell_update, matmul, row_dropout_mask,
                                  run_layer)
 from s2s_jax.model.scan import plain_dot
@@ -109,6 +109,9 @@ class Decoder(nn.Module):
 
         if cfg.input_feeding:
             gx0 = matmul(embedded, W.pop("w_emb"), dtype) + W["layer0_bias"]  # [T, B, G·H]
+            if fused_decoder.supported(cfg):  # LSTM + dot/general: the hand-derived backward pass
+                hidden, weights = fused_decoder.decode(cfg, W, gx0, state, memory, keys, mask, masks)
+                return jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(weights, 0, 1)
             W.update(memory=memory, keys=keys)
             # Products with loop-invariant arrays go through the tape, so their gradients are
             # formed after the loop (model/scan.py); the rest is differentiated as usual.

@@ -1,0 +1,188 @@
+"""The input-feeding decoder's training scan with a hand-derived backward pass.
+
+For the common configuration — LSTM layers, Luong `dot`/`general` attention, input feeding —
+the whole teacher-forced decoder (every layer and the attention, one step per target position)
+is one `custom_vjp` function, as the encoder's recurrence is (cells.py `_recurrence`).
+
+Why: autodiff of the scanned step saved ~30 per-step residuals (each gate, the pieces of each
+nonlinearity's derivative, the softmax, the concatenations), each one a stacked [T, B, ·] buffer
+that XLA zero-fills, copies at the loop boundary and writes every step, and it emitted ~50 small
+kernels per step forward and ~40 backward; on CPU each costs a dispatch. Here the forward saves,
+per step, each layer's matmul input, post-activation gates and cell, and the attention's
+weights, input [context; query] and output; the backward loop runs per step only the truly
+sequential products (dz·Wᵀ for each layer, the attention's three small products and its output
+layer's dh·W_cᵀ) and a few fused elementwise kernels. Every loop-invariant weight (the layers'
+kernels, W_c, the keys and the memory) gets its gradient after the loop as one matmul over
+time × batch.
+
+Math per step t (L layers, layer l's input `side` is the previous attentional state for l = 0
+and the output of layer l-1 otherwise):
+    z_l = [side_l; h_l] · W_l + b_l          (layer 0: b_0 and the embedding part are in gx0_t)
+    i, f, g, o = σ, σ, tanh, σ of z_l;  c_l' = f c_l + i g;  h_l' = o tanh(c_l')
+    out_l = (h_l' [+ out_{l-1} if residual, l > 0]) [* dropout mask, l < L-1]
+    a = softmax_s(q · k_s) over real source positions (q = out_{L-1});  ctx = Σ_s (a ⊙ drop)_s m_s
+    hidden = tanh([ctx; q] · W_c) [* output dropout mask];  it is also the next step's `side_0`.
+tests/test_model.py checks values and gradients against the plain reference (a Python loop).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from s2s_jax.config import ModelConfig
+
+Array = jax.Array
+NEG_INF = -1e9  # as attention.py: exp underflows to exactly 0 at padded source positions
+
+
+def supported(cfg: ModelConfig) -> bool:
+    """Whether `decode` handles this configuration (else the decoder's generic scan does)."""
+    return cfg.input_feeding and cfg.cell == "lstm" and cfg.attention in ("dot", "general")
+
+
+def decode(cfg: ModelConfig, W: dict, gx0: Array, state, memory: Array, keys: Array, mask: Array,
+           masks: dict | None):
+    """Teacher-forced decoding. W: Decoder._prepared()'s arrays (fused `layer{i}` kernels,
+    `layer{i}_bias`, `att_output_kernel`); gx0 [T, B, 4H]: layer 0's projected embeddings with
+    its bias; state: {"layers": ((h, c), ...), "feed": [B, H]}; memory, keys [B, S, H];
+    mask [B, S]; masks: the time-major dropout masks (Decoder.__call__) or None.
+    Returns (attentional hidden [T, B, H], attention weights [T, B, S]), float32.
+    """
+    L = cfg.decoder_layers
+    kernels = tuple(W[f"layer{i}"] for i in range(L))
+    biases = tuple(W[f"layer{i}_bias"] for i in range(1, L))
+    if masks is not None:
+        masks = {"between": masks["between"], "output": masks["output"],
+                 "attention": masks["attention"][:, :, 0, :]}  # [T, B, S]
+    static = (L, bool(cfg.residual), jnp.dtype(cfg.dtype).name, int(cfg.unroll))
+    return _decode(static, gx0, kernels, biases, W["att_output_kernel"], keys, memory, mask, masks,
+                   (tuple(state["layers"]), state["feed"]))
+
+
+def _mm(spec, x, w, dtype):
+    """einsum in the compute dtype with a float32 result."""
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, initial, save: bool):
+    L, residual, dtype, unroll = static
+    dtype = jnp.dtype(dtype)
+
+    def body(carry, xs):
+        layers, feed = carry
+        gx, m = xs
+        inp, new_layers, saved = None, [], []
+        for l in range(L):
+            h, c = layers[l]
+            both = jnp.concatenate([feed if l == 0 else inp, h], -1)
+            z = (gx if l == 0 else biases[l - 1]) + _mm("ni,ig->ng", both, kernels[l], dtype)
+            i, f, g, o = jnp.split(z, 4, axis=-1)
+            i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+            c_new = f * c + i * g
+            h_new = o * jnp.tanh(c_new)
+            out = h_new + inp if residual and l > 0 else h_new
+            if m is not None and l + 1 < L:
+                out = out * m["between"][l]
+            new_layers.append((h_new, c_new))
+            if save:
+                saved.append((both.astype(dtype), jnp.concatenate([i, f, g, o], -1), c_new))
+            inp = out
+        q = inp
+        scores = jnp.where(mask, _mm("bh,bsh->bs", q, keys, dtype), NEG_INF)
+        a = jax.nn.softmax(scores, axis=-1)
+        probs = a if m is None else a * m["attention"]
+        ctx = _mm("bs,bsh->bh", probs, memory, dtype)
+        att_in = jnp.concatenate([ctx, q], -1)
+        hid = jnp.tanh(_mm("ni,ih->nh", att_in, w_out, dtype))
+        hidden = hid if m is None else hid * m["output"]
+        ys = (hidden, a)
+        if save:
+            ys = ys + (tuple(saved), att_in.astype(dtype), hid)
+        return (tuple(new_layers), hidden), ys
+
+    return jax.lax.scan(body, initial, (gx0, masks), unroll=unroll)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decode(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, initial):
+    _, (hidden, a) = _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, initial, False)
+    return hidden, a
+
+
+def _decode_fwd(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, initial):
+    _, (hidden, a, saved, att_in, hid) = _forward(static, gx0, kernels, biases, w_out, keys, memory, mask,
+                                                  masks, initial, True)
+    dtypes = jax.tree.map(lambda x: jnp.zeros((0,), x.dtype), (gx0, biases, keys, memory, initial))
+    return (hidden, a), (saved, att_in, hid, a, kernels, w_out, keys, memory, masks, initial, dtypes)
+
+
+def _decode_bwd(static, res, ct):
+    L, residual, dtype, unroll = static
+    dtype = jnp.dtype(dtype)
+    saved, att_in, hid, a, kernels, w_out, keys, memory, masks, initial, dtypes = res
+    d_hidden, d_a_out = ct
+    H = w_out.shape[1]
+    shift = lambda seq, first: jnp.concatenate([first[None], seq[:-1]], 0)  # noqa: E731  value at t-1
+    c_prev = tuple(shift(saved[l][2], initial[0][l][1]) for l in range(L))
+
+    def body(carry, xs):
+        dh, dc, d_feed = carry
+        (sv, cp, a_t, att_t, hid_t, dy, dwa, m) = xs
+        d_hid = dy + d_feed
+        if m is not None:
+            d_hid = d_hid * m["output"]
+        d_pre = d_hid * (1.0 - hid_t * hid_t)
+        d_att = _mm("nh,ih->ni", d_pre, w_out, dtype)  # [B, 2H] = [d ctx; d q]
+        d_ctx, d_q = d_att[:, :H], d_att[:, H:]
+        d_probs = _mm("bh,bsh->bs", d_ctx, memory, dtype)
+        d_w = (d_probs if m is None else d_probs * m["attention"]) + dwa
+        d_s = a_t * (d_w - jnp.sum(a_t * d_w, -1, keepdims=True))  # softmax backward (0 at padding)
+        d_out = d_q + _mm("bs,bsh->bh", d_s, keys, dtype)
+        dh, dc, dz = list(dh), list(dc), [None] * L
+        for l in reversed(range(L)):
+            both, acts, c_new = sv[l]
+            if m is not None and l + 1 < L:
+                d_out = d_out * m["between"][l]
+            i, f, g, o = jnp.split(acts, 4, axis=-1)
+            tc = jnp.tanh(c_new)
+            dh_tot = dh[l] + d_out
+            dc_tot = dc[l] + dh_tot * o * (1.0 - tc * tc)
+            dz[l] = jnp.concatenate([dc_tot * g * i * (1.0 - i), dc_tot * cp[l] * f * (1.0 - f),
+                                     dc_tot * i * (1.0 - g * g), dh_tot * tc * o * (1.0 - o)], -1)
+            d_both = _mm("ng,ig->ni", dz[l], kernels[l], dtype)
+            n_side = d_both.shape[-1] - H
+            d_side, dh[l] = d_both[:, :n_side], d_both[:, n_side:]
+            dc[l] = dc_tot * f
+            if l > 0:
+                d_out = d_side + d_out if residual else d_side
+            else:
+                d_feed = d_side
+        return (tuple(dh), tuple(dc), d_feed), (tuple(dz), d_pre, d_ctx, d_s)
+
+    zeros = jnp.zeros_like(initial[1])
+    init = (tuple(zeros for _ in range(L)), tuple(zeros for _ in range(L)), zeros)
+    xs = (saved, c_prev, a, att_in, hid, d_hidden, d_a_out, masks)
+    (dh, dc, d_feed), (dz, d_pre, d_ctx, d_s) = jax.lax.scan(body, init, xs, reverse=True, unroll=unroll)
+
+    # the loop-invariant arrays' gradients, once each, over all steps
+    def over_time(spec, x, y, like):
+        return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32).astype(like)
+
+    d_kernels = tuple(over_time("tbi,tbg->ig", saved[l][0], dz[l], kernels[l].dtype) for l in range(L))
+    d_w_out = over_time("tbi,tbh->ih", att_in, d_pre, w_out.dtype)
+    q = att_in[:, :, H:]
+    probs = a if masks is None else a * masks["attention"]
+    gx_t, bias_t, keys_t, memory_t, init_t = dtypes
+    d_keys = over_time("tbs,tbh->bsh", d_s, q, keys_t.dtype)
+    d_memory = over_time("tbs,tbh->bsh", probs, d_ctx, memory_t.dtype)
+    d_biases = tuple(dz[l].sum((0, 1)).astype(b.dtype) for l, b in zip(range(1, L), bias_t))
+    d_initial = (tuple((dh[l].astype(init_t[0][l][0].dtype), dc[l].astype(init_t[0][l][1].dtype))
+                       for l in range(L)), d_feed.astype(init_t[1].dtype))
+    d_gx0 = dz[0].astype(gx_t.dtype)
+    return (d_gx0, d_kernels, d_biases, d_w_out, d_keys, d_memory, None, None, d_initial)
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
