@@ -4,7 +4,9 @@ Both searches drive a `step_fn(tokens, cache) -> (logits, cache, attention)` (se
 this module imports only jax and numpy (as t5x's decoding.py does); `steps.py` adapts the model.
 `continuous_search` runs either search over a queue of sentences through a fixed pool of
 decoding slots, refilling a slot as soon as its sentence finishes (continuous batching); its
-step function also gets per-sentence context that beam search never reorders (`ContextStepFn`).
+step function also gets per-sentence context that beam search never reorders (`ContextStepFn`),
+either per row or, with `slot_context=True`, once per slot for its K beam rows (so a step reads
+e.g. the encoder memory once per sentence instead of once per beam).
 Every sentence's result is the same however it is batched.
 
 Speed notes (XLA on CPU): the per-step work outside the step function is a few passes over the
@@ -149,7 +151,8 @@ def beam_search(
 
 # ContextStepFn(tokens [N] int32, state (pytree, leading dim N; follows the beams), context
 # (pytree, leading dim N; the same for every beam of a sentence, never reordered)) ->
-# (logits [N, V], new state, attention [N, S] or None).
+# (logits [N, V], new state, attention [N, S] or None). With continuous_search(slot_context=True)
+# the context has leading dim N / K instead: entry p serves the K beam rows p*K .. p*K+K-1.
 ContextStepFn = Callable[[jax.Array, Any, Any], "tuple[jax.Array, Any, jax.Array | None]"]
 
 
@@ -168,6 +171,7 @@ def continuous_search(
     source_lengths: jax.Array | None = None,
     nbest: int = 1,
     refill: int | None = None,
+    slot_context: bool = False,
     bos_id: int = BOS_ID,
     eos_id: int = EOS_ID,
 ) -> dict[str, jax.Array | None]:
@@ -188,6 +192,8 @@ def continuous_search(
         after it are not decoded and their results are zeros.
       slots: P (static).  refill: most slots refilled in one step (static; default P // 8,
         at least 1); further free slots wait a step.
+      slot_context: False: step_fn gets the context with leading dim P*K (tiled to every beam
+        row); True: with leading dim P, one entry per slot for its K rows (see `ContextStepFn`).
       Other arguments as `beam_search` with Q for B (greedy ignores the penalties).
 
     Returns:
@@ -202,8 +208,10 @@ def continuous_search(
     _check_sizes(refill=refill)
     limits = _length_limits(max_lengths, queue_size, max_len)
     rows = slots * beam_size
-    probe_rows = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((rows, *leaf.shape[1:]), leaf.dtype),
-                              (state, context))
+    def abstract_rows(tree, n):
+        return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((n, *leaf.shape[1:]), leaf.dtype), tree)
+
+    probe_rows = (abstract_rows(state, rows), abstract_rows(context, slots if slot_context else rows))
     vocab_size, source_len = _probe(lambda t, sc: step_fn(t, *sc), jnp.full((rows,), bos_id, jnp.int32),
                                     probe_rows)
     if beam_size == 1:
@@ -215,15 +223,15 @@ def continuous_search(
     return _run_slots(ops, step_fn, state, context, slots=slots, queue_size=queue_size,
                       num_sentences=jnp.minimum(jnp.asarray(num_sentences, jnp.int32), queue_size),
                       limits=limits, source_lengths=_source_lengths(source_lengths, queue_size, source_len),
-                      source_len=source_len, max_len=max_len, refill=refill)
+                      source_len=source_len, max_len=max_len, refill=refill, slot_context=slot_context)
 
 
 # ------------------------------------------------------------------ the search, slot by slot
 #
 # Both searches run one `lax.while_loop` over a pool of P decoding slots (K rows each). A slot
 # holds one sentence's search ("search" below: per-slot arrays of the greedy or beam state) and
-# its K rows of decoder state ("rows", reordered along beams) and of per-sentence context
-# ("context", fixed, e.g. encoder memory). The plain searches fill every slot once (P = B).
+# its K rows of decoder state ("rows", reordered along beams) and its per-sentence context
+# ("context", fixed, e.g. encoder memory; K rows, or one with slot_context). The plain searches fill every slot once (P = B).
 # The continuous searches take sentences from a queue of Q >= P: when a slot's sentence
 # finishes, its result is written out and the slot is refilled from the queue at the same step,
 # so no step computes rows of a sentence that has already finished.
@@ -248,16 +256,19 @@ class _Search:
 
 
 def _run_slots(search_ops: _Search, step_fn, state, context, *, slots, queue_size, num_sentences,
-               limits, source_lengths, source_len, max_len, refill):
+               limits, source_lengths, source_len, max_len, refill, slot_context=False):
     """Decodes `num_sentences` sentences of a queue through `slots` slots -> results [Q, ...].
 
     state/context: pytrees with leading dim Q (per sentence); limits, source_lengths [Q].
     With queue_size == slots and refill == 0 (the plain searches) every slot is filled once and
-    the loop runs until every slot has stopped or max_len steps have passed.
+    the loop runs until every slot has stopped or max_len steps have passed. slot_context (only
+    with refill > 0): context is kept per slot (leading dim P), not per row.
     """
     K = search_ops.num_beams
     P, Q = slots, queue_size
     continuous = refill > 0
+    if slot_context and not continuous:
+        raise ValueError("slot_context needs the continuous search (refill > 0).")
 
     def tile(tree):
         return jax.tree.map(lambda leaf: jnp.repeat(leaf, K, axis=0), tree)
@@ -272,11 +283,12 @@ def _run_slots(search_ops: _Search, step_fn, state, context, *, slots, queue_siz
                 "limits": limits, "source_lengths": source_lengths, "step": jnp.zeros((), jnp.int32),
                 "stopped": jnp.zeros((P,), bool)}
     else:
-        def zeros_rows(tree):
-            return jax.tree.map(lambda leaf: jnp.zeros((P * K, *leaf.shape[1:]), leaf.dtype), tree)
+        def zeros_rows(tree, n=P * K):
+            return jax.tree.map(lambda leaf: jnp.zeros((n, *leaf.shape[1:]), leaf.dtype), tree)
 
         empty_results = jax.eval_shape(search_ops.result, search_ops.fresh(Q))
-        loop = {"search": search_ops.fresh(P), "rows": zeros_rows(state), "context": zeros_rows(context),
+        loop = {"search": search_ops.fresh(P), "rows": zeros_rows(state),
+                "context": zeros_rows(context, P if slot_context else P * K),
                 "limits": jnp.ones((P,), jnp.int32), "source_lengths": jnp.ones((P,), jnp.int32),
                 "step": jnp.zeros((), jnp.int32),
                 "sentence": jnp.full((P,), Q, jnp.int32),  # queue index of each slot's sentence; Q = idle
@@ -294,7 +306,11 @@ def _run_slots(search_ops: _Search, step_fn, state, context, *, slots, queue_siz
 
         loop = dict(loop)
         loop["rows"] = put_rows(loop["rows"], state)
-        loop["context"] = put_rows(loop["context"], context)
+        if slot_context:
+            loop["context"] = jax.tree.map(lambda r, q: r.at[slot_ids].set(q[take], mode="drop"),
+                                           loop["context"], context)
+        else:
+            loop["context"] = put_rows(loop["context"], context)
         loop["search"] = jax.tree.map(lambda s, f: s.at[slot_ids].set(f, mode="drop"), loop["search"],
                                       search_ops.fresh(slot_ids.shape[0]))
         loop["limits"] = loop["limits"].at[slot_ids].set(limits[take], mode="drop")

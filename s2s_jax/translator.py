@@ -85,7 +85,8 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
     dc = config.decode
     variables = {"params": params}
     # Memory, keys and mask are the same for every beam of a sentence: the search keeps them
-    # out of the state it reorders each step.
+    # out of the state it reorders each step, once per slot (the decoder's attention reads each
+    # sentence's memory once for its K beam rows).
     context = {k: cache[k] for k in ("memory", "keys", "mask")}
     want_attention = attention or (beam_size > 1 and dc.coverage_penalty != 0)
 
@@ -98,7 +99,7 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
         step_fn, cache["state"], context, num_sentences=num_sentences, slots=slots, beam_size=beam_size,
         max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
         coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths, nbest=nbest,
-        bos_id=BOS_ID, eos_id=EOS_ID)
+        slot_context=True, bos_id=BOS_ID, eos_id=EOS_ID)
 
 
 class Translator:

@@ -536,6 +536,40 @@ def test_continuous_search_equals_plain_search_per_sentence(beam_size):
         assert int(lengths.reshape(n, -1)[5, 0]) == 1  # the one-token limit holds in a refilled slot
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_continuous_search_slot_context_equals_per_row_context(beam_size):
+    """slot_context=True hands the step function one context entry per slot (leading dim P, not
+    P*K); a step that tiles it to its K rows itself gives exactly the per-row search."""
+    n, queue, slots = 7, 8, 3
+    source_lengths = np.array([5, 1, 3, 5, 2, 4, 1, 1])
+    max_lengths = jnp.asarray(np.array([9, 2, 6, 9, 4, 1, 7, 3]))
+    step = rnn_context_step(make_rnn_step(seed=21))
+    state, context = split_rnn_cache(rnn_cache(seed=22, source_lengths=source_lengths))
+    seen = []
+
+    def slot_step(tokens, state, context):
+        group = tokens.shape[0] // context["keys"].shape[0]
+        seen.append((tokens.shape[0], context["keys"].shape[0], context["source_lengths"].shape[0]))
+        return step(tokens, state, jax.tree.map(lambda a: jnp.repeat(a, group, axis=0), context))
+
+    penalties = dict(length_penalty=0.6, coverage_penalty=0.2) if beam_size > 1 else {}
+    common = dict(slots=slots, beam_size=beam_size, nbest=1 if beam_size == 1 else 2, max_len=9, refill=2,
+                  **penalties)
+    args = (state, context)
+    kwargs = dict(num_sentences=n, max_lengths=max_lengths, source_lengths=jnp.asarray(source_lengths))
+    per_row = jax.jit(partial(continuous_search, step, **common))(*args, **kwargs)
+    per_slot = jax.jit(partial(continuous_search, slot_step, slot_context=True, **common))(*args, **kwargs)
+    assert seen and all(s == (slots * beam_size, slots, slots) for s in seen)
+    for key in per_row:
+        if per_row[key] is not None:
+            np.testing.assert_array_equal(np.asarray(per_slot[key]), np.asarray(per_row[key]), err_msg=key)
+    assert int(np.asarray(per_row["lengths"]).reshape(queue, -1)[:n, 0].min()) >= 1
+    with pytest.raises(ValueError, match="slot_context"):
+        decoding._run_slots(decoding._Greedy(max_len=4, source_len=None, bos_id=BOS_ID, eos_id=EOS_ID),
+                            step, state, context, slots=2, queue_size=2, num_sentences=2, limits=None,
+                            source_lengths=None, source_len=None, max_len=4, refill=0, slot_context=True)
+
+
 def test_continuous_search_per_row_chains_many_refills():
     """Markov chains per sentence (state = the table rows), 12 sentences through 2 slots."""
     tables = random_chains(seed=21, batch_size=12, vocab_size=7)

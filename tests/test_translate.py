@@ -90,6 +90,69 @@ def test_beam_size_one_equals_greedy(translator):
         assert float(out["log_probs"][r, 0]) == pytest.approx(g["scores"][0], abs=1e-4)
 
 
+def test_beam_translation_equals_plain_beam_search_over_tiled_memory(translator):
+    """The Translator keeps encoder memory once per slot (the beams share it); decoding.beam_search
+    over the same encoded batch with memory tiled to every beam row finds the same n-best."""
+    sources = [translator.source_vocab.encode(line) for line in LINES if line.strip()]
+    got = translator.translate_ids(sources, beam=3, nbest=2)
+    n, S = len(sources), max(map(len, sources))
+    src = np.zeros((n, S), np.int32)
+    for r, s in enumerate(sources):
+        src[r, :len(s)] = s
+    lengths = np.asarray([len(s) for s in sources], np.int32)
+    model, params, dc = translator.model, translator.params, translator.config.decode
+    cache = translator_lib.encode(params, src, lengths, model=model)
+
+    def step_fn(tokens, cache):
+        logits, new, _ = model.apply({"params": params}, tokens, cache, method=Seq2Seq.decode_step)
+        return logits, new, None
+
+    limits = translator.max_len_for(lengths).astype(np.int32)
+    out = jax.device_get(jax.jit(lambda cache: decoding.beam_search(
+        step_fn, cache, batch_size=n, beam_size=3, nbest=2, max_lengths=limits, max_len=int(limits.max()),
+        length_penalty=dc.length_penalty, bos_id=BOS_ID, eos_id=EOS_ID))(cache))
+    for r, res in enumerate(got):
+        for k in range(2):
+            seq = out["tokens"][r, k, :out["lengths"][r, k]].tolist()
+            assert seq[-1] == EOS_ID and seq[:-1] == res["tokens"][k]
+        np.testing.assert_allclose(res["scores"], out["scores"][r], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["general", "dot", "mlp"])
+def test_decoder_step_with_memory_shared_by_beam_rows_equals_tiled_memory(attention):
+    """Decoder.step with memory/keys/mask given once per sentence for its K rows (what the
+    Translator's beam search does) = the step with them tiled to every row."""
+    from s2s_jax.config import ModelConfig
+
+    cfg = ModelConfig(hidden_dim=32, source_embed_dim=16, target_embed_dim=16, encoder_layers=2,
+                      decoder_layers=2, attention=attention, bridge="dense")
+    model = Seq2Seq(cfg, 11, 13)
+    B, K, S = 3, 4, 6
+    rng = np.random.default_rng(0)
+    source = rng.integers(3, 11, size=(B, S)).astype(np.int32)
+    source_lengths = np.array([6, 2, 4], np.int32)
+    params = model.init(jax.random.key(0), source, source_lengths, np.ones((B, 3), np.int32))["params"]
+    cache = model.apply({"params": params}, source, source_lengths, method=Seq2Seq.encode)
+    tile = lambda a: jax.numpy.repeat(a, K, axis=0)  # noqa: E731
+    state = jax.tree.map(lambda a: tile(a) + 0.1 * rng.standard_normal((B * K, *a.shape[1:])).astype(np.float32),
+                         cache["state"])  # beams of a sentence in different states
+    tokens = rng.integers(0, 13, size=(B * K,)).astype(np.int32)
+    shared = dict(cache, state=state)
+    tiled = dict(shared, **{k: tile(cache[k]) for k in ("memory", "keys", "mask")})
+    step = jax.jit(lambda c: model.apply({"params": params}, tokens, c, method=Seq2Seq.decode_step))
+    logits_s, new_s, weights_s = step(shared)
+    logits_t, new_t, weights_t = step(tiled)
+    assert logits_s.shape == (B * K, 13) and weights_s.shape == (B * K, S)
+    assert new_s["memory"].shape[0] == B  # the shared memory is passed through, not tiled
+    np.testing.assert_allclose(logits_s, logits_t, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(weights_s, weights_t, rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), new_s["state"], new_t["state"])
+    np.testing.assert_array_equal(np.asarray(weights_s)[K:2 * K, 2:], 0.0)  # sentence 1 has 2 source tokens
+    assert not np.allclose(logits_s[0], logits_s[1])  # the rows really differ
+    with pytest.raises(ValueError, match="evenly"):
+        model.apply({"params": params}, tokens[:5], shared, method=Seq2Seq.decode_step)
+
+
 def test_cli_translate_file_nbest_and_throughput(workdir, tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_text("\n".join(LINES) + "\n", encoding="utf-8")

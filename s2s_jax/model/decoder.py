@@ -152,12 +152,29 @@ class Decoder(nn.Module):
         return x, weights
 
     def step(self, embedded: Array, state, memory: Array, keys: Array, mask: Array):
-        """One decoding step: embedded [N, E] -> (hidden [N, H], new state, weights [N, S] | None)."""
-        dtype = jnp.dtype(self.config.dtype)
+        """One decoding step: embedded [N, E] -> (hidden [N, H], new state, weights [N, S] | None).
+
+        memory, keys [M, S, H], mask [M, S]: per row (M = N), or shared by groups of G = N / M
+        consecutive rows (the G beams of a sentence: row n attends over entry n // G), which
+        reads each entry once per step instead of once per row; same function as tiling them.
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
         W = self._prepared()
         gx0 = matmul(embedded, W.pop("w_emb"), dtype) + W["layer0_bias"]
+        dot = plain_dot
+        rows, entries = embedded.shape[0], memory.shape[0]
+        if entries != rows and cfg.attention != "none":
+            if rows % entries:
+                raise ValueError(f"{rows} decoder rows cannot share {entries} memory entries evenly")
+            group = rows // entries
+            mask = jnp.repeat(mask, group, axis=0)  # [N, S]: cheap, unlike memory and keys
+            if cfg.attention == "mlp":  # its features are per (row, source position) anyway
+                memory, keys = (jnp.repeat(a, group, axis=0) for a in (memory, keys))
+            else:
+                dot = _grouped_attention_dot(group)
         W.update(memory=memory, keys=keys, mask=mask)
-        return _step(self.config, W, plain_dot, gx0, state, None)
+        return _step(cfg, W, dot, gx0, state, None)
 
 
 def _attention_params(W: dict) -> dict:
@@ -217,3 +234,21 @@ def _step(cfg: ModelConfig, W: dict, dot, gx0: Array, state, masks):
     if masks is not None:
         hidden = hidden * masks["output"]
     return hidden, {"layers": tuple(new_carries), "feed": hidden}, weights
+
+
+def _grouped_attention_dot(group: int):
+    """`plain_dot` for `attend` (dot / general) with keys and memory [M, S, H] shared by groups of
+    `group` consecutive query rows (N = M * group): each entry is read once, by all its rows.
+
+    attend's "keys" product "bth,bsh->bts" (queries [N, T, H]) becomes one [group*T, H] x
+    [H, S] product per entry, and its "memory" product "bts,bsh->bth" one [group*T, S] x
+    [S, H] product; every other product is plain_dot's.
+    """
+    def dot(name: str, spec: str, x: Array, w: Array, dtype=jnp.float32) -> Array:
+        if name in ("keys", "memory") and spec in ("bth,bsh->bts", "bts,bsh->bth"):
+            n, t, d = x.shape
+            out = plain_dot(name, spec, x.reshape(n // group, group * t, d), w, dtype)
+            return out.reshape(n, t, out.shape[-1])
+        return plain_dot(name, spec, x, w, dtype)
+
+    return dot
