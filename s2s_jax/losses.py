@@ -99,8 +99,10 @@ def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad):
         rows = lambda a: jax.lax.dynamic_slice_in_dim(a, i * R, R)  # noqa: E731
         return _score(rows(hp), kernel, bias, rows(yp), rows(wp), eps, dtype, with_grad)
 
+    # Block 0 runs unconditionally (all weights 0 when no row is real: it adds zeros) and starts
+    # the accumulators, so the [H, V] kernel gradient is never zero-filled.
     if not with_grad:
-        return jax.lax.fori_loop(0, n_blocks, lambda i, acc: acc + block(i), jnp.zeros(4, jnp.float32))
+        return jax.lax.fori_loop(1, n_blocks, lambda i, acc: acc + block(i), block(0))
 
     def body(i, acc):
         sums, d_h, d_kernel, d_bias = acc
@@ -108,9 +110,9 @@ def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad):
         return (sums + b_sums, jax.lax.dynamic_update_slice_in_dim(d_h, b_h, i * R, 0),
                 d_kernel + b_kernel, d_bias + b_bias)
 
-    init = (jnp.zeros(4, jnp.float32), jnp.zeros((n_blocks_max * R, H), jnp.float32),
-            jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
-    sums, d_h, d_kernel, d_bias = jax.lax.fori_loop(0, n_blocks, body, init)
+    sums, h0, d_kernel, d_bias = block(0)
+    init = (sums, jnp.concatenate([h0, jnp.zeros(((n_blocks_max - 1) * R, H), jnp.float32)]), d_kernel, d_bias)
+    sums, d_h, d_kernel, d_bias = jax.lax.fori_loop(1, n_blocks, body, init)
     return sums, jnp.take(d_h[:N], jnp.argsort(perm), axis=0), d_kernel, d_bias  # original row order
 
 

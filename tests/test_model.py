@@ -317,6 +317,23 @@ def test_bfloat16_close_to_float32():
     np.testing.assert_allclose(np.asarray(h16), np.asarray(h32), atol=5e-2)
 
 
+def test_fused_loss_of_an_all_padding_batch_is_zero():
+    """A batch with no real target row (all filler) adds nothing: sums and gradients are zero."""
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(3, 70, 5)), jnp.float32)  # 210 rows: several blocks
+    kernel = jnp.asarray(rng.normal(size=(5, 11)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(11,)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 70)), jnp.int32)
+    for weight in (0.0, 1.0):
+        f = jax.jit(jax.value_and_grad(lambda h, k, b: losses.sequence_loss(h, k, b, targets, jnp.full((3, 70), weight))["loss"],
+                                       argnums=(0, 1, 2)))
+        v, g = f(hidden, kernel, bias)
+        if weight == 0.0:
+            assert float(v) == 0.0 and all(float(jnp.abs(x).max()) == 0.0 for x in g)
+        else:  # every row real: the blocks past the first are all counted
+            assert_close(v, losses.token_losses(hidden @ kernel + bias, targets)[0].sum())
+
+
 @pytest.mark.parametrize("eps,chunk", [(0.0, 0), (0.1, 0), (0.1, 3)])
 def test_fused_loss_matches_autodiff(eps, chunk):
     """losses.sequence_loss (gradient formed in its forward pass) == autodiff of token_losses."""
