@@ -584,7 +584,7 @@ def _best_token(logits, force, eos_id):
         return _first_index(log_probs == best[:, None]), best
     n_chunks = V // chunk
     chunked = logits.reshape(B, n_chunks, chunk)  # every pass reads this one shape
-    chunk_logits = jnp.max(chunked, axis=-1)  # [B, n]
+    chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, n]; see _top_extensions
     top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, 1]
     lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
     best = ((top - top) - lse)[:, 0]
@@ -617,11 +617,12 @@ def _top_extensions(alive_log_probs, logits, force, eos_id, num_candidates):
     (highest first, lower flat index first among equal values).
 
     For a large V it never forms the [B, K, V] values: each row is cut into chunks, and only the
-    C chunks with the highest maxima can hold a row's C best entries (an entry outside them is
-    beaten by each of those C chunk maxima, or tied with a maximum at a lower index), so top_k
-    runs over K*C chunks instead of K*V tokens. The chunks are taken in position order, so
-    ties still go to the lower index. Chunk maxima come from the raw logits (one pass, shared
-    with the row maximum), since alive + log-prob is monotone in the logit.
+    C chunks of the sentence (over all K rows) with the highest maxima can hold its C best
+    entries (an entry outside them is beaten by each of those C chunk maxima, or tied with a
+    maximum at a lower flat index), so top_k runs over C chunks instead of K*V tokens. The
+    chunks are taken in flat position order, so ties still go to the lower index. Chunk maxima
+    come from the raw logits in one pass, which also gives the row maxima (alive + log-prob is
+    monotone in the logit); the log-sum-exp is the only other pass over all the logits.
     """
     B, K, V = logits.shape
     logits = logits.astype(jnp.float32)
@@ -632,29 +633,37 @@ def _top_extensions(alive_log_probs, logits, force, eos_id, num_candidates):
         values = alive_log_probs[:, :, None] + _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
         return lax.top_k(values.reshape(B, K * V), num_candidates)
     n_chunks = V // chunk
-    # Every pass reads the logits in one [B, K, n, chunk] shape, so XLA stores them once.
+    # Every pass reads the logits in one [B, K, n, chunk] shape, so XLA stores them once. The
+    # barrier keeps the chunk maxima a pass of their own: otherwise XLA takes the row maximum
+    # straight from the logits and the chunk maxima again in a second pass.
     chunked = logits.reshape(B, K, n_chunks, chunk)
-    chunk_logits = jnp.max(chunked, axis=-1)  # [B, K, n]
+    chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, K, n]
     top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, K, 1], the row maximum
     lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
 
-    def extended(x):  # alive + log-prob, unmasked; monotone non-decreasing in x
-        return alive_log_probs[:, :, None] + ((x - top) - lse)
+    def extended(x, alive, top, lse):  # alive + log-prob, unmasked; monotone non-decreasing in x
+        return alive + ((x - top) - lse)
 
     # A chunk's best value is extended(its largest logit) (extended is monotone, so it commutes
     # with max); where only EOS is allowed, only EOS's chunk has a finite value.
-    eos_value = extended(chunked[:, :, eos_id // chunk, eos_id % chunk][..., None])  # [B, K, 1]
+    alive = alive_log_probs[:, :, None]  # [B, K, 1]
+    eos_value = extended(chunked[:, :, eos_id // chunk, eos_id % chunk][..., None], alive, top, lse)
     chunk_values = jnp.where(force[..., None], jnp.where(jnp.arange(n_chunks) == eos_id // chunk, eos_value, _NEG_INF),
-                             extended(chunk_logits))
-    _, chunks = lax.top_k(chunk_values, num_candidates)  # [B, K, C]
+                             extended(chunk_logits, alive, top, lse))  # [B, K, n]
+    _, chunks = lax.top_k(chunk_values.reshape(B, K * n_chunks), num_candidates)  # [B, C], k * n + chunk
     chunks = jnp.sort(chunks, axis=-1)
-    token_ids = (chunks[..., None] * chunk + jnp.arange(chunk)).reshape(B, K, -1)  # [B, K, C*chunk]
-    picked = jnp.take_along_axis(chunked, chunks[..., None], axis=2)
-    values = extended(picked.reshape(B, K, -1))
+    beam, position = chunks // n_chunks, chunks % n_chunks  # [B, C]
+    picked = jnp.take_along_axis(chunked.reshape(B, K * n_chunks, chunk), chunks[..., None], axis=1)  # [B, C, chunk]
+
+    def of_beam(x):  # [B, K, 1] -> [B, C, 1], the value of each picked chunk's beam
+        return jnp.take_along_axis(x, beam[..., None], axis=1)
+
+    token_ids = position[..., None] * chunk + jnp.arange(chunk)  # [B, C, chunk]
+    values = extended(picked, of_beam(alive), of_beam(top), of_beam(lse))
     values = jnp.where(force[..., None] & (token_ids != eos_id), _NEG_INF, values).reshape(B, -1)
-    flat_ids = (jnp.arange(K)[None, :, None] * V + token_ids).reshape(B, -1)
-    best, position = lax.top_k(values, num_candidates)
-    return best, jnp.take_along_axis(flat_ids, position, axis=1)
+    flat_ids = (beam[..., None] * V + token_ids).reshape(B, -1)
+    best, at = lax.top_k(values, num_candidates)
+    return best, jnp.take_along_axis(flat_ids, at, axis=1)
 
 
 def _source_lengths(source_lengths, n, source_len):
