@@ -32,6 +32,7 @@ from s2s_jax import decoding
 from s2s_jax.config import Config
 from s2s_jax.data.vocab import BOS_ID, EOS_ID
 from s2s_jax.model import Seq2Seq
+from s2s_jax.model.decoder import input_projection_table
 
 LENGTH_MULTIPLE = 16
 QUEUE_BATCHES = 16  # most sentences decoded by one continuous-batching call, in batches
@@ -90,16 +91,42 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
     context = {k: cache[k] for k in ("memory", "keys", "mask")}
     want_attention = attention or (beam_size > 1 and dc.coverage_penalty != 0)
 
+    # Layer 1's input projection of every target token, once per call (when it pays): each
+    # step gathers its tokens' rows instead of multiplying the [rows, E] embeddings.
+    table = None
+    if _use_input_table(cache["mask"].shape[0], beam_size, max_len, model.target_vocab_size):
+        table = model.apply(variables, method=_input_projection_table)
+
     def step_fn(tokens, state, context):
-        logits, new_cache, weights = model.apply(variables, tokens, dict(context, state=state),
-                                                 method=Seq2Seq.decode_step)
-        return logits, new_cache["state"], weights if want_attention else None
+        logits, new_state, weights = model.apply(variables, tokens, table, state, context, method=_decode_step)
+        return logits, new_state, weights if want_attention else None
 
     return decoding.continuous_search(
         step_fn, cache["state"], context, num_sentences=num_sentences, slots=slots, beam_size=beam_size,
         max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
         coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths, nbest=nbest,
         slot_context=True, bos_id=BOS_ID, eos_id=EOS_ID)
+
+
+def _use_input_table(queue_size: int, beam_size: int, max_len: int, vocab_size: int) -> bool:
+    """Whether the call likely decodes more token rows than the table has (V): a sentence is
+    taken to run a quarter of max_len steps."""
+    return queue_size * beam_size * max_len >= 4 * vocab_size
+
+
+def _input_projection_table(model: Seq2Seq):
+    return input_projection_table(model.decoder, model.target_embedding)
+
+
+def _decode_step(model: Seq2Seq, tokens, table, state, context):
+    """`Seq2Seq.decode_step` on per-slot context, with layer 1's projected input gathered from
+    `table` (None: from the embeddings) -> (logits [N, V], new state, weights [N, S] | None)."""
+    if table is None:
+        logits, cache, weights = model.decode_step(tokens, dict(context, state=state))
+        return logits, cache["state"], weights
+    hidden, state, weights = model.decoder.step(None, state, context["memory"], context["keys"], context["mask"],
+                                                projected=jnp.take(table, tokens, axis=0))
+    return model.logits(hidden), state, weights
 
 
 class Translator:

@@ -152,6 +152,32 @@ def test_decoder_step_with_memory_shared_by_beam_rows_equals_tiled_memory(attent
     with pytest.raises(ValueError, match="evenly"):
         model.apply({"params": params}, tokens[:5], shared, method=Seq2Seq.decode_step)
 
+    # Layer 1's projected input gathered from the per-token table = projecting the embeddings.
+    table = model.apply({"params": params}, method=translator_lib._input_projection_table)
+    assert table.shape == (13, 4 * 32)
+    logits_p, state_p, weights_p = jax.jit(lambda c: model.apply(
+        {"params": params}, tokens, table, c["state"], c, method=translator_lib._decode_step))(shared)
+    np.testing.assert_allclose(logits_p, logits_s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(weights_p, weights_s, rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), state_p, new_s["state"])
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_input_projection_table_changes_no_translation(translator, monkeypatch, beam):
+    """Decoding with layer 1's input projection gathered from a per-token table (what long inputs
+    use) and with it computed from the embeddings each step give the same hypotheses."""
+    use_table = translator_lib._use_input_table
+    assert use_table(1024, 5, 82, 8000) and not use_table(1, 5, 40, 8000)
+    sources = [translator.source_vocab.encode(line) for line in LINES if line.strip()]
+    got = {}
+    for use in (False, True):
+        monkeypatch.setattr(translator_lib, "_use_input_table", lambda *a, use=use: use)
+        monkeypatch.setattr(translator_lib, "_DECODERS", {})  # trace again with the other choice
+        got[use] = translator.translate_ids(sources, beam=beam, nbest=min(beam, 2))
+    for a, b in zip(got[False], got[True]):
+        assert a["tokens"] == b["tokens"]
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-6, atol=1e-6)
+
 
 def test_cli_translate_file_nbest_and_throughput(workdir, tmp_path, capsys):
     src = tmp_path / "in.txt"

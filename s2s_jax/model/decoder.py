@@ -151,19 +151,23 @@ class Decoder(nn.Module):
             x = x * jnp.swapaxes(masks["output"], 0, 1)
         return x, weights
 
-    def step(self, embedded: Array, state, memory: Array, keys: Array, mask: Array):
+    def step(self, embedded: Array | None, state, memory: Array, keys: Array, mask: Array,
+             projected: Array | None = None):
         """One decoding step: embedded [N, E] -> (hidden [N, H], new state, weights [N, S] | None).
 
         memory, keys [M, S, H], mask [M, S]: per row (M = N), or shared by groups of G = N / M
         consecutive rows (the G beams of a sentence: row n attends over entry n // G), which
         reads each entry once per step instead of once per row; same function as tiling them.
+        projected [N, G·H]: layer 1's projected input (`input_projection_table` rows of the
+        tokens), used instead of embedded, which may then be None.
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         W = self._prepared()
-        gx0 = matmul(embedded, W.pop("w_emb"), dtype) + W["layer0_bias"]
+        w_emb = W.pop("w_emb")
+        gx0 = projected if projected is not None else matmul(embedded, w_emb, dtype) + W["layer0_bias"]
         dot = plain_dot
-        rows, entries = embedded.shape[0], memory.shape[0]
+        rows, entries = gx0.shape[0], memory.shape[0]
         if entries != rows and cfg.attention != "none":
             if rows % entries:
                 raise ValueError(f"{rows} decoder rows cannot share {entries} memory entries evenly")
@@ -252,3 +256,12 @@ def _grouped_attention_dot(group: int):
         return plain_dot(name, spec, x, w, dtype)
 
     return dot
+
+
+def input_projection_table(decoder: Decoder, embedding: Array) -> Array:
+    """embedding [V, E] -> [V, G·H], layer 1's projected input (bias included) of every target
+    token: a decoding step gathers its tokens' rows (`Decoder.step(projected=...)`) instead of
+    multiplying [N, E] embeddings each step. Call it on a bound decoder (inside `apply`).
+    """
+    W = decoder._prepared()
+    return matmul(embedding, W["w_emb"], jnp.dtype(decoder.config.dtype)) + W["layer0_bias"]
