@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax.config import ModelConfig
+from s2s_jax.model.cells import lstm_activations, lstm_gate_grads
 
 Array = jax.Array
 NEG_INF = -1e9  # as attention.py: exp underflows to exactly 0 at padded source positions
@@ -79,8 +80,8 @@ def _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, ini
             h, c = layers[l]
             both = jnp.concatenate([feed if l == 0 else inp, h], -1)
             z = (gx if l == 0 else biases[l - 1]) + _mm("ni,ig->ng", both, kernels[l], dtype)
-            i, f, g, o = jnp.split(z, 4, axis=-1)
-            i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+            acts = lstm_activations(z)
+            i, f, g, o = jnp.split(acts, 4, axis=-1)
             c_new = f * c + i * g
             h_new = o * jnp.tanh(c_new)
             out = h_new + inp if residual and l > 0 else h_new
@@ -88,7 +89,7 @@ def _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, ini
                 out = out * m["between"][l]
             new_layers.append((h_new, c_new))
             if save:
-                saved.append((both.astype(dtype), jnp.concatenate([i, f, g, o], -1), c_new))
+                saved.append((both.astype(dtype), acts, c_new))
             inp = out
         q = inp
         scores = jnp.where(mask, _mm("bh,bsh->bs", q, keys, dtype), NEG_INF)
@@ -146,16 +147,11 @@ def _decode_bwd(static, res, ct):
             both, acts, c_new = sv[l]
             if m is not None and l + 1 < L:
                 d_out = d_out * m["between"][l]
-            i, f, g, o = jnp.split(acts, 4, axis=-1)
-            tc = jnp.tanh(c_new)
-            dh_tot = dh[l] + d_out
-            dc_tot = dc[l] + dh_tot * o * (1.0 - tc * tc)
-            dz[l] = jnp.concatenate([dc_tot * g * i * (1.0 - i), dc_tot * cp[l] * f * (1.0 - f),
-                                     dc_tot * i * (1.0 - g * g), dh_tot * tc * o * (1.0 - o)], -1)
+            dz[l], dc_tot = lstm_gate_grads(acts, c_new, cp[l], dh[l] + d_out, dc[l])
             d_both = _mm("ng,ig->ni", dz[l], kernels[l], dtype)
             n_side = d_both.shape[-1] - H
             d_side, dh[l] = d_both[:, :n_side], d_both[:, n_side:]
-            dc[l] = dc_tot * f
+            dc[l] = dc_tot * acts[:, H:2 * H]  # · f
             if l > 0:
                 d_out = d_side + d_out if residual else d_side
             else:
