@@ -172,6 +172,7 @@ def continuous_search(
     nbest: int = 1,
     refill: int | None = None,
     slot_context: bool = False,
+    output_sizes: tuple[int, int | None] | None = None,
     bos_id: int = BOS_ID,
     eos_id: int = EOS_ID,
 ) -> dict[str, jax.Array | None]:
@@ -194,6 +195,9 @@ def continuous_search(
         at least 1); further free slots wait a step.
       slot_context: False: step_fn gets the context with leading dim P*K (tiled to every beam
         row); True: with leading dim P, one entry per slot for its K rows (see `ContextStepFn`).
+      output_sizes: (V, S or None), the sizes step_fn's logits [N, V] and attention [N, S] (None:
+        it gives no attention) will have, when the caller knows them; saves tracing step_fn
+        once more to find them.
       Other arguments as `beam_search` with Q for B (greedy ignores the penalties).
 
     Returns:
@@ -211,9 +215,10 @@ def continuous_search(
     def abstract_rows(tree, n):
         return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((n, *leaf.shape[1:]), leaf.dtype), tree)
 
-    probe_rows = (abstract_rows(state, rows), abstract_rows(context, slots if slot_context else rows))
-    vocab_size, source_len = _probe(lambda t, sc: step_fn(t, *sc), jnp.full((rows,), bos_id, jnp.int32),
-                                    probe_rows)
+    if output_sizes is None:
+        probe_rows = (abstract_rows(state, rows), abstract_rows(context, slots if slot_context else rows))
+        output_sizes = _probe(lambda t, sc: step_fn(t, *sc), jnp.full((rows,), bos_id, jnp.int32), probe_rows)
+    vocab_size, source_len = output_sizes
     if beam_size == 1:
         ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id)
     else:

@@ -105,7 +105,8 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
         step_fn, cache["state"], context, num_sentences=num_sentences, slots=slots, beam_size=beam_size,
         max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
         coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths, nbest=nbest,
-        slot_context=True, bos_id=BOS_ID, eos_id=EOS_ID)
+        slot_context=True, output_sizes=(model.target_vocab_size, cache["mask"].shape[1] if want_attention else None),
+        bos_id=BOS_ID, eos_id=EOS_ID)
 
 
 def _use_input_table(queue_size: int, beam_size: int, max_len: int, vocab_size: int) -> bool:

@@ -570,6 +570,31 @@ def test_continuous_search_slot_context_equals_per_row_context(beam_size):
                             source_lengths=None, source_len=None, max_len=4, refill=0, slot_context=True)
 
 
+def test_continuous_search_output_sizes_skip_the_probe_trace():
+    """Given (V, S) up front, continuous_search traces the step function once (no probe) and
+    decodes exactly as when it probes; wrong sizes are not silently accepted."""
+    source_lengths = np.array([5, 1, 3, 4])
+    step = rnn_context_step(make_rnn_step(seed=31))
+    state, context = split_rnn_cache(rnn_cache(seed=32, source_lengths=source_lengths))
+    traces = []
+
+    def counted(tokens, state, context):
+        traces.append(tokens.shape)
+        return step(tokens, state, context)
+
+    kwargs = dict(num_sentences=4, slots=2, beam_size=2, max_lengths=None, max_len=6, coverage_penalty=0.2,
+                  source_lengths=jnp.asarray(source_lengths))
+    probed = continuous_search(counted, state, context, **kwargs)
+    assert len(traces) == 2  # the probe, then the loop body
+    traces.clear()
+    given = continuous_search(counted, state, context, output_sizes=(VOCAB, SOURCE), **kwargs)
+    assert len(traces) == 1
+    for key in probed:
+        np.testing.assert_array_equal(np.asarray(given[key]), np.asarray(probed[key]), err_msg=key)
+    with pytest.raises(Exception):
+        continuous_search(counted, state, context, output_sizes=(VOCAB + 1, SOURCE), **kwargs)
+
+
 def test_continuous_search_per_row_chains_many_refills():
     """Markov chains per sentence (state = the table rows), 12 sentences through 2 slots."""
     tables = random_chains(seed=21, batch_size=12, vocab_size=7)
