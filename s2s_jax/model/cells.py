@@ -173,7 +173,7 @@ def lstm_activations(z: Array) -> Array:
 def lstm_gate_grads(acts: Array, c_new: Array, c_prev: Array, dh: Array, dc: Array) -> tuple[Array, Array]:
     """LSTM backward through one step's gates: acts [..., 4H] post-activation, c_new/c_prev [..., H],
     dh, dc [..., H] the cotangents of h_new and c_new -> (dz [..., 4H] w.r.t. the pre-activations,
-    the total cotangent of c_new). Built in a [.., 4, H] view by per-gate selects, so XLA emits
+    the cotangent of c_prev). Built in a [.., 4, H] view by per-gate selects, so XLA emits
     one fused kernel rather than four products and a concatenate.
     """
     H = c_new.shape[-1]
@@ -186,7 +186,12 @@ def lstm_gate_grads(acts: Array, c_new: Array, c_prev: Array, dh: Array, dc: Arr
     outer = jnp.where(gate == 0, up(dc_tot * g), jnp.where(gate == 1, up(dc_tot * c_prev),
                                                             jnp.where(gate == 2, up(dc_tot * i), up(dh * tc))))
     local = jnp.where(gate == 2, 1.0 - a * a, a * (1.0 - a))  # tanh' for g, σ' for i, f, o
-    return (outer * local).reshape(acts.shape), dc_tot
+    return (outer * local).reshape(acts.shape), dc_tot * f
+
+
+def previous_steps(seq: Array, first: Array) -> Array:
+    """Time-major seq [T, ...] shifted one step later: the value at t-1, `first` at t = 0."""
+    return jnp.concatenate([first[None], seq[:-1]], 0)
 
 
 def _lstm_step(gx, gh, h, c, m):
@@ -241,20 +246,18 @@ def _recurrence_bwd(cell, dtype, unroll, res, ct):
     dtype = jnp.dtype(dtype)
     d_ys, d_final = ct
     d_ys = jnp.where(mask, d_ys, 0.0)  # outputs are zero (constant) at padded steps
-    shift = lambda seq, first: jnp.concatenate([first[None], seq[:-1]], 0)  # noqa: E731  value at t-1
 
     if cell == "lstm":
         hs, cs, acts = saved
-        h_prev, c_prev = shift(hs, initial[0]), shift(cs, initial[1])
+        h_prev, c_prev = previous_steps(hs, initial[0]), previous_steps(cs, initial[1])
 
         def body(carry, inp):
             dh, dc = carry
             a, c, cp, m, dy = inp
-            f = a[..., c.shape[-1]:2 * c.shape[-1]]
-            dz, dc_tot = lstm_gate_grads(a, c, cp, dh + dy, dc)
+            dz, dc_prev = lstm_gate_grads(a, c, cp, dh + dy, dc)
             dz = jnp.where(m, dz, 0.0)
             dh_prev = jnp.where(m, _dot_t(dz, w_hh, dtype), dh)
-            dc_prev = jnp.where(m, dc_tot * f, dc)
+            dc_prev = jnp.where(m, dc_prev, dc)
             return (dh_prev, dc_prev), dz
 
         d_initial, dz = jax.lax.scan(body, d_final, (acts, cs, c_prev, mask, d_ys), reverse=True, unroll=unroll)
@@ -262,7 +265,7 @@ def _recurrence_bwd(cell, dtype, unroll, res, ct):
         d_b_hh = None
     else:
         hs, hn, acts = saved
-        h_prev = shift(hs, initial)
+        h_prev = previous_steps(hs, initial)
 
         def body(dh, inp):
             a, n_h, hp, m, dy = inp

@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax.config import ModelConfig
-from s2s_jax.model.cells import lstm_activations, lstm_gate_grads
+from s2s_jax.model.attention import NEG_INF
+from s2s_jax.model.cells import lstm_activations, lstm_gate_grads, previous_steps
+from s2s_jax.model.scan import plain_dot, weight_grad
 
 Array = jax.Array
-NEG_INF = -1e9  # as attention.py: exp underflows to exactly 0 at padded source positions
 
 
 def supported(cfg: ModelConfig) -> bool:
@@ -64,8 +65,7 @@ def decode(cfg: ModelConfig, W: dict, gx0: Array, state, memory: Array, keys: Ar
 
 
 def _mm(spec, x, w, dtype):
-    """einsum in the compute dtype with a float32 result."""
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return plain_dot("", spec, x, w, dtype)
 
 
 def _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, initial, save: bool):
@@ -116,7 +116,7 @@ def _decode(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, init
 def _decode_fwd(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, initial):
     _, (hidden, a, saved, att_in, hid) = _forward(static, gx0, kernels, biases, w_out, keys, memory, mask,
                                                   masks, initial, True)
-    dtypes = jax.tree.map(lambda x: jnp.zeros((0,), x.dtype), (gx0, biases, keys, memory, initial))
+    dtypes = jax.tree.map(lambda x: jnp.zeros((0,), x.dtype), (gx0, biases, initial))  # cotangent dtypes
     return (hidden, a), (saved, att_in, hid, a, kernels, w_out, keys, memory, masks, initial, dtypes)
 
 
@@ -126,8 +126,7 @@ def _decode_bwd(static, res, ct):
     saved, att_in, hid, a, kernels, w_out, keys, memory, masks, initial, dtypes = res
     d_hidden, d_a_out = ct
     H = w_out.shape[1]
-    shift = lambda seq, first: jnp.concatenate([first[None], seq[:-1]], 0)  # noqa: E731  value at t-1
-    c_prev = tuple(shift(saved[l][2], initial[0][l][1]) for l in range(L))
+    c_prev = tuple(previous_steps(saved[l][2], initial[0][l][1]) for l in range(L))
 
     def body(carry, xs):
         dh, dc, d_feed = carry
@@ -147,11 +146,10 @@ def _decode_bwd(static, res, ct):
             both, acts, c_new = sv[l]
             if m is not None and l + 1 < L:
                 d_out = d_out * m["between"][l]
-            dz[l], dc_tot = lstm_gate_grads(acts, c_new, cp[l], dh[l] + d_out, dc[l])
+            dz[l], dc[l] = lstm_gate_grads(acts, c_new, cp[l], dh[l] + d_out, dc[l])
             d_both = _mm("ng,ig->ni", dz[l], kernels[l], dtype)
             n_side = d_both.shape[-1] - H
             d_side, dh[l] = d_both[:, :n_side], d_both[:, n_side:]
-            dc[l] = dc_tot * acts[:, H:2 * H]  # · f
             if l > 0:
                 d_out = d_side + d_out if residual else d_side
             else:
@@ -163,17 +161,14 @@ def _decode_bwd(static, res, ct):
     xs = (saved, c_prev, a, att_in, hid, d_hidden, d_a_out, masks)
     (dh, dc, d_feed), (dz, d_pre, d_ctx, d_s) = jax.lax.scan(body, init, xs, reverse=True, unroll=unroll)
 
-    # the loop-invariant arrays' gradients, once each, over all steps
-    def over_time(spec, x, y, like):
-        return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32).astype(like)
-
-    d_kernels = tuple(over_time("tbi,tbg->ig", saved[l][0], dz[l], kernels[l].dtype) for l in range(L))
-    d_w_out = over_time("tbi,tbh->ih", att_in, d_pre, w_out.dtype)
-    q = att_in[:, :, H:]
+    # the loop-invariant arrays' gradients, once each, over all steps (the forward products' specs;
+    # the saved inputs `both` and `att_in` are already in the compute dtype)
+    d_kernels = tuple(weight_grad("ni,ig->ng", saved[l][0], dz[l], kernels[l]) for l in range(L))
+    d_w_out = weight_grad("ni,ih->nh", att_in, d_pre, w_out)
     probs = a if masks is None else a * masks["attention"]
-    gx_t, bias_t, keys_t, memory_t, init_t = dtypes
-    d_keys = over_time("tbs,tbh->bsh", d_s, q, keys_t.dtype)
-    d_memory = over_time("tbs,tbh->bsh", probs, d_ctx, memory_t.dtype)
+    d_keys = weight_grad("bh,bsh->bs", att_in[:, :, H:], d_s, keys)
+    d_memory = weight_grad("bs,bsh->bh", probs.astype(dtype), d_ctx, memory)
+    gx_t, bias_t, init_t = dtypes
     d_biases = tuple(dz[l].sum((0, 1)).astype(b.dtype) for l, b in zip(range(1, L), bias_t))
     d_initial = (tuple((dh[l].astype(init_t[0][l][0].dtype), dc[l].astype(init_t[0][l][1].dtype))
                        for l in range(L)), d_feed.astype(init_t[1].dtype))

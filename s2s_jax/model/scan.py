@@ -69,7 +69,7 @@ def plain_dot(name: str, spec: str, x: Array, w: Array, dtype=jnp.float32) -> Ar
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _weight_grad(spec: str, xs: Array, dys: Array, w: Array) -> Array:
+def weight_grad(spec: str, xs: Array, dys: Array, w: Array) -> Array:
     """Σ_t of einsum(spec)'s weight cotangent, xs [T, ...], dys [T, ...]."""
     ins, out = spec.split("->")
     x_spec, w_spec = ins.split(",")
@@ -145,7 +145,7 @@ def _scan_fwd(step, unroll, weights, params, fixed, carry, xs, consts):
 def _scan_bwd(step, unroll, res, ct):
     vjp_fn, inputs, weights, specs = res
     d_params, d_carry, d_xs, d_deltas = vjp_fn(ct)
-    d_weights = {k: _weight_grad(specs.specs[k], inputs[k], d_deltas[k], w) for k, w in weights.items()}
+    d_weights = {k: weight_grad(specs.specs[k], inputs[k], d_deltas[k], w) for k, w in weights.items()}
     return d_weights, d_params, None, d_carry, d_xs, None
 
 
