@@ -334,6 +334,35 @@ def test_fused_loss_of_an_all_padding_batch_is_zero():
             assert_close(v, losses.token_losses(hidden @ kernel + bias, targets)[0].sum())
 
 
+@pytest.mark.parametrize("lengths", [(0, 0, 0), (5, 0, 40), (120, 150, 0), (200, 111, 90), (200, 200, 200)])
+def test_fused_loss_big_and_small_blocks_match_autodiff(lengths):
+    """600 rows: real-row counts 0, 45, 270, 401 and 600 take 0/1/2 big blocks of BIG_ROWS and
+    0..3 small ones; sums and gradients equal autodiff of the plain loss over all rows."""
+    rng = np.random.default_rng(1)
+    B, T, H, V = 3, 200, 5, 11
+    hidden = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(H, V)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(V,)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    weights = jnp.asarray(np.arange(T)[None] < np.array(lengths)[:, None], jnp.float32)
+
+    def plain(hidden, kernel, bias):
+        loss, nll, correct = losses.token_losses(hidden @ kernel + bias, targets)
+        return (loss * weights).sum(), ((nll * weights).sum(), (correct * weights).sum(), weights.sum())
+
+    def fused(hidden, kernel, bias):
+        s = losses.sequence_loss(hidden, kernel, bias, targets, weights)
+        return s["loss"], (s["nll"], s["correct"], s["weight"])
+
+    (v0, aux0), g0 = jax.value_and_grad(plain, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, bias)
+    (v1, aux1), g1 = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2), has_aux=True))(hidden, kernel, bias)
+    assert float(aux1[2]) == sum(lengths)
+    assert_close(v1, v0)
+    assert_close(aux1, aux0)
+    for a, b in zip(g1, g0):
+        assert_close(a, b)
+
+
 @pytest.mark.parametrize("eps,chunk", [(0.0, 0), (0.1, 0), (0.1, 3)])
 def test_fused_loss_matches_autodiff(eps, chunk):
     """losses.sequence_loss (gradient formed in its forward pass) == autodiff of token_losses."""
