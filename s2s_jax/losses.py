@@ -95,7 +95,9 @@ def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad):
     hp, yp, wp = (jnp.concatenate([jnp.take(a, perm, axis=0), jnp.zeros((capacity - N,) + a.shape[1:], a.dtype)])
                   for a in (h, y, w))
     n_real = real.sum()
-    n_big = jnp.maximum(n_real // RB, 1)  # block 0 is big
+    # big blocks until at most SMALL_MAX rows remain (more small blocks cost more than one big)
+    small_max = (RB // RS - 1) * RS if RB > RS else 0
+    n_big = jnp.maximum((n_real - small_max + RB - 1) // RB, 1)  # block 0 is big
     n_small = jnp.maximum(n_real - n_big * RB + RS - 1, 0) // RS
 
     def block(start, R):
