@@ -27,8 +27,49 @@ GATES = {"lstm": 4, "gru": 3}
 
 
 def matmul(x: Array, w: Array, dtype) -> Array:
-    """x @ w with inputs in the compute dtype and a float32 result."""
-    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    """x [..., D] @ w [D, G] with inputs in the compute dtype and a float32 result.
+
+    Leading axes are flattened into rows and the product is `dense`, whose backward pass forms
+    the weight gradient as an explicitly transposed xᵀ [D, rows] times dy [rows, G].
+    """
+    if w.ndim != 2 or x.ndim < 2:
+        return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    lead = x.shape[:-1]
+    y = dense(x.reshape(-1, x.shape[-1]), w, jnp.dtype(dtype).name)
+    return y.reshape(lead + (w.shape[-1],))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: Array, w: Array, dtype: str) -> Array:
+    """x [N, D] @ w [D, G] in `dtype` with a float32 result.
+
+    Autodiff of a time-major projection ([T, B, D] @ [D, G]) leaves XLA:CPU a weight gradient
+    contracting over two leading axes; it transposes the [T·B, G] cotangent and runs the product
+    on its slower generic path (8.96 ms for [1024, 256] x [256, 1024] forward + backward on the
+    dev CPU). Here the backward pass multiplies the materialised xᵀ [D, N] (a small copy: D is
+    the narrow side) by dy [N, G] and dy by wᵀ, both plain row-major products (5.62 ms); on
+    bench_cpu's step (three such projections) 1.7 % by the median, 4.6 % by the best round of an
+    in-process A/B.
+    """
+    dt = jnp.dtype(dtype)
+    return jnp.matmul(x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+
+
+def _dense_fwd(x, w, dtype):
+    return dense(x, w, dtype), (x, w)
+
+
+def _dense_bwd(dtype, res, dy):
+    x, w = res
+    dt = jnp.dtype(dtype)
+    dy = dy.astype(dt)
+    dx = jnp.matmul(dy, w.astype(dt).T, preferred_element_type=jnp.float32)
+    xt = jax.lax.optimization_barrier(x.astype(dt).T)  # keep the transposed copy (XLA would fold it)
+    dw = jnp.matmul(xt, dy, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def _bias_init(cell: str, hidden: int):
