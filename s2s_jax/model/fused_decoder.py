@@ -101,7 +101,7 @@ def _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, ini
         hidden = hid if m is None else hid * m["output"]
         ys = (hidden, a)
         if save:
-            ys = ys + (tuple(saved), att_in.astype(dtype), hid)
+            ys = ys + (tuple(saved), att_in.astype(dtype), None if m is None else hid)  # else hid is hidden
         return (tuple(new_layers), hidden), ys
 
     return jax.lax.scan(body, initial, (gx0, masks), unroll=unroll)
@@ -116,6 +116,7 @@ def _decode(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, init
 def _decode_fwd(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, initial):
     _, (hidden, a, saved, att_in, hid) = _forward(static, gx0, kernels, biases, w_out, keys, memory, mask,
                                                   masks, initial, True)
+    hid = hidden if hid is None else hid
     dtypes = jax.tree.map(lambda x: jnp.zeros((0,), x.dtype), (gx0, biases, initial))  # cotangent dtypes
     return (hidden, a), (saved, att_in, hid, a, kernels, w_out, keys, memory, masks, initial, dtypes)
 
