@@ -334,12 +334,11 @@ def test_fused_loss_of_an_all_padding_batch_is_zero():
             assert_close(v, losses.token_losses(hidden @ kernel + bias, targets)[0].sum())
 
 
-@pytest.mark.parametrize("lengths", [(0, 0, 0), (5, 0, 40), (120, 150, 0), (200, 111, 90), (200, 200, 200)])
-def test_fused_loss_big_and_small_blocks_match_autodiff(lengths):
-    """600 rows: real-row counts 0, 45, 270, 401 and 600 take 0/1/2 big blocks of BIG_ROWS and
-    0..3 small ones; sums and gradients equal autodiff of the plain loss over all rows."""
-    rng = np.random.default_rng(1)
-    B, T, H, V = 3, 200, 5, 11
+def check_fused_loss_against_autodiff(T, lengths, eps=0.0, chunk=0, seed=0):
+    """losses.sequence_loss (gradient formed in its forward pass) == autodiff of token_losses on
+    a [3, T] batch whose rows have the given real lengths: sums, metrics and all gradients."""
+    rng = np.random.default_rng(seed)
+    B, H, V = len(lengths), 5, 11
     hidden = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(H, V)), jnp.float32)
     bias = jnp.asarray(rng.normal(size=(V,)), jnp.float32)
@@ -347,11 +346,11 @@ def test_fused_loss_big_and_small_blocks_match_autodiff(lengths):
     weights = jnp.asarray(np.arange(T)[None] < np.array(lengths)[:, None], jnp.float32)
 
     def plain(hidden, kernel, bias):
-        loss, nll, correct = losses.token_losses(hidden @ kernel + bias, targets)
+        loss, nll, correct = losses.token_losses(hidden @ kernel + bias, targets, eps)
         return (loss * weights).sum(), ((nll * weights).sum(), (correct * weights).sum(), weights.sum())
 
     def fused(hidden, kernel, bias):
-        s = losses.sequence_loss(hidden, kernel, bias, targets, weights)
+        s = losses.sequence_loss(hidden, kernel, bias, targets, weights, label_smoothing=eps, chunk=chunk)
         return s["loss"], (s["nll"], s["correct"], s["weight"])
 
     (v0, aux0), g0 = jax.value_and_grad(plain, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, bias)
@@ -363,31 +362,17 @@ def test_fused_loss_big_and_small_blocks_match_autodiff(lengths):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("lengths", [(0, 0, 0), (5, 0, 40), (120, 150, 0), (200, 111, 90), (200, 200, 200)])
+def test_fused_loss_big_and_small_blocks_match_autodiff(lengths):
+    """600 rows: real-row counts 0, 45, 270, 401 and 600 take 1 or 2 big blocks of BIG_ROWS and
+    0 to 3 small ones (losses._compacted)."""
+    check_fused_loss_against_autodiff(200, lengths, seed=1)
+
+
 @pytest.mark.parametrize("eps,chunk", [(0.0, 0), (0.1, 0), (0.1, 3)])
 def test_fused_loss_matches_autodiff(eps, chunk):
-    """losses.sequence_loss (gradient formed in its forward pass) == autodiff of token_losses."""
-    rng = np.random.default_rng(0)
-    B, T, H, V = 3, 7, 5, 11
-    hidden = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(H, V)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(V,)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    weights = jnp.asarray(np.arange(T)[None] < np.array([7, 2, 5])[:, None], jnp.float32)
-
-    def plain(hidden, kernel, bias):
-        loss, nll, correct = losses.token_losses(hidden @ kernel + bias, targets, eps)
-        return (loss * weights).sum(), ((nll * weights).sum(), (correct * weights).sum())
-
-    def fused(hidden, kernel, bias):
-        s = losses.sequence_loss(hidden, kernel, bias, targets, weights, label_smoothing=eps, chunk=chunk)
-        return s["loss"], (s["nll"], s["correct"])
-
-    (v0, aux0), g0 = jax.value_and_grad(plain, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, bias)
-    (v1, aux1), g1 = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2), has_aux=True))(hidden, kernel, bias)
-    assert_close(v1, v0)
-    assert_close(aux1, aux0)
-    for a, b in zip(g1, g0):
-        assert_close(a, b)
+    """With and without label smoothing, whole or chunked over time."""
+    check_fused_loss_against_autodiff(7, (7, 2, 5), eps, chunk)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
