@@ -98,31 +98,31 @@ def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad):
     hp, yp, wp = (jnp.concatenate([jnp.take(a, perm, axis=0), jnp.zeros((capacity - N,) + a.shape[1:], a.dtype)])
                   for a in (h, y, w))
     n_real = real.sum()
-    # big blocks until at most small_max rows remain (more small blocks cost more than one big)
-    small_max = (RB // RS - 1) * RS if RB > RS else 0
-    n_big = jnp.maximum((n_real - small_max + RB - 1) // RB, 1)  # block 0 is big
+    # big blocks until at most RB - RS rows remain (more small blocks cost more than one big)
+    n_big = jnp.maximum((n_real - (RB - RS) + RB - 1) // RB, 1)  # block 0 is big
     n_small = jnp.maximum(n_real - n_big * RB + RS - 1, 0) // RS
 
     def block(start, R):
         rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start, R)  # noqa: E731
         return _score(rows(hp), kernel, bias, rows(yp), rows(wp), eps, dtype, with_grad)
 
-    if not with_grad:
-        acc = jax.lax.fori_loop(1, n_big, lambda i, acc: acc + block(i * RB, RB), block(0, RB))
-        return jax.lax.fori_loop(0, n_small, lambda j, acc: acc + block(n_big * RB + j * RS, RS), acc)
+    def remaining_blocks(add, acc):
+        """Blocks 1 .. n_big - 1 (big), then the small ones: acc = add(acc, start, R)."""
+        acc = jax.lax.fori_loop(1, n_big, lambda i, acc: add(acc, i * RB, RB), acc)
+        return jax.lax.fori_loop(0, n_small, lambda j, acc: add(acc, n_big * RB + j * RS, RS), acc)
 
-    def body(start, R):
-        def run(i, acc):
-            sums, d_h, d_kernel, d_bias = acc
-            b_sums, b_h, b_kernel, b_bias = block(start(i), R)
-            return (sums + b_sums, jax.lax.dynamic_update_slice_in_dim(d_h, b_h, start(i), 0),
-                    d_kernel + b_kernel, d_bias + b_bias)
-        return run
+    if not with_grad:
+        return remaining_blocks(lambda acc, start, R: acc + block(start, R), block(0, RB))
+
+    def add(acc, start, R):
+        sums, d_h, d_kernel, d_bias = acc
+        b_sums, b_h, b_kernel, b_bias = block(start, R)
+        return (sums + b_sums, jax.lax.dynamic_update_slice_in_dim(d_h, b_h, start, 0),
+                d_kernel + b_kernel, d_bias + b_bias)
 
     sums, h0, d_kernel, d_bias = block(0, RB)
     init = (sums, jnp.concatenate([h0, jnp.zeros((capacity - RB, H), jnp.float32)]), d_kernel, d_bias)
-    acc = jax.lax.fori_loop(1, n_big, body(lambda i: i * RB, RB), init)
-    sums, d_h, d_kernel, d_bias = jax.lax.fori_loop(0, n_small, body(lambda j: n_big * RB + j * RS, RS), acc)
+    sums, d_h, d_kernel, d_bias = remaining_blocks(add, init)
     return sums, jnp.take(d_h[:N], jnp.argsort(perm), axis=0), d_kernel, d_bias  # original row order
 
 

@@ -32,8 +32,6 @@ def matmul(x: Array, w: Array, dtype) -> Array:
     Leading axes are flattened into rows and the product is `dense`, whose backward pass forms
     the weight gradient as an explicitly transposed xᵀ [D, rows] times dy [rows, G].
     """
-    if w.ndim != 2 or x.ndim < 2:
-        return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
     lead = x.shape[:-1]
     y = dense(x.reshape(-1, x.shape[-1]), w, jnp.dtype(dtype).name)
     return y.reshape(lead + (w.shape[-1],))
