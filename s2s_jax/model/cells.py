@@ -178,11 +178,17 @@ def lstm_activations(z: Array) -> Array:
     """Pre-activations [..., 4H] (gate order i f g o) -> [σ(i) σ(f) tanh(g) σ(o)].
 
     One full-width elementwise op selecting per column, instead of four slices and a
-    concatenate: inside a scan each separate kernel costs a launch per step.
+    concatenate: inside a scan each separate kernel costs a launch per step. The sigmoids are
+    σ(x) = (1 + tanh(x/2)) / 2, so each element takes one tanh (XLA:CPU's vectorised rational
+    approximation) instead of a tanh and an exp plus a division for every column: the forward
+    loops' activation kernels 46 → 26 µs on the decoder's [64, 1024] (dev CPU), step −1 %
+    (in-process A/B). Equal to jax.nn.sigmoid within 2e-7 absolute.
     """
     H = z.shape[-1] // 4
     col = jnp.arange(4 * H)
-    return jnp.where((col >= 2 * H) & (col < 3 * H), jnp.tanh(z), jax.nn.sigmoid(z))
+    is_g = (col >= 2 * H) & (col < 3 * H)
+    t = jnp.tanh(jnp.where(is_g, z, 0.5 * z))
+    return jnp.where(is_g, t, 0.5 * t + 0.5)
 
 
 def lstm_gate_grads(acts: Array, c_new: Array, c_prev: Array, dh: Array, dc: Array) -> tuple[Array, Array]:
