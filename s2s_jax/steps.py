@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from s2s_jax import decoding, losses
 from s2s_jax.config import Config
@@ -83,7 +82,10 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
 
     grads, sums = _psum((grads, sums), axis_name)
     weight = jnp.maximum(sums["weight"], 1.0)
-    grad_norm = optax.global_norm(jax.tree.map(lambda g: g / weight, grads))  # of the mean gradient
+    # the mean gradient's global norm, as optax.global_norm(grads / weight) but each leaf's sum of
+    # squares a self dot: XLA:CPU runs it as a multithreaded YNN dot rather than a reduction
+    # (the step's 14 norm kernels 3.9 → 1.5 ms on bench_cpu, dev CPU)
+    grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))) / weight
     # mean and clip_by_global_norm(train.clip_norm) as one scalar, fused into the optimizer's pass
     scale = 1.0 / weight
     if tc.clip_norm > 0:
