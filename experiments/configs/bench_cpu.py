@@ -14,8 +14,9 @@ Command (from the repository root):
 Hardware: the 2-core development machine; one run takes ~1.5–2 minutes (compiles 3 shapes for
 each of the two models, then 5 interleaved timed rounds).
 Result: one JSON record with `speedup` (fast / baseline training throughput; the issue's target
-is 1.6). Measured on the 2-core AVX-512 dev CPU: median 1.58 over five runs on 2026-11-30
-(1.53-1.62, experiments/results/bench_cpu_s4_run*.json); earlier sessions' records are
+is 1.6). Measured on the 2-core AVX-512 dev CPU: median 1.64 over eight runs of commit 65712fe on
+2026-11-30 (1.60-1.80; 1.63-1.64 in the five on a quiet machine, experiments/results/
+bench_cpu_s5_run*.json); earlier records are bench_cpu_s4_run*.json (1.58, earlier that day),
 bench_cpu_s3_run*.json (1.35), bench_cpu_s3_default_malloc_run*.json (glibc malloc as it comes),
 bench_cpu_s2_run*.json (1.49) and bench_cpu_run*.json.
 `--data-only` instead measures the Grain loader on the real corpus (prepares SentencePiece once).
