@@ -22,6 +22,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from s2s_jax.model.cells import rows_transposed_product
+
 Array = jax.Array
 
 
@@ -67,10 +69,7 @@ def _score(h, kernel, bias, y, w, eps: float, dtype, with_grad: bool):
         g = g - (eps / V) * w[:, None]
     gd = g.astype(dtype)
     d_h = jnp.matmul(gd, kernel.astype(dtype).T, preferred_element_type=jnp.float32)
-    # hᵀ materialised: contracting h's row axis in place sends the product to XLA:CPU's generic
-    # dot; a transposed copy ([H, N], small) runs it on the YNN path (step −1.7 %, A/B)
-    ht = jax.lax.optimization_barrier(h.astype(dtype).T)
-    d_kernel = jnp.matmul(ht, gd, preferred_element_type=jnp.float32)
+    d_kernel = rows_transposed_product(h, gd, dtype)  # on the YNN path: step −1.7 % (A/B)
     return sums, d_h, d_kernel, None if bias is None else g.sum(0)
 
 

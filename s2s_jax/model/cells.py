@@ -57,14 +57,24 @@ def _dense_fwd(x, w, dtype):
     return dense(x, w, dtype), (x, w)
 
 
+def rows_transposed_product(x: Array, dy: Array, dtype) -> Array:
+    """xᵀ [D, N] @ dy [N, G] in `dtype` with a float32 result: a weight gradient summed over rows.
+
+    Contracting x's row axis in place sends the product to XLA:CPU's generic (Eigen) dot; an
+    explicitly transposed copy of x (small: D is the narrow side), kept by an optimization
+    barrier because XLA would fold the transpose back into the dot, runs it on the YNN path.
+    """
+    dt = jnp.dtype(dtype)
+    xt = jax.lax.optimization_barrier(x.astype(dt).T)
+    return jnp.matmul(xt, dy.astype(dt), preferred_element_type=jnp.float32)
+
+
 def _dense_bwd(dtype, res, dy):
     x, w = res
     dt = jnp.dtype(dtype)
     dy = dy.astype(dt)
     dx = jnp.matmul(dy, w.astype(dt).T, preferred_element_type=jnp.float32)
-    xt = jax.lax.optimization_barrier(x.astype(dt).T)  # keep the transposed copy (XLA would fold it)
-    dw = jnp.matmul(xt, dy, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return dx.astype(x.dtype), rows_transposed_product(x, dy, dt).astype(w.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
@@ -137,9 +147,9 @@ def cell_update(cell: str, gates_x: Array, gates_h: Array, carry) -> tuple[Any, 
     """
     if cell == "lstm":
         _, c = carry
-        i, f, g, o = jnp.split(gates_x + gates_h, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        i, f, g, o = jnp.split(lstm_activations(gates_x + gates_h), 4, axis=-1)
+        c = f * c + i * g
+        h = o * jnp.tanh(c)
         return (h, c), h
     h = carry
     xr, xz, xn = jnp.split(gates_x, 3, axis=-1)
