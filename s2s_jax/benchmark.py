@@ -343,7 +343,7 @@ def _emit(record: dict, output: str | None) -> int:
 
 
 def run(args) -> int:
-    from s2s_jax import cli, config as config_lib
+    from s2s_jax import config as config_lib, runtime
 
     config = config_lib.override(config_lib.load(args.config), args.overrides)
     if args.devices and not args.data_only:
@@ -373,7 +373,7 @@ def run(args) -> int:
             "platform": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "jax": jax.__version__,
-            "host_allocator": cli.HOST_ALLOCATOR,  # S2S_JAX_HOST_ALLOCATOR=default: glibc as it comes
+            "host_allocator": runtime.HOST_ALLOCATOR,  # S2S_JAX_HOST_ALLOCATOR=default: glibc as it comes
             "dtype": config.model.dtype,
             "unroll": config.model.unroll,
             "batch_size": config.data.batch_size,

@@ -1,4 +1,6 @@
-"""The only argument parser: `python -m s2s_jax {train,translate,eval,prepare,benchmark,export}`.
+"""The only argument parser: `python -m s2s_jax {train,translate,eval,serve,prepare,benchmark,export}`.
+
+Also the `s2s-jax` console script (pyproject.toml).
 
 User-caused problems (`UserError`: bad config value, bad path, misaligned data, corrupt
 checkpoint...) print one line `error: ...` on stderr and exit with code 2 before any work.
@@ -14,6 +16,7 @@ import sys
 import time
 
 from s2s_jax import config as config_lib
+from s2s_jax import runtime
 from s2s_jax.config import UserError
 
 
@@ -35,29 +38,41 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--workdir", required=True)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # shorthand for --set train.init_from=...: recorded in config.json like every field
+    p.add_argument("--init-from", dest="overrides", action="append", metavar="RUN[@best|@STEP]",
+                   type=lambda spec: f"train.init_from={spec}",
+                   help="start a new run from another run's parameters (warm start; see docs/lifecycle.md)")
 
     p = sub.add_parser("prepare", help="train SentencePiece and write the tokenized dataset cache")
     _config_args(p)
 
-    for name, help_ in (("translate", "translate lines from --input (default stdin) to stdout"),
-                        ("eval", "translate a test split and score it (sacreBLEU, chrF)")):
+    for name, help_ in (("translate", "translate lines from --input (default stdin, streamed) to stdout"),
+                        ("eval", "translate a test set and score it (sacreBLEU, chrF, exact match)")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--workdir", required=True)
-        p.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode.beam_size)")
-        p.add_argument("--max-len", type=int, default=None, help="maximum output length (sets decode.max_len_a=0, max_len_b)")
-        p.add_argument("--batch-size", type=int, default=None)
-        p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-        p.add_argument("--best", action="store_true", help="use the best checkpoint by validation metric")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.FIELD=VALUE")
+        _decode_args(p)
         if name == "translate":
-            p.add_argument("--input", default="-", help="input file (default: stdin)")
+            p.add_argument("--input", default="-", help="input file (default: stdin, translated as it arrives)")
             p.add_argument("--output", default="-", help="output file (default: stdout)")
-            p.add_argument("--nbest", type=int, default=1, help="write the n best, 'score<TAB>text' per line")
+            p.add_argument("--nbest", type=int, default=1,
+                           help="write the n best per input line, as 'text<TAB>score' lines")
+            p.add_argument("--format", choices=("text", "jsonl"), default="text",
+                           help="jsonl: one JSON object per input line with source pieces and, per hypothesis, "
+                                "text, score, tokens and the attention alignment")
             p.add_argument("--attention-plot", default=None, metavar="FILE.png",
                            help="plot attention heatmaps of the first few sentences")
         else:
-            p.add_argument("--split", default=None, help="split to score (default: data.test_split)")
+            p.add_argument("--split", default=None, help="split of the run's corpus to score (default: data.test_split)")
+            p.add_argument("--src", default=None, metavar="FILE", help="score this source file (with --ref) instead")
+            p.add_argument("--ref", default=None, metavar="FILE", help="reference translations of --src")
             p.add_argument("--data-dir", default=None, help="override data.dir (text corpora)")
+
+    p = sub.add_parser("serve", help="HTTP translation server with dynamic batching (see inference/server.py)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--workdir", help="a trained run")
+    which.add_argument("--bundle", help="an export bundle directory")
+    _decode_args(p)
+    _module_hook("inference.server", "add_arguments", p)
     # Verbs whose options live with their module (each defines add_arguments(p) and run(args)).
     p = sub.add_parser("benchmark", help="training throughput, compile time and FLOP utilisation (JSON)")
     _config_args(p)
@@ -65,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a self-contained bundle (safetensors + jax.export programs)")
     _module_hook("export", "add_arguments", p)
     return parser
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode.beam_size)")
+    p.add_argument("--max-len", type=int, default=None, help="maximum output length (sets decode.max_len_a=0, max_len_b)")
+    p.add_argument("--batch-size", type=int, default=None, help="sentences decoded at once (decode.batch_size)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--best", action="store_true", help="use the best checkpoint by validation metric")
+    p.add_argument("--average-last", type=int, default=None, metavar="K",
+                   help="average the parameters of the last K checkpoints")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.FIELD=VALUE")
 
 
 def _module_hook(module: str, name: str, *args):
@@ -103,131 +129,171 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
-def _read_lines(path: str) -> list[str]:
-    if path == "-":
-        data = sys.stdin.buffer.read()
-        name = "<stdin>"
-    else:
-        if not os.path.isfile(path):
-            raise UserError(f"--input {path}: no such file")
-        with open(path, "rb") as f:
-            data = f.read()
-        name = path
+def _decode_line(data: bytes, name: str, line_no: int) -> str:
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"{name}: invalid UTF-8 at line {line}; convert the file to UTF-8") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{name}: invalid UTF-8 at line {line_no}; convert the input to UTF-8") from None
     # Split on newlines only (str.splitlines would also split on \f, \x1c, U+2028..., and the
     # output must have exactly one line per input line).
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return text[:-1] if text.endswith("\r") else text
+
+
+def _read_lines(path: str) -> list[str]:
+    """All lines of a file, checked for UTF-8 before any work."""
+    if not os.path.isfile(path):
+        raise UserError(f"--input {path}: no such file")
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    raw = data.split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()
+    return [_decode_line(line, path, i + 1) for i, line in enumerate(raw)]
+
+
+def _stdin_chunks(max_lines: int, wait: float = 0.05):
+    """Lists of stdin lines as they arrive: each chunk is every line available (up to max_lines)
+    once no new line came for `wait` seconds, so a pipe gives big chunks and a terminal gets its
+    line translated right after Enter. The reader is a daemon thread: nothing waits for stdin
+    to close once the consumer stops (e.g. `| head`)."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue(maxsize=4 * max_lines)
+    END = None
+
+    def reader():
+        try:
+            for raw in iter(sys.stdin.buffer.readline, b""):
+                lines.put(raw[:-1] if raw.endswith(b"\n") else raw)
+        finally:
+            lines.put(END)
+
+    threading.Thread(target=reader, name="stdin-reader", daemon=True).start()
+    line_no, done = 0, False
+    while not done:
+        first = lines.get()
+        if first is END:
+            return
+        chunk = [first]
+        while len(chunk) < max_lines:
+            try:
+                item = lines.get(timeout=wait)
+            except queue.Empty:
+                break
+            if item is END:
+                done = True
+                break
+            chunk.append(item)
+        texts = []
+        for raw in chunk:
+            line_no += 1
+            texts.append(_decode_line(raw, "<stdin>", line_no))
+        yield texts
+
+
+def _write_results(out, lines, results, *, nbest: int, fmt: str, translator) -> None:
+    if fmt == "jsonl":
+        for line, hyps in zip(lines, results):
+            record = {"source": line, "source_tokens": translator.source_vocab.pieces(
+                translator.encode_lines([line])[0]), "hypotheses": []}
+            for h in hyps[:nbest]:
+                record["hypotheses"].append({"text": h["text"], "score": round(float(h["score"]), 6),
+                                             "tokens": h["tokens"],
+                                             "attention": [[round(float(w), 5) for w in row] for row in h["attention"]]})
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    elif nbest == 1:
+        out.writelines(hyps[0]["text"] + "\n" for hyps in results)
+    else:  # OpenNMT-py's -with_score order: text, then the score
+        out.writelines(f"{h['text']}\t{h['score']:.4f}\n" for hyps in results for h in hyps[:nbest])
+    out.flush()
+
+
+def _load_translator(args):
+    from s2s_jax.inference.translator import load_translator
+
+    return load_translator(args.workdir, step=args.step, best=args.best, average_last=args.average_last,
+                           overrides=args.overrides, max_len=args.max_len, batch_size=args.batch_size)
 
 
 def _cmd_translate(args) -> int:
-    from s2s_jax.translator import load_translator
+    from s2s_jax.inference.translator import QUEUE_BATCHES
 
-    lines = _read_lines(args.input)
-    translator = load_translator(args.workdir, step=args.step, best=args.best, overrides=args.overrides,
-                                 max_len=args.max_len, batch_size=args.batch_size)
-    beam = args.beam or translator.config.decode.beam_size
-    if args.nbest > beam:
-        raise UserError(f"--nbest {args.nbest} must be <= --beam {beam}")
+    if args.input != "-" and not os.path.isfile(args.input):
+        raise UserError(f"--input {args.input}: no such file")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if args.output != "-" and not os.path.isdir(out_dir):
         raise UserError(f"--output {args.output}: folder {out_dir} does not exist")
-    t0 = time.perf_counter()
-    results = translator.translate(lines, beam=beam, nbest=args.nbest)  # includes compilation
-    elapsed = time.perf_counter() - t0
+    if args.nbest < 1:
+        raise UserError(f"--nbest {args.nbest}: must be at least 1")
+    translator = _load_translator(args)
+    beam = args.beam or translator.config.decode.beam_size
+    if beam < 1:
+        raise UserError(f"--beam {beam}: must be at least 1")
+    if args.nbest > beam:
+        raise UserError(f"--nbest {args.nbest} must be <= --beam {beam}")
+    if args.input == "-":
+        chunks = _stdin_chunks(translator.config.decode.batch_size * QUEUE_BATCHES)
+        plot_lines: list[str] = []
+    else:
+        lines = _read_lines(args.input)  # the whole file is checked before any work
+        chunks = iter([lines])
+        plot_lines = lines
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    n_lines = n_tok = 0
+    t0 = time.perf_counter()
     try:
-        for hyps in results:
-            if args.nbest == 1:
-                out.write(hyps[0][0] + "\n")
-            else:
-                for text, score in hyps[:args.nbest]:
-                    out.write(f"{score:.4f}\t{text}\n")
+        for chunk in chunks:
+            results = translator.translate_full(chunk, beam=beam, nbest=args.nbest,
+                                                attention=args.format == "jsonl")
+            n_tok += translator.last_stats.get("tokens", 0)  # output tokens of the best hypotheses
+            n_lines += len(chunk)
+            if args.attention_plot and len(plot_lines) < 4:
+                plot_lines += chunk[:4]
+            _write_results(out, chunk, results, nbest=args.nbest, fmt=args.format, translator=translator)
     finally:
         if out is not sys.stdout:
             out.close()
-    n_tok = translator.last_stats.get("tokens", 0)  # output tokens of the best hypotheses
-    print(f"translated {len(lines)} sentences in {elapsed:.2f}s: {len(lines) / max(elapsed, 1e-9):.1f} "
+    elapsed = time.perf_counter() - t0  # includes compilation
+    print(f"translated {n_lines} sentences in {elapsed:.2f}s: {n_lines / max(elapsed, 1e-9):.1f} "
           f"sentences/s, {n_tok / max(elapsed, 1e-9):.0f} tokens/s (beam {beam})", file=sys.stderr)
     if args.attention_plot:
-        from s2s_jax.translator import plot_attention
-        plot_attention(translator, lines, args.attention_plot, beam=beam)
+        from s2s_jax.inference.translator import plot_attention
+        plot_attention(translator, plot_lines, args.attention_plot, beam=beam)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from s2s_jax.translator import evaluate_split
+    from s2s_jax.inference.evaluate import evaluate
 
-    result = evaluate_split(args)
-    print(json.dumps(result, indent=2))
+    if args.src is not None and not os.path.isfile(args.src):
+        raise UserError(f"--src {args.src}: no such file")
+    if args.ref is not None and not os.path.isfile(args.ref):
+        raise UserError(f"--ref {args.ref}: no such file")
+    translator = _load_translator(args)
+    checkpoint = ("best" if args.best else f"average-last-{args.average_last}" if args.average_last
+                  else args.step if args.step is not None else "latest")
+    result = evaluate(translator, args.workdir, split=args.split, src_file=args.src, ref_file=args.ref,
+                      data_dir=args.data_dir, beam=args.beam, checkpoint=checkpoint)
+    print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 
 COMMANDS = {"train": _cmd_train, "prepare": _cmd_prepare, "translate": _cmd_translate, "eval": _cmd_eval,
+            "serve": lambda args: _module_hook("inference.server", "run", args),
             "benchmark": lambda args: _module_hook("benchmark", "run", args),
             "export": lambda args: _module_hook("export", "run", args)}
 
 
-def _enable_compilation_cache() -> None:
-    """Persistent XLA compilation cache, so a second `translate`/`train` skips compilation.
-
-    Set through the environment before jax is imported; S2S_JAX_COMPILATION_CACHE=0 turns it off,
-    JAX_COMPILATION_CACHE_DIR moves it. Cached programs are the same programs: results stay
-    bit-identical.
-    """
-    if os.environ.get("S2S_JAX_COMPILATION_CACHE", "1") == "0":
-        return
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                          os.path.join(os.path.expanduser("~"), ".cache", "s2s_jax", "xla"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-
-
-HOST_ALLOCATOR = "default"  # "glibc-tuned" once _tune_host_allocator has run (recorded by the benchmark)
-
-
-def _tune_host_allocator() -> None:
-    """glibc malloc: one arena, no mmap for large blocks, no trimming — so XLA:CPU reuses memory.
-
-    XLA:CPU allocates each execution's temporaries as one 100–200 MB block; glibc serves blocks
-    that large with mmap and returns them with munmap, so every training step touched fresh pages:
-    ~29k page faults per bench_cpu step, ~65 ms of kernel time in a ~280 ms step. Served from
-    one heap that is never trimmed, the block's pages stay mapped from step to step (~1.3k faults
-    per step). Must run before jax starts its threads. Linux/glibc only;
-    S2S_JAX_HOST_ALLOCATOR=default leaves malloc as it is.
-    """
-    mode = os.environ.get("S2S_JAX_HOST_ALLOCATOR", "tuned")
-    if mode not in ("tuned", "default"):
-        raise UserError(f"environment variable S2S_JAX_HOST_ALLOCATOR={mode!r}: use 'tuned' (the default) or "
-                        "'default' (glibc malloc as it comes)")
-    if mode == "default" or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import platform
-    if platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-    if libc.mallopt(M_ARENA_MAX, 1) and libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30):
-        global HOST_ALLOCATOR
-        HOST_ALLOCATOR = "glibc-tuned"
-
-
 def main(argv: list[str] | None = None) -> int:
-    _enable_compilation_cache()  # before anything imports jax
+    runtime.enable_compilation_cache()  # before anything imports jax
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging()
     try:
-        _tune_host_allocator()  # before jax starts its threads
+        runtime.tune_host_allocator()  # before jax starts its threads
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -235,3 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 0

@@ -4,7 +4,7 @@
     python -m s2s_jax export --workdir RUN --out B --best                       # best by validation
     python -m s2s_jax export --workdir RUN --out B --average-last 5 --dtype bfloat16
 
-The bundle (layout and loader: `bundle_runtime.py`) holds the parameters as safetensors under
+The bundle (layout and loader: `inference/bundle.py`) holds the parameters as safetensors under
 flat names (the Flax parameter path joined by "/", e.g. "decoder/layer_0/input_kernel"), the
 run's config.json, its vocabulary files, a MODEL.md card, and serialized `jax.export` programs
 (encode, greedy decode, beam decode) lowered for the CPU and CUDA platforms. The programs are
@@ -37,8 +37,8 @@ DTYPES = ("float32", "bfloat16")
 
 
 def load_bundle(path: str, *, verify: bool = True):
-    """Opens an export bundle (see `s2s_jax.bundle_runtime.Bundle`); no flax/optax/orbax needed."""
-    from s2s_jax.bundle_runtime import load_bundle as _load
+    """Opens an export bundle (see `s2s_jax.inference.bundle.Bundle`); no flax/optax/orbax needed."""
+    from s2s_jax.inference.bundle import load_bundle as _load
 
     return _load(path, verify=verify)
 
@@ -75,73 +75,14 @@ def run(args) -> int:
 
 # -- checkpoints ----------------------------------------------------------------------------
 
-def average_params(trees):
-    """Element-wise mean of parameter trees (same structure), accumulated in float64.
-
-    Accumulating in float64 makes the mean of K identical float32 trees exactly that tree.
-    Returns numpy arrays in each leaf's original dtype.
-    """
-    import jax
-    import numpy as np
-
-    trees = list(trees)
-    if not trees:
-        raise ValueError("average_params needs at least one tree")
-    total = jax.tree.map(lambda x: np.asarray(x, np.float64), trees[0])
-    for tree in trees[1:]:
-        total = jax.tree.map(lambda a, x: a + np.asarray(x, np.float64), total, tree)
-    return jax.tree.map(lambda a, x: (a / len(trees)).astype(np.asarray(x).dtype), total, trees[0])
-
-
-def _checkpoint_steps(workdir: str, which: str) -> list[int]:
-    from s2s_jax.checkpoint import CheckpointError, Checkpoints
-
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-        raise UserError(f"--workdir {workdir}: no config.json; train a model there first")
-    folder = "best" if which == "best" else "checkpoints"
-    if not os.path.isdir(os.path.join(workdir, folder)):
-        raise CheckpointError(f"--workdir {workdir}: no {which} checkpoint ({folder}/ is missing); train first")
-    ckpts = Checkpoints(workdir, keep=10 ** 6, keep_best=10 ** 6 if which == "best" else 0, async_save=False)
-    try:
-        manager = ckpts.best if which == "best" else ckpts.latest
-        steps = sorted(manager.all_steps())
-    finally:
-        ckpts.close()
-    if not steps:
-        raise CheckpointError(f"--workdir {workdir}: no {which} checkpoint in {folder}/; train first")
-    return steps
-
-
 def load_export_params(workdir: str, *, step: int | None = None, best: bool = False,
                        average_last: int | None = None):
-    """(config, model, params, source_vocab, target_vocab, checkpoint_info) of a run.
+    """(config, model, params, source_vocab, target_vocab, checkpoint_info) of a run
+    (`s2s_jax.inference.runs.load_run`; checkpoint_info {"which", "steps"})."""
+    from s2s_jax.inference.runs import load_run
 
-    checkpoint_info: {"which": "latest" | "best" | "step" | "average", "steps": [...]}.
-    """
-    from s2s_jax.translator import load_run
-
-    if average_last is not None:
-        if average_last < 1:
-            raise UserError(f"--average-last {average_last}: must be at least 1")
-        steps = _checkpoint_steps(workdir, "latest")
-        if len(steps) < average_last:
-            raise UserError(f"--average-last {average_last}: {workdir}/checkpoints has only {len(steps)} "
-                            f"checkpoint(s) (steps {steps}); lower K, or keep more with train.keep_checkpoints")
-        chosen = steps[-average_last:]
-        trees = []
-        for s in chosen:
-            config, model, params, sv, tv = load_run(workdir, step=s)
-            trees.append(params)
-        return config, model, average_params(trees), sv, tv, {"which": "average", "steps": chosen}
-    which = "best" if best else "latest"
-    steps = _checkpoint_steps(workdir, which)
-    if step is not None and step not in steps:
-        raise UserError(f"--step {step}: no such checkpoint in {workdir}/{'best' if best else 'checkpoints'} "
-                        f"(steps {steps})")
-    config, model, params, sv, tv = load_run(workdir, step=step, best=best)
-    # load_run takes the newest checkpoint that restores; that is the newest step unless it is corrupt.
-    info = {"which": "step" if step is not None else which, "steps": [step if step is not None else steps[-1]]}
-    return config, model, params, sv, tv, info
+    run = load_run(workdir, step=step, best=best, average_last=average_last)
+    return run.config, run.model, run.params, run.source_vocab, run.target_vocab, run.checkpoint
 
 
 # -- programs -------------------------------------------------------------------------------
@@ -154,8 +95,7 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
     import jax.numpy as jnp
     from jax import export
 
-    from s2s_jax import steps
-    from s2s_jax.model import Seq2Seq
+    from s2s_jax.inference.translator import decode_fixed_batch, encode as encode_batch
 
     B, S, T = export.symbolic_shape("batch, source_len, max_len")
     source = jax.ShapeDtypeStruct((B, S), jnp.int32)
@@ -166,10 +106,10 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
         return jax.tree.map(lambda x: x.astype(jnp.float32), params)
 
     def encode(params, source, source_lengths):
-        return model.apply({"params": f32(params)}, source, source_lengths, method=Seq2Seq.encode)
+        return encode_batch(f32(params), source, source_lengths, model=model)
 
     def decode(params, source, source_lengths, max_len_carrier, *, beam):
-        out = steps.decode_batch(f32(params), source, source_lengths, model=model, config=config,
+        out = decode_fixed_batch(f32(params), source, source_lengths, model=model, config=config,
                                  beam_size=beam, nbest=1, max_len=max_len_carrier.shape[0])
         keys = ("tokens", "lengths", "scores")
         if beam == 1:
@@ -323,9 +263,9 @@ def export_bundle(workdir: str, out: str, *, step: int | None = None, best: bool
                   average_last: int | None = None, dtype: str = "float32", beams=None,
                   platforms=PLATFORMS, force: bool = False) -> str:
     """Writes the bundle of a run's checkpoint to `out` (see the module docstring). Returns `out`."""
-    from s2s_jax.bundle_runtime import (CONFIG_FILE, FORMAT, FORMAT_VERSION, LENGTH_MULTIPLE, MANIFEST,
-                                        PARAMS_FILE, PROGRAM_DIR, VOCAB_DIR, file_digest, flatten_params,
-                                        unflatten_params)
+    from s2s_jax.inference.bundle import (CONFIG_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_FILE,
+                                          PROGRAM_DIR, VOCAB_DIR, file_digest, flatten_params, unflatten_params)
+    from s2s_jax.inference.lengths import LENGTH_MULTIPLE
 
     # Everything a user can get wrong is checked before any work.
     if dtype not in DTYPES:

@@ -1,4 +1,4 @@
-"""Pure, un-jitted step functions: train_step, eval_step and the decoding adapters.
+"""Pure, un-jitted step functions: train_step and eval_step (decoding lives in `inference/`).
 
 One per-device body serves every parallel mode: with `axis_name=None` it is a single-device
 step; under shard_map (check_vma=False) or pmap it is given the axis name and reduces gradient
@@ -11,9 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import decoding, losses
+from s2s_jax import losses
 from s2s_jax.config import Config
-from s2s_jax.data.vocab import BOS_ID, EOS_ID
 from s2s_jax.model import Seq2Seq
 from s2s_jax.train_state import TrainState, build_optimizer, learning_rate_fn
 
@@ -49,9 +48,23 @@ def _psum(tree, axis_name):
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
+def _hold_rows(rows: dict, new: dict, old) -> dict:
+    """`new` (a params-like dict) with the rows marked in `rows` ({name: bool [V]}) taken from
+    `old` (a dict of the same names, or a scalar for all of them)."""
+    out = dict(new)
+    for name, mask in rows.items():
+        out[name] = jnp.where(mask[:, None], old[name] if isinstance(old, dict) else old, new[name])
+    return out
+
+
 def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Config,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update from a (local shard of a) batch. Returns (new state, metric sums)."""
+               axis_name: str | None = None, frozen_rows: dict | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from a (local shard of a) batch. Returns (new state, metric sums).
+
+    frozen_rows: {parameter name: bool [V]} embedding rows held fixed (model.freeze_embeddings):
+    their gradient is zero (so neither the norm nor the optimizer's moments see it) and their
+    new values are the old ones, bit for bit (whatever weight decay or the EMA would do).
+    """
     tc = config.train
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     B = batch["source"].shape[0]
@@ -81,6 +94,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
         (grads, sums), _ = jax.lax.scan(body, zero, (micro, split(row_ids)))
 
     grads, sums = _psum((grads, sums), axis_name)
+    if frozen_rows:
+        grads = _hold_rows(frozen_rows, grads, 0.0)
     weight = jnp.maximum(sums["weight"], 1.0)
     # the mean gradient's global norm, as optax.global_norm(grads / weight) but each leaf's sum of
     # squares a self dot: XLA:CPU runs it as a multithreaded YNN dot rather than a reduction
@@ -102,10 +117,14 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
     def update(params, opt_state, ema):
         clipped = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         updates, opt_state = build_optimizer(tc, clip=False).update(clipped, opt_state, params)
-        params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
+        new_params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
+        if frozen_rows:
+            new_params = _hold_rows(frozen_rows, new_params, params)
         if ema is not None:
             d = tc.ema_decay
-            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+            new_ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, new_params)
+            ema = _hold_rows(frozen_rows, new_ema, ema) if frozen_rows else new_ema
+        params = new_params
         return params, opt_state, ema
 
     params, opt_state, ema = jax.lax.cond(finite, update, lambda *old: old,
@@ -131,27 +150,3 @@ def eval_step(params, batch: Batch, *, model: Seq2Seq, config: Config,
 
 
 # -- decoding adapters ----------------------------------------------------------------------
-
-def decode_batch(params, source: jax.Array, source_lengths: jax.Array, *, model: Seq2Seq, config: Config,
-                 beam_size: int = 1, nbest: int = 1, max_len: int) -> dict[str, jax.Array]:
-    """Greedy (beam_size=1) or beam search for a batch; max_len static.
-
-    Returns decoding.py's dict (tokens [B, (nbest,) max_len], lengths, scores, attention).
-    """
-    dc = config.decode
-    cache = model.apply({"params": params}, source, source_lengths, method=Seq2Seq.encode)
-
-    def step_fn(tokens, cache):
-        return model.apply({"params": params}, tokens, cache, method=Seq2Seq.decode_step)
-
-    max_lengths = jnp.minimum(
-        jnp.floor(dc.max_len_a * source_lengths + dc.max_len_b).astype(jnp.int32), max_len)
-    max_lengths = jnp.maximum(max_lengths, 1)
-    B = source.shape[0]
-    if beam_size == 1:
-        return decoding.greedy_search(step_fn, cache, batch_size=B, max_lengths=max_lengths, max_len=max_len,
-                                      bos_id=BOS_ID, eos_id=EOS_ID)
-    return decoding.beam_search(step_fn, cache, batch_size=B, beam_size=beam_size, max_lengths=max_lengths,
-                                max_len=max_len, length_penalty=dc.length_penalty,
-                                coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths,
-                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID)

@@ -77,11 +77,11 @@ def test_train_rejects_foreign_workdir_and_unknown_task(tmp_path):
 
 
 def test_tuned_host_allocator_keeps_xla_temporaries_mapped():
-    """cli._tune_host_allocator: XLA:CPU's per-execution temporaries (here ~70 MB) are reused
+    """runtime.tune_host_allocator: XLA:CPU's per-execution temporaries (here ~70 MB) are reused
     from a heap that stays mapped instead of being mmap'ed and page-faulted in on every call."""
     prog = ("import resource, sys\n"
-            "from s2s_jax.cli import _tune_host_allocator\n"
-            "_tune_host_allocator()\n"
+            "from s2s_jax.runtime import tune_host_allocator\n"
+            "tune_host_allocator()\n"
             "import jax, jax.numpy as jnp\n"
             "f = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x)).sum())\n"
             "x = jnp.ones((3000, 3000))\n"

@@ -47,7 +47,7 @@ def tiny_bundle(tiny_run):
 
 
 def in_process(workdir, lines, beam):
-    from s2s_jax.translator import load_translator
+    from s2s_jax.inference.translator import load_translator
 
     translator = load_translator(str(workdir))
     return [hyps[0][0] for hyps in translator.translate(lines, beam=beam)]
@@ -110,9 +110,10 @@ def test_params_round_trip_to_flax_gives_same_logits(tiny_run, tiny_bundle):
 
     from s2s_jax.export import load_bundle
     from s2s_jax.model import Seq2Seq
-    from s2s_jax.translator import load_run
+    from s2s_jax.inference.runs import load_run
 
-    _, model, params, source_vocab, target_vocab = load_run(str(tiny_run))
+    run = load_run(str(tiny_run))
+    model, params, source_vocab, target_vocab = run.model, run.params, run.source_vocab, run.target_vocab
     bundle = load_bundle(str(tiny_bundle))
     assert jax.tree.structure(bundle.params) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(bundle.params), jax.tree.leaves(params)):
@@ -137,7 +138,7 @@ def test_params_round_trip_to_flax_gives_same_logits(tiny_run, tiny_bundle):
 
 
 def test_average_params_identical_and_two():
-    from s2s_jax.export import average_params
+    from s2s_jax.inference.runs import average_params
 
     rng = np.random.default_rng(0)
     a = {"enc": {"w": rng.normal(size=(5, 7)).astype(np.float32)}, "b": rng.normal(size=(3,)).astype(np.float32)}
@@ -154,9 +155,9 @@ def test_average_params_identical_and_two():
 def test_cli_average_last_in_bfloat16(tiny_run, tmp_path):
     import ml_dtypes
 
-    from s2s_jax.bundle_runtime import flatten_params
+    from s2s_jax.inference.bundle import flatten_params
     from s2s_jax.export import load_bundle
-    from s2s_jax.translator import load_run
+    from s2s_jax.inference.runs import load_run
 
     out = tmp_path / "avg"
     proc = run_cli("export", "--workdir", str(tiny_run), "--out", str(out), "--average-last", "2",
@@ -165,8 +166,8 @@ def test_cli_average_last_in_bfloat16(tiny_run, tmp_path):
     bundle = load_bundle(str(out))
     assert bundle.manifest["checkpoint"] == {"which": "average", "steps": [10, 20]}
     assert "average of the last 2 checkpoints" in (out / "MODEL.md").read_text()
-    p10 = flatten_params(load_run(str(tiny_run), step=10)[2])
-    p20 = flatten_params(load_run(str(tiny_run), step=20)[2])
+    p10 = flatten_params(load_run(str(tiny_run), step=10).params)
+    p20 = flatten_params(load_run(str(tiny_run), step=20).params)
     assert any(not np.array_equal(p10[k], p20[k]) for k in p10)
     for name, value in bundle.flat_params.items():
         assert value.dtype == ml_dtypes.bfloat16
@@ -186,8 +187,10 @@ def test_export_errors(tiny_run, tiny_bundle, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "no latest checkpoint" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match="nowhere: no such folder"):
         export_bundle(str(tmp_path / "nowhere"), str(tmp_path / "b"))
+    with pytest.raises(UserError, match="no config.json"):
+        export_bundle(str(tmp_path), str(tmp_path / "b"))
     with pytest.raises(UserError, match="only 2 checkpoint"):
         export_bundle(str(tiny_run), str(tmp_path / "b"), average_last=5)
     with pytest.raises(UserError, match="--step 7"):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from s2s_jax.data import tasks
-from s2s_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab
+from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab
 
 
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from s2s_jax import cli, decoding
-from s2s_jax import translator as translator_lib
-from s2s_jax.data.vocab import BOS_ID, EOS_ID
+from s2s_jax.inference import translator as translator_lib
+from s2s_jax.vocab import BOS_ID, EOS_ID
 from s2s_jax.model import Seq2Seq
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "tiny.py")
@@ -192,9 +192,9 @@ def test_cli_translate_file_nbest_and_throughput(workdir, tmp_path, capsys):
     for i, line in enumerate(LINES):
         pair = [r.split("\t") for r in rows[2 * i:2 * i + 2]]
         assert all(len(p) == 2 for p in pair)
-        scores = [float(p[0]) for p in pair]
+        scores = [float(p[1]) for p in pair]  # text<TAB>score, as OpenNMT-py's -with_score
         if not line.strip():
-            assert [p[1] for p in pair] == ["", ""]
+            assert [p[0] for p in pair] == ["", ""]
         else:
             assert scores[0] >= scores[1]
 

@@ -33,7 +33,7 @@ from s2s_jax.data.pipeline import (Loader, Materialize, TrainIterator, assign_bu
 from s2s_jax.data.preprocess import load_prepared, open_split, prepare, split_roles
 from s2s_jax.data.text import normalize
 from s2s_jax.data.tokenizer import VOCAB_JSON, read_vocab_dir
-from s2s_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab
+from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab
 
 __all__ = ["DataError", "build_data", "Data", "load_vocabs", "normalize", "prepare",
            "loader_throughput", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID"]
@@ -91,6 +91,7 @@ class Data:
             raise DataError(f"split {train.name!r}: all {len(train)} training pairs are longer than "
                             f"data.max_source_length={d.max_source_length} / data.max_target_length="
                             f"{d.max_target_length} (or the largest bucket); raise those limits")
+        check_length_drops(d, train.name, len(train), reasons)
         self._train = Loader(train.source, bucket, ids, self.shapes, self.rows, seed=d.shuffle_seed,
                              process_index=process_index, process_count=process_count,
                              prefetch=d.prefetch, worker_count=d.worker_count)
@@ -179,6 +180,20 @@ class Data:
         getitems = getattr(sp.source, "__getitems__", None)
         records = getitems(list(range(n))) if getitems else sp.source[:n]
         return [(_text(r["source_text"]), _text(r["target_text"])) for r in records]
+
+
+def check_length_drops(d, split: str, total: int, reasons: dict) -> None:
+    """DataError when the length filter drops more than data.max_dropped_fraction of the
+    training pairs (`reasons`: length_filter's {reason: count}); says how many and why."""
+    dropped = sum(reasons.values())
+    if dropped <= d.max_dropped_fraction * total:
+        return
+    why = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in reasons.items() if n)
+    needed = -(-dropped * 1000 // max(total, 1)) / 1000  # the fraction, rounded up to 0.1 %
+    raise DataError(f"split {split!r}: the length filter would drop {dropped} of {total} training pairs "
+                    f"({100 * dropped / total:.1f} %; {why}), more than data.max_dropped_fraction="
+                    f"{d.max_dropped_fraction}: raise data.max_source_length / data.max_target_length (and the "
+                    f"largest of data.buckets), or accept the loss with --set data.max_dropped_fraction={needed}")
 
 
 def _text(x) -> str:

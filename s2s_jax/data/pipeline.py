@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 from s2s_jax.data.errors import DataError
-from s2s_jax.data.vocab import BOS_ID, EOS_ID
+from s2s_jax.vocab import BOS_ID, EOS_ID
 
 log = logging.getLogger(__name__)
 

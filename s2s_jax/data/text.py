@@ -7,31 +7,9 @@ Everything here works on plain Python strings; the checks raise `DataError` nami
 from __future__ import annotations
 
 import os
-import sys
-import unicodedata
 
 from s2s_jax.data.errors import DataError
-
-# Every Unicode space separator (category Zs: no-break U+00A0, narrow no-break U+202F, thin,
-# figure, ideographic ...) becomes a plain space. NFKC already does this for most of them, but
-# NFC and "none" do not, and SentencePiece would otherwise learn pieces that differ only in an
-# invisible space (French typography in Tatoeba puts U+202F before "!" and "?").
-_SPACES = {c: " " for c in range(sys.maxunicode + 1)
-           if unicodedata.category(chr(c)) == "Zs" and c != 0x20}
-_SPACE_TABLE = str.maketrans(_SPACES)
-
-NORMALIZATION_FORMS = {"nfkc": "NFKC", "nfc": "NFC", "none": None}
-
-
-def normalize(text: str, form: str = "nfkc") -> str:
-    """Unicode-normalises `text` (form: nfkc | nfc | none), maps every space separator to ' '
-    and strips surrounding whitespace. Idempotent."""
-    if form not in NORMALIZATION_FORMS:
-        raise ValueError(f"unknown normalization {form!r}; choose one of {', '.join(NORMALIZATION_FORMS)}")
-    uform = NORMALIZATION_FORMS[form]
-    if uform is not None:
-        text = unicodedata.normalize(uform, text)
-    return text.translate(_SPACE_TABLE).strip()
+from s2s_jax.vocab import NORMALIZATION_FORMS, normalize  # noqa: F401 (re-exported for data/)
 
 
 def read_lines(path: str) -> list[str]:

@@ -1,70 +1,15 @@
-"""SentencePiece tokenizers (trained in-process) and loading of vocabularies by description.
-
-Both vocabulary kinds share one interface and the special ids of `vocab.py` (PAD=0, BOS=1,
-EOS=2, UNK=3): `encode(str) -> list[int]` (no BOS/EOS), `decode(ids) -> str` (stops at EOS,
-skips PAD/BOS), `pieces(ids) -> list[str]`, `vocab_size`, `to_json() -> dict`.
-"""
+"""Training SentencePiece tokenizers in-process (the vocabulary classes live in `s2s_jax.vocab`)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import sentencepiece as spm
 
 from s2s_jax.data.errors import DataError
-from s2s_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, CharVocab
-
-VOCAB_JSON = "vocab.json"
-
-
-class SentencePieceVocab:
-    """A trained SentencePiece model with the project's special ids."""
-
-    kind = "sentencepiece"
-
-    def __init__(self, model_file: str):
-        self.model_file = model_file
-        with open(model_file, "rb") as f:
-            self.model_proto = f.read()
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
-        ids = (self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id())
-        if ids != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
-            raise DataError(f"{model_file}: SentencePiece model has special ids pad/bos/eos/unk={ids}, "
-                            f"expected (0, 1, 2, 3); retrain it with s2s_jax prepare")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text, out_type=int)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encodes many sentences in one C++ call (much faster than a Python loop)."""
-        return self.sp.encode(texts, out_type=int)
-
-    def decode(self, ids) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i in (PAD_ID, BOS_ID) or not 0 <= i < self.vocab_size:
-                continue
-            out.append(i)
-        return self.sp.decode(out)
-
-    def pieces(self, ids) -> list[str]:
-        """Per-token strings, for attention plots."""
-        n = self.vocab_size
-        return [self.sp.id_to_piece(int(i)) if 0 <= int(i) < n else "?" for i in ids]
-
-    def to_json(self) -> dict:
-        return {"kind": "sentencepiece", "model": os.path.basename(self.model_file),
-                "vocab_size": self.vocab_size}
-
+from s2s_jax.vocab import (BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, VOCAB_JSON, SentencePieceVocab,  # noqa: F401
+                           read_vocab_dir, write_vocab_json)
 
 _TOO_HIGH = re.compile(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)")
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
@@ -109,35 +54,3 @@ def train_sentencepiece(sentences, model_prefix: str, *, vocab_size: int, model_
         raise DataError(f"{what}: SentencePiece training failed ({msg.strip().splitlines()[-1] if msg.strip() else msg}); "
                         f"check data.vocab_size / data.spm_model_type / data.spm_character_coverage") from None
     return SentencePieceVocab(model_prefix + ".model")
-
-
-def vocab_from_json(desc: dict, directory: str):
-    """Rebuilds a vocabulary from its `to_json()` description; model files live in `directory`."""
-    kind = desc.get("kind")
-    if kind == "char":
-        return CharVocab()
-    if kind == "sentencepiece":
-        path = os.path.join(directory, desc["model"])
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: SentencePiece model missing; copy the run's vocab/ folder back "
-                            f"or retrain in a new workdir")
-        return SentencePieceVocab(path)
-    raise DataError(f"{os.path.join(directory, VOCAB_JSON)}: unknown vocabulary kind {kind!r}; "
-                    f"it was written by a different s2s_jax version")
-
-
-def write_vocab_json(directory: str, source_vocab, target_vocab) -> None:
-    with open(os.path.join(directory, VOCAB_JSON), "w", encoding="utf-8") as f:
-        json.dump({"source": source_vocab.to_json(), "target": target_vocab.to_json()}, f, indent=2,
-                  sort_keys=True)
-
-
-def read_vocab_dir(directory: str):
-    """(source_vocab, target_vocab) from a folder holding vocab.json and the model files."""
-    path = os.path.join(directory, VOCAB_JSON)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no vocabulary description; pass the workdir of a run trained with "
-                        f"s2s_jax (it writes workdir/vocab/), or train one first")
-    with open(path, encoding="utf-8") as f:
-        desc = json.load(f)
-    return vocab_from_json(desc["source"], directory), vocab_from_json(desc["target"], directory)

@@ -2,7 +2,7 @@
 sentencepiece (never flax, optax, orbax, grain or tensorflow-datasets). jax.export's
 deserializer also needs the small `flatbuffers` package.
 
-    from s2s_jax.export import load_bundle        # (or from s2s_jax.bundle_runtime)
+    from s2s_jax.export import load_bundle        # (or from s2s_jax.inference.bundle)
     bundle = load_bundle("bundles/tiny")
     bundle.translate(["hello", "world"])          # the run's decode.beam_size
     bundle.translate(["hello"], beam=5)           # any beam size the bundle was exported with
@@ -23,7 +23,7 @@ Bundle layout (format version 1; `s2s_jax export` writes it, see export.py):
     MODEL.md               model card: architecture, data, scores, tensor names, programs
 
 Translation uses the exported fixed-batch greedy/beam programs (sorted by length, the run's
-batch size, row/length padding and maximum output length). `s2s_jax.translator.Translator`
+batch size, row/length padding and maximum output length). `s2s_jax.inference.Translator`
 decodes the same sentences through a refilled slot pool instead (continuous batching), which
 gives each sentence the same search, so a float32 bundle gives the same translations as the run
 it came from (tests/test_export.py checks it); it is only slower.
@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from s2s_jax.config import UserError
+from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, round_up
+from s2s_jax.vocab import EOS_ID, VocabError, input_normalization, normalize, vocab_from_json
 
 FORMAT = "s2s_jax-bundle"
 FORMAT_VERSION = 1  # the newest bundle format this module reads (and export.py writes)
@@ -48,9 +49,6 @@ PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
 VOCAB_DIR = "vocab"
 PROGRAM_DIR = "programs"
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-LENGTH_MULTIPLE = 8  # source lengths are padded to a multiple of this (as the Translator does)
-
 
 class BundleError(UserError):
     """A bundle that cannot be read: missing, truncated, corrupt or from a newer s2s_jax."""
@@ -83,70 +81,13 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
     return tree
 
 
-# -- vocabularies (same encode/decode as s2s_jax.data's CharVocab / SentencePieceVocab) --------
-
-class CharVocab:
-    kind = "char"
-
-    def __init__(self, itos: Sequence[str]):
-        self.itos = list(itos)
-        self.stoi = {s: i for i, s in enumerate(self.itos)}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.stoi.get(ch, UNK_ID) for ch in text]
-
-    def decode(self, ids) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i in (PAD_ID, BOS_ID):
-                continue
-            out.append(self.itos[i] if 0 <= i < len(self.itos) and i != UNK_ID else "?")
-        return "".join(out)
-
-
-class SentencePieceVocab:
-    kind = "sentencepiece"
-
-    def __init__(self, model_file: str):
-        import sentencepiece as spm
-
-        with open(model_file, "rb") as f:
-            self.sp = spm.SentencePieceProcessor(model_proto=f.read())
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text, out_type=int)
-
-    def decode(self, ids) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i in (PAD_ID, BOS_ID) or not 0 <= i < self.vocab_size:
-                continue
-            out.append(i)
-        return self.sp.decode(out)
-
+# -- vocabularies: s2s_jax.vocab, the classes training used -------------------------------
 
 def _vocab(desc: dict, directory: str):
-    kind = desc.get("kind")
-    if kind == "char":
-        return CharVocab(desc["itos"])
-    if kind == "sentencepiece":
-        return SentencePieceVocab(os.path.join(directory, desc["model"]))
-    raise BundleError(f"{os.path.join(directory, 'vocab.json')}: unknown vocabulary kind {kind!r}; "
-                      f"re-export the bundle with this s2s_jax version")
+    try:
+        return vocab_from_json(desc, directory)
+    except VocabError as e:
+        raise BundleError(f"{e}; re-export the bundle with this s2s_jax version") from None
 
 
 # -- the bundle -----------------------------------------------------------------------------
@@ -194,10 +135,6 @@ def verify_files(path: str, manifest: dict) -> None:
                               f"modified); re-export the bundle")
         if file_digest(file) != info["sha256"]:
             raise BundleError(f"{file}: sha256 does not match the bundle manifest (corrupt); re-export the bundle")
-
-
-def _round_up(n: int, m: int) -> int:
-    return max(m, -(-n // m) * m)
 
 
 class Bundle:
@@ -283,8 +220,7 @@ class Bundle:
                                       np.asarray(source_lengths, np.int32))
 
     def max_len_for(self, source_len: int) -> int:
-        d = self.decode
-        return max(1, int(math.floor(d["max_len_a"] * source_len + d["max_len_b"])))
+        return max_output_length(self.decode["max_len_a"], self.decode["max_len_b"], source_len)
 
     def _decoder_name(self, beam: int) -> str:
         if beam == 1:
@@ -309,7 +245,7 @@ class Bundle:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             rows = 1 << (len(idx) - 1).bit_length()  # pad rows to a power of two
-            S = _round_up(max(len(sources[i]) for i in idx), LENGTH_MULTIPLE)
+            S = round_up(max(len(sources[i]) for i in idx), self.decode.get("length_multiple", LENGTH_MULTIPLE))
             src = np.zeros((rows, S), np.int32)
             lengths = np.zeros((rows,), np.int32)
             for r, i in enumerate(idx):
@@ -324,21 +260,34 @@ class Bundle:
                 results[i] = {"tokens": seq, "score": float(out["scores"][r])}
         return results
 
+    def normalize(self, line: str) -> str:
+        """A line as prepare normalised the training data (blank lines become "")."""
+        form = input_normalization(self.config.get("data", {}))
+        return normalize(line, form) if form else (line if line.strip() else "")
+
+    def translate_full(self, lines: Sequence[str], *, beam: int | None = None, nbest: int = 1,
+                       batch_size: int | None = None) -> list[list[dict]]:
+        """Text in; per line [{"text", "score", "tokens" (pieces)}] (the bundle decodes n-best = 1)."""
+        if isinstance(lines, str):
+            raise TypeError("translate() takes a list of strings, not one string")
+        if nbest != 1:
+            raise BundleError(f"nbest={nbest}: export bundles decode the best hypothesis only (nbest 1)")
+        encoded = self.source_vocab.encode_batch([self.normalize(line) for line in lines])
+        nonempty = [i for i, e in enumerate(encoded) if e]
+        decoded = self.translate_ids([encoded[i] for i in nonempty], beam=beam, batch_size=batch_size)
+        out = [[{"text": "", "score": 0.0, "tokens": []}] for _ in lines]
+        for i, res in zip(nonempty, decoded):
+            out[i] = [{"text": self.target_vocab.decode(res["tokens"]), "score": res["score"],
+                       "tokens": self.target_vocab.pieces(res["tokens"])}]
+        return out
+
     def translate(self, lines: Sequence[str], *, beam: int | None = None,
                   batch_size: int | None = None) -> list[str]:
-        """Text in, one translation per line out (empty lines stay empty).
+        """Text in (normalised as in training), one translation per line out (empty lines stay empty).
 
         beam: 1 = greedy; None = the run's decode.beam_size; otherwise one of `beam_sizes`.
         """
-        if isinstance(lines, str):
-            raise TypeError("translate() takes a list of strings, not one string")
-        encoded = [self.source_vocab.encode(line) if line.strip() else [] for line in lines]
-        nonempty = [i for i, e in enumerate(encoded) if e]
-        decoded = self.translate_ids([encoded[i] for i in nonempty], beam=beam, batch_size=batch_size)
-        out = [""] * len(lines)
-        for i, res in zip(nonempty, decoded):
-            out[i] = self.target_vocab.decode(res["tokens"])
-        return out
+        return [hyps[0]["text"] for hyps in self.translate_full(lines, beam=beam, batch_size=batch_size)]
 
 
 def load_bundle(path: str, *, verify: bool = True) -> Bundle:

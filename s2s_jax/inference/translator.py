@@ -16,6 +16,13 @@ Speed on CPU comes from doing little work and compiling few programs:
   only when asked for (plots) or needed (coverage penalty).
 * Each sentence stops at `decode.max_len_a * source_length + decode.max_len_b` tokens.
 * All queues are dispatched before any result is fetched, so host work overlaps device work.
+
+Text in = text as trained: `translate` normalises every line exactly as prepare normalised the
+training data (`s2s_jax.vocab.input_normalization`), so NFD accents or U+202F spaces encode as
+they did in training.
+
+`model_step_fn` is the one adapter from a model to the step function that `decoding` searches
+with; the Translator, the export programs (`decode_fixed_batch`) and so the server all use it.
 """
 
 from __future__ import annotations
@@ -30,17 +37,13 @@ import numpy as np
 
 from s2s_jax import decoding
 from s2s_jax.config import Config
-from s2s_jax.data.vocab import BOS_ID, EOS_ID
+from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, round_up
 from s2s_jax.model import Seq2Seq
 from s2s_jax.model.decoder import input_projection_table
+from s2s_jax.vocab import BOS_ID, EOS_ID, input_normalization, normalize
 
-LENGTH_MULTIPLE = 16
 QUEUE_BATCHES = 16  # most sentences decoded by one continuous-batching call, in batches
 _DECODERS: dict = {}  # compiled decoders shared by all Translators: key -> jitted function
-
-
-def _round_up(n: int, m: int) -> int:
-    return max(m, -(-n // m) * m)
 
 
 def encode(params, source, source_lengths, *, model: Seq2Seq) -> dict:
@@ -84,7 +87,6 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
     scores, attention [Q, (N,) T, S] or None.
     """
     dc = config.decode
-    variables = {"params": params}
     # Memory, keys and mask are the same for every beam of a sentence: the search keeps them
     # out of the state it reorders each step, once per slot (the decoder's attention reads each
     # sentence's memory once for its K beam rows).
@@ -95,18 +97,59 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
     # step gathers its tokens' rows instead of multiplying the [rows, E] embeddings.
     table = None
     if _use_input_table(cache["mask"].shape[0], beam_size, max_len, model.target_vocab_size):
-        table = model.apply(variables, method=_input_projection_table)
-
-    def step_fn(tokens, state, context):
-        logits, new_state, weights = model.apply(variables, tokens, table, state, context, method=_decode_step)
-        return logits, new_state, weights if want_attention else None
-
+        table = model.apply({"params": params}, method=_input_projection_table)
+    step_fn = model_step_fn(model, params, table=table, attention=want_attention)
     return decoding.continuous_search(
         step_fn, cache["state"], context, num_sentences=num_sentences, slots=slots, beam_size=beam_size,
         max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
         coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths, nbest=nbest,
         slot_context=True, output_sizes=(model.target_vocab_size, cache["mask"].shape[1] if want_attention else None),
         bos_id=BOS_ID, eos_id=EOS_ID)
+
+
+def model_step_fn(model: Seq2Seq, params, *, table=None, attention: bool = True):
+    """The model as `decoding`'s context step function: (tokens [N], state, context) ->
+    (logits [N, V], new state, attention weights [N, S] or None).
+
+    context: {"memory", "keys", "mask"} of the encoder (per row, or per slot with
+    `slot_context`); state: the decoder state. table: layer 1's input projection of every target
+    token (`_input_projection_table`), gathered instead of multiplying the embeddings; None
+    computes it from the embeddings. attention=False returns None for the weights.
+    """
+    variables = {"params": params}
+
+    def step_fn(tokens, state, context):
+        logits, new_state, weights = model.apply(variables, tokens, table, state, context, method=_decode_step)
+        return logits, new_state, weights if attention else None
+
+    return step_fn
+
+
+def decode_fixed_batch(params, source, source_lengths, *, model: Seq2Seq, config: Config,
+                       beam_size: int = 1, nbest: int = 1, max_len: int) -> dict:
+    """Greedy (beam_size=1) or beam search of one fixed batch (source [B, S]); max_len static.
+    What the export programs run. Returns decoding.py's dict (tokens [B, (nbest,) max_len],
+    lengths, scores, attention)."""
+    dc = config.decode
+    cache = encode(params, source, source_lengths, model=model)
+    context_step = model_step_fn(model, params)
+    context_keys = ("memory", "keys", "mask")
+
+    def step_fn(tokens, cache):  # decoding's (tokens, cache) form: the context rides in the cache
+        logits, state, weights = context_step(tokens, cache["state"], {k: cache[k] for k in context_keys})
+        return logits, dict(cache, state=state), weights
+
+    max_lengths = jnp.minimum(
+        jnp.floor(dc.max_len_a * source_lengths + dc.max_len_b).astype(jnp.int32), max_len)
+    max_lengths = jnp.maximum(max_lengths, 1)
+    B = source.shape[0]
+    if beam_size == 1:
+        return decoding.greedy_search(step_fn, cache, batch_size=B, max_lengths=max_lengths, max_len=max_len,
+                                      bos_id=BOS_ID, eos_id=EOS_ID)
+    return decoding.beam_search(step_fn, cache, batch_size=B, beam_size=beam_size, max_lengths=max_lengths,
+                                max_len=max_len, length_penalty=dc.length_penalty,
+                                coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths,
+                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID)
 
 
 def _use_input_table(queue_size: int, beam_size: int, max_len: int, vocab_size: int) -> bool:
@@ -145,6 +188,7 @@ class Translator:
         self.params = params
         self.source_vocab = source_vocab
         self.target_vocab = target_vocab
+        self._normalization = input_normalization(config.data)
         self.last_stats: dict = {}
 
     def _jitted(self, *key):
@@ -164,14 +208,14 @@ class Translator:
 
     def max_len_for(self, source_len) -> int:
         """Most output tokens (EOS included) for a source of `source_len` tokens (int or array)."""
-        dc = self.config.decode
-        return np.maximum(1, np.floor(dc.max_len_a * np.asarray(source_len) + dc.max_len_b).astype(np.int64))
+        return max_output_length(self.config.decode.max_len_a, self.config.decode.max_len_b, source_len)
 
     def translate_ids(self, sources: Sequence[Sequence[int]], *, beam: int = 1, nbest: int = 1,
                       attention: bool = False, batch_size: int | None = None) -> list[dict]:
         """Decodes token-id sequences (each non-empty, without BOS/EOS). Returns, in input order,
         one dict per sentence: {"tokens": [nbest lists of ids, EOS dropped], "scores": [nbest
-        floats], "attention": [T+1, S] of the best (with attention=True; the row T is the EOS)}.
+        floats], and with attention=True "attention": [T+1, S] of the best (the row T is the
+        EOS) and "attentions": that array for each of the nbest hypotheses}.
         With beam 1, nbest must be 1 and the score is the sum of log-probs.
         """
         if nbest > max(beam, 1):
@@ -187,7 +231,7 @@ class Translator:
         rows = batch_size if n >= batch_size else 1 << max(n - 1, 0).bit_length()
         # One source length for the whole call: every queue reuses one decode program. Padded
         # source positions cost only a little attention work.
-        S_all = _round_up(int(lengths.max()), LENGTH_MULTIPLE) if n else LENGTH_MULTIPLE
+        S_all = round_up(int(lengths.max()), LENGTH_MULTIPLE) if n else LENGTH_MULTIPLE
         max_len = int(self.max_len_for(S_all))
         pending, shapes = [], set()
         for queue_start in range(0, n, rows * QUEUE_BATCHES):
@@ -203,7 +247,7 @@ class Translator:
                 idx = queue[start:start + rows]
                 if not len(idx):
                     break  # the rest of the queue stays zeros (never decoded)
-                S = _round_up(int(lengths[idx].max()), LENGTH_MULTIPLE)
+                S = round_up(int(lengths[idx].max()), LENGTH_MULTIPLE)
                 src = np.zeros((rows, S), np.int32)
                 for r, i in enumerate(idx):
                     src[r, :lengths[i]] = sources[i]
@@ -231,11 +275,47 @@ class Translator:
                 n_tokens += len(hyps[0])
                 res = {"tokens": hyps, "scores": [float(s) for s in scores[r, :nbest]]}
                 if attention:
-                    res["attention"] = np.asarray(att[r, 0, :len(hyps[0]) + 1, :lengths[i]])
+                    res["attentions"] = [np.asarray(att[r, k, :len(hyps[k]) + 1, :lengths[i]]) for k in range(nbest)]
+                    res["attention"] = res["attentions"][0]
                 results[i] = res
         self.last_stats = {"sentences": n, "tokens": n_tokens, "queues": len(pending),
                            "encoder_shapes": len(shapes)}
         return results
+
+    def normalize(self, line: str) -> str:
+        """A line as prepare normalised the training data (blank lines become "")."""
+        return normalize(line, self._normalization) if self._normalization else (line if line.strip() else "")
+
+    def encode_lines(self, lines: Sequence[str]) -> list[list[int]]:
+        """Normalised, tokenized source lines (an empty list for a blank line)."""
+        texts = [self.normalize(line) for line in lines]
+        return self.source_vocab.encode_batch(texts)
+
+    def translate_full(self, lines: Sequence[str], *, beam: int = 1, nbest: int = 1, attention: bool = False,
+                       batch_size: int | None = None) -> list[list[dict]]:
+        """Text in; per line the `nbest` hypotheses as dicts {"text", "score", "tokens" (pieces)}
+        (+ "attention" [len(tokens) + 1, source pieces] with attention=True), in input order.
+
+        Blank lines (and lines that encode to nothing) give nbest empty hypotheses of score 0.
+        """
+        encoded = self.encode_lines(lines)
+        nonempty = [i for i, e in enumerate(encoded) if e]
+        decoded = self.translate_ids([encoded[i] for i in nonempty], beam=beam, nbest=nbest,
+                                     attention=attention, batch_size=batch_size)
+        self.last_stats["sentences"] = len(lines)
+        empty = {"text": "", "score": 0.0, "tokens": []}
+        if attention:
+            empty["attention"] = np.zeros((1, 0), np.float32)
+        out = [[dict(empty) for _ in range(nbest)] for _ in lines]
+        for i, res in zip(nonempty, decoded):
+            hyps = []
+            for k, (ids, score) in enumerate(zip(res["tokens"], res["scores"])):
+                hyp = {"text": self.target_vocab.decode(ids), "score": score, "tokens": self.target_vocab.pieces(ids)}
+                if attention:
+                    hyp["attention"] = res["attentions"][k]
+                hyps.append(hyp)
+            out[i] = hyps
+        return out
 
     def translate(self, lines: Sequence[str], *, beam: int = 1, nbest: int = 1,
                   batch_size: int | None = None) -> list[list[tuple[str, float]]]:
@@ -243,60 +323,17 @@ class Translator:
 
         Blank lines (and lines that encode to nothing) give [("", 0.0)] * nbest.
         """
-        encode_batch = getattr(self.source_vocab, "encode_batch", None)
-        texts = [line if line.strip() else "" for line in lines]
-        encoded = encode_batch(texts) if encode_batch else [self.source_vocab.encode(t) for t in texts]
-        nonempty = [i for i, e in enumerate(encoded) if e]
-        decoded = self.translate_ids([encoded[i] for i in nonempty], beam=beam, nbest=nbest,
-                                     batch_size=batch_size)
-        self.last_stats["sentences"] = len(lines)
-        out: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
-        for i, res in zip(nonempty, decoded):
-            out[i] = [(self.target_vocab.decode(t), s) for t, s in zip(res["tokens"], res["scores"])]
-        return out
+        return [[(h["text"], h["score"]) for h in hyps]
+                for hyps in self.translate_full(lines, beam=beam, nbest=nbest, batch_size=batch_size)]
 
 
 # -- loading a run and the commands built on it ------------------------------------------------
 
-def load_run(workdir: str, *, step: int | None = None, best: bool = False):
-    """(config, model, params, source_vocab, target_vocab) of a trained run in `workdir`.
-
-    Needs only the workdir: config.json, vocab/ and the checkpoints (never the raw data).
-    """
-    import os
-
-    from s2s_jax import config as config_lib
-    from s2s_jax.checkpoint import Checkpoints, CheckpointError
-    from s2s_jax.config import UserError
-    from s2s_jax.data import load_vocabs
-    from s2s_jax.train_state import abstract_state, make_model
-
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise UserError(f"--workdir {workdir}: no config.json; train a model there first")
-    config = config_lib.load(config_path)
-    source_vocab, target_vocab = load_vocabs(workdir)
-    model = make_model(config, source_vocab.vocab_size, target_vocab.vocab_size)
-    which = "best" if best else "latest"
-    if not os.path.isdir(os.path.join(workdir, "best" if best else "checkpoints")):
-        raise CheckpointError(f"--workdir {workdir}: no {which} checkpoint; train first")
-    ckpts = Checkpoints(workdir, keep=10 ** 6, keep_best=10 ** 6 if best else 0, async_save=False)
-    try:
-        restored = ckpts.restore(abstract_state(config, model), step, which=which)
-    finally:
-        ckpts.close()
-    if restored is None:
-        raise CheckpointError(f"--workdir {workdir}: no {which} checkpoint; train first")
-    state, _, _ = restored
-    params = state.ema_params if state.ema_params is not None else state.params
-    return config, model, params, source_vocab, target_vocab
-
-
-def load_translator(workdir: str, *, step: int | None = None, best: bool = False, overrides=(),
-                    max_len: int | None = None, batch_size: int | None = None) -> Translator:
+def decode_overrides(config: Config, overrides=(), *, max_len: int | None = None,
+                     batch_size: int | None = None) -> Config:
+    """The run's config with translation-time changes (decode.* fields only; else a ConfigError)."""
     from s2s_jax import config as config_lib
 
-    config, model, params, sv, tv = load_run(workdir, step=step, best=best)
     overrides = list(overrides)
     if max_len is not None:
         overrides += ["decode.max_len_a=0", f"decode.max_len_b={max_len}"]
@@ -305,65 +342,17 @@ def load_translator(workdir: str, *, step: int | None = None, best: bool = False
     bad = [o for o in overrides if not o.startswith("decode.")]
     if bad:
         raise config_lib.ConfigError(f"--set {bad[0]}: only decode.* fields can change at translation time")
-    config = config_lib.override(config, overrides)
-    return Translator(config, model, params, sv, tv)
+    return config_lib.override(config, overrides)
 
 
-def evaluate_split(args) -> dict:
-    """`eval`: translates a split of the run's corpus and scores it (sacreBLEU, chrF, exact match).
+def load_translator(workdir: str, *, step: int | None = None, best: bool = False, average_last: int | None = None,
+                    overrides=(), max_len: int | None = None, batch_size: int | None = None) -> Translator:
+    """A Translator for a trained run (see `inference.runs.load_run` for step/best/average_last)."""
+    from s2s_jax.inference.runs import load_run
 
-    args: the parsed `eval` options (workdir, split, data_dir, beam, max_len, batch_size, step,
-    best, overrides). Writes the scores to workdir/eval_<split>_beam<beam>.json and the
-    hypotheses to workdir/eval_<split>_beam<beam>.txt; returns the record.
-    """
-    import json
-    import os
-    import time
-
-    from s2s_jax import config as config_lib
-    from s2s_jax import metrics as metrics_lib
-    from s2s_jax.config import UserError
-    from s2s_jax.data import build_data
-
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        raise UserError(f"--data-dir {args.data_dir}: no such folder")
-    translator = load_translator(args.workdir, step=args.step, best=args.best, overrides=args.overrides,
-                                 max_len=args.max_len, batch_size=args.batch_size)
-    config = translator.config
-    beam = args.beam or config.decode.beam_size
-    d = config.data
-    data_overrides = [f"data.dir={args.data_dir}"] if args.data_dir is not None else []
-    split = args.split or d.test_split
-    if split not in (d.train_split, d.valid_split, d.test_split, "train", "valid", "test"):
-        data_overrides.append(f"data.test_split={split}")  # any split file of the corpus
-    config = config_lib.override(config, data_overrides)
-    if config.data.source == "text" and not os.path.isdir(config.data.dir):
-        raise UserError(f"data.dir {config.data.dir!r} (from the run's config) is not a folder; "
-                        f"point --data-dir at the corpus")
-    # With the workdir, build_data checks that the corpus gives the vocabulary the model was
-    # trained with (a DataError otherwise).
-    data = build_data(config, args.workdir)
-    examples = data.eval_examples(split)
-    if not examples:
-        raise UserError(f"split {split!r} is empty")
-    sources = [s for s, _ in examples]
-    references = [r for _, r in examples]
-    t0 = time.perf_counter()
-    hyps = [h[0][0] for h in translator.translate(sources, beam=beam)]
-    elapsed = time.perf_counter() - t0
-    record = {"workdir": os.path.abspath(args.workdir), "split": split, "sentences": len(examples), "beam": beam,
-              "length_penalty": config.decode.length_penalty, "coverage_penalty": config.decode.coverage_penalty,
-              **metrics_lib.corpus_scores(hyps, references),
-              "translate_seconds": round(elapsed, 3),
-              "sentences_per_second": round(len(examples) / max(elapsed, 1e-9), 1),
-              "checkpoint": "best" if args.best else (args.step if args.step is not None else "latest")}
-    stem = os.path.join(args.workdir, f"eval_{split}_beam{beam}")
-    with open(stem + ".txt", "w", encoding="utf-8") as f:
-        f.writelines(h + "\n" for h in hyps)
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    record["output"] = stem + ".json"
-    return record
+    run = load_run(workdir, step=step, best=best, average_last=average_last)
+    config = decode_overrides(run.config, overrides, max_len=max_len, batch_size=batch_size)
+    return Translator(config, run.model, run.params, run.source_vocab, run.target_vocab)
 
 
 def plot_attention(translator: Translator, lines: Sequence[str], path: str, *, beam: int = 1,

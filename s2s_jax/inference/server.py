@@ -1,0 +1,466 @@
+"""`s2s-jax serve`: an HTTP translation server with dynamic batching.
+
+    s2s-jax serve --workdir runs/m30k [--best] [--host 127.0.0.1] [--port 8080] [--api-key KEY]
+    s2s-jax serve --bundle bundles/m30k
+
+Routes (JSON in, JSON out):
+
+    POST /translate             {"text": ["a sentence", ...], "beam": 5, "nbest": 1}
+                                -> {"translations": [{"text", "score", "nbest": [{"text", "score"}...]}...]}
+    POST /translator/translate  OpenNMT-py's route: [{"src": "a sentence", "id": 100}, ...]
+                                -> [[{"src", "tgt", "n_best", "pred_score"}, ...]] (flat, n-best per input)
+    GET  /health                {"status": "ok", "pending": sentences queued, ...} (no key needed)
+    GET  /model                 config summary, vocabulary sizes, decode settings, limits, version
+
+Why Starlette + uvicorn: Starlette is the small, well-kept ASGI toolkit underneath FastAPI; five
+routes with hand-checked JSON need nothing more (FastAPI would add pydantic and its own 422
+error format, where this server answers every bad request with one `{"error": "..."}` sentence).
+uvicorn is the reference ASGI server: HTTP/1.1 keep-alive, and a graceful SIGTERM that stops
+accepting, lets in-flight requests finish, then runs the app's shutdown.
+
+Dynamic batching: one worker thread owns the model (the Translator is not thread-safe). Each
+request's sentences are queued; whenever the worker is free it takes every queued request with
+the same (beam, nbest), up to `--max-batch` sentences, and decodes them in one continuous-
+batching call (`Translator.translate_full`), so concurrent requests share the decoder's slots;
+each request gets its own sentences back, in its order. A sentence's translation does not
+depend on what it was batched with (tests/test_server.py).
+
+Limits: at most `--max-sentences` per request and `--max-chars` per sentence (413), at most
+`--max-pending` sentences queued (503 with Retry-After), a request body of at most
+`--max-body-bytes` (413). Malformed JSON, invalid UTF-8, wrong types, unknown fields, an empty
+list, bad beam/nbest: 400 naming the problem. With an API key (`--api-key` or S2S_JAX_API_KEY)
+every route but /health requires `Authorization: Bearer KEY`, compared in constant time (401
+otherwise). The server binds to 127.0.0.1 unless --host says otherwise; no request field can
+name a file, a model or a path (unknown fields are refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+
+from s2s_jax.config import UserError
+
+log = logging.getLogger(__name__)
+API_KEY_ENV = "S2S_JAX_API_KEY"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_sentences: int = 64  # per request
+    max_chars: int = 2000  # per sentence (characters, before tokenization)
+    max_pending: int = 2048  # sentences queued or decoding, over all requests
+    max_batch: int = 0  # sentences merged into one decode call; 0: 16 * decode.batch_size
+    max_beam: int = 16
+    max_body_bytes: int = 1 << 20
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and one sentence."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# -- the model side --------------------------------------------------------------------------
+
+class Engine:
+    """What the worker decodes with: a run's Translator or an export bundle, one interface."""
+
+    def __init__(self, *, translator=None, bundle=None, description: dict):
+        self.translator, self.bundle = translator, bundle
+        self.description = description
+        if translator is not None:
+            self.default_beam = translator.config.decode.beam_size
+            self.batch_size = translator.config.decode.batch_size
+        else:
+            self.default_beam = bundle.decode["default_beam"]
+            self.batch_size = bundle.decode["batch_size"]
+
+    def check(self, beam: int, nbest: int, limits: Limits) -> None:
+        if not 1 <= beam <= limits.max_beam:
+            raise RequestError(400, f"beam {beam}: must be between 1 and {limits.max_beam}")
+        if not 1 <= nbest <= beam:
+            raise RequestError(400, f"nbest {nbest}: must be between 1 and beam ({beam})")
+        if self.bundle is not None:
+            if beam not in self.bundle.beam_sizes:
+                raise RequestError(400, f"beam {beam}: this bundle decodes with beam sizes {self.bundle.beam_sizes}")
+            if nbest != 1:
+                raise RequestError(400, f"nbest {nbest}: an export bundle decodes the best hypothesis only")
+
+    def translate(self, lines: list[str], beam: int, nbest: int) -> list[list[dict]]:
+        if self.translator is not None:
+            return self.translator.translate_full(lines, beam=beam, nbest=nbest)
+        return self.bundle.translate_full(lines, beam=beam, nbest=nbest)
+
+
+def _run_description(run) -> dict:
+    import s2s_jax
+
+    m, d, dc = run.config.model, run.config.data, run.config.decode
+    return {"name": run.config.name, "version": s2s_jax.__version__, "kind": "run",
+            "checkpoint": run.checkpoint,
+            "model": {"cell": m.cell, "encoder_layers": m.encoder_layers, "decoder_layers": m.decoder_layers,
+                      "bidirectional": m.bidirectional, "hidden_dim": m.hidden_dim, "attention": m.attention,
+                      "input_feeding": m.input_feeding, "dtype": m.dtype},
+            "languages": {"source": d.src_lang, "target": d.tgt_lang},
+            "vocab": {"source": {"kind": run.source_vocab.kind, "size": run.source_vocab.vocab_size},
+                      "target": {"kind": run.target_vocab.kind, "size": run.target_vocab.vocab_size}},
+            "normalization": d.normalization if d.source != "task" else None,
+            "decode": {"beam_size": dc.beam_size, "batch_size": dc.batch_size, "length_penalty": dc.length_penalty,
+                       "max_len_a": dc.max_len_a, "max_len_b": dc.max_len_b}}
+
+
+def _bundle_description(bundle) -> dict:
+    import s2s_jax
+
+    c, man = bundle.config, bundle.manifest
+    m, d = c.get("model", {}), c.get("data", {})
+    return {"name": c.get("name"), "version": s2s_jax.__version__, "kind": "bundle",
+            "checkpoint": man.get("checkpoint"), "bundle_format_version": man.get("format_version"),
+            "model": {k: m.get(k) for k in ("cell", "encoder_layers", "decoder_layers", "bidirectional",
+                                            "hidden_dim", "attention", "input_feeding", "dtype")},
+            "languages": {"source": d.get("src_lang"), "target": d.get("tgt_lang")},
+            "vocab": {"source": {"kind": bundle.source_vocab.kind, "size": bundle.source_vocab.vocab_size},
+                      "target": {"kind": bundle.target_vocab.kind, "size": bundle.target_vocab.vocab_size}},
+            "normalization": d.get("normalization") if d.get("source") != "task" else None,
+            "decode": dict(bundle.decode, beam_sizes=bundle.beam_sizes)}
+
+
+def load_engine(*, workdir: str | None = None, bundle: str | None = None, step=None, best=False,
+                average_last=None, overrides=(), max_len=None, batch_size=None) -> Engine:
+    if (workdir is None) == (bundle is None):
+        raise UserError("serve needs exactly one of --workdir RUN and --bundle DIR")
+    if bundle is not None:
+        from s2s_jax.inference.bundle import load_bundle
+
+        if step is not None or best or average_last is not None or overrides or max_len or batch_size:
+            raise UserError("--step/--best/--average-last/--set/--max-len/--batch-size apply to --workdir runs; "
+                            "a bundle's decode settings were fixed at export")
+        b = load_bundle(bundle)
+        return Engine(bundle=b, description=_bundle_description(b))
+    from s2s_jax.inference.runs import load_run
+    from s2s_jax.inference.translator import Translator, decode_overrides
+
+    run = load_run(workdir, step=step, best=best, average_last=average_last)
+    config = decode_overrides(run.config, overrides, max_len=max_len, batch_size=batch_size)
+    translator = Translator(config, run.model, run.params, run.source_vocab, run.target_vocab)
+    return Engine(translator=translator, description=_run_description(run))
+
+
+# -- dynamic batching -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Job:
+    lines: list[str]
+    beam: int
+    nbest: int
+    future: concurrent.futures.Future
+
+
+class BatchingWorker:
+    """One thread owns the engine; concurrent requests are merged into one decode call.
+
+    `submit` returns a concurrent.futures.Future of the request's results (its order), or
+    raises RequestError(503) when more than `max_pending` sentences would be waiting.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int, max_pending: int):
+        self.engine, self.max_batch, self.max_pending = engine, max_batch, max_pending
+        self._jobs: queue.Queue = queue.Queue()
+        self._held: list[_Job] = []  # taken from the queue but of another (beam, nbest): next round
+        self._lock = threading.Lock()
+        self.pending = 0  # sentences submitted and not yet answered
+        self.stats = {"requests": 0, "sentences": 0, "decode_calls": 0, "decode_seconds": 0.0}
+        self._thread = threading.Thread(target=self._loop, name="s2s-jax-decoder", daemon=True)
+        self._thread.start()
+
+    def submit(self, lines: list[str], beam: int, nbest: int) -> concurrent.futures.Future:
+        with self._lock:
+            if self.pending + len(lines) > self.max_pending:
+                raise RequestError(503, f"the server is busy ({self.pending} sentences queued, at most "
+                                        f"{self.max_pending}); retry shortly", {"Retry-After": "1"})
+            self.pending += len(lines)
+        job = _Job(list(lines), beam, nbest, concurrent.futures.Future())
+        self._jobs.put(job)
+        return job.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Answers everything already submitted, then stops the thread."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _next_round(self) -> list[_Job] | None:
+        """The jobs of the next decode call: the oldest job, then every waiting job with the same
+        (beam, nbest) while the sentences fit in max_batch. None: closed and nothing left."""
+        if self._held:
+            first = self._held.pop(0)
+        else:
+            first = self._jobs.get()
+            if first is None:
+                return None
+        jobs, n = [first], len(first.lines)
+        waiting = self._held
+        self._held = []
+        closing = False
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                closing = True
+                break
+            waiting.append(job)
+        for job in waiting:
+            if (job.beam, job.nbest) == (first.beam, first.nbest) and n + len(job.lines) <= self.max_batch:
+                jobs.append(job)
+                n += len(job.lines)
+            else:
+                self._held.append(job)
+        if closing:
+            self._jobs.put(None)  # seen again once the held jobs are done
+        return jobs
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._next_round()
+            if jobs is None:
+                return
+            lines = [line for job in jobs for line in job.lines]
+            t0 = time.perf_counter()
+            try:
+                results = self.engine.translate(lines, jobs[0].beam, jobs[0].nbest)
+            except Exception as e:  # noqa: BLE001 - a failed decode fails its requests, not the worker
+                log.exception("decoding failed")
+                for job in jobs:
+                    job.future.set_exception(e)
+            else:
+                start = 0
+                for job in jobs:
+                    job.future.set_result(results[start:start + len(job.lines)])
+                    start += len(job.lines)
+            finally:
+                with self._lock:
+                    self.pending -= len(lines)
+                self.stats["requests"] += len(jobs)
+                self.stats["sentences"] += len(lines)
+                self.stats["decode_calls"] += 1
+                self.stats["decode_seconds"] += time.perf_counter() - t0
+
+
+# -- the HTTP app ---------------------------------------------------------------------------
+
+def _check_sentences(texts, limits: Limits, field: str) -> list[str]:
+    if not isinstance(texts, list):
+        raise RequestError(400, f"{field} must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise RequestError(400, f"{field} is an empty list; send at least one sentence")
+    if len(texts) > limits.max_sentences:
+        raise RequestError(413, f"{field} has {len(texts)} sentences; at most {limits.max_sentences} per request")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise RequestError(400, f"{field}[{i}] must be a string, got {type(t).__name__}")
+        if len(t) > limits.max_chars:
+            raise RequestError(413, f"{field}[{i}] has {len(t)} characters; at most {limits.max_chars} per sentence")
+    return texts
+
+
+def _int_field(body: dict, name: str, default: int) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(400, f"{name} must be an integer, got {json.dumps(value)[:40]}")
+    return value
+
+
+def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None = None):
+    """The Starlette app (its lifespan starts and stops the batching worker)."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    max_batch = limits.max_batch or 16 * engine.batch_size
+    key = api_key.encode("utf-8") if api_key else None
+    state: dict = {}
+
+    def error(status: int, message: str, headers: dict | None = None):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    def authorize(request) -> None:
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8"), key):
+            raise RequestError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
+                               {"WWW-Authenticate": "Bearer"})
+
+    async def read_json(request):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            raise RequestError(413, f"request body of {length} bytes; at most {limits.max_body_bytes}")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limits.max_body_bytes:
+                raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(400, f"request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RequestError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+    async def decode(lines: list[str], beam: int, nbest: int) -> list[list[dict]]:
+        engine.check(beam, nbest, limits)
+        future = state["worker"].submit(lines, beam, nbest)
+        try:
+            return await asyncio.wrap_future(future)
+        except Exception as e:  # noqa: BLE001
+            raise RequestError(500, f"decoding failed ({type(e).__name__}); see the server log") from None
+
+    def handler(fn):
+        async def endpoint(request):
+            try:
+                if fn is not health:
+                    authorize(request)
+                return await fn(request)
+            except RequestError as e:
+                return error(e.status, e.message, e.headers)
+        return endpoint
+
+    async def translate(request):
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise RequestError(400, 'the body must be a JSON object such as {"text": ["a sentence"]}')
+        unknown = sorted(set(body) - {"text", "beam", "nbest"})
+        if unknown:
+            raise RequestError(400, f"unknown field {unknown[0]!r}; the fields are text, beam and nbest")
+        if "text" not in body:
+            raise RequestError(400, 'missing field "text" (a list of strings)')
+        lines = _check_sentences(body["text"], limits, "text")
+        beam = _int_field(body, "beam", engine.default_beam)
+        nbest = _int_field(body, "nbest", 1)
+        results = await decode(lines, beam, nbest)
+        return JSONResponse({"translations": [
+            {"text": hyps[0]["text"], "score": hyps[0]["score"],
+             "nbest": [{"text": h["text"], "score": h["score"]} for h in hyps]} for hyps in results]})
+
+    async def translator_translate(request):  # OpenNMT-py's onmt/bin/server.py route and format
+        body = await read_json(request)
+        if not isinstance(body, list):
+            raise RequestError(400, 'the body must be a JSON list such as [{"src": "a sentence", "id": 100}]')
+        if not body:
+            raise RequestError(400, "the list is empty; send at least one {\"src\": ...} object")
+        lines = []
+        for i, item in enumerate(body):
+            if not isinstance(item, dict) or "src" not in item:
+                raise RequestError(400, f'item {i} must be an object with a "src" string')
+            unknown = sorted(set(item) - {"src", "id"})
+            if unknown:
+                raise RequestError(400, f"item {i}: unknown field {unknown[0]!r}; the fields are src and id")
+            if "id" in item and (isinstance(item["id"], bool) or not isinstance(item["id"], int)):
+                raise RequestError(400, f'item {i}: "id" must be an integer')
+            lines.append(item["src"])
+        _check_sentences(lines, limits, "src")
+        beam = engine.default_beam
+        results = await decode(lines, beam, 1)
+        return JSONResponse([[{"src": src, "tgt": hyps[0]["text"], "n_best": 1, "pred_score": hyps[0]["score"]}
+                              for src, hyps in zip(lines, results)]])
+
+    async def health(request):
+        worker = state.get("worker")
+        return JSONResponse({"status": "ok" if worker is not None else "starting",
+                             "pending": worker.pending if worker else 0,
+                             **(worker.stats if worker else {})})
+
+    async def model(request):
+        return JSONResponse(dict(engine.description, limits=dict(dataclasses.asdict(limits), max_batch=max_batch)))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state["worker"] = BatchingWorker(engine, max_batch=max_batch, max_pending=limits.max_pending)
+        try:
+            yield
+        finally:  # uvicorn has let in-flight requests finish; answer anything left, then stop
+            await asyncio.get_running_loop().run_in_executor(None, state["worker"].close)
+
+    routes = [Route("/translate", handler(translate), methods=["POST"]),
+              Route("/translator/translate", handler(translator_translate), methods=["POST"]),
+              Route("/health", handler(health), methods=["GET"]),
+              Route("/model", handler(model), methods=["GET"])]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    d = Limits()
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' (default: the {API_KEY_ENV} environment variable)")
+    p.add_argument("--max-sentences", type=int, default=d.max_sentences, help="sentences per request")
+    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters per sentence")
+    p.add_argument("--max-pending", type=int, default=d.max_pending, help="sentences queued before 503")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="sentences merged into one decode call (0: 16 x decode.batch_size)")
+    p.add_argument("--max-beam", type=int, default=d.max_beam, help="largest beam a request may ask for")
+    p.add_argument("--graceful-seconds", type=float, default=60.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+
+
+def run(args) -> int:
+    import uvicorn
+
+    limits = Limits(max_sentences=args.max_sentences, max_chars=args.max_chars, max_pending=args.max_pending,
+                    max_batch=args.max_batch, max_beam=args.max_beam)
+    for name, value in dataclasses.asdict(limits).items():
+        if value < (0 if name == "max_batch" else 1):
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {0 if name == 'max_batch' else 1}")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port {args.port}: must be between 0 and 65535")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror}); "
+                        f"pick another port") from None
+    engine = load_engine(workdir=args.workdir, bundle=args.bundle, step=args.step, best=args.best,
+                         average_last=args.average_last, overrides=args.overrides, max_len=args.max_len,
+                         batch_size=args.batch_size)
+    if args.beam is not None:
+        engine.check(args.beam, 1, limits)
+        engine.default_beam = args.beam
+    app = create_app(engine, limits=limits, api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=args.graceful_seconds))
+    host, port = sock.getsockname()[:2]
+    print(f"s2s_jax serve: {engine.description['name']} ({engine.description['kind']}) on http://{host}:{port}"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    # uvicorn re-raises a SIGTERM/SIGINT it handled once it has shut down gracefully; with these
+    # handlers in place that ends here, and a graceful stop exits 0.
+    stopped = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopped.append(signum))
+    server.run(sockets=[sock])
+    print(f"s2s_jax serve: stopped ({'signal' if stopped else 'shutdown'})", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,191 @@
+"""Special ids, the two vocabulary kinds and the input normalisation: defined once, used everywhere.
+
+The trainer side (data/, steps, decoding) and the inference side (Translator, export bundle
+runtime, server) import these names from here; nothing else defines them. This module needs
+only the standard library (and `sentencepiece` for SentencePiece vocabularies), so the bundle
+runtime can use it without flax, optax, orbax, grain or TFDS.
+
+Both vocabulary kinds share one interface: `encode(str) -> list[int]` (no BOS/EOS),
+`encode_batch(list[str])`, `decode(ids) -> str` (stops at EOS, skips PAD/BOS), `pieces(ids)`,
+`vocab_size`, `to_json() -> dict` (its description in vocab.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import unicodedata
+
+from s2s_jax.config import UserError
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+VOCAB_JSON = "vocab.json"
+
+
+class VocabError(UserError):
+    """A vocabulary that cannot be loaded (missing model file, wrong special ids, unknown kind)."""
+
+
+# -- text normalisation (what prepare applies to every sentence, and inference to every input) ---
+
+# Every Unicode space separator (category Zs: no-break U+00A0, narrow no-break U+202F, thin,
+# figure, ideographic ...) becomes a plain space. NFKC already does this for most of them, but
+# NFC and "none" do not, and SentencePiece would otherwise learn pieces that differ only in an
+# invisible space (French typography in Tatoeba puts U+202F before "!" and "?").
+_SPACE_TABLE = str.maketrans({c: " " for c in range(sys.maxunicode + 1)
+                              if unicodedata.category(chr(c)) == "Zs" and c != 0x20})
+
+NORMALIZATION_FORMS = {"nfkc": "NFKC", "nfc": "NFC", "none": None}
+
+
+def normalize(text: str, form: str = "nfkc") -> str:
+    """Unicode-normalises `text` (form: nfkc | nfc | none), maps every space separator to ' '
+    and strips surrounding whitespace. Idempotent."""
+    if form not in NORMALIZATION_FORMS:
+        raise ValueError(f"unknown normalization {form!r}; choose one of {', '.join(NORMALIZATION_FORMS)}")
+    uform = NORMALIZATION_FORMS[form]
+    if uform is not None:
+        text = unicodedata.normalize(uform, text)
+    return text.translate(_SPACE_TABLE).strip()
+
+
+def input_normalization(data_config) -> str | None:
+    """The normalisation prepare applied to a run's sentences (None: none at all).
+
+    data_config: the run's `config.data` (a DataConfig or its dict from config.json). Built-in
+    tasks are generated text that prepare never normalises; text and TFDS corpora get
+    `data.normalization`.
+    """
+    get = data_config.get if isinstance(data_config, dict) else lambda k, d=None: getattr(data_config, k, d)
+    if get("source", "task") == "task":
+        return None
+    return get("normalization", "nfkc")
+
+
+# -- vocabularies --------------------------------------------------------------------------
+
+class CharVocab:
+    """Character vocabulary of the built-in tasks: the 4 specials, then printable ASCII (or the
+    `itos` a bundle stores)."""
+
+    kind = "char"
+
+    def __init__(self, itos=None):
+        self.itos = list(itos) if itos is not None else list(SPECIALS) + [chr(c) for c in range(32, 127)]
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(ch, UNK_ID) for ch in text]
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i in (PAD_ID, BOS_ID):
+                continue
+            out.append(self.itos[i] if 0 <= i < len(self.itos) and i != UNK_ID else "?")
+        return "".join(out)
+
+    def pieces(self, ids) -> list[str]:
+        """Per-token strings, for attention plots and JSON output."""
+        return [self.itos[int(i)] if 0 <= int(i) < len(self.itos) else "?" for i in ids]
+
+    def to_json(self) -> dict:
+        return {"kind": "char"}
+
+
+class SentencePieceVocab:
+    """A trained SentencePiece model with the project's special ids."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        self.model_file = model_file
+        with open(model_file, "rb") as f:
+            self.model_proto = f.read()
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        ids = (self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id())
+        if ids != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
+            raise VocabError(f"{model_file}: SentencePiece model has special ids pad/bos/eos/unk={ids}, "
+                             f"expected (0, 1, 2, 3); retrain it with s2s_jax prepare")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        """Encodes many sentences in one C++ call (much faster than a Python loop)."""
+        return self.sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i in (PAD_ID, BOS_ID) or not 0 <= i < self.vocab_size:
+                continue
+            out.append(i)
+        return self.sp.decode(out)
+
+    def pieces(self, ids) -> list[str]:
+        """Per-token strings, for attention plots and JSON output."""
+        n = self.vocab_size
+        return [self.sp.id_to_piece(int(i)) if 0 <= int(i) < n else "?" for i in ids]
+
+    def to_json(self) -> dict:
+        return {"kind": "sentencepiece", "model": os.path.basename(self.model_file),
+                "vocab_size": self.vocab_size}
+
+
+def vocab_from_json(desc: dict, directory: str):
+    """Rebuilds a vocabulary from its `to_json()` description; model files live in `directory`."""
+    kind = desc.get("kind")
+    if kind == "char":
+        return CharVocab(desc.get("itos"))
+    if kind == "sentencepiece":
+        path = os.path.join(directory, desc["model"])
+        if not os.path.isfile(path):
+            raise VocabError(f"{path}: SentencePiece model missing; copy the run's vocab/ folder back "
+                             f"or retrain in a new workdir")
+        return SentencePieceVocab(path)
+    raise VocabError(f"{os.path.join(directory, VOCAB_JSON)}: unknown vocabulary kind {kind!r}; "
+                     f"it was written by a different s2s_jax version")
+
+
+def write_vocab_json(directory: str, source_vocab, target_vocab) -> None:
+    with open(os.path.join(directory, VOCAB_JSON), "w", encoding="utf-8") as f:
+        json.dump({"source": source_vocab.to_json(), "target": target_vocab.to_json()}, f, indent=2,
+                  sort_keys=True)
+
+
+def read_vocab_dir(directory: str):
+    """(source_vocab, target_vocab) from a folder holding vocab.json and the model files."""
+    path = os.path.join(directory, VOCAB_JSON)
+    if not os.path.isfile(path):
+        raise VocabError(f"{path}: no vocabulary description; pass the workdir of a run trained with "
+                         f"s2s_jax (it writes workdir/vocab/), or train one first")
+    try:
+        with open(path, encoding="utf-8") as f:
+            desc = json.load(f)
+        source, target = desc["source"], desc["target"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise VocabError(f"{path}: not a valid vocabulary description (truncated or corrupt); copy the "
+                         f"run's vocab/ folder back or retrain") from None
+    return vocab_from_json(source, directory), vocab_from_json(target, directory)
