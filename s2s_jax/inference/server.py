@@ -448,7 +448,10 @@ def run(args) -> int:
                          average_last=args.average_last, overrides=args.overrides, max_len=args.max_len,
                          batch_size=args.batch_size)
     if args.beam is not None:
-        engine.check(args.beam, 1, limits)
+        try:
+            engine.check(args.beam, 1, limits)
+        except RequestError as e:
+            raise UserError(f"--{e.message}") from None
         engine.default_beam = args.beam
     app = create_app(engine, limits=limits, api_key=api_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",

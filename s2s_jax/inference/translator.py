@@ -355,26 +355,26 @@ def load_translator(workdir: str, *, step: int | None = None, best: bool = False
     return Translator(config, run.model, run.params, run.source_vocab, run.target_vocab)
 
 
-def plot_attention(translator: Translator, lines: Sequence[str], path: str, *, beam: int = 1,
-                   max_sentences: int = 4) -> str:
-    """Draws the attention of the best translation of up to `max_sentences` non-empty lines, one
-    heatmap each: source pieces along x, output pieces (EOS last) down y. Writes a PNG at `path`."""
+def attention_figure(translator: Translator, lines: Sequence[str], *, beam: int = 1, max_sentences: int = 4):
+    """A matplotlib figure of the attention of the best translation of up to `max_sentences`
+    non-empty lines, one heatmap each, read top-down as JoeyNMT draws them: source pieces along
+    the top, output pieces (EOS last) down the left side, the first output token in the top row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = [line for line in lines if line.strip()][:max_sentences]
-    sources = [translator.source_vocab.encode(line) for line in lines]
-    keep = [i for i, s in enumerate(sources) if s]
-    sources = [sources[i] for i in keep]
+    sources = [s for s in translator.encode_lines(lines) if s]
     results = translator.translate_ids(sources, beam=beam, attention=True) if sources else []
     n = max(len(results), 1)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.5), squeeze=False)
     for ax, src, res in zip(axes[0], sources, results):
-        weights = res["attention"]  # [T+1, S]
+        weights = res["attention"]  # [T+1, S]: row t = output token t
         out_pieces = translator.target_vocab.pieces(res["tokens"][0]) + ["</s>"]
-        ax.imshow(weights, cmap="Greys", aspect="auto", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.imshow(weights, cmap="Greys", aspect="auto", vmin=0.0, vmax=1.0, interpolation="nearest", origin="upper")
+        ax.xaxis.tick_top()
+        ax.xaxis.set_label_position("top")
         ax.set_xticks(range(len(src)))
         ax.set_xticklabels(translator.source_vocab.pieces(src), rotation=90, fontsize=7)
         ax.set_yticks(range(len(out_pieces)))
@@ -385,6 +385,15 @@ def plot_attention(translator: Translator, lines: Sequence[str], path: str, *, b
         axes[0][0].text(0.5, 0.5, "no non-empty input", ha="center", va="center")
         axes[0][0].axis("off")
     fig.tight_layout()
+    return fig
+
+
+def plot_attention(translator: Translator, lines: Sequence[str], path: str, *, beam: int = 1,
+                   max_sentences: int = 4) -> str:
+    """Writes `attention_figure` of the lines as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = attention_figure(translator, lines, beam=beam, max_sentences=max_sentences)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
