@@ -16,6 +16,7 @@ manager deletes on start, `cleanup_tmp`); the previous committed step is used.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -62,6 +63,19 @@ def _manager(directory: str, keep: int, *, best_metric: str | None = None, mode:
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                  item_names=("state", "meta"))
+
+
+def vocab_reference(workdir: str) -> dict:
+    """{"dir": "vocab", "files": {name: sha256}}: which vocabulary a checkpoint's ids refer to."""
+    vdir = os.path.join(workdir, "vocab")
+    files = {}
+    if os.path.isdir(vdir):
+        for name in sorted(os.listdir(vdir)):
+            path = os.path.join(vdir, name)
+            if os.path.isfile(path) and not name.startswith("."):
+                with open(path, "rb") as f:
+                    files[name] = hashlib.sha256(f.read()).hexdigest()
+    return {"dir": "vocab", "files": files}
 
 
 def restore_target(abstract_state):

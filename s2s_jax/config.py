@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -62,9 +64,15 @@ class DataConfig:
     normalization: str = "nfkc"  # nfkc | nfc | none (applied before SentencePiece)
     empty_lines: str = "skip"  # skip (drop pairs with an empty side, counted) | error
     cache_dir: str = ""  # prepared-data cache; "" = ~/.cache/s2s_jax
+    # A trained run's workdir whose vocabulary (vocab/: SentencePiece model(s)) tokenises this
+    # corpus instead of training a new one, e.g. to fine-tune it on new data (train.init_from).
+    vocab_from: str = ""
     # Length filter (in tokens, without BOS/EOS): longer pairs are dropped and counted.
     max_source_length: int = 64
     max_target_length: int = 64
+    # Largest fraction of the training pairs the length filter may drop; more stops the run
+    # before training (the message says how many). Raise it (1.0 = any) to accept the loss.
+    max_dropped_fraction: float = 0.01
     # Bucketing: padded (source, target) shapes; each batch is padded to the smallest bucket
     # that holds it. Empty = one bucket (max_source_length, max_target_length + 1).
     buckets: tuple = ()
@@ -96,12 +104,29 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     unroll: int = 1  # lax.scan unroll factor
     loss_chunk: int = 0  # time steps per output-projection chunk in the loss (0 = whole)
+    # Pretrained vectors (word2vec or GloVe text files, one `word v1 ... vd` per line; word2vec's
+    # `count dim` header line is recognised) copied into the embedding rows of the vocabulary
+    # entries they contain; other rows keep the normal initialisation. With share_embeddings
+    # either file fills the one table. Read at the start of a fresh run (s2s_jax/embeddings.py).
+    source_embeddings: str = ""
+    target_embeddings: str = ""
+    # Keep the rows loaded from those files bitwise fixed during training (rows not found in the
+    # files still train). With tie_output the frozen target rows are output-projection rows too.
+    freeze_embeddings: bool = False
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     steps: int = 2000
+    # Warm start: RUN, RUN@best or RUN@STEP (another run's workdir and which checkpoint). The
+    # new run starts from its parameters (its EMA when it kept one); step, optimizer state and
+    # schedule start fresh unless init_optimizer. Model shapes and vocabularies must match
+    # (data.vocab_from=RUN reuses its vocabulary). A workdir's own checkpoints win on resume.
+    init_from: str = ""
+    # With init_from: also carry over the optimizer state, the step (so the schedule continues
+    # where that run stopped) and the plateau learning-rate scale; the raw, non-EMA parameters.
+    init_optimizer: bool = False
     optimizer: str = "adam"  # adam | adamw | sgd
     learning_rate: float = 1e-3
     schedule: str = "constant"  # constant | rsqrt | cosine | plateau
@@ -176,26 +201,36 @@ _CHOICES = {
     ("train", "parallel"): ("shard_map", "pmap", "none"),
 }
 
-# (section, field) -> (lower bound, inclusive?) for numeric fields.
+# What an evaluation computes (trainer.evaluate: metrics.scalars_from_sums and
+# metrics.corpus_scores) and which direction is better: the choices of train.best_metric.
+EVAL_METRICS = {"loss": "min", "nll": "min", "perplexity": "min", "accuracy": "max",
+                "exact_match": "max", "bleu": "max", "chrf": "max"}
+
 _POSITIVE = {
     "data": ("task_train_size", "task_eval_size", "vocab_size", "max_source_length",
              "max_target_length", "batch_size"),
     "model": ("source_embed_dim", "target_embed_dim", "hidden_dim", "encoder_layers",
               "decoder_layers", "unroll"),
-    "train": ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "grad_accum", "max_nonfinite", "eval_sentences"),
+    "train": ("steps", "learning_rate", "log_every", "eval_every", "checkpoint_every",
+              "keep_checkpoints", "grad_accum", "max_nonfinite", "eval_sentences"),
     "decode": ("beam_size", "batch_size", "nbest"),
 }
 _NON_NEGATIVE = {
-    "data": ("batch_tokens", "prefetch", "worker_count"),
+    "data": ("task_seed", "shuffle_seed", "batch_tokens", "prefetch", "worker_count"),
     "model": ("loss_chunk",),
-    "train": ("warmup_steps", "weight_decay", "momentum", "clip_norm", "keep_best",
+    "train": ("seed", "warmup_steps", "weight_decay", "momentum", "clip_norm", "keep_best",
               "early_stopping_patience", "plateau_patience", "num_processes"),
     "decode": ("length_penalty", "coverage_penalty", "max_len_a", "max_len_b"),
 }
 _PROBABILITY = {
     "model": ("dropout", "attention_dropout"),
     "train": ("label_smoothing", "ema_decay"),
+}
+# Hints appended to the "must be > 0" message of some fields.
+_FIXES = {
+    ("train", "learning_rate"): "e.g. --set train.learning_rate=1e-3",
+    ("decode", "beam_size"): "1 is greedy search",
+    ("decode", "nbest"): "1 writes the best hypothesis only",
 }
 
 
@@ -204,8 +239,16 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def validate(config: Config) -> Config:
-    """Checks types, choices and ranges; raises ConfigError naming the first bad field."""
+def best_metric_and_mode(config: "Config") -> tuple[str, str]:
+    """(train.best_metric resolved, "min" | "max"): auto is exact_match for tasks, else bleu."""
+    metric = config.train.best_metric
+    if metric == "auto":
+        metric = "exact_match" if config.data.source == "task" else "bleu"
+    return metric, EVAL_METRICS[metric]
+
+
+def _check_fields(config: Config) -> None:
+    """Per field: type, choices, finite numbers, ranges."""
     for section, cls in _SECTIONS.items():
         obj = getattr(config, section)
         if not isinstance(obj, cls):
@@ -219,6 +262,8 @@ def validate(config: Config) -> Config:
                 raise ConfigError(f"{where}={value!r}: expected an integer")
             if typ is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ConfigError(f"{where}={value!r}: expected a number")
+            if typ is float and not math.isfinite(value):
+                raise ConfigError(f"{where}={value!r}: must be a finite number")
             if typ is str and not isinstance(value, str):
                 raise ConfigError(f"{where}={value!r}: expected a string")
             choices = _CHOICES.get((section, name))
@@ -226,7 +271,8 @@ def validate(config: Config) -> Config:
                 raise ConfigError(f"{where}={value!r}: choose one of {', '.join(choices)}")
         for name in _POSITIVE.get(section, ()):
             if getattr(obj, name) <= 0:
-                raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: must be > 0")
+                fix = _FIXES.get((section, name))
+                raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: must be > 0" + (f" ({fix})" if fix else ""))
         for name in _NON_NEGATIVE.get(section, ()):
             if getattr(obj, name) < 0:
                 raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: must be >= 0")
@@ -234,30 +280,144 @@ def validate(config: Config) -> Config:
             v = getattr(obj, name)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"{section}.{name}={v!r}: must be in [0, 1)")
-    d, m, t = config.data, config.model, config.train
+
+
+def _check_data(d: DataConfig) -> None:
     if d.source == "text" and not d.dir:
         raise ConfigError("data.dir is empty: set --set data.dir=PATH/TO/CORPUS for data.source='text'")
     if d.source == "tfds" and not d.tfds_name:
         raise ConfigError("data.tfds_name is empty: set e.g. --set data.tfds_name=wmt14_translate/de-en")
+    if d.source != "task":
+        for name in ("src_lang", "tgt_lang"):
+            if not getattr(d, name):
+                raise ConfigError(f"data.{name} is empty: set the language suffix of the corpus files, "
+                                  f"e.g. --set data.{name}=en")
+        if d.src_lang == d.tgt_lang:
+            raise ConfigError(f"data.src_lang = data.tgt_lang = {d.src_lang!r}: source and target would be the "
+                              "same files; set them to the two languages' suffixes")
+    for name in ("train_split", "valid_split"):
+        if not getattr(d, name):
+            what = "trains on" if name == "train_split" else "evaluates on (every train.eval_every steps and at the end)"
+            raise ConfigError(f"data.{name} is empty: the trainer {what} it; set it to the split's name")
+    if not 0.0 < d.spm_character_coverage <= 1.0:
+        raise ConfigError(f"data.spm_character_coverage={d.spm_character_coverage!r}: must be in (0, 1], "
+                          "e.g. 0.9995 for languages with large alphabets")
+    if not 0.0 <= d.max_dropped_fraction <= 1.0:
+        raise ConfigError(f"data.max_dropped_fraction={d.max_dropped_fraction!r}: must be in [0, 1] "
+                          "(a fraction of the training pairs; 1.0 accepts any)")
+    if d.vocab_from and d.source == "task":
+        raise ConfigError(f"data.vocab_from={d.vocab_from!r}: built-in tasks always use the character "
+                          "vocabulary; leave data.vocab_from empty for data.source='task'")
     if not isinstance(d.buckets, (tuple, list)) or not all(
-        isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, int) and x > 0 for x in b)
+        isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                             and x > 0 for x in b)
         for b in d.buckets
     ):
         raise ConfigError(f"data.buckets={d.buckets!r}: expected a list of (source_length, target_length) pairs of positive integers")
+    if d.buckets:
+        shown = [list(b) for b in d.buckets]
+        big = (max(s for s, _ in d.buckets), max(t for _, t in d.buckets))
+        if tuple(big) not in {tuple(b) for b in d.buckets}:
+            raise ConfigError(f"data.buckets={shown}: no bucket is at least as large as all others in both "
+                              f"lengths; add the bucket {list(big)}")
+        if min(t for _, t in d.buckets) < 2:
+            raise ConfigError(f"data.buckets={shown}: a target length must be >= 2 (one token + EOS)")
+        need = (d.max_source_length, d.max_target_length + 1)
+        if big[0] < need[0] or big[1] < need[1]:
+            raise ConfigError(
+                f"data.buckets={shown}: the largest bucket {list(big)} cannot hold data.max_source_length="
+                f"{d.max_source_length} / data.max_target_length={d.max_target_length} (needs {list(need)}: the "
+                f"target side counts EOS); add the bucket {[max(big[0], need[0]), max(big[1], need[1])]} or lower "
+                "data.max_source_length / data.max_target_length")
+
+
+def _check_model(config: Config) -> None:
+    d, m = config.data, config.model
     if m.bidirectional and m.hidden_dim % 2:
         raise ConfigError(f"model.hidden_dim={m.hidden_dim}: must be even when model.bidirectional=True (split across directions)")
     if m.tie_output and m.target_embed_dim != m.hidden_dim:
         raise ConfigError("model.tie_output=True needs model.target_embed_dim == model.hidden_dim")
     if m.share_embeddings and m.source_embed_dim != m.target_embed_dim:
         raise ConfigError("model.share_embeddings=True needs model.source_embed_dim == model.target_embed_dim")
-    if m.share_embeddings and d.source != "task" and not d.joint_vocab:
+    if m.share_embeddings and d.source != "task" and not d.joint_vocab and not d.vocab_from:
         raise ConfigError("model.share_embeddings=True needs data.joint_vocab=True (one vocabulary)")
     if m.input_feeding and m.attention == "none":
         raise ConfigError("model.input_feeding=True needs an attention type (model.attention != 'none')")
-    if t.schedule in ("cosine",) and t.warmup_steps >= t.steps:
-        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps} for schedule='cosine'")
-    if config.decode.nbest > config.decode.beam_size:
-        raise ConfigError(f"decode.nbest={config.decode.nbest} must be <= decode.beam_size={config.decode.beam_size}")
+    if m.attention == "none" and m.attention_dropout > 0:
+        raise ConfigError(f"model.attention_dropout={m.attention_dropout}: has no effect with model.attention='none'; "
+                          "set it to 0 or choose an attention type")
+    if m.share_embeddings and m.source_embeddings and m.target_embeddings and m.source_embeddings != m.target_embeddings:
+        raise ConfigError("model.source_embeddings and model.target_embeddings name different files, but "
+                          "model.share_embeddings=True makes one table: give one file (either field)")
+    if m.freeze_embeddings and not (m.source_embeddings or m.target_embeddings):
+        raise ConfigError("model.freeze_embeddings=True freezes the rows loaded from pretrained vectors, but "
+                          "neither model.source_embeddings nor model.target_embeddings is set: name a file or "
+                          "set model.freeze_embeddings=False")
+    if (m.source_embeddings or m.target_embeddings) and config.train.init_from:
+        field_ = "model.source_embeddings" if m.source_embeddings else "model.target_embeddings"
+        raise ConfigError(f"{field_} and train.init_from both set the embeddings; drop one "
+                          "(the embeddings of the run in train.init_from are already trained)")
+
+
+def _check_train(config: Config) -> None:
+    d, t = config.data, config.train
+    if t.schedule == "cosine" and t.warmup_steps >= t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps} for "
+                          "schedule='cosine' (the decay needs steps after the warmup): lower train.warmup_steps")
+    if t.warmup_steps > t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} is longer than the run (train.steps={t.steps}): "
+                          f"the learning rate would never reach train.learning_rate; lower train.warmup_steps")
+    if t.weight_decay > 0 and t.optimizer != "adamw":
+        raise ConfigError(f"train.weight_decay={t.weight_decay} has no effect with train.optimizer={t.optimizer!r}: "
+                          "use train.optimizer=adamw or set train.weight_decay=0")
+    if t.momentum > 0 and t.optimizer != "sgd":
+        raise ConfigError(f"train.momentum={t.momentum} has no effect with train.optimizer={t.optimizer!r} "
+                          "(Adam keeps its own moments): use train.optimizer=sgd or set train.momentum=0")
+    if t.schedule == "plateau":
+        if t.plateau_patience < 1:
+            raise ConfigError(f"train.plateau_patience={t.plateau_patience}: must be >= 1 for schedule='plateau' "
+                              "(evaluations without improvement before the learning rate is lowered)")
+        if not 0.0 < t.plateau_factor < 1.0:
+            raise ConfigError(f"train.plateau_factor={t.plateau_factor}: must be in (0, 1) for schedule='plateau' "
+                              "(it multiplies the learning rate), e.g. 0.5")
+    if t.best_metric != "auto" and t.best_metric not in EVAL_METRICS:
+        close = difflib.get_close_matches(t.best_metric, list(EVAL_METRICS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"train.best_metric={t.best_metric!r} is not computed by evaluation: {hint}choose one of "
+                          f"auto, {', '.join(EVAL_METRICS)}")
+    if d.batch_tokens == 0 and d.batch_size % t.grad_accum:
+        raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by train.grad_accum={t.grad_accum} "
+                          "(the micro-batches split the batch): make it a multiple")
+    if t.init_optimizer and not t.init_from:
+        raise ConfigError("train.init_optimizer=True has no effect without train.init_from (train --init-from RUN)")
+    if t.num_processes > 0 and not -1 <= t.process_id < t.num_processes:
+        raise ConfigError(f"train.process_id={t.process_id}: must be in [0, train.num_processes={t.num_processes}) "
+                          "(or -1 to read it from the environment)")
+
+
+def _check_decode(c: DecodeConfig) -> None:
+    if c.nbest > c.beam_size:
+        raise ConfigError(f"decode.nbest={c.nbest} must be <= decode.beam_size={c.beam_size}: raise decode.beam_size "
+                          "or lower decode.nbest")
+    if c.max_len_a == 0 and c.max_len_b == 0:
+        raise ConfigError("decode.max_len_a=0 and decode.max_len_b=0 allow no output token: set the maximum output "
+                          "length a * source_length + b, e.g. decode.max_len_a=1.5, decode.max_len_b=10")
+
+
+def validate(config: Config) -> Config:
+    """The config audit: types, choices, ranges and cross-field rules, field by field.
+
+    Raises ConfigError naming the first bad field and the fix (the CLI prints it as one line and
+    exits 2 before any work). Rules that need the data (how many training pairs the length
+    filter drops: data.max_dropped_fraction) are checked by the data layer when it opens the
+    corpus, and pretrained-embedding files and train.init_from when the trainer reads them;
+    both before anything is compiled.
+    """
+    _check_fields(config)
+    _check_data(config.data)
+    _check_model(config)
+    _check_train(config)
+    _check_decode(config.decode)
     return config
 
 

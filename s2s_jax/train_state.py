@@ -29,6 +29,16 @@ class TrainState:
     nonfinite: jax.Array  # int32: consecutive steps skipped for a non-finite loss/gradient
 
 
+def params_for_eval(state):
+    """The parameters evaluation and decoding use: the EMA when train.ema_decay > 0."""
+    return state.ema_params if state.ema_params is not None else state.params
+
+
+def scale_learning_rate(state: TrainState, factor: float) -> TrainState:
+    """The state with its learning-rate scale multiplied by `factor` (plateau halving)."""
+    return state.replace(lr_scale=state.lr_scale * factor)
+
+
 def learning_rate_fn(cfg: TrainConfig):
     """step -> base learning rate (before lr_scale). Written in jnp so it runs inside jit."""
     base, warm = cfg.learning_rate, cfg.warmup_steps

@@ -17,8 +17,8 @@ so the log reads like one uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -32,11 +32,11 @@ import numpy as np
 from s2s_jax import config as config_lib
 from s2s_jax import metrics as metrics_lib
 from s2s_jax import steps
-from s2s_jax.checkpoint import Checkpoints
+from s2s_jax.checkpoint import Checkpoints, vocab_reference
 from s2s_jax.config import Config, UserError
 from s2s_jax.parallel import Parallel, maybe_initialize_distributed
-from s2s_jax.train_state import abstract_state, create_state, make_model
-from s2s_jax.translator import Translator
+from s2s_jax.train_state import abstract_state, create_state, make_model, params_for_eval, scale_learning_rate
+from s2s_jax.inference.translator import Translator
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,59 @@ def check_workdir(config: Config, workdir: str) -> bool:
     return resume
 
 
-def best_metric_and_mode(config: Config) -> tuple[str, str]:
-    metric = config.train.best_metric
-    if metric == "auto":
-        metric = "exact_match" if config.data.source == "task" else "bleu"
-    return metric, ("min" if metric in ("loss", "nll", "perplexity") else "max")
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What one evaluation decided (EvalTracker.update)."""
+
+    improved: bool  # a new best value of the metric: save a best checkpoint
+    lower_learning_rate: bool  # schedule=plateau: multiply the learning-rate scale by plateau_factor
+    stop: bool  # early stopping: train.early_stopping_patience evaluations without improvement
+
+
+@dataclasses.dataclass
+class EvalTracker:
+    """The evaluation bookkeeping: best value of the metric, evaluations without improvement
+    (bad_evals), and what they decide — a new best, a plateau step down, an early stop.
+
+    A non-finite or missing value counts as no improvement. Checkpoints carry `meta()`, so a
+    resumed run continues the same count.
+    """
+
+    metric: str
+    mode: str  # "min" | "max": which direction is better
+    early_stopping_patience: int = 0  # 0 = never stop early
+    plateau_patience: int = 0  # lower the rate after every this many bad evaluations; 0 = never
+    best: float | None = None
+    bad_evals: int = 0
+
+    @classmethod
+    def from_config(cls, config: Config, meta: dict | None = None) -> "EvalTracker":
+        tc = config.train
+        metric, mode = config_lib.best_metric_and_mode(config)
+        meta = meta or {}
+        return cls(metric, mode, early_stopping_patience=tc.early_stopping_patience,
+                   plateau_patience=max(tc.plateau_patience, 1) if tc.schedule == "plateau" else 0,
+                   best=meta.get("best_value"), bad_evals=int(meta.get("bad_evals", 0)))
+
+    def update(self, value: float | None) -> Verdict:
+        if value is not None and not math.isfinite(value):
+            value = None
+        improved = value is not None and (self.best is None or
+                                          (value > self.best if self.mode == "max" else value < self.best))
+        if improved:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        lower = (not improved and self.plateau_patience > 0 and self.bad_evals % self.plateau_patience == 0)
+        return Verdict(improved=improved, lower_learning_rate=lower, stop=self.stopped)
+
+    @property
+    def stopped(self) -> bool:
+        """Early-stopping patience used up (a restarted run that stopped early stays stopped)."""
+        return bool(self.early_stopping_patience) and self.bad_evals >= self.early_stopping_patience
+
+    def meta(self) -> dict:
+        return {"best_metric": self.metric, "best_value": self.best, "bad_evals": self.bad_evals}
 
 
 class _StopSignal:
@@ -115,24 +163,6 @@ class _StopSignal:
         finally:
             for sig, h in previous.items():
                 signal.signal(sig, h)
-
-
-def params_for_eval(state):
-    """The parameters evaluation and decoding use: the EMA when train.ema_decay > 0."""
-    return state.ema_params if state.ema_params is not None else state.params
-
-
-def vocab_reference(workdir: str) -> dict:
-    """{"dir": "vocab", "files": {name: sha256}}: which vocabulary a checkpoint's ids refer to."""
-    vdir = os.path.join(workdir, "vocab")
-    files = {}
-    if os.path.isdir(vdir):
-        for name in sorted(os.listdir(vdir)):
-            path = os.path.join(vdir, name)
-            if os.path.isfile(path) and not name.startswith("."):
-                with open(path, "rb") as f:
-                    files[name] = hashlib.sha256(f.read()).hexdigest()
-    return {"dir": "vocab", "files": files}
 
 
 def evaluate(config: Config, params, data, translator: Translator, eval_fn, parallel: Parallel,
@@ -166,6 +196,12 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True) -
     """
     config = config_lib.validate(config)
     resume = check_workdir(config, workdir)
+    if resume and not config.train.init_from:
+        # restarted without --init-from: the run still starts from (or began from) the saved one
+        saved = config_lib.load(os.path.join(workdir, CONFIG_FILE)).train
+        if saved.init_from:
+            config = config.replace(train=dataclasses.replace(config.train, init_from=saved.init_from,
+                                                              init_optimizer=saved.init_optimizer))
     stop = _StopSignal()
     with stop.installed():
         return _train(config, workdir, resume, stop, progress)
@@ -178,96 +214,108 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+class _LatestSaver:
+    """Latest-K checkpoints: saves a step at most once (the loop may ask twice at the end)."""
+
+    def __init__(self, ckpts: Checkpoints, saved_step: int | None):
+        self.ckpts, self.saved_step = ckpts, saved_step
+
+    def save(self, step: int, state, meta: dict) -> None:
+        if self.saved_step != step:
+            self.ckpts.save(step, state, meta)
+            self.saved_step = step
+
+
 def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progress: bool) -> dict:
+    from s2s_jax import embeddings, warm_start
     from s2s_jax.data import build_data  # data never imports jax; import here keeps the CLI light
 
     maybe_initialize_distributed(config)
     tc = config.train
     parallel = Parallel(tc.parallel)
     primary = jax.process_index() == 0
+    # train.init_from: the run and its checkpoint must exist and its model match, before any work;
+    # unless this workdir has checkpoints of its own (they win; the other run may be gone by now)
+    own = os.path.join(workdir, "checkpoints")
+    has_own = resume and os.path.isdir(own) and any(n.isdigit() for n in os.listdir(own))
+    init = warm_start.resolve(config, workdir) if tc.init_from and not has_own else None
     data = build_data(config, workdir, process_index=jax.process_index(),
                       process_count=jax.process_count(), batch_multiple=parallel.local_devices * tc.grad_accum)
     if primary and not resume:
         _write_atomic(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
     vocab_ref = vocab_reference(workdir)
+    if init is not None:
+        init.check_vocabulary(vocab_ref)
+    # read on every start (also a resume): the frozen rows are the rows the files fill
+    pretrained = embeddings.load_pretrained(config, data.source_vocab, data.target_vocab)
 
     model = make_model(config, data.source_vocab.vocab_size, data.target_vocab.vocab_size)
-    metric, mode = best_metric_and_mode(config)
-    ckpts = Checkpoints(workdir, keep=tc.keep_checkpoints, keep_best=tc.keep_best, best_metric=metric,
-                        best_mode=mode, cleanup_tmp=True)
+    tracker = EvalTracker.from_config(config)
+    ckpts = Checkpoints(workdir, keep=tc.keep_checkpoints, keep_best=tc.keep_best, best_metric=tracker.metric,
+                        best_mode=tracker.mode, cleanup_tmp=True)
     # Restore straight onto the devices this run has, whatever the device count of the run that
     # wrote the checkpoint (abstract targets carry the shardings; nothing is allocated first).
+    # The workdir's own checkpoints win over train.init_from.
     restored = ckpts.restore(parallel.state_target(abstract_state(config, model)))
     if restored is not None:
         state, meta, start = restored
         data_state = meta.get("data_state")
-        best_value = meta.get("best_value")
-        bad_evals = int(meta.get("bad_evals", 0))
+        tracker = EvalTracker.from_config(config, meta)
     else:
-        state, data_state, best_value, bad_evals, start = create_state(config, model), None, None, 0, 0
+        if tc.init_from and init is None:  # this workdir's own checkpoints were all unreadable
+            init = warm_start.resolve(config, workdir)
+            init.check_vocabulary(vocab_ref)
+        state = init.state(config, model) if init is not None else create_state(config, model)
+        state = embeddings.apply(state, pretrained)
+        data_state, start = None, int(jax.device_get(state.step))
     if int(np.asarray(jax.device_get(state.step))) != start:
         raise UserError(f"{workdir}/checkpoints/{start}: holds a state at step {int(np.asarray(state.step))}; "
                         "the checkpoint folder was tampered with: use a new --workdir")
     state = parallel.put_state(state)
     train_iter = data.train_batches(data_state)
 
-    train_fn = parallel.wrap_train(functools.partial(steps.train_step, model=model, config=config))
+    train_fn = parallel.wrap_train(functools.partial(steps.train_step, model=model, config=config,
+                                                     frozen_rows=embeddings.frozen_rows(config, pretrained)))
     eval_fn = parallel.wrap_eval(functools.partial(steps.eval_step, model=model, config=config))
     writer = metrics_lib.MetricWriter(workdir, enabled=primary, tensorboard=tc.tensorboard,
                                       resume_step=start if resume else None)
     bar = metrics_lib.Progress(tc.steps, start, enabled=primary, steps=progress)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parallel.get_state(state).params))
+    if restored:
+        origin = f"resuming from step {start} of {tc.steps}"
+    else:
+        origin = f"starting at step {start} of {tc.steps}" + (f", initialised from {init.describe()}" if init else "")
     bar.write(f"s2s_jax: {config.name}: {n_params:,} parameters; "
-              f"{parallel.describe(data.stats['bucket_rows'], tc.grad_accum)}; "
-              + (f"resuming from step {start} of {tc.steps}" if restored else f"starting at step 0 of {tc.steps}"))
+              f"{parallel.describe(data.stats['bucket_rows'], tc.grad_accum)}; {origin}")
 
     def meta_now() -> dict:
-        return {"data_state": train_iter.get_state(), "best_metric": metric, "best_value": best_value,
-                "bad_evals": bad_evals, "config": config_lib.to_dict(config), "vocab": vocab_ref}
+        return {"data_state": train_iter.get_state(), **tracker.meta(), "config": config_lib.to_dict(config),
+                "vocab": vocab_ref}
 
-    saved_step = start if restored is not None else None
+    latest = _LatestSaver(ckpts, start if restored is not None else None)
 
-    def save(step: int) -> None:
-        nonlocal saved_step
-        if saved_step != step:
-            ckpts.save(step, parallel.get_state(state), meta_now())
-            saved_step = step
-
-    def run_eval(step: int) -> dict:
-        nonlocal best_value, bad_evals, state
+    def run_eval(step: int, state) -> tuple[dict, Verdict]:
+        """Evaluates the state's parameters, updates the tracker, logs, saves a new best."""
         params = params_for_eval(parallel.get_state(state))
         translator = Translator(config, model, params, data.source_vocab, data.target_vocab)
         result = evaluate(config, parallel.put_state(params) if tc.parallel == "pmap" else params,
                           data, translator, eval_fn, parallel, config.data.valid_split)
-        value = result.get(metric)
-        if value is not None and not math.isfinite(value):
-            value = None
-        improved = value is not None and (best_value is None or
-                                          (value > best_value if mode == "max" else value < best_value))
-        if improved:
-            best_value, bad_evals = value, 0
-        else:
-            bad_evals += 1
-            if tc.schedule == "plateau" and bad_evals % max(tc.plateau_patience, 1) == 0:
-                state = state.replace(lr_scale=state.lr_scale * tc.plateau_factor)
-                bar.write(f"[eval step {step}] no {metric} improvement in {bad_evals} evaluations: "
-                          f"learning rate x{tc.plateau_factor}")
+        verdict = tracker.update(result.get(tracker.metric))
         samples = result.pop("samples", [])
-        writer.write("eval", step, dict(result, best=best_value, bad_evals=bad_evals))
+        writer.write("eval", step, dict(result, best=tracker.best, bad_evals=tracker.bad_evals))
         shown = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "perplexity", "exact_match", "bleu", "chrf")
                           if k in result)
         bar.write(f"[eval step {step}] {shown}")
         for s in samples[:2]:
             bar.write(f"  {s['source']!r} -> {s['hypothesis']!r} (ref {s['reference']!r})")
-        if improved:
-            ckpts.save_best(step, parallel.get_state(state), meta_now(), {metric: float(value)})
-        return result
+        if verdict.improved:
+            ckpts.save_best(step, parallel.get_state(state), meta_now(), {tracker.metric: float(tracker.best)})
+        return result, verdict
 
     # A run that stopped early stays stopped: restarting it only re-evaluates the same verdict.
-    finished = bool(restored is not None and tc.early_stopping_patience
-                    and bad_evals >= tc.early_stopping_patience)
+    finished = restored is not None and tracker.stopped
     if finished:
-        bar.write(f"this run stopped early at step {start} (no {metric} improvement in {bad_evals} "
+        bar.write(f"this run stopped early at step {start} (no {tracker.metric} improvement in {tracker.bad_evals} "
                   "evaluations); nothing to do: raise train.early_stopping_patience to train on")
 
     sums = None
@@ -287,7 +335,7 @@ def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progre
             # for that step, so the one just dispatched keeps the device busy meanwhile.
             if prev_nonfinite is not None and int(prev_nonfinite) >= tc.max_nonfinite:
                 ckpts.wait()
-                good = saved_step if saved_step is not None else "none"
+                good = latest.saved_step if latest.saved_step is not None else "none"
                 raise TrainingStopped(
                     f"stopped at step {step - 1}: {int(prev_nonfinite)} consecutive steps had a non-finite "
                     f"loss or gradient (train.max_nonfinite={tc.max_nonfinite}) and were skipped; the last "
@@ -310,20 +358,24 @@ def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progre
                 bar.update(step, loss=values["loss"], tok_s=f"{values['tokens_per_sec']:.0f}")
                 sums, t_last, step_last = None, now, step
             if step % tc.eval_every == 0 or step == tc.steps:
-                last_eval = run_eval(step)
+                last_eval, verdict = run_eval(step, state)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
-                if tc.early_stopping_patience and bad_evals >= tc.early_stopping_patience:
-                    bar.write(f"early stopping at step {step}: no {metric} improvement in {bad_evals} "
-                              f"evaluations (best {best_value})")
+                if verdict.lower_learning_rate:
+                    state = scale_learning_rate(state, tc.plateau_factor)
+                    bar.write(f"[eval step {step}] no {tracker.metric} improvement in {tracker.bad_evals} "
+                              f"evaluations: learning rate x{tc.plateau_factor}")
+                if verdict.stop:
+                    bar.write(f"early stopping at step {step}: no {tracker.metric} improvement in "
+                              f"{tracker.bad_evals} evaluations (best {tracker.best})")
                     early_stopped = True
-                    save(step)
+                    latest.save(step, parallel.get_state(state), meta_now())
                     break
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 # Not in the middle of a non-finite streak: keep the latest-K all good ones.
                 if stop.received or int(m["nonfinite_run"]) == 0:
-                    save(step)
+                    latest.save(step, parallel.get_state(state), meta_now())
         if stop.received:
-            save(step)
+            latest.save(step, parallel.get_state(state), meta_now())
             ckpts.wait()
             bar.write(f"{stop.received}: checkpoint written at step {step}; exiting")
         ckpts.wait()

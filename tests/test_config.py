@@ -14,7 +14,8 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 def test_override_sets_typed_values():
     cfg = config_lib.override(Config(), ["train.steps=200", "train.learning_rate=1e-3", "model.bidirectional=false",
-                                         "data.buckets=[[8, 9], [16, 17]]", "model.cell=gru"])
+                                         "data.buckets=[[8, 9], [16, 17]]", "model.cell=gru",
+                                         "data.max_source_length=16", "data.max_target_length=16"])
     assert cfg.train.steps == 200
     assert cfg.train.learning_rate == pytest.approx(1e-3) and isinstance(cfg.train.learning_rate, float)
     assert cfg.model.bidirectional is False
@@ -49,7 +50,8 @@ def test_cross_field_rules():
 
 
 def test_json_round_trip(tmp_path):
-    cfg = config_lib.override(Config(), ["data.buckets=[[8, 9]]", "train.steps=7"])
+    cfg = config_lib.override(Config(), ["data.buckets=[[8, 9]]", "data.max_source_length=8",
+                                         "data.max_target_length=8", "train.steps=7"])
     path = tmp_path / "config.json"
     path.write_text(config_lib.to_json(cfg))
     assert config_lib.load(str(path)) == cfg

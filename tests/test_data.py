@@ -65,7 +65,8 @@ def m30k(tmp_path_factory):
 
 def _m30k_cfg(m30k, **kw) -> Config:
     base = dict(source="text", dir=m30k["dir"], cache_dir=m30k["cache"], vocab_size=400,
-                buckets=((12, 14), (20, 22), (32, 34), (64, 65)), batch_tokens=600, prefetch=2)
+                buckets=((12, 14), (20, 22), (32, 34), (64, 65)), batch_tokens=600, prefetch=2,
+                max_dropped_fraction=0.05)  # a 400-piece vocabulary makes ~1 % of the pairs longer than 64
     base.update(kw)
     return _cfg(**base)
 
@@ -287,8 +288,13 @@ def test_batches_shapes_and_contents(m30k_data):
 
 
 def test_length_filter_counted(m30k):
-    data = D.build_data(_m30k_cfg(m30k, max_source_length=12, max_target_length=12, buckets=()))
+    short = dict(max_source_length=12, max_target_length=12, buckets=())
+    # more than data.max_dropped_fraction (1 %) would go: refused, saying how many
+    with pytest.raises(D.DataError, match=r"would drop (\d+) of 2000 training pairs .*data.max_dropped_fraction") as e:
+        D.build_data(_m30k_cfg(m30k, **short))
+    data = D.build_data(_m30k_cfg(m30k, max_dropped_fraction=1.0, **short))
     dropped = data.stats["dropped"]["train"]
+    assert f"drop {sum(dropped.values())} of 2000" in str(e.value)
     assert sum(dropped.values()) + data.stats["examples"]["train"] == 2000
     assert dropped["source_longer_than_12"] > 0 and dropped["target_longer_than_12"] > 0
     batches, _ = _epoch(data)
@@ -426,7 +432,7 @@ def test_full_pass_imports_neither_tensorflow_nor_jax(m30k, tmp_path):
         assert "jax" not in sys.modules, "import s2s_jax.data imported jax"
         from s2s_jax.config import Config, DataConfig
         cfg = Config(data=DataConfig(source="text", dir={m30k['dir']!r}, cache_dir={str(tmp_path / 'cache')!r},
-                                     vocab_size=300, batch_tokens=800))
+                                     vocab_size=300, batch_tokens=800, max_dropped_fraction=0.05))
         data = D.build_data(cfg)
         it = data.train_batches()
         n = sum(int((next(it)["index"] >= 0).sum()) for _ in range(data.stats["train_batches_per_epoch"]))

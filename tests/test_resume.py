@@ -141,11 +141,12 @@ def started(workdir, since):
 started.label = "before the first checkpoint"
 
 
-def run_and_kill(workdir, when, *, poll: float = 0.002, timeout: float = 600) -> dict:
-    """Starts a training run and SIGKILLs it as soon as `when(workdir)` holds. Returns what the
-    kill left: whether it landed (the run was still going), the committed steps, tmp folders."""
+def run_and_kill(workdir, when, *, sets=SETS, poll: float = 0.002, timeout: float = 600) -> dict:
+    """Starts a training run (tiny.py with `sets`) and SIGKILLs it as soon as `when(workdir)`
+    holds. Returns what the kill left: whether it landed (the run was still going), the committed
+    steps, tmp folders."""
     since = time.time() - 0.01  # file times are a little coarse
-    proc = subprocess.Popen(train_cmd(workdir, *SETS), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(workdir, *sets), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     try:
@@ -263,12 +264,21 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_with_warning(reference
 
 # --------------------------------------------------------------------------- non-finite guard
 
+# The config audit refuses a non-finite train.learning_rate, so the fault is injected: the
+# schedule the step reads returns infinity, as a diverging run's arithmetic would.
+INFINITE_LR = ("import sys; import s2s_jax.steps as steps; from s2s_jax.cli import main; "
+               "steps.learning_rate_fn = lambda cfg: (lambda step: float('inf')); sys.exit(main(sys.argv[1:]))")
+
+
 def test_nonfinite_streak_stops_with_exit_2_and_keeps_last_good_checkpoint(reference, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(reference["workdir"], workdir)
     # An infinite learning rate: every update is non-finite, so every step is skipped.
-    proc = train(workdir, "train.steps=40", "train.learning_rate=1e999", "train.max_nonfinite=3",
-                 "train.checkpoint_every=1", expect=2)
+    cmd = train_cmd(workdir, *SETS, "train.steps=40", "train.max_nonfinite=3", "train.checkpoint_every=1")
+    assert cmd[1:3] == ["-m", "s2s_jax"]
+    proc = subprocess.run([cmd[0], "-c", INFINITE_LR, *cmd[3:]], cwd=REPO, env=run_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "non-finite" in errors[0] and "step 12" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

@@ -25,7 +25,7 @@ from s2s_jax import config as config_lib
 from s2s_jax import losses, steps
 from s2s_jax.metrics import read_metrics
 from s2s_jax.train_state import build_optimizer, create_state, learning_rate_fn, make_model
-from s2s_jax.trainer import params_for_eval
+from s2s_jax.trainer import EvalTracker, Verdict, params_for_eval
 
 from _helpers import REPO, TINY, run_env, train_cmd  # noqa: E402
 
@@ -270,12 +270,56 @@ def test_nonfinite_step_leaves_state_untouched_and_counts(main):
     assert not _equal(new3.params, state.params)
 
 
-def test_nonfinite_update_from_absurd_learning_rate_is_skipped():
-    s = Setup(learning_rate=1e999)  # inf: loss and gradient finite, the update is not
-    new, m = s.step(s.state, make_batch())
+def test_nonfinite_update_from_absurd_learning_rate_is_skipped(main):
+    # The config audit refuses train.learning_rate=inf; an infinite rate (scale) reaching the
+    # step anyway: loss and gradient finite, the update is not.
+    state = main.state.replace(lr_scale=jnp.asarray(jnp.inf, jnp.float32))
+    new, m = main.step(state, make_batch())
     assert math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))
     assert float(m["skipped"]) == 1.0 and int(new.nonfinite) == 1
-    assert _equal(new.params, s.state.params) and _equal(new.opt_state, s.state.opt_state)
+    assert _equal(new.params, state.params) and _equal(new.opt_state, state.opt_state)
+
+
+# --------------------------------------------------------------------------- evaluation bookkeeping
+
+def test_eval_tracker_best_patience_plateau_and_early_stop():
+    t = EvalTracker("bleu", "max", early_stopping_patience=4, plateau_patience=2)
+    got = [t.update(v) for v in (10.0, 12.5, 12.5, 11.0, float("nan"), None, 13.0, 1.0)]
+    assert [v.improved for v in got] == [True, True, False, False, False, False, True, False]
+    # a tie, a drop, NaN and a missing value are all "no improvement"
+    assert [v.lower_learning_rate for v in got] == [False, False, False, True, False, True, False, False]
+    assert [v.stop for v in got] == [False, False, False, False, False, True, False, False]
+    assert t.best == 13.0 and t.bad_evals == 1 and not t.stopped
+    assert t.meta() == {"best_metric": "bleu", "best_value": 13.0, "bad_evals": 1}
+
+
+def test_eval_tracker_min_mode_and_no_patience():
+    t = EvalTracker("loss", "min")  # no early stopping, no plateau
+    got = [t.update(v) for v in (2.0, 1.5, 1.7, 1.5, 1.2)]
+    assert got == [Verdict(True, False, False), Verdict(True, False, False), Verdict(False, False, False),
+                   Verdict(False, False, False), Verdict(True, False, False)]
+    assert t.best == 1.2 and t.bad_evals == 0
+
+
+def test_eval_tracker_from_config_and_checkpoint_meta():
+    cfg = config_lib.load(TINY)
+    plateau = cfg.replace(train=dataclasses.replace(cfg.train, schedule="plateau", plateau_patience=3,
+                                                    early_stopping_patience=5, best_metric="perplexity"))
+    t = EvalTracker.from_config(plateau, {"best_value": 4.5, "bad_evals": 2})
+    assert (t.metric, t.mode, t.plateau_patience, t.early_stopping_patience) == ("perplexity", "min", 3, 5)
+    assert (t.best, t.bad_evals) == (4.5, 2)
+    assert t.update(4.6) == Verdict(improved=False, lower_learning_rate=True, stop=False)  # 3rd bad one
+    t = EvalTracker.from_config(cfg)  # constant schedule: never lowers the rate; tasks: exact match
+    assert (t.metric, t.mode, t.plateau_patience, t.best, t.bad_evals) == ("exact_match", "max", 0, None, 0)
+    assert not any(t.update(0.0).lower_learning_rate for _ in range(6))
+
+
+def test_scale_learning_rate_multiplies_the_state_scale(main):
+    from s2s_jax.train_state import scale_learning_rate
+
+    state = scale_learning_rate(scale_learning_rate(main.state, 0.5), 0.5)
+    assert float(state.lr_scale) == 0.25 and float(main.state.lr_scale) == 1.0
+    assert state.params is main.state.params
 
 
 # --------------------------------------------------------------------------- metrics writers

@@ -16,7 +16,7 @@ def get_config() -> Config:
     return Config(
         name="dates",
         data=DataConfig(source="task", task="dates", task_train_size=50_000, task_eval_size=1_000,
-                        max_source_length=40, max_target_length=12, buckets=((16, 11), (24, 11), (40, 11)),
+                        max_source_length=40, max_target_length=10, buckets=((16, 11), (24, 11), (40, 11)),
                         batch_size=64),
         model=ModelConfig(cell="lstm", source_embed_dim=32, target_embed_dim=32, hidden_dim=128,
                           encoder_layers=1, decoder_layers=1, bidirectional=True, attention="general",

@@ -34,7 +34,7 @@ import numpy as np
 
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.text import clean_pairs, read_lines, read_parallel
-from s2s_jax.data.tokenizer import read_vocab_dir, train_sentencepiece, write_vocab_json
+from s2s_jax.data.tokenizer import VOCAB_JSON, read_vocab_dir, train_sentencepiece, write_vocab_json
 
 log = logging.getLogger(__name__)
 
@@ -308,10 +308,28 @@ def open_split(prepared_dir: str, role: str):
 
 # ----------------------------------------------------------------------------------- prepare
 
+def vocab_from_dir(d) -> str | None:
+    """The vocab/ folder of the run named by data.vocab_from (checked), or None."""
+    if not d.vocab_from:
+        return None
+    vdir = os.path.join(os.path.expanduser(d.vocab_from), "vocab")
+    if not os.path.isfile(os.path.join(vdir, VOCAB_JSON)):
+        raise DataError(f"data.vocab_from={d.vocab_from!r}: holds no vocabulary ({vdir}/{VOCAB_JSON} is missing); "
+                        "give the workdir of a trained run")
+    return vdir
+
+
+def _folder_digest(folder: str) -> dict:
+    return {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
+            if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))}
+
+
 def settings_key(d) -> dict:
     """Every setting that changes the prepared output (lengths/buckets/batching do not: they are
-    applied by the loader, so changing them reuses the cache)."""
-    return {
+    applied by the loader, so changing them reuses the cache). data.vocab_from counts by the
+    contents of that run's vocabulary, not by its path."""
+    vdir = vocab_from_dir(d)
+    return {**({"vocab_from": _folder_digest(vdir)} if vdir else {}),
         "format": FORMAT_VERSION, "source": d.source, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,
         "splits": split_roles(d), "vocab_size": d.vocab_size, "joint_vocab": d.joint_vocab,
         "spm_model_type": d.spm_model_type, "spm_character_coverage": d.spm_character_coverage,
@@ -399,7 +417,13 @@ def _prepare_into(out: str, d, source, manifest: dict) -> None:
             else f"tfds:{d.tfds_name} train split")
     spm_args = dict(vocab_size=d.vocab_size, model_type=d.spm_model_type,
                     character_coverage=d.spm_character_coverage)
-    if d.joint_vocab:
+    reused = vocab_from_dir(d)
+    if reused:  # data.vocab_from: tokenise with that run's vocabulary, train nothing
+        for name in _folder_digest(reused):
+            shutil.copyfile(os.path.join(reused, name), os.path.join(vocab_dir, name))
+        src_vocab, tgt_vocab = read_vocab_dir(vocab_dir)
+        log.info("data.vocab_from: tokenising with the vocabulary of %s", d.vocab_from)
+    elif d.joint_vocab:
         src_vocab = tgt_vocab = train_sentencepiece(train_src + train_tgt, os.path.join(vocab_dir, "spm"),
                                                     what=what, **spm_args)
     else:
@@ -409,7 +433,8 @@ def _prepare_into(out: str, d, source, manifest: dict) -> None:
         for f in os.listdir(vocab_dir):
             if f.endswith(suffix):
                 os.remove(os.path.join(vocab_dir, f))
-    write_vocab_json(vocab_dir, src_vocab, tgt_vocab)
+    if not reused:
+        write_vocab_json(vocab_dir, src_vocab, tgt_vocab)
 
     # 3. Tokenise every split once; drop (and count) pairs a side of which encodes to nothing.
     examples, lengths = {}, {}
