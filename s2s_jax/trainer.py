@@ -1,12 +1,15 @@
 """train_and_evaluate(config, workdir): the training loop, and the one place that jits steps.
 
 The loop: restore-or-init the state and the data iterator from the workdir's latest good
-checkpoint; run jitted steps (metrics stay on the device and are fetched every `log_every`);
-evaluate every `eval_every` (loss, perplexity, greedy decoding scored by exact match, sacreBLEU
-and chrF; early stopping and plateau halving on `best_metric`); save asynchronously every
-`checkpoint_every`; on SIGTERM/SIGINT finish the step, save and return. Steps with a
-non-finite loss, gradient or update are skipped inside the step; `max_nonfinite` of them in a
-row stop the run (exit code 2) without saving, so the last good checkpoint stays the latest.
+checkpoint (a fresh state may start from another run, train.init_from: warm_start.py, and take
+pretrained embedding rows: embeddings.py); run jitted steps (metrics stay on the device and are
+fetched every `log_every`); evaluate every `eval_every` (loss, perplexity, greedy decoding
+scored by exact match, sacreBLEU and chrF), where `EvalTracker.update` decides a new best, a
+plateau step down of the learning rate and early stopping on `best_metric`, and the loop applies
+them; save asynchronously every `checkpoint_every`; on SIGTERM/SIGINT finish the step, save and
+return. Steps with a non-finite loss, gradient or update are skipped inside the step;
+`max_nonfinite` of them in a row stop the run (exit code 2) without saving, so the last good
+checkpoint stays the latest.
 
 Same config + seed + machine => bit-identical loss trace and parameters, whether or not the
 run was interrupted (SIGKILL included: tests/test_resume.py, experiments/kill_resume.py).
