@@ -31,7 +31,8 @@ def _resolve_config(args) -> config_lib.Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m s2s_jax", description=__doc__.splitlines()[0])
+    prog = "s2s-jax" if os.path.basename(sys.argv[0]) == "s2s-jax" else "python -m s2s_jax"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) a model in --workdir")
