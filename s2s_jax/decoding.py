@@ -1,7 +1,8 @@
 """Greedy and beam search over a step function; knows nothing of the model.
 
 Both searches drive a `step_fn(tokens, cache) -> (logits, cache, attention)` (see `StepFn`), so
-this module imports only jax and numpy (as t5x's decoding.py does); `steps.py` adapts the model.
+this module imports only jax, numpy and the special ids of `s2s_jax.vocab` (as t5x's decoding.py
+knows nothing of the model); `inference/translator.py` adapts the model (`model_step_fn`).
 `continuous_search` runs either search over a queue of sentences through a fixed pool of
 decoding slots, refilling a slot as soon as its sentence finishes (continuous batching); its
 step function also gets per-sentence context that beam search never reorders (`ContextStepFn`),
@@ -35,9 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
+from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID  # the one definition of the special ids
 
 # step_fn(tokens [N] int32 (the previous token of each row), cache (pytree, leading dim N on
 # every leaf)) -> (logits [N, V] (unnormalised), new cache (same structure), attention [N, S]
