@@ -277,11 +277,6 @@ def _run_slots(search_ops: _Search, step_fn, state, context, *, slots, queue_siz
     def tile(tree):
         return jax.tree.map(lambda leaf: jnp.repeat(leaf, K, axis=0), tree)
 
-    def source_mask_of(lengths):  # [P] -> [P, 1, S]
-        if source_len is None:
-            return None
-        return jnp.arange(source_len)[None, None, :] < lengths[:, None, None]
-
     if not continuous:
         loop = {"search": search_ops.fresh(P), "rows": tile(state), "context": tile(context),
                 "limits": limits, "source_lengths": source_lengths, "step": jnp.zeros((), jnp.int32),
@@ -300,27 +295,8 @@ def _run_slots(search_ops: _Search, step_fn, state, context, *, slots, queue_siz
                 "results": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), empty_results)}
 
     def fill(loop, slot_ids, sentence_ids):
-        """Starts queue sentences sentence_ids [M] in slots slot_ids [M] (index P = no-op)."""
-        take = jnp.minimum(sentence_ids, Q - 1)
-        row_ids = (slot_ids[:, None] * K + jnp.arange(K)[None, :]).reshape(-1)  # >= P*K: dropped
-
-        def put_rows(rows, queue):
-            return jax.tree.map(lambda r, q: r.at[row_ids].set(jnp.repeat(q[take], K, axis=0), mode="drop"),
-                                rows, queue)
-
-        loop = dict(loop)
-        loop["rows"] = put_rows(loop["rows"], state)
-        if slot_context:
-            loop["context"] = jax.tree.map(lambda r, q: r.at[slot_ids].set(q[take], mode="drop"),
-                                           loop["context"], context)
-        else:
-            loop["context"] = put_rows(loop["context"], context)
-        loop["search"] = jax.tree.map(lambda s, f: s.at[slot_ids].set(f, mode="drop"), loop["search"],
-                                      search_ops.fresh(slot_ids.shape[0]))
-        loop["limits"] = loop["limits"].at[slot_ids].set(limits[take], mode="drop")
-        loop["source_lengths"] = loop["source_lengths"].at[slot_ids].set(source_lengths[take], mode="drop")
-        loop["sentence"] = loop["sentence"].at[slot_ids].set(sentence_ids, mode="drop")
-        return loop
+        return _fill_slots(search_ops, loop, slot_ids, sentence_ids, state, context, limits, source_lengths,
+                           beams=K, slot_context=slot_context)
 
     if continuous:
         first = jnp.arange(P, dtype=jnp.int32)
@@ -335,14 +311,8 @@ def _run_slots(search_ops: _Search, step_fn, state, context, *, slots, queue_siz
         return (loop["emitted"] < num_sentences) & (loop["step"] < (Q + 1) * max_len)
 
     def body(loop):
+        loop, stopped = _step_slots(search_ops, step_fn, loop, slots=P, beams=K, source_len=source_len)
         search = loop["search"]
-        logits, rows, attention = step_fn(search["last"].reshape(P * K), loop["rows"], loop["context"])
-        search, parent, stopped = search_ops.advance(search, logits, attention, loop["limits"],
-                                                     source_mask_of(loop["source_lengths"]))
-        if parent is not None:
-            follow = (jnp.arange(P)[:, None] * K + parent).reshape(-1)
-            rows = jax.tree.map(lambda leaf: leaf[follow], rows)
-        loop = dict(loop, search=search, rows=rows, step=loop["step"] + 1)
         if not continuous:
             loop["stopped"] = stopped
             return loop
@@ -364,6 +334,142 @@ def _run_slots(search_ops: _Search, step_fn, state, context, *, slots, queue_siz
 
     loop = lax.while_loop(cond, body, loop)
     return loop["results"] if continuous else search_ops.result(loop["search"])
+
+
+def _fill_slots(search_ops: _Search, loop, slot_ids, sentence_ids, state, context, limits, source_lengths, *,
+                beams: int, slot_context: bool):
+    """Starts sentences sentence_ids [M] (indices into state/context/limits/source_lengths,
+    leading dim Q) in slots slot_ids [M]; a slot id P (out of range) is a no-op."""
+    K = beams
+    Q = limits.shape[0]
+    take = jnp.minimum(sentence_ids, Q - 1)
+    row_ids = (slot_ids[:, None] * K + jnp.arange(K)[None, :]).reshape(-1)  # >= P*K: dropped
+
+    def put_rows(rows, queue):
+        return jax.tree.map(lambda r, q: r.at[row_ids].set(jnp.repeat(q[take], K, axis=0), mode="drop"),
+                            rows, queue)
+
+    loop = dict(loop)
+    loop["rows"] = put_rows(loop["rows"], state)
+    if slot_context:
+        loop["context"] = jax.tree.map(lambda r, q: r.at[slot_ids].set(q[take], mode="drop"),
+                                       loop["context"], context)
+    else:
+        loop["context"] = put_rows(loop["context"], context)
+    loop["search"] = jax.tree.map(lambda s, f: s.at[slot_ids].set(f, mode="drop"), loop["search"],
+                                  search_ops.fresh(slot_ids.shape[0]))
+    loop["limits"] = loop["limits"].at[slot_ids].set(limits[take], mode="drop")
+    loop["source_lengths"] = loop["source_lengths"].at[slot_ids].set(source_lengths[take], mode="drop")
+    if "sentence" in loop:
+        loop["sentence"] = loop["sentence"].at[slot_ids].set(sentence_ids, mode="drop")
+    return loop
+
+
+def _step_slots(search_ops: _Search, step_fn, loop, *, slots: int, beams: int, source_len):
+    """One decoding step of every slot (step_fn on all P*K rows; rows follow their beams)
+    -> (loop, stopped [P])."""
+    P, K = slots, beams
+    search = loop["search"]
+    source_mask = None
+    if source_len is not None:  # [P, 1, S]
+        source_mask = jnp.arange(source_len)[None, None, :] < loop["source_lengths"][:, None, None]
+    logits, rows, attention = step_fn(search["last"].reshape(P * K), loop["rows"], loop["context"])
+    search, parent, stopped = search_ops.advance(search, logits, attention, loop["limits"], source_mask)
+    if parent is not None:
+        follow = (jnp.arange(P)[:, None] * K + parent).reshape(-1)
+        rows = jax.tree.map(lambda leaf: leaf[follow], rows)
+    return dict(loop, search=search, rows=rows, step=loop["step"] + 1), stopped
+
+
+class SlotPool:
+    """Continuous batching across calls: P decoding slots that the caller refills between runs.
+
+    `continuous_search` decodes a queue known in advance; a server learns of sentences while it
+    decodes. Here the pool's state lives between calls: `admit` starts new sentences in free
+    slots, `run` advances every busy slot by up to `steps` steps (stopping early once none is
+    busy) and returns which slots finished and their results; the caller then admits more. Each
+    sentence gets exactly the search `greedy_search` / `beam_search` gives it (the search is
+    per slot and the step function per row), whatever it shared the pool with.
+
+    `run` works on the first `active` slots only (static; a power of two chosen by the caller
+    from how many slots are busy), so a lightly loaded pool computes few rows: admit into the
+    lowest free slots and busy slots stay low. All functions are pure (jit them, donating the
+    pool); the step function is built per call from `make_step_fn(*step_args)`, so arrays such
+    as parameters are arguments, not constants baked into the program.
+    """
+
+    def __init__(self, make_step_fn, *, slots: int, beam_size: int = 1, nbest: int = 1, vocab_size: int,
+                 source_len: int | None, max_len: int, length_penalty: float = 0.0, coverage_penalty: float = 0.0,
+                 slot_context: bool = True, bos_id: int = BOS_ID, eos_id: int = EOS_ID):
+        _check_sizes(slots=slots, max_len=max_len, beam_size=beam_size, nbest=nbest)
+        self.make_step_fn, self.slots, self.beams, self.max_len = make_step_fn, slots, beam_size, max_len
+        self.source_len, self.slot_context = source_len, slot_context
+        if beam_size == 1:
+            self.ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id)
+        else:
+            self.ops = _Beam(beam_size=beam_size, nbest=nbest, vocab_size=vocab_size, max_len=max_len,
+                             source_len=source_len, length_penalty=length_penalty,
+                             coverage_penalty=coverage_penalty, bos_id=bos_id, eos_id=eos_id)
+
+    def empty(self, state_like, context_like) -> dict:
+        """An idle pool for per-sentence state/context shaped like `*_like` (leading dim ignored)."""
+        P, K = self.slots, self.beams
+
+        def zeros(tree, n):
+            return jax.tree.map(lambda leaf: jnp.zeros((n, *leaf.shape[1:]), leaf.dtype), tree)
+
+        return {"search": self.ops.fresh(P), "rows": zeros(state_like, P * K),
+                "context": zeros(context_like, P if self.slot_context else P * K),
+                "limits": jnp.ones((P,), jnp.int32), "source_lengths": jnp.ones((P,), jnp.int32),
+                "busy": jnp.zeros((P,), bool), "step": jnp.zeros((), jnp.int32)}
+
+    def admit(self, pool, slot_ids, state, context, limits, source_lengths) -> dict:
+        """Starts M new sentences (state/context leading dim M, limits/source_lengths [M]: most
+        output tokens, EOS included, and real source positions) in slots slot_ids [M] (P: skip)."""
+        slot_ids = jnp.asarray(slot_ids, jnp.int32)
+        M = slot_ids.shape[0]
+        limits = jnp.clip(jnp.asarray(limits, jnp.int32), 1, self.max_len)
+        pool = _fill_slots(self.ops, pool, slot_ids, jnp.arange(M, dtype=jnp.int32), state, context, limits,
+                           jnp.asarray(source_lengths, jnp.int32), beams=self.beams, slot_context=self.slot_context)
+        pool["busy"] = pool["busy"].at[slot_ids].set(True, mode="drop")
+        return pool
+
+    def run(self, pool, step_args, *, steps: int, active: int):
+        """Advances the first `active` slots (static) by up to `steps` steps (a traced or static
+        int). Returns (pool, finished [active] bool, results: the search's per-slot output
+        layout with leading dim `active`, valid where finished)."""
+        K, A = self.beams, active
+        step_fn = self.make_step_fn(*step_args)
+        per_slot = ("search", "limits", "source_lengths", "busy")
+        head = {k: jax.tree.map(lambda x: x[:A], pool[k]) for k in per_slot}
+        head["rows"] = jax.tree.map(lambda x: x[:A * K], pool["rows"])
+        head["context"] = jax.tree.map(lambda x: x[:A if self.slot_context else A * K], pool["context"])
+        head["step"] = jnp.zeros((), jnp.int32)
+        empty = jax.eval_shape(self.ops.result, head["search"])
+        head["finished"] = jnp.zeros((A,), bool)
+        head["results"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), empty)
+
+        def cond(loop):
+            return (loop["step"] < steps) & jnp.any(loop["busy"])
+
+        def body(loop):
+            loop, stopped = _step_slots(self.ops, step_fn, loop, slots=A, beams=K, source_len=self.source_len)
+            done = stopped & loop["busy"]  # [A]: finished at this step
+            result = self.ops.result(loop["search"])
+            loop["results"] = jax.tree.map(
+                lambda r, v: jnp.where(done.reshape((A,) + (1,) * (v.ndim - 1)), v, r), loop["results"], result)
+            loop["finished"] = loop["finished"] | done
+            loop["busy"] = loop["busy"] & ~done
+            return loop
+
+        head = lax.while_loop(cond, body, head)
+        pool = dict(pool)
+        for k in per_slot:
+            pool[k] = jax.tree.map(lambda full, part: lax.dynamic_update_slice_in_dim(full, part, 0, 0),
+                                   pool[k], head[k])
+        pool["rows"] = jax.tree.map(lambda full, part: lax.dynamic_update_slice_in_dim(full, part, 0, 0),
+                                    pool["rows"], head["rows"])
+        return pool, head["finished"], head["results"]
 
 
 class _Greedy(_Search):

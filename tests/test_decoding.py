@@ -670,3 +670,54 @@ def test_chunked_best_token_equals_argmax_of_log_softmax():
     np.testing.assert_array_equal(token, jnp.argmax(log_probs, axis=-1))
     np.testing.assert_array_equal(best, jnp.max(log_probs, axis=-1))
     assert int(token[3]) == 0 and int(token[1]) == EOS_ID and int(token[5]) == 0
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_slot_pool_sentences_joining_while_it_runs_get_the_plain_search(beam_size):
+    """decoding.SlotPool (continuous batching across calls): sentences admitted at different
+    times into the lowest free slots, runs of 2 steps over the first `active` slots only (4 of
+    8, then 8), give each sentence exactly the plain search's tokens, lengths and scores."""
+    n = 7
+    source_lengths = np.array([5, 1, 3, 5, 2, 4, 1, 1])
+    max_lengths = np.array([9, 2, 6, 9, 4, 1, 7, 3])
+    step = make_rnn_step(seed=31)
+    cache = rnn_cache(seed=32, source_lengths=source_lengths)
+    penalties = dict(length_penalty=0.6, coverage_penalty=0.2) if beam_size > 1 else {}
+    nbest = 1 if beam_size == 1 else 2
+    if beam_size == 1:
+        plain = greedy_search(step, cache, batch_size=8, max_lengths=jnp.asarray(max_lengths), max_len=9)
+    else:
+        plain = beam_search(step, cache, batch_size=8, beam_size=beam_size, nbest=nbest,
+                            max_lengths=jnp.asarray(max_lengths), max_len=9,
+                            source_lengths=jnp.asarray(source_lengths), **penalties)
+    state, context = split_rnn_cache(cache)
+    pool_ops = decoding.SlotPool(lambda: rnn_context_step(step), slots=8, beam_size=beam_size, nbest=nbest,
+                                 vocab_size=VOCAB, source_len=SOURCE, max_len=9, slot_context=False, **penalties)
+    pool = pool_ops.empty(state, context)
+    admit = jax.jit(pool_ops.admit)
+    runs = {a: jax.jit(partial(pool_ops.run, steps=2, active=a)) for a in (4, 8)}
+    arrivals = {0: [0, 1], 1: [2], 3: [3, 4, 5], 4: [6]}  # round -> sentences that arrive
+    slot_of, got, free = {}, {}, list(range(8))
+    for round_ in range(40):
+        new = arrivals.get(round_, [])
+        if new:
+            slots = [free.pop(0) for _ in new]
+            free.sort()
+            idx = np.asarray(new)
+            pool = admit(pool, np.asarray(slots), jax.tree.map(lambda a: a[idx], state),
+                         jax.tree.map(lambda a: a[idx], context), max_lengths[idx], source_lengths[idx])
+            slot_of.update(zip(slots, new))
+        if not slot_of and round_ > max(arrivals):
+            break
+        active = 4 if max(slot_of, default=0) < 4 else 8
+        pool, finished, results = runs[active](pool, ())
+        for slot in np.flatnonzero(np.asarray(finished)):
+            got[slot_of.pop(int(slot))] = jax.tree.map(lambda a: np.asarray(a)[slot], results)
+            free.append(int(slot))
+            free.sort()
+    assert sorted(got) == list(range(n))
+    keys = ["tokens", "lengths", "scores"] + ([] if beam_size == 1 else ["log_probs"])
+    for i in range(n):
+        for key in keys:
+            np.testing.assert_allclose(got[i][key], np.asarray(plain[key])[i], rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{key} sentence {i}")

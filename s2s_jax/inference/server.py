@@ -18,12 +18,15 @@ error format, where this server answers every bad request with one `{"error": ".
 uvicorn is the reference ASGI server: HTTP/1.1 keep-alive, and a graceful SIGTERM that stops
 accepting, lets in-flight requests finish, then runs the app's shutdown.
 
-Dynamic batching: one worker thread owns the model (the Translator is not thread-safe). Each
-request's sentences are queued; whenever the worker is free it takes every queued request with
-the same (beam, nbest), up to `--max-batch` sentences, and decodes them in one continuous-
-batching call (`Translator.translate_full`), so concurrent requests share the decoder's slots;
-each request gets its own sentences back, in its order. A sentence's translation does not
-depend on what it was batched with (tests/test_server.py).
+Dynamic batching: one worker thread owns the model (the Translator is not thread-safe).
+For a run (`--batching stream`, the default) the worker keeps a continuous-batching decoder
+running (`inference/streaming.py`): each request's sentences join it as decoding slots free
+up, whatever else is being decoded, and a request is answered when its last sentence
+finishes; the decoder never idles at the end of a batch and a new request never waits for
+one. For a bundle (`--batching merge`) the worker takes, whenever it is free, every queued
+request with the same (beam, nbest), up to `--max-batch` sentences, and decodes them in one
+call. Either way each request gets its own sentences back, in its order, and a sentence's
+translation does not depend on what it was batched with (tests/test_server.py).
 
 Limits: at most `--max-sentences` per request and `--max-chars` per sentence (413), at most
 `--max-pending` sentences queued (503 with Retry-After), a request body of at most
@@ -168,19 +171,18 @@ class _Job:
     beam: int
     nbest: int
     future: concurrent.futures.Future
+    results: list | None = None  # StreamingWorker: per sentence, filled as they finish
+    remaining: int = 0
 
 
-class BatchingWorker:
-    """One thread owns the engine; concurrent requests are merged into one decode call.
+class _Worker:
+    """One thread owns the engine. `submit` returns a concurrent.futures.Future of a request's
+    results (in its order), or raises RequestError(503) when more than `max_pending` sentences
+    would be waiting; `close` answers everything submitted, then stops the thread."""
 
-    `submit` returns a concurrent.futures.Future of the request's results (its order), or
-    raises RequestError(503) when more than `max_pending` sentences would be waiting.
-    """
-
-    def __init__(self, engine: Engine, *, max_batch: int, max_pending: int):
-        self.engine, self.max_batch, self.max_pending = engine, max_batch, max_pending
+    def __init__(self, engine: Engine, *, max_pending: int):
+        self.engine, self.max_pending = engine, max_pending
         self._jobs: queue.Queue = queue.Queue()
-        self._held: list[_Job] = []  # taken from the queue but of another (beam, nbest): next round
         self._lock = threading.Lock()
         self.pending = 0  # sentences submitted and not yet answered
         self.stats = {"requests": 0, "sentences": 0, "decode_calls": 0, "decode_seconds": 0.0}
@@ -198,13 +200,36 @@ class BatchingWorker:
         return job.future
 
     def close(self, timeout: float | None = None) -> None:
-        """Answers everything already submitted, then stops the thread."""
         self._jobs.put(None)
         self._thread.join(timeout)
 
+    def _done(self, job: _Job, results=None, error: Exception | None = None) -> None:
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(results)
+        with self._lock:
+            self.pending -= len(job.lines)
+        self.stats["requests"] += 1
+        self.stats["sentences"] += len(job.lines)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class BatchingWorker(_Worker):
+    """Merges waiting requests into one decode call: whenever the engine is free, the oldest
+    request and every waiting one with the same (beam, nbest), up to `max_batch` sentences, are
+    decoded together (`Engine.translate`). Used for export bundles, whose programs decode fixed
+    batches, and with `serve --batching merge`."""
+
+    def __init__(self, engine: Engine, *, max_batch: int, max_pending: int):
+        self.max_batch = max_batch
+        self._held: list[_Job] = []  # taken from the queue but of another (beam, nbest): next round
+        super().__init__(engine, max_pending=max_pending)
+
     def _next_round(self) -> list[_Job] | None:
-        """The jobs of the next decode call: the oldest job, then every waiting job with the same
-        (beam, nbest) while the sentences fit in max_batch. None: closed and nothing left."""
+        """The jobs of the next decode call (None: closed and nothing left)."""
         if self._held:
             first = self._held.pop(0)
         else:
@@ -246,19 +271,91 @@ class BatchingWorker:
             except Exception as e:  # noqa: BLE001 - a failed decode fails its requests, not the worker
                 log.exception("decoding failed")
                 for job in jobs:
-                    job.future.set_exception(e)
+                    self._done(job, error=e)
             else:
                 start = 0
                 for job in jobs:
-                    job.future.set_result(results[start:start + len(job.lines)])
+                    self._done(job, results[start:start + len(job.lines)])
                     start += len(job.lines)
-            finally:
-                with self._lock:
-                    self.pending -= len(lines)
-                self.stats["requests"] += len(jobs)
-                self.stats["sentences"] += len(lines)
+            self.stats["decode_calls"] += 1
+            self.stats["decode_seconds"] += time.perf_counter() - t0
+
+
+class StreamingWorker(_Worker):
+    """Continuous batching across requests (`inference.streaming.StreamingDecoder`): each
+    request's sentences join the running decoder of its (beam, nbest) as slots free up, and a
+    request is answered as soon as its last sentence finishes. Runs only (not bundles)."""
+
+    MAX_DECODERS = 4  # idle decoders beyond this many (beam, nbest) settings are dropped
+
+    def __init__(self, engine: Engine, *, max_pending: int, chunk_steps: int = 8):
+        self.chunk_steps = chunk_steps
+        self._decoders: dict = {}
+        super().__init__(engine, max_pending=max_pending)
+
+    def _decoder(self, beam: int, nbest: int):
+        from s2s_jax.inference.streaming import StreamingDecoder
+
+        key = (beam, nbest)
+        if key not in self._decoders:
+            idle = [k for k, d in self._decoders.items() if not d.busy]
+            while len(self._decoders) >= self.MAX_DECODERS and idle:
+                del self._decoders[idle.pop(0)]
+            self._decoders[key] = StreamingDecoder(self.engine.translator, beam=beam, nbest=nbest,
+                                                   chunk_steps=self.chunk_steps)
+        return self._decoders[key]
+
+    def _start(self, job: _Job, open_jobs: dict) -> None:
+        translator = self.engine.translator
+        encoded = translator.encode_lines(job.lines)
+        empty = [{"text": "", "score": 0.0, "tokens": []} for _ in range(job.nbest)]
+        job.results = [list(empty) if not ids else None for ids in encoded]
+        job.remaining = sum(1 for ids in encoded if ids)
+        if not job.remaining:
+            self._done(job, job.results)
+            return
+        open_jobs[id(job)] = job
+        self._decoder(job.beam, job.nbest).add([((id(job), i), ids) for i, ids in enumerate(encoded) if ids])
+
+    def _loop(self) -> None:
+        open_jobs: dict = {}
+        closing = False
+        while True:
+            busy = [d for d in self._decoders.values() if d.busy]
+            if closing and not busy:
+                return
+            while not closing:  # take every waiting request; block only when there is no work
+                try:
+                    job = self._jobs.get(block=not busy and not open_jobs)
+                except queue.Empty:
+                    break
+                if job is None:
+                    closing = True
+                    break
+                try:
+                    self._start(job, open_jobs)
+                except Exception as e:  # noqa: BLE001
+                    log.exception("encoding failed")
+                    self._done(job, error=e)
+                busy = [d for d in self._decoders.values() if d.busy]
+            for decoder in busy:
+                t0 = time.perf_counter()
+                try:
+                    finished = decoder.step()
+                except Exception as e:  # noqa: BLE001 - fail the requests of this decoder, keep serving
+                    log.exception("decoding failed")
+                    for key in [k for k, j in open_jobs.items() if (j.beam, j.nbest) == (decoder.beam, decoder.nbest)]:
+                        self._done(open_jobs.pop(key), error=e)
+                    self._decoders = {k: d for k, d in self._decoders.items() if d is not decoder}
+                    continue
                 self.stats["decode_calls"] += 1
                 self.stats["decode_seconds"] += time.perf_counter() - t0
+                for (job_id, i), result in finished:
+                    job = open_jobs[job_id]
+                    job.results[i] = self.engine.translator.hypotheses(result)
+                    job.remaining -= 1
+                    if not job.remaining:
+                        self._done(open_jobs.pop(job_id), job.results)
 
 
 # -- the HTTP app ---------------------------------------------------------------------------
@@ -285,8 +382,15 @@ def _int_field(body: dict, name: str, default: int) -> int:
     return value
 
 
-def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None = None):
-    """The Starlette app (its lifespan starts and stops the batching worker)."""
+def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None = None, batching: str = "auto"):
+    """The Starlette app (its lifespan starts and stops the worker). batching: "stream"
+    (continuous batching across requests; runs only), "merge" (one decode call per group of
+    waiting requests) or "auto" (stream for a run, merge for a bundle)."""
+    if batching not in ("auto", "stream", "merge"):
+        raise UserError(f"--batching {batching}: choose auto, stream or merge")
+    if batching == "stream" and engine.translator is None:
+        raise UserError("--batching stream needs --workdir (an export bundle decodes fixed batches: use merge)")
+    streaming = batching == "stream" or (batching == "auto" and engine.translator is not None)
     import contextlib
 
     from starlette.applications import Starlette
@@ -391,11 +495,15 @@ def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None
                              **(worker.stats if worker else {})})
 
     async def model(request):
-        return JSONResponse(dict(engine.description, limits=dict(dataclasses.asdict(limits), max_batch=max_batch)))
+        return JSONResponse(dict(engine.description, batching="stream" if streaming else "merge",
+                                 limits=dict(dataclasses.asdict(limits), max_batch=max_batch)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state["worker"] = BatchingWorker(engine, max_batch=max_batch, max_pending=limits.max_pending)
+        if streaming:
+            state["worker"] = StreamingWorker(engine, max_pending=limits.max_pending)
+        else:
+            state["worker"] = BatchingWorker(engine, max_batch=max_batch, max_pending=limits.max_pending)
         try:
             yield
         finally:  # uvicorn has let in-flight requests finish; answer anything left, then stop
@@ -422,6 +530,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help="sentences merged into one decode call (0: 16 x decode.batch_size)")
     p.add_argument("--max-beam", type=int, default=d.max_beam, help="largest beam a request may ask for")
+    p.add_argument("--batching", choices=("auto", "stream", "merge"), default="auto",
+                   help="stream: sentences join the running decoder as slots free up (runs; the default); "
+                        "merge: one decode call per group of waiting requests (bundles)")
     p.add_argument("--graceful-seconds", type=float, default=60.0,
                    help="on SIGTERM, how long in-flight requests may take to finish")
 
@@ -441,6 +552,7 @@ def run(args) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts (no refusal while loading)
     except OSError as e:
         raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror}); "
                         f"pick another port") from None
@@ -453,7 +565,7 @@ def run(args) -> int:
         except RequestError as e:
             raise UserError(f"--{e.message}") from None
         engine.default_beam = args.beam
-    app = create_app(engine, limits=limits, api_key=api_key)
+    app = create_app(engine, limits=limits, api_key=api_key, batching=args.batching)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                            timeout_graceful_shutdown=args.graceful_seconds))
     host, port = sock.getsockname()[:2]
