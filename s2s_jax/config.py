@@ -107,7 +107,7 @@ class ModelConfig:
     # Pretrained vectors (word2vec or GloVe text files, one `word v1 ... vd` per line; word2vec's
     # `count dim` header line is recognised) copied into the embedding rows of the vocabulary
     # entries they contain; other rows keep the normal initialisation. With share_embeddings
-    # either file fills the one table. Read at the start of a fresh run (s2s_jax/embeddings.py).
+    # either file fills the one table. Read whenever a run starts (s2s_jax/embeddings.py).
     source_embeddings: str = ""
     target_embeddings: str = ""
     # Keep the rows loaded from those files bitwise fixed during training (rows not found in the
@@ -145,7 +145,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # latest K
     keep_best: int = 1  # best M by best_metric
-    best_metric: str = "auto"  # auto (bleu for text, exact_match for tasks) | loss | bleu | ...
+    best_metric: str = "auto"  # auto (bleu for text, exact_match for tasks) | one of EVAL_METRICS
     early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     parallel: str = "shard_map"  # shard_map | pmap | none

@@ -111,6 +111,14 @@ class InitFrom:
         return out[0]
 
 
+def committed_steps(run: str, folder: str) -> list[int]:
+    """Committed checkpoint steps in run/folder (Orbax commits a step by renaming its tmp folder
+    to the bare number), listed without opening a manager: a manager would create folders in a
+    run that is only read here."""
+    d = os.path.join(run, folder)
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
 def _differing(a: dict, b: dict) -> str:
     return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
 
@@ -153,11 +161,7 @@ def resolve(config: Config, workdir: str) -> InitFrom:
                              f"{theirs.data.source!r}, this run {config.data.source!r} (built-in tasks use characters, "
                              "text and TFDS corpora SentencePiece); warm-start from a run of the same kind")
     folder = {"latest": "checkpoints", "best": "best", "step": "checkpoints"}[which]
-    ckpts = Checkpoints(run, keep=10 ** 6, keep_best=10 ** 6, async_save=False)
-    try:
-        latest, best = ckpts.all_steps("latest"), ckpts.all_steps("best")
-    finally:
-        ckpts.close()
+    latest, best = committed_steps(run, "checkpoints"), committed_steps(run, "best")
     if which == "step" and step not in latest:
         if step in best:
             which = "best"

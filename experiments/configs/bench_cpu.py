@@ -38,6 +38,7 @@ def get_config() -> Config:
             max_source_length=30,
             max_target_length=31,
             buckets=((14, 16), (20, 22), (30, 32)),  # (source, target + 1)
+            max_dropped_fraction=0.02,  # these lengths drop 495 of Multi30k's 29,000 pairs (1.7 %)
             batch_size=64,
         ),
         model=ModelConfig(
