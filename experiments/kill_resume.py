@@ -4,6 +4,8 @@ random delay), restarts it until it finishes, and compares the final train state
 bit for bit) and the loss trace (metrics.jsonl) with an uninterrupted run of the same length.
 
     python experiments/kill_resume.py --trials 20            # ~10 min on 2 busy CPU cores
+    python experiments/kill_resume.py --trials 5 --init-from runs/tiny --set data.task=copy
+                                                             # the same for a warm-started run
 
 Prints one line per trial and `bit-identical: K/N`; exits 1 unless K == N. Subprocesses share a
 persistent XLA compilation cache, so only the reference run compiles.
@@ -38,11 +40,14 @@ def env(cache: str) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
+EXTRA: list[str] = []  # --set / --init-from arguments of every run (main fills it)
+
+
 def cmd(workdir: str, steps: int) -> list[str]:
     out = [sys.executable, "-m", "s2s_jax", "train", "--config", TINY, "--workdir", workdir, "--no-progress"]
     for s in sets(steps):
         out += ["--set", s]
-    return out
+    return out + EXTRA
 
 
 def _mtime(path: str) -> float:
@@ -138,7 +143,14 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="folder for the runs (default: a new tmp folder, removed)")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "s2s_jax_test_xla_cache"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="extra config override of every run (repeatable)")
+    p.add_argument("--init-from", default=None, metavar="RUN[@best|@STEP]", help="warm-start every run from RUN")
     args = p.parse_args()
+    for o in args.overrides:
+        EXTRA.extend(["--set", o])
+    if args.init_from:
+        EXTRA.extend(["--init-from", os.path.abspath(args.init_from)])
     root = args.root or tempfile.mkdtemp(prefix="kill_resume_")
     rng = random.Random(args.seed)
 
