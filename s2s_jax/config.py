@@ -470,7 +470,13 @@ def to_dict(config: Config) -> dict:
 
 
 def from_dict(d: dict) -> Config:
-    """Inverse of to_dict; unknown keys (e.g. from a newer version) are ConfigErrors."""
+    """Inverse of to_dict; unknown keys (e.g. from a newer version) are ConfigErrors.
+
+    A config.json is the record of a run that trained: it is checked field by field and for
+    what building its model and decoding need, not against the whole training audit (a rule
+    added later must not make an old run untranslatable). Training on it audits it in full
+    (`override`, `train_and_evaluate` call `validate`).
+    """
     sections = {}
     for section, cls in _SECTIONS.items():
         values = dict(d.get(section, {}))
@@ -481,7 +487,11 @@ def from_dict(d: dict) -> Config:
         for k, v in values.items():
             values[k] = _coerce(k, types[k], v)
         sections[section] = cls(**values)
-    return validate(Config(name=d.get("name", "default"), **sections))
+    config = Config(name=d.get("name", "default"), **sections)
+    _check_fields(config)
+    _check_model(config)
+    _check_decode(config.decode)
+    return config
 
 
 def to_json(config: Config) -> str:

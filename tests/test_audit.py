@@ -7,6 +7,7 @@ Driven through the CLI's main() in-process (the config errors need no jax), on t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 
@@ -133,3 +134,17 @@ def test_length_filter_dropping_more_than_1_percent_is_refused_with_the_count(ca
     # refused before anything was written or compiled
     assert not os.path.exists(tmp_path / "run" / "config.json")
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_saved_run_from_before_a_rule_still_loads_but_does_not_train(tmp_path, capsys):
+    """config.json of a run trained before the audit tightened (dates.py had max_target_length=12
+    with buckets of target length 11): translate/export can still read it; training refuses."""
+    old = config_lib.to_dict(config_lib.load(TINY))
+    old["data"].update(max_target_length=12, buckets=[[16, 11], [40, 11]], max_source_length=40)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert config_lib.load(str(path)).data.max_target_length == 12
+    with pytest.raises(ConfigError, match="data.buckets"):
+        config_lib.override(config_lib.load(str(path)), [])
+    rc = cli.main(["train", "--config", str(path), "--workdir", str(tmp_path / "run"), "--no-progress"])
+    assert rc == 2 and "data.buckets" in capsys.readouterr().err
