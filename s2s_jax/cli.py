@@ -229,10 +229,10 @@ def _cmd_translate(args) -> int:
         raise UserError(f"--output {args.output}: folder {out_dir} does not exist")
     if args.nbest < 1:
         raise UserError(f"--nbest {args.nbest}: must be at least 1")
+    if args.beam is not None and args.beam < 1:
+        raise UserError(f"--beam {args.beam}: must be at least 1 (1 is greedy search)")
     translator = _load_translator(args)
     beam = args.beam or translator.config.decode.beam_size
-    if beam < 1:
-        raise UserError(f"--beam {beam}: must be at least 1")
     if args.nbest > beam:
         raise UserError(f"--nbest {args.nbest} must be <= --beam {beam}")
     if args.input == "-":
@@ -269,6 +269,8 @@ def _cmd_translate(args) -> int:
 def _cmd_eval(args) -> int:
     from s2s_jax.inference.evaluate import evaluate
 
+    if args.beam is not None and args.beam < 1:
+        raise UserError(f"--beam {args.beam}: must be at least 1 (1 is greedy search)")
     if args.src is not None and not os.path.isfile(args.src):
         raise UserError(f"--src {args.src}: no such file")
     if args.ref is not None and not os.path.isfile(args.ref):

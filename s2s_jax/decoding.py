@@ -382,28 +382,36 @@ def _step_slots(search_ops: _Search, step_fn, loop, *, slots: int, beams: int, s
 
 
 class SlotPool:
-    """Continuous batching across calls: P decoding slots that the caller refills between runs.
+    """Continuous batching across calls: P decoding slots fed from a ring of W admitted sentences.
 
     `continuous_search` decodes a queue known in advance; a server learns of sentences while it
-    decodes. Here the pool's state lives between calls: `admit` starts new sentences in free
-    slots, `run` advances every busy slot by up to `steps` steps (stopping early once none is
-    busy) and returns which slots finished and their results; the caller then admits more. Each
-    sentence gets exactly the search `greedy_search` / `beam_search` gives it (the search is
-    per slot and the step function per row), whatever it shared the pool with.
+    decodes. Here the pool lives between calls. Sentences are numbered in the order they are
+    admitted (their ticket). `admit` appends newly encoded sentences to a ring of W entries
+    (ticket % W), and `run` decodes up to `steps` steps, starting ring sentences in free slots
+    as they free up (all free slots before the first step, then up to `refill` per step, as
+    `continuous_search` does) and writing each finished sentence's result at ticket % R. The
+    caller keeps fewer than W admitted sentences not yet started (`run` reports how many wait)
+    and fewer than R between the oldest unfinished ticket and the next one, so no entry is
+    overwritten while it is still needed. Each sentence gets exactly the search
+    `greedy_search` / `beam_search` gives it (the search is per slot, the step function per
+    row), whatever it shared the pool with.
 
-    `run` works on the first `active` slots only (static; a power of two chosen by the caller
-    from how many slots are busy), so a lightly loaded pool computes few rows: admit into the
-    lowest free slots and busy slots stay low. All functions are pure (jit them, donating the
-    pool); the step function is built per call from `make_step_fn(*step_args)`, so arrays such
-    as parameters are arguments, not constants baked into the program.
+    `run` works on the first `active` slots only (static; a power of two the caller picks to
+    cover the busy slots, reported by `run`, and the waiting sentences), so a lightly loaded
+    pool computes few rows. All functions are pure: jit them, donating the pool. The step
+    function is built per call from `make_step_fn(*step_args)`, so arrays such as parameters
+    are arguments rather than constants baked into the program.
     """
 
-    def __init__(self, make_step_fn, *, slots: int, beam_size: int = 1, nbest: int = 1, vocab_size: int,
-                 source_len: int | None, max_len: int, length_penalty: float = 0.0, coverage_penalty: float = 0.0,
-                 slot_context: bool = True, bos_id: int = BOS_ID, eos_id: int = EOS_ID):
-        _check_sizes(slots=slots, max_len=max_len, beam_size=beam_size, nbest=nbest)
-        self.make_step_fn, self.slots, self.beams, self.max_len = make_step_fn, slots, beam_size, max_len
-        self.source_len, self.slot_context = source_len, slot_context
+    def __init__(self, make_step_fn, *, slots: int, queue: int, results: int, beam_size: int = 1, nbest: int = 1,
+                 vocab_size: int, source_len: int | None, max_len: int, length_penalty: float = 0.0,
+                 coverage_penalty: float = 0.0, refill: int | None = None, slot_context: bool = True,
+                 bos_id: int = BOS_ID, eos_id: int = EOS_ID):
+        refill = max(1, slots // 8) if refill is None else refill
+        _check_sizes(slots=slots, queue=queue, results=results, max_len=max_len, beam_size=beam_size, nbest=nbest,
+                     refill=refill)
+        self.make_step_fn, self.slots, self.queue, self.results, self.beams = make_step_fn, slots, queue, results, beam_size
+        self.max_len, self.refill, self.source_len, self.slot_context = max_len, refill, source_len, slot_context
         if beam_size == 1:
             self.ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id)
         else:
@@ -413,7 +421,7 @@ class SlotPool:
 
     def empty(self, state_like, context_like) -> dict:
         """An idle pool for per-sentence state/context shaped like `*_like` (leading dim ignored)."""
-        P, K = self.slots, self.beams
+        P, K, W = self.slots, self.beams, self.queue
 
         def zeros(tree, n):
             return jax.tree.map(lambda leaf: jnp.zeros((n, *leaf.shape[1:]), leaf.dtype), tree)
@@ -421,55 +429,85 @@ class SlotPool:
         return {"search": self.ops.fresh(P), "rows": zeros(state_like, P * K),
                 "context": zeros(context_like, P if self.slot_context else P * K),
                 "limits": jnp.ones((P,), jnp.int32), "source_lengths": jnp.ones((P,), jnp.int32),
-                "busy": jnp.zeros((P,), bool), "step": jnp.zeros((), jnp.int32)}
+                "sentence": jnp.full((P,), self.results, jnp.int32),  # ticket % R of each slot's sentence; R = idle
+                "step": jnp.zeros((), jnp.int32),
+                "ring": {"state": zeros(state_like, W), "context": zeros(context_like, W),
+                         "limits": jnp.ones((W,), jnp.int32), "source_lengths": jnp.ones((W,), jnp.int32)},
+                "head": jnp.zeros((), jnp.int32), "tail": jnp.zeros((), jnp.int32)}
 
-    def admit(self, pool, slot_ids, state, context, limits, source_lengths) -> dict:
-        """Starts M new sentences (state/context leading dim M, limits/source_lengths [M]: most
-        output tokens, EOS included, and real source positions) in slots slot_ids [M] (P: skip)."""
-        slot_ids = jnp.asarray(slot_ids, jnp.int32)
-        M = slot_ids.shape[0]
-        limits = jnp.clip(jnp.asarray(limits, jnp.int32), 1, self.max_len)
-        pool = _fill_slots(self.ops, pool, slot_ids, jnp.arange(M, dtype=jnp.int32), state, context, limits,
-                           jnp.asarray(source_lengths, jnp.int32), beams=self.beams, slot_context=self.slot_context)
-        pool["busy"] = pool["busy"].at[slot_ids].set(True, mode="drop")
-        return pool
+    def admit(self, pool, count, state, context, limits, source_lengths) -> dict:
+        """Appends the first `count` of M encoded sentences (state/context leading dim M;
+        limits: most output tokens, EOS included; source_lengths: real source positions) to the
+        ring: they get the next `count` tickets."""
+        W = self.queue
+        M = jax.tree.leaves(state)[0].shape[0]
+        i = jnp.arange(M, dtype=jnp.int32)
+        positions = jnp.where(i < count, (pool["tail"] + i) % W, W)  # W: dropped
+        ring = pool["ring"]
+        put = lambda r, x: r.at[positions].set(x, mode="drop")  # noqa: E731
+        ring = {"state": jax.tree.map(put, ring["state"], state), "context": jax.tree.map(put, ring["context"], context),
+                "limits": put(ring["limits"], jnp.clip(jnp.asarray(limits, jnp.int32), 1, self.max_len)),
+                "source_lengths": put(ring["source_lengths"], jnp.asarray(source_lengths, jnp.int32))}
+        return dict(pool, ring=ring, tail=pool["tail"] + jnp.asarray(count, jnp.int32))
 
     def run(self, pool, step_args, *, steps: int, active: int):
-        """Advances the first `active` slots (static) by up to `steps` steps (a traced or static
-        int). Returns (pool, finished [active] bool, results: the search's per-slot output
-        layout with leading dim `active`, valid where finished)."""
-        K, A = self.beams, active
+        """Decodes the first `active` slots (static) for up to `steps` steps (stopping early when
+        nothing is busy or waiting). Returns (pool, done [R] bool: ticket % R of the sentences
+        that finished, results in the search's output layout with leading dim R (valid where
+        done), {"busy": slots busy, "last_busy": highest busy slot (-1: none), "waiting":
+        admitted sentences not yet started})."""
+        K, A, W, R = self.beams, active, self.queue, self.results
         step_fn = self.make_step_fn(*step_args)
-        per_slot = ("search", "limits", "source_lengths", "busy")
-        head = {k: jax.tree.map(lambda x: x[:A], pool[k]) for k in per_slot}
-        head["rows"] = jax.tree.map(lambda x: x[:A * K], pool["rows"])
-        head["context"] = jax.tree.map(lambda x: x[:A if self.slot_context else A * K], pool["context"])
-        head["step"] = jnp.zeros((), jnp.int32)
-        empty = jax.eval_shape(self.ops.result, head["search"])
-        head["finished"] = jnp.zeros((A,), bool)
-        head["results"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), empty)
+        per_slot = ("search", "limits", "source_lengths", "sentence")
+        loop = {k: jax.tree.map(lambda x: x[:A], pool[k]) for k in per_slot}
+        loop["rows"] = jax.tree.map(lambda x: x[:A * K], pool["rows"])
+        loop["context"] = jax.tree.map(lambda x: x[:A if self.slot_context else A * K], pool["context"])
+        loop["step"] = jnp.zeros((), jnp.int32)
+        loop["head"] = pool["head"]
+        ring, tail = pool["ring"], pool["tail"]
+        loop["done"] = jnp.zeros((R,), bool)
+        loop["results"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                       jax.eval_shape(self.ops.result, self.ops.fresh(R)))
 
-        def cond(loop):
-            return (loop["step"] < steps) & jnp.any(loop["busy"])
-
-        def body(loop):
-            loop, stopped = _step_slots(self.ops, step_fn, loop, slots=A, beams=K, source_len=self.source_len)
-            done = stopped & loop["busy"]  # [A]: finished at this step
-            result = self.ops.result(loop["search"])
-            loop["results"] = jax.tree.map(
-                lambda r, v: jnp.where(done.reshape((A,) + (1,) * (v.ndim - 1)), v, r), loop["results"], result)
-            loop["finished"] = loop["finished"] | done
-            loop["busy"] = loop["busy"] & ~done
+        def start(loop, n):
+            """Starts up to n waiting ring sentences in the lowest idle slots."""
+            idle = loop["sentence"] >= R
+            slot_ids = jnp.nonzero(idle, size=n, fill_value=A)[0].astype(jnp.int32)
+            count = jnp.minimum(jnp.sum(idle, dtype=jnp.int32), tail - loop["head"])
+            valid = jnp.arange(n) < count
+            slot_ids = jnp.where(valid, slot_ids, A)  # A: no slot (dropped)
+            tickets = loop["head"] + jnp.arange(n, dtype=jnp.int32)
+            loop = _fill_slots(self.ops, loop, slot_ids, jnp.where(valid, tickets % W, W),
+                               ring["state"], ring["context"], ring["limits"], ring["source_lengths"],
+                               beams=K, slot_context=self.slot_context)
+            loop["sentence"] = loop["sentence"].at[slot_ids].set(tickets % R, mode="drop")
+            loop["head"] = loop["head"] + jnp.clip(count, 0, n).astype(jnp.int32)
             return loop
 
-        head = lax.while_loop(cond, body, head)
-        pool = dict(pool)
-        for k in per_slot:
+        def cond(loop):
+            return (loop["step"] < steps) & (jnp.any(loop["sentence"] < R) | (loop["head"] < tail))
+
+        def body(loop):
+            loop = start(loop, min(self.refill, A))
+            loop, stopped = _step_slots(self.ops, step_fn, loop, slots=A, beams=K, source_len=self.source_len)
+            finished = stopped & (loop["sentence"] < R)
+            out = jnp.where(finished, loop["sentence"], R)
+            loop["results"] = jax.tree.map(lambda r, v: r.at[out].set(v, mode="drop"), loop["results"],
+                                           self.ops.result(loop["search"]))
+            loop["done"] = loop["done"].at[out].set(True, mode="drop")
+            loop["sentence"] = jnp.where(finished, R, loop["sentence"])
+            return loop
+
+        loop = lax.while_loop(cond, body, start(loop, A))
+        pool = dict(pool, head=loop["head"])
+        for k in (*per_slot, "rows", "context"):  # slots started in this run got their context here
             pool[k] = jax.tree.map(lambda full, part: lax.dynamic_update_slice_in_dim(full, part, 0, 0),
-                                   pool[k], head[k])
-        pool["rows"] = jax.tree.map(lambda full, part: lax.dynamic_update_slice_in_dim(full, part, 0, 0),
-                                    pool["rows"], head["rows"])
-        return pool, head["finished"], head["results"]
+                                   pool[k], loop[k])
+        busy = loop["sentence"] < R
+        info = {"busy": jnp.sum(busy, dtype=jnp.int32),
+                "last_busy": jnp.max(jnp.where(busy, jnp.arange(A), -1)).astype(jnp.int32),
+                "waiting": tail - loop["head"]}
+        return pool, loop["done"], loop["results"], info
 
 
 class _Greedy(_Search):

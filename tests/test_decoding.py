@@ -675,8 +675,9 @@ def test_chunked_best_token_equals_argmax_of_log_softmax():
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_slot_pool_sentences_joining_while_it_runs_get_the_plain_search(beam_size):
     """decoding.SlotPool (continuous batching across calls): sentences admitted at different
-    times into the lowest free slots, runs of 2 steps over the first `active` slots only (4 of
-    8, then 8), give each sentence exactly the plain search's tokens, lengths and scores."""
+    times, started in free slots as others finish (inside a run, 1 per step), runs of 3 steps over
+    the first `active` slots only (2, then 4, as the caller picks from the reported load), give
+    each sentence exactly the plain search's tokens, lengths and scores."""
     n = 7
     source_lengths = np.array([5, 1, 3, 5, 2, 4, 1, 1])
     max_lengths = np.array([9, 2, 6, 9, 4, 1, 7, 3])
@@ -691,31 +692,40 @@ def test_slot_pool_sentences_joining_while_it_runs_get_the_plain_search(beam_siz
                             max_lengths=jnp.asarray(max_lengths), max_len=9,
                             source_lengths=jnp.asarray(source_lengths), **penalties)
     state, context = split_rnn_cache(cache)
-    pool_ops = decoding.SlotPool(lambda: rnn_context_step(step), slots=8, beam_size=beam_size, nbest=nbest,
-                                 vocab_size=VOCAB, source_len=SOURCE, max_len=9, slot_context=False, **penalties)
+    W, R = 3, 5  # a ring of 3 sentences waiting to start; results of 5 tickets in flight
+    pool_ops = decoding.SlotPool(lambda: rnn_context_step(step), slots=4, queue=W, results=R, beam_size=beam_size,
+                                 nbest=nbest, vocab_size=VOCAB, source_len=SOURCE, max_len=9, refill=1,
+                                 slot_context=False, **penalties)
     pool = pool_ops.empty(state, context)
     admit = jax.jit(pool_ops.admit)
-    runs = {a: jax.jit(partial(pool_ops.run, steps=2, active=a)) for a in (4, 8)}
-    arrivals = {0: [0, 1], 1: [2], 3: [3, 4, 5], 4: [6]}  # round -> sentences that arrive
-    slot_of, got, free = {}, {}, list(range(8))
-    for round_ in range(40):
-        new = arrivals.get(round_, [])
+    runs = {a: jax.jit(partial(pool_ops.run, steps=3, active=a)) for a in (2, 4)}
+    arrivals = [[0, 1, 2], [3], [], [4, 5, 6]]  # per round, the sentences that arrive
+    waiting, ticket_of, got, tail, info = [], {}, {}, 0, {"last_busy": -1, "busy": 0, "waiting": 0}
+    unstarted, seen_active = 0, set()
+    for round_ in range(60):
+        waiting += arrivals[round_] if round_ < len(arrivals) else []
+        oldest = min(ticket_of, default=tail)
+        room = min(W - unstarted, R - (tail - oldest))
+        new, waiting = waiting[:room], waiting[room:]
         if new:
-            slots = [free.pop(0) for _ in new]
-            free.sort()
-            idx = np.asarray(new)
-            pool = admit(pool, np.asarray(slots), jax.tree.map(lambda a: a[idx], state),
-                         jax.tree.map(lambda a: a[idx], context), max_lengths[idx], source_lengths[idx])
-            slot_of.update(zip(slots, new))
-        if not slot_of and round_ > max(arrivals):
+            idx = np.asarray(new + [0] * (4 - len(new)))  # padded to 4 rows; only `count` are real
+            pool = admit(pool, len(new), jax.tree.map(lambda a: a[idx], state), jax.tree.map(lambda a: a[idx], context),
+                         max_lengths[idx], source_lengths[idx])
+            for i in new:
+                ticket_of[tail] = i
+                tail += 1
+            unstarted += len(new)
+        if not ticket_of and not waiting and round_ >= len(arrivals):
             break
-        active = 4 if max(slot_of, default=0) < 4 else 8
-        pool, finished, results = runs[active](pool, ())
-        for slot in np.flatnonzero(np.asarray(finished)):
-            got[slot_of.pop(int(slot))] = jax.tree.map(lambda a: np.asarray(a)[slot], results)
-            free.append(int(slot))
-            free.sort()
-    assert sorted(got) == list(range(n))
+        need = max(int(info["last_busy"]) + 1, min(4, len(ticket_of)))
+        active = 2 if need <= 2 else 4
+        seen_active.add(active)
+        pool, done, results, info = runs[active](pool, ())
+        unstarted = int(info["waiting"])
+        for pos in np.flatnonzero(np.asarray(done)):
+            ticket = next(t for t in ticket_of if t % R == pos)
+            got[ticket_of.pop(ticket)] = jax.tree.map(lambda a: np.asarray(a)[pos], results)
+    assert sorted(got) == list(range(n)) and seen_active == {2, 4}
     keys = ["tokens", "lengths", "scores"] + ([] if beam_size == 1 else ["log_probs"])
     for i in range(n):
         for key in keys:

@@ -288,7 +288,7 @@ class StreamingWorker(_Worker):
 
     MAX_DECODERS = 4  # idle decoders beyond this many (beam, nbest) settings are dropped
 
-    def __init__(self, engine: Engine, *, max_pending: int, chunk_steps: int = 8):
+    def __init__(self, engine: Engine, *, max_pending: int, chunk_steps: int = 4):
         self.chunk_steps = chunk_steps
         self._decoders: dict = {}
         super().__init__(engine, max_pending=max_pending)
@@ -382,7 +382,8 @@ def _int_field(body: dict, name: str, default: int) -> int:
     return value
 
 
-def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None = None, batching: str = "auto"):
+def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None = None, batching: str = "auto",
+               chunk_steps: int = 4):
     """The Starlette app (its lifespan starts and stops the worker). batching: "stream"
     (continuous batching across requests; runs only), "merge" (one decode call per group of
     waiting requests) or "auto" (stream for a run, merge for a bundle)."""
@@ -501,7 +502,7 @@ def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if streaming:
-            state["worker"] = StreamingWorker(engine, max_pending=limits.max_pending)
+            state["worker"] = StreamingWorker(engine, max_pending=limits.max_pending, chunk_steps=chunk_steps)
         else:
             state["worker"] = BatchingWorker(engine, max_batch=max_batch, max_pending=limits.max_pending)
         try:
@@ -533,6 +534,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batching", choices=("auto", "stream", "merge"), default="auto",
                    help="stream: sentences join the running decoder as slots free up (runs; the default); "
                         "merge: one decode call per group of waiting requests (bundles)")
+    p.add_argument("--chunk-steps", type=int, default=4,
+                   help="stream batching: decoding steps between admissions of new sentences")
     p.add_argument("--graceful-seconds", type=float, default=60.0,
                    help="on SIGTERM, how long in-flight requests may take to finish")
 
@@ -565,7 +568,9 @@ def run(args) -> int:
         except RequestError as e:
             raise UserError(f"--{e.message}") from None
         engine.default_beam = args.beam
-    app = create_app(engine, limits=limits, api_key=api_key, batching=args.batching)
+    if args.chunk_steps < 1:
+        raise UserError(f"--chunk-steps {args.chunk_steps}: must be at least 1")
+    app = create_app(engine, limits=limits, api_key=api_key, batching=args.batching, chunk_steps=args.chunk_steps)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                            timeout_graceful_shutdown=args.graceful_seconds))
     host, port = sock.getsockname()[:2]

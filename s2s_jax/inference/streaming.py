@@ -12,12 +12,14 @@ keeps one `decoding.SlotPool` alive instead:
         for key, result in decoder.step():    # admit into free slots, decode a few steps
             ...                               # result as Translator.translate_ids gives it
 
-Each `step` encodes the waiting sentences that fit in free slots (batches padded to a power of
-two rows and a multiple of LENGTH_MULTIPLE positions, then to the pool's source length), starts
-them in the lowest free slots, and advances the busy slots by `chunk_steps` decoding steps on
-the first `active` slots (the smallest power of two >= 8 covering every busy slot), so a
-lightly loaded server computes few rows. A sentence gets the same search, hence the same
-translation, as offline translation (tests/test_server.py checks it).
+Each `step` encodes the waiting sentences that fit in the pool's ring (2P sentences admitted
+and not yet started; at most 8P between the oldest unfinished and the newest) (in batches padded to a power of two rows and a multiple of LENGTH_MULTIPLE
+positions, then to the pool's source length), then decodes `chunk_steps` steps; inside those
+steps a slot whose sentence finishes takes the next ring sentence at once, as in offline
+translation, so slots do not idle until the host looks again. Only the first `active` slots
+are computed (the smallest power of two >= 8 covering the busy slots and the waiting
+sentences), so a lightly loaded server computes few rows. A sentence gets the same search,
+hence the same translation, as offline translation (tests/test_server.py checks it).
 
 Sources longer than the pool's source length (`max(data.max_source_length, 16)` rounded up
 to LENGTH_MULTIPLE) are translated by the Translator directly, as a batch of their own.
@@ -46,12 +48,13 @@ class StreamingDecoder:
     """A pool of `decode.batch_size` slots for one (beam, nbest) that sentences join while it runs.
     Not thread-safe: one thread (the server's worker) owns it."""
 
-    def __init__(self, translator, *, beam: int, nbest: int = 1, chunk_steps: int = 8, slots: int | None = None):
+    def __init__(self, translator, *, beam: int, nbest: int = 1, chunk_steps: int = 4, slots: int | None = None,
+                 source_len: int | None = None):
         self.translator, self.beam, self.nbest = translator, beam, nbest
         model, config = translator.model, translator.config
         dc = config.decode
         self.slots = slots or dc.batch_size
-        self.source_len = round_up(max(config.data.max_source_length, LENGTH_MULTIPLE))
+        self.source_len = round_up(source_len or max(config.data.max_source_length, LENGTH_MULTIPLE))
         self.max_len = int(translator.max_len_for(self.source_len))
         self.chunk_steps = chunk_steps
         want_attention = beam > 1 and dc.coverage_penalty != 0
@@ -67,14 +70,14 @@ class StreamingDecoder:
                self.source_len, self.table is not None)
         if key not in _PROGRAMS:
             pool = decoding.SlotPool(
-                make_step_fn, slots=self.slots, beam_size=beam, nbest=nbest, vocab_size=model.target_vocab_size,
+                make_step_fn, slots=self.slots, queue=2 * self.slots, results=8 * self.slots, beam_size=beam, nbest=nbest, vocab_size=model.target_vocab_size,
                 source_len=self.source_len if want_attention else None, max_len=self.max_len,
                 length_penalty=dc.length_penalty, coverage_penalty=dc.coverage_penalty, slot_context=True)
 
-            def admit(params, pool_state, source, source_lengths, limits, slot_ids):
+            def admit(params, pool_state, count, source, source_lengths, limits):
                 cache = pad_cache(encode(params, source, source_lengths, model=model), self.source_len)
                 context = {k: cache[k] for k in ("memory", "keys", "mask")}
-                return pool.admit(pool_state, slot_ids, cache["state"], context, limits, source_lengths)
+                return pool.admit(pool_state, count, cache["state"], context, limits, source_lengths)
 
             def run(params, table, pool_state, *, active):
                 return pool.run(pool_state, (params, table), steps=self.chunk_steps, active=active)
@@ -88,19 +91,22 @@ class StreamingDecoder:
             _PROGRAMS[key] = {"admit": jax.jit(admit, donate_argnums=1),
                               "run": {}, "run_fn": run, "empty": jax.jit(empty)}
         self._programs = _PROGRAMS[key]
+        self.ring, self.tickets = 2 * self.slots, 8 * self.slots
         self._pool = self._programs["empty"](translator.params)
-        self._waiting: collections.deque = collections.deque()  # (key, ids)
-        self._slot_key: list = [None] * self.slots  # the key of each busy slot
-        self._slot_len: list[int] = [0] * self.slots
+        self._waiting: collections.deque = collections.deque()  # (key, ids) not yet admitted
+        self._ticket: dict = {}  # ticket -> key of each admitted, unfinished sentence (insertion = ticket order)
+        self._tail = 0  # sentences admitted so far = the next ticket
+        self._unstarted = 0  # admitted, not yet in a slot (as the last run left it, plus admits since)
+        self._info = {"busy": 0, "last_busy": -1, "waiting": 0}  # as the last run left the pool
         self._long: list = []  # (key, ids) too long for the pool
 
     @property
     def busy(self) -> bool:
-        return bool(self._waiting or self._long or any(k is not None for k in self._slot_key))
+        return bool(self._waiting or self._long or self._ticket)
 
     @property
     def pending(self) -> int:
-        return len(self._waiting) + len(self._long) + sum(k is not None for k in self._slot_key)
+        return len(self._waiting) + len(self._long) + len(self._ticket)
 
     def add(self, items) -> None:
         """Queues (key, token ids) pairs; ids non-empty, without BOS/EOS."""
@@ -114,26 +120,30 @@ class StreamingDecoder:
         return runs[active]
 
     def _admit(self) -> None:
-        free = [s for s in range(self.slots) if self._slot_key[s] is None]
-        take = min(len(free), len(self._waiting))
+        if self._info["busy"] >= self.slots and self._unstarted >= self.slots // 2:
+            # Saturated, and enough admitted to refill every slot the next chunk can free: wait,
+            # so that sentences are encoded in larger batches (an encoder call costs its scan's
+            # launches whatever the batch size).
+            return
+        oldest = next(iter(self._ticket), self._tail)
+        take = min(self.ring - self._unstarted, self.tickets - (self._tail - oldest), len(self._waiting))
         if not take:
             return
         items = [self._waiting.popleft() for _ in range(take)]
-        slot_ids = free[:take]
-        rows = 1 << max(take - 1, 0).bit_length()
+        rows = max(MIN_ACTIVE, 1 << max(take - 1, 0).bit_length())  # few encoder shapes
         S = round_up(max(len(ids) for _, ids in items))
         source = np.zeros((rows, S), np.int32)
         lengths = np.ones((rows,), np.int32)
         limits = np.ones((rows,), np.int32)
-        slots = np.full((rows,), self.slots, np.int32)  # padding rows: no slot
-        for r, ((key, ids), slot) in enumerate(zip(items, slot_ids)):
+        for r, (key, ids) in enumerate(items):
             source[r, :len(ids)] = ids
             lengths[r] = len(ids)
             limits[r] = min(int(self.translator.max_len_for(len(ids))), self.max_len)
-            slots[r] = slot
-            self._slot_key[slot] = key
-            self._slot_len[slot] = len(ids)
-        self._pool = self._programs["admit"](self.translator.params, self._pool, source, lengths, limits, slots)
+            self._ticket[self._tail] = key
+            self._tail += 1
+        self._unstarted += take
+        self._pool = self._programs["admit"](self.translator.params, self._pool, np.int32(take), source, lengths,
+                                             limits)
 
     def step(self) -> list:
         """Admits waiting sentences, decodes up to `chunk_steps` steps; returns the finished
@@ -144,14 +154,19 @@ class StreamingDecoder:
             results = self.translator.translate_ids([ids for _, ids in items], beam=self.beam, nbest=self.nbest)
             out += [(key, res) for (key, _), res in zip(items, results)]
         self._admit()
-        busy = [s for s in range(self.slots) if self._slot_key[s] is not None]
-        if not busy:
+        if not self._ticket:
             return out
-        active = min(self.slots, max(MIN_ACTIVE, 1 << max(busy[-1], 0).bit_length()))
-        self._pool, finished, results = self._run_program(active)(self.translator.params, self.table, self._pool)
-        finished, results = jax.device_get((finished, results))
-        for slot in np.flatnonzero(finished):
-            tokens, lens, scores = results["tokens"][slot], results["lengths"][slot], results["scores"][slot]
+        need = max(self._info["last_busy"] + 1, min(self.slots, len(self._ticket)))
+        active = min(self.slots, max(MIN_ACTIVE, 1 << max(need - 1, 0).bit_length()))
+        self._pool, done, results, info = self._run_program(active)(self.translator.params, self.table, self._pool)
+        done, results, info = jax.device_get((done, results, info))
+        self._info = {k: int(v) for k, v in info.items()}
+        self._unstarted = self._info["waiting"]
+        # A finished index i is ticket i (mod R) of the unfinished ones; they span fewer than R.
+        base = next(iter(self._ticket))
+        for pos in np.flatnonzero(done):
+            ticket = base + (int(pos) - base) % self.tickets
+            tokens, lens, scores = results["tokens"][pos], results["lengths"][pos], results["scores"][pos]
             if self.beam == 1:
                 tokens, lens, scores = tokens[None], lens[None], scores[None]
             hyps = []
@@ -160,7 +175,5 @@ class StreamingDecoder:
                 if seq and seq[-1] == EOS_ID:
                     seq.pop()
                 hyps.append(seq)
-            out.append((self._slot_key[slot], {"tokens": hyps, "scores": [float(x) for x in scores[:self.nbest]]}))
-            self._slot_key[slot] = None
+            out.append((self._ticket.pop(ticket), {"tokens": hyps, "scores": [float(x) for x in scores[:self.nbest]]}))
         return out
-
