@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ref", default=None, metavar="FILE", help="reference translations of --src")
             p.add_argument("--data-dir", default=None, help="override data.dir (text corpora)")
 
+    p = sub.add_parser("average", help="write a run whose checkpoint averages checkpoints of another run")
+    p.add_argument("--workdir", required=True, help="the trained run")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--last", type=int, default=None, metavar="K", help="the last K checkpoints")
+    which.add_argument("--steps", default=None, metavar="A,B,C", help="these checkpoint steps")
+    which.add_argument("--best", type=int, default=None, metavar="K", help="the K best checkpoints (best/)")
+    p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
+
     p = sub.add_parser("serve", help="HTTP translation server with dynamic batching (see inference/server.py)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--workdir", help="a trained run")
@@ -284,7 +292,20 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "prepare": _cmd_prepare, "translate": _cmd_translate, "eval": _cmd_eval,
+def _cmd_average(args) -> int:
+    from s2s_jax.inference.runs import average_run
+
+    steps = None
+    if args.steps is not None:
+        try:
+            steps = [int(x) for x in args.steps.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--steps {args.steps}: give checkpoint steps as integers, e.g. --steps 2000,2500,3000") from None
+    print(json.dumps(average_run(args.workdir, args.out, last=args.last, steps=steps, best=args.best)))
+    return 0
+
+
+COMMANDS = {"average": _cmd_average, "train": _cmd_train, "prepare": _cmd_prepare, "translate": _cmd_translate, "eval": _cmd_eval,
             "serve": lambda args: _module_hook("inference.server", "run", args),
             "benchmark": lambda args: _module_hook("benchmark", "run", args),
             "export": lambda args: _module_hook("export", "run", args)}

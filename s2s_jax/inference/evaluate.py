@@ -92,6 +92,8 @@ def evaluate(translator, workdir: str, *, split: str | None = None, src_file: st
               "translate_seconds": round(elapsed, 3),
               "sentences_per_second": round(len(sources) / max(elapsed, 1e-9), 1),
               "checkpoint": checkpoint}
+    if getattr(translator, "checkpoint", None):
+        record["parameters"] = translator.checkpoint  # {"which", "steps"[, "source"]}
     if src_file is not None:
         record["src"], record["ref"] = os.path.abspath(src_file), os.path.abspath(ref_file)
     if write:

@@ -8,6 +8,8 @@ holding config.json, vocab/ and Orbax checkpoints; which parameters are used:
     load_run(W, best=True)             newest of best/ (kept by train.best_metric)
     load_run(W, average_last=K)        element-wise mean of the last K checkpoints
 
+`average_run` writes such a mean as a run directory of its own (the `average` verb).
+
 EMA parameters are used when the run kept them (train.ema_decay > 0). Raw data is never read.
 """
 
@@ -18,6 +20,8 @@ import os
 from typing import Any
 
 from s2s_jax.config import Config, UserError
+
+AVERAGE_JSON = "average.json"  # in a run written by `average`: where its parameters came from
 
 
 @dataclasses.dataclass
@@ -142,4 +146,107 @@ def load_run(workdir: str, *, step: int | None = None, best: bool = False,
                             f"(steps {steps})")
     params, restored_step = _restore_params(workdir, config, model, step, which)
     info = {"which": "step" if step is not None else which, "steps": [restored_step]}
+    averaged = os.path.join(workdir, AVERAGE_JSON)
+    if not best and os.path.isfile(averaged):  # written by `average`: say what the parameters are
+        import json
+
+        with open(averaged, encoding="utf-8") as f:
+            record = json.load(f)
+        info = {"which": "average", "steps": record["steps"], "source": record["source"]}
     return Run(workdir, config, model, params, source_vocab, target_vocab, info)
+
+
+def _choose_average_steps(workdir: str, config, *, last: int | None, steps, best: int | None) -> tuple[str, list[int]]:
+    """(folder "latest" | "best", steps) to average; every mistake a UserError."""
+    from s2s_jax import config as config_lib
+    from s2s_jax.metrics import read_metrics
+
+    if (last is not None) + (steps is not None) + (best is not None) != 1:
+        raise UserError("average: give exactly one of --last K, --steps A,B,C and --best K")
+    if best is not None:
+        if best < 1:
+            raise UserError(f"--best {best}: must be at least 1")
+        kept = checkpoint_steps(workdir, "best")
+        metric, mode = config_lib.best_metric_and_mode(config)
+        value = {r["step"]: r[metric] for r in read_metrics(workdir) if r.get("kind") == "eval" and metric in r}
+        ranked = sorted(kept, key=lambda s: (-value.get(s, float("-inf")) if mode == "max" else value.get(s, float("inf")), -s))
+        if len(kept) < best:
+            raise UserError(f"--best {best}: {workdir}/best keeps only {len(kept)} checkpoint(s) (steps {kept}); "
+                            f"lower K, or keep more with train.keep_best")
+        return "best", sorted(ranked[:best])
+    if last is not None:
+        if last < 1:
+            raise UserError(f"--last {last}: must be at least 1")
+        kept = checkpoint_steps(workdir, "latest")
+        if len(kept) < last:
+            raise UserError(f"--last {last}: {workdir}/checkpoints has only {len(kept)} checkpoint(s) (steps {kept}); "
+                            f"lower K, or keep more with train.keep_checkpoints")
+        return "latest", kept[-last:]
+    kept = checkpoint_steps(workdir, "latest")
+    missing = [s for s in steps if s not in kept]
+    if missing or not steps or len(set(steps)) != len(steps):
+        raise UserError(f"--steps {','.join(map(str, steps))}: {workdir}/checkpoints has steps {kept}; "
+                        f"name each of them at most once")
+    return "latest", sorted(steps)
+
+
+def average_run(workdir: str, out: str, *, last: int | None = None, steps=None, best: int | None = None) -> dict:
+    """`average`: writes a run directory `out` whose one checkpoint holds the element-wise mean
+    of the chosen checkpoints' parameters (EMA parameters where the run kept them), with the
+    run's config.json and vocab/, so translate, eval, export and serve take it like any run.
+
+    The checkpoint is the newest chosen one with its parameters replaced (its optimizer state and
+    data-iterator position stay, so `train` on `out` would continue from the average).
+    `out/average.json` records the source run and steps. Written to a temporary folder beside
+    `out` and renamed into place: nothing is left half-written. Returns the average.json record.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    import jax
+
+    from s2s_jax.checkpoint import Checkpoints
+    from s2s_jax.train_state import abstract_state
+
+    workdir, out = os.fspath(workdir), os.path.abspath(os.fspath(out))
+    _require_run(workdir)
+    if os.path.abspath(workdir) == out:
+        raise UserError(f"--out {out}: is the source run; write the average to a new folder")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"--out {out}: exists and is not an empty folder; pick a new path")
+    config, model, _, _ = _config_and_model(workdir)
+    which, chosen = _choose_average_steps(workdir, config, last=last, steps=steps, best=best)
+    trees = [_restore_params(workdir, config, model, s, which)[0] for s in chosen]
+    mean = average_params(trees)
+    ckpts = Checkpoints(workdir, keep=10 ** 6, keep_best=10 ** 6 if which == "best" else 0, async_save=False)
+    try:
+        state, meta, step = ckpts.restore(abstract_state(config, model), chosen[-1], which=which)
+    finally:
+        ckpts.close()
+    mean = jax.tree.map(lambda m, p: jax.device_put(m, p.sharding), mean, state.params)
+    state = state.replace(params=mean, ema_params=mean if state.ema_params is not None else None)
+    record = {"source": os.path.abspath(workdir), "which": which, "steps": chosen, "checkpoint_step": int(step)}
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".average-", dir=parent)
+    try:
+        shutil.copyfile(os.path.join(workdir, "config.json"), os.path.join(tmp, "config.json"))
+        shutil.copytree(os.path.join(workdir, "vocab"), os.path.join(tmp, "vocab"))
+        writer = Checkpoints(tmp, keep=1, keep_best=0, async_save=False)
+        try:
+            writer.save(int(step), state, dict(meta, averaged=record))
+            writer.wait()
+        finally:
+            writer.close()
+        with open(os.path.join(tmp, AVERAGE_JSON), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dict(record, out=out)

@@ -199,6 +199,7 @@ class Translator:
         self.source_vocab = source_vocab
         self.target_vocab = target_vocab
         self._normalization = input_normalization(config.data)
+        self.checkpoint: dict | None = None  # set by load_translator
         self.last_stats: dict = {}
 
     def _jitted(self, *key):
@@ -367,7 +368,9 @@ def load_translator(workdir: str, *, step: int | None = None, best: bool = False
 
     run = load_run(workdir, step=step, best=best, average_last=average_last)
     config = decode_overrides(run.config, overrides, max_len=max_len, batch_size=batch_size)
-    return Translator(config, run.model, run.params, run.source_vocab, run.target_vocab)
+    translator = Translator(config, run.model, run.params, run.source_vocab, run.target_vocab)
+    translator.checkpoint = run.checkpoint  # which parameters (latest / best / step / average, steps)
+    return translator
 
 
 def attention_figure(translator: Translator, lines: Sequence[str], *, beam: int = 1, max_sentences: int = 4):
