@@ -66,26 +66,28 @@ class StreamingDecoder:
         def make_step_fn(params, table):
             return model_step_fn(model, params, table=table, attention=want_attention)
 
-        key = (model.config, model.source_vocab_size, model.target_vocab_size, dc, beam, nbest, self.slots,
-               self.source_len, self.table is not None)
+        slots_, source_len_, chunk_steps_ = self.slots, self.source_len, chunk_steps  # the programs keep no self
+        key = (model.config, model.source_vocab_size, model.target_vocab_size, dc, beam, nbest, slots_, source_len_,
+               chunk_steps_, self.table is not None)
         if key not in _PROGRAMS:
             pool = decoding.SlotPool(
-                make_step_fn, slots=self.slots, queue=2 * self.slots, results=8 * self.slots, beam_size=beam, nbest=nbest, vocab_size=model.target_vocab_size,
-                source_len=self.source_len if want_attention else None, max_len=self.max_len,
-                length_penalty=dc.length_penalty, coverage_penalty=dc.coverage_penalty, slot_context=True)
+                make_step_fn, slots=slots_, queue=2 * slots_, results=8 * slots_, beam_size=beam, nbest=nbest,
+                vocab_size=model.target_vocab_size, source_len=source_len_ if want_attention else None,
+                max_len=self.max_len, length_penalty=dc.length_penalty, coverage_penalty=dc.coverage_penalty,
+                slot_context=True)
 
             def admit(params, pool_state, count, source, source_lengths, limits):
-                cache = pad_cache(encode(params, source, source_lengths, model=model), self.source_len)
+                cache = pad_cache(encode(params, source, source_lengths, model=model), source_len_)
                 context = {k: cache[k] for k in ("memory", "keys", "mask")}
                 return pool.admit(pool_state, count, cache["state"], context, limits, source_lengths)
 
             def run(params, table, pool_state, *, active):
-                return pool.run(pool_state, (params, table), steps=self.chunk_steps, active=active)
+                return pool.run(pool_state, (params, table), steps=chunk_steps_, active=active)
 
             def empty(params):
-                src = jnp.ones((1, self.source_len), jnp.int32)
+                src = jnp.ones((1, source_len_), jnp.int32)
                 cache = jax.eval_shape(lambda p: pad_cache(encode(p, src, jnp.ones((1,), jnp.int32), model=model),
-                                                           self.source_len), params)
+                                                           source_len_), params)
                 return pool.empty(cache["state"], {k: cache[k] for k in ("memory", "keys", "mask")})
 
             _PROGRAMS[key] = {"admit": jax.jit(admit, donate_argnums=1),
