@@ -333,6 +333,41 @@ class Translator:
             hyps.append(hyp)
         return hyps
 
+    def score(self, pairs: Sequence[tuple[str, str]], *, batch_size: int | None = None) -> list[dict]:
+        """Log-probability the model gives each (source, target) text pair, both normalised as in
+        training: per pair {"score": sum of token log-probs (EOS included), "tokens": target
+        tokens + 1, "per_token": score / tokens}. A blank target scores its EOS alone; a blank
+        source scores None (translate maps it to an empty line without decoding)."""
+        batch_size = batch_size or self.config.decode.batch_size
+        sources = self.encode_lines([s for s, _ in pairs])
+        targets = self.target_vocab.encode_batch([self.normalize(t) for _, t in pairs])
+        out: list[dict] = [{"score": None, "tokens": 0, "per_token": None} for _ in pairs]
+        index = [i for i in range(len(pairs)) if sources[i]]
+        index.sort(key=lambda i: -len(sources[i]))
+        key = ("score", self.model.config, self.model.source_vocab_size, self.model.target_vocab_size)
+        if key not in _DECODERS:
+            _DECODERS[key] = jax.jit(functools.partial(score_batch, model=self.model))
+        fn = _DECODERS[key]
+        for start in range(0, len(index), batch_size):
+            idx = index[start:start + batch_size]
+            rows = 1 << max(len(idx) - 1, 0).bit_length()
+            S = round_up(max(len(sources[i]) for i in idx))
+            T = round_up(max(len(targets[i]) for i in idx) + 1)
+            src = np.zeros((rows, S), np.int32)
+            src_len = np.ones((rows,), np.int32)
+            tin, tout, mask = (np.zeros((rows, T), np.int32) for _ in range(3))
+            for r, i in enumerate(idx):
+                n = len(targets[i])
+                src[r, :len(sources[i])], src_len[r] = sources[i], len(sources[i])
+                tin[r, :n + 1] = [BOS_ID] + targets[i]
+                tout[r, :n + 1] = targets[i] + [EOS_ID]
+                mask[r, :n + 1] = 1
+            scores = np.asarray(fn(self.params, src, src_len, tin, tout, mask.astype(np.float32)))
+            for r, i in enumerate(idx):
+                n = len(targets[i]) + 1
+                out[i] = {"score": float(scores[r]), "tokens": n, "per_token": float(scores[r]) / n}
+        return out
+
     def translate(self, lines: Sequence[str], *, beam: int = 1, nbest: int = 1,
                   batch_size: int | None = None) -> list[list[tuple[str, float]]]:
         """Text in, per line a list of `nbest` (translation, score) pairs, in input order.
