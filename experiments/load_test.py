@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     finally:
         proc.send_signal(signal.SIGTERM)
         record["server_exit_code"] = proc.wait(timeout=300)
-    print(f"\n| clients | sentences/s | vs offline | requests/s | p50 s | p95 s | p99 s | errors |")
+    print("\n| clients | sentences/s | vs offline | requests/s | p50 s | p95 s | p99 s | errors |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for lv in record["levels"]:
         print(f"| {lv['clients']} | {lv['sentences_per_second']} | {lv['ratio_to_offline']:.2f} | "

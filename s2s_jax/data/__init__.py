@@ -31,8 +31,7 @@ from s2s_jax.data.pipeline import (Loader, Materialize, TrainIterator, assign_bu
                                    bucket_shapes, eval_plan, grain_batches, length_filter,
                                    loader_throughput, local_rows)
 from s2s_jax.data.preprocess import load_prepared, open_split, prepare, split_roles
-from s2s_jax.data.text import normalize
-from s2s_jax.data.tokenizer import VOCAB_JSON, read_vocab_dir
+from s2s_jax.vocab import VOCAB_JSON, normalize, read_vocab_dir
 from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab
 
 __all__ = ["DataError", "build_data", "Data", "load_vocabs", "normalize", "prepare",

@@ -34,7 +34,8 @@ import numpy as np
 
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.text import clean_pairs, read_lines, read_parallel
-from s2s_jax.data.tokenizer import VOCAB_JSON, read_vocab_dir, train_sentencepiece, write_vocab_json
+from s2s_jax.data.tokenizer import train_sentencepiece
+from s2s_jax.vocab import VOCAB_JSON, read_vocab_dir, write_vocab_json
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from s2s_jax.data.errors import DataError
-from s2s_jax.vocab import NORMALIZATION_FORMS, normalize  # noqa: F401 (re-exported for data/)
+from s2s_jax.vocab import normalize
 
 
 def read_lines(path: str) -> list[str]:

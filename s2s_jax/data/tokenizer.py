@@ -8,8 +8,7 @@ import re
 import sentencepiece as spm
 
 from s2s_jax.data.errors import DataError
-from s2s_jax.vocab import (BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, VOCAB_JSON, SentencePieceVocab,  # noqa: F401
-                           read_vocab_dir, write_vocab_json)
+from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, SentencePieceVocab
 
 _TOO_HIGH = re.compile(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)")
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
