@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("translate", "translate lines from --input (default stdin, streamed) to stdout"),
                         ("eval", "translate a test set and score it (sacreBLEU, chrF, exact match)")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--workdir", required=True)
+        p.add_argument("--workdir", required=True, action="append",
+                       help="the trained run; give several (same vocabularies) to decode with their ensemble")
+        p.add_argument("--weights", default=None, metavar="W1,W2,...",
+                       help="ensemble weights, one per --workdir (default: equal)")
         _decode_args(p)
         if name == "translate":
             p.add_argument("--input", default="-", help="input file (default: stdin, translated as it arrives)")
@@ -223,8 +226,16 @@ def _write_results(out, lines, results, *, nbest: int, fmt: str, translator) -> 
 def _load_translator(args):
     from s2s_jax.inference.translator import load_translator
 
-    return load_translator(args.workdir, step=args.step, best=args.best, average_last=args.average_last,
-                           overrides=args.overrides, max_len=args.max_len, batch_size=args.batch_size)
+    choice = dict(step=args.step, best=args.best, average_last=args.average_last, overrides=args.overrides,
+                  max_len=args.max_len, batch_size=args.batch_size)
+    if len(args.workdir) > 1:
+        from s2s_jax.inference.ensemble import load_ensemble_translator, parse_weights
+
+        weights = parse_weights(args.weights, len(args.workdir))
+        return load_ensemble_translator(args.workdir, weights=weights, **choice)
+    if args.weights is not None:
+        raise UserError("--weights: give several --workdir runs to decode with an ensemble")
+    return load_translator(args.workdir[0], **choice)
 
 
 def _cmd_translate(args) -> int:
@@ -286,8 +297,9 @@ def _cmd_eval(args) -> int:
     translator = _load_translator(args)
     checkpoint = ("best" if args.best else f"average-last-{args.average_last}" if args.average_last
                   else args.step if args.step is not None else "latest")
-    result = evaluate(translator, args.workdir, split=args.split, src_file=args.src, ref_file=args.ref,
-                      data_dir=args.data_dir, beam=args.beam, checkpoint=checkpoint)
+    tag = f"_ensemble{len(args.workdir)}" if len(args.workdir) > 1 else ""
+    result = evaluate(translator, args.workdir[0], split=args.split, src_file=args.src, ref_file=args.ref,
+                      data_dir=args.data_dir, beam=args.beam, checkpoint=checkpoint, tag=tag)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 

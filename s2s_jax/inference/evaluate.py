@@ -69,11 +69,12 @@ def _prepared_pairs(config, workdir, split, data_dir):
 
 def evaluate(translator, workdir: str, *, split: str | None = None, src_file: str | None = None,
              ref_file: str | None = None, data_dir: str | None = None, beam: int | None = None,
-             checkpoint: str = "latest", write: bool = True) -> dict:
+             checkpoint: str = "latest", write: bool = True, tag: str = "") -> dict:
     """Translates the test set (see `test_pairs`) and scores it.
 
-    With write=True the record goes to workdir/eval_<name>_beam<beam>.json and the hypotheses to
-    the .txt beside it. Returns the record (with "output" when written).
+    With write=True the record goes to workdir/eval_<name>_beam<beam><tag>.json and the
+    hypotheses to the .txt beside it (an ensemble writes into its first run with tag
+    "_ensemble<N>"). Returns the record (with "output" when written).
     """
     from s2s_jax import metrics as metrics_lib
 
@@ -97,7 +98,7 @@ def evaluate(translator, workdir: str, *, split: str | None = None, src_file: st
     if src_file is not None:
         record["src"], record["ref"] = os.path.abspath(src_file), os.path.abspath(ref_file)
     if write:
-        stem = os.path.join(workdir, f"eval_{name}_beam{beam}")
+        stem = os.path.join(workdir, f"eval_{name}_beam{beam}{tag}")
         with open(stem + ".txt", "w", encoding="utf-8") as f:
             f.writelines(h + "\n" for h in hyps)
         with open(stem + ".json", "w", encoding="utf-8") as f:

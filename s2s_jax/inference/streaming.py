@@ -36,8 +36,7 @@ import numpy as np
 
 from s2s_jax import decoding
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, round_up
-from s2s_jax.inference.translator import (_input_projection_table, _use_input_table, encode, model_step_fn,
-                                          pad_cache)
+from s2s_jax.inference.translator import _use_input_table, encode, model_step_fn, pad_cache, projection_table
 from s2s_jax.vocab import EOS_ID
 
 _PROGRAMS: dict = {}  # jitted pool functions shared by every decoder of the same model and settings
@@ -60,14 +59,14 @@ class StreamingDecoder:
         want_attention = beam > 1 and dc.coverage_penalty != 0
         self.table = None
         if _use_input_table(self.slots, beam, self.max_len, model.target_vocab_size):
-            self.table = jax.jit(lambda p: model.apply({"params": p}, method=_input_projection_table))(
-                translator.params)
+            self.table = jax.jit(lambda p: projection_table(model, p))(translator.params)
 
         def make_step_fn(params, table):
             return model_step_fn(model, params, table=table, attention=want_attention)
 
         slots_, source_len_, chunk_steps_ = self.slots, self.source_len, chunk_steps  # the programs keep no self
-        key = (model.config, model.source_vocab_size, model.target_vocab_size, dc, beam, nbest, slots_, source_len_,
+        key = (model.config, getattr(model, "weights", None), model.source_vocab_size, model.target_vocab_size, dc,
+               beam, nbest, slots_, source_len_,
                chunk_steps_, self.table is not None)
         if key not in _PROGRAMS:
             pool = decoding.SlotPool(

@@ -47,8 +47,18 @@ _DECODERS: dict = {}  # compiled decoders shared by all Translators: key -> jitt
 
 
 def encode(params, source, source_lengths, *, model: Seq2Seq) -> dict:
-    """source [B, S] -> decoding cache {memory, keys [B, S, H], mask [B, S], state}; un-jitted."""
+    """source [B, S] -> decoding cache {memory, keys [B, S, H], mask [B, S], state}; un-jitted.
+    (An `ensemble.Ensemble` gives memory, keys and state per member, one shared mask.)"""
+    if not isinstance(model, Seq2Seq):
+        return model.encode(params, source, source_lengths)
     return model.apply({"params": params}, source, source_lengths, method=Seq2Seq.encode)
+
+
+def projection_table(model: Seq2Seq, params):
+    """Layer 1's input projection of every target token ([V, G·H]; a list for an ensemble)."""
+    if not isinstance(model, Seq2Seq):
+        return model.projection_tables(params)
+    return model.apply({"params": params}, method=_input_projection_table)
 
 
 def pad_cache(cache: dict, length: int) -> dict:
@@ -56,11 +66,14 @@ def pad_cache(cache: dict, length: int) -> dict:
     pad = length - cache["mask"].shape[1]
     if pad == 0:
         return cache
-    out = dict(cache)
-    for k in ("memory", "keys", "mask"):
-        widths = [(0, 0)] * cache[k].ndim
+    def pad_one(a):
+        widths = [(0, 0)] * a.ndim
         widths[1] = (0, pad)
-        out[k] = jnp.pad(cache[k], widths)
+        return jnp.pad(a, widths)
+
+    out = dict(cache)
+    for k in ("memory", "keys", "mask"):  # (per member for an ensemble)
+        out[k] = jax.tree.map(pad_one, cache[k])
     return out
 
 
@@ -97,7 +110,7 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
     # step gathers its tokens' rows instead of multiplying the [rows, E] embeddings.
     table = None
     if _use_input_table(cache["mask"].shape[0], beam_size, max_len, model.target_vocab_size):
-        table = model.apply({"params": params}, method=_input_projection_table)
+        table = projection_table(model, params)
     step_fn = model_step_fn(model, params, table=table, attention=want_attention)
     return decoding.continuous_search(
         step_fn, cache["state"], context, num_sentences=num_sentences, slots=slots, beam_size=beam_size,
@@ -114,8 +127,11 @@ def model_step_fn(model: Seq2Seq, params, *, table=None, attention: bool = True)
     context: {"memory", "keys", "mask"} of the encoder (per row, or per slot with
     `slot_context`); state: the decoder state. table: layer 1's input projection of every target
     token (`_input_projection_table`), gathered instead of multiplying the embeddings; None
-    computes it from the embeddings. attention=False returns None for the weights.
+    computes it from the embeddings. attention=False returns None for the weights. An
+    `ensemble.Ensemble` (params and table: one per member) gives its combined step.
     """
+    if not isinstance(model, Seq2Seq):
+        return model.step_fn(params, tables=table, attention=attention)
     variables = {"params": params}
 
     def step_fn(tokens, state, context):
@@ -155,9 +171,12 @@ def decode_fixed_batch(params, source, source_lengths, *, model: Seq2Seq, config
 def score_batch(params, source, source_lengths, target_input, target_output, target_mask, *, model: Seq2Seq):
     """Teacher-forced log-probability of each target: sum over t of log p(target_output[b, t] |
     source, target_input[b, :t+1]) where target_mask is 1 (the EOS included) -> [B] float32."""
-    hidden, _ = model.apply({"params": params}, source, source_lengths, target_input)
-    logits = model.apply({"params": params}, hidden, method=Seq2Seq.logits)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if not isinstance(model, Seq2Seq):  # an ensemble: its combined log-probabilities
+        log_probs = model.score_log_probs(params, source, source_lengths, target_input)
+    else:
+        hidden, _ = model.apply({"params": params}, source, source_lengths, target_input)
+        logits = model.apply({"params": params}, hidden, method=Seq2Seq.logits)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token = jnp.take_along_axis(log_probs, target_output[..., None], axis=-1)[..., 0]
     return jnp.sum(token * target_mask, axis=-1)
 
@@ -192,7 +211,8 @@ class Translator:
 
     def __init__(self, config: Config, model: Seq2Seq, params, source_vocab, target_vocab):
         self.config = config
-        if config.decode.dtype not in ("model", model.config.dtype):  # compute dtype only; params stay
+        if isinstance(model, Seq2Seq) and config.decode.dtype not in ("model", model.config.dtype):
+            # compute dtype only; params stay
             model = model.clone(config=dataclasses.replace(model.config, dtype=config.decode.dtype))
         self.model = model
         self.params = params
@@ -206,7 +226,8 @@ class Translator:
         """jit of encode_into (key ("encode", queue_shape): queue_shape (Q, S_all) starts a new
         queue, None adds to one) or decode (key (beam, nbest, max_len, S, attention, slots, Q))."""
         m = self.model
-        full_key = (m.config, m.source_vocab_size, m.target_vocab_size, self.config.decode) + key
+        full_key = (m.config, getattr(m, "weights", None), m.source_vocab_size, m.target_vocab_size,
+                    self.config.decode) + key
         if full_key not in _DECODERS:
             if key[0] == "encode":  # the queue (argument 3) is updated in place
                 fn = jax.jit(functools.partial(encode_into, model=m, queue_shape=key[1]), donate_argnums=3)
@@ -344,7 +365,8 @@ class Translator:
         out: list[dict] = [{"score": None, "tokens": 0, "per_token": None} for _ in pairs]
         index = [i for i in range(len(pairs)) if sources[i]]
         index.sort(key=lambda i: -len(sources[i]))
-        key = ("score", self.model.config, self.model.source_vocab_size, self.model.target_vocab_size)
+        key = ("score", self.model.config, getattr(self.model, "weights", None), self.model.source_vocab_size,
+               self.model.target_vocab_size)
         if key not in _DECODERS:
             _DECODERS[key] = jax.jit(functools.partial(score_batch, model=self.model))
         fn = _DECODERS[key]
