@@ -3,6 +3,7 @@
     python -m s2s_jax export --workdir runs/tiny --out bundles/tiny            # latest checkpoint
     python -m s2s_jax export --workdir RUN --out B --best                       # best by validation
     python -m s2s_jax export --workdir RUN --out B --average-last 5 --dtype bfloat16
+    python -m s2s_jax export --workdir A --workdir B [--weights 0.5,0.5] --out E     # an ensemble
 
 The bundle (layout and loader: `inference/bundle.py`) holds the parameters as safetensors under
 flat names (the Flax parameter path joined by "/", e.g. "decoder/layer_0/input_kernel"), the
@@ -46,7 +47,9 @@ def load_bundle(path: str, *, verify: bool = True):
 # -- command line ---------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    p.add_argument("--workdir", required=True, help="the trained run")
+    p.add_argument("--workdir", required=True, action="append",
+                   help="the trained run; several (same vocabularies): an ensemble bundle")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...", help="ensemble weights (default: equal)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -64,7 +67,15 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     platforms = tuple(x.strip() for x in args.platforms.split(",") if x.strip())
-    path = export_bundle(args.workdir, args.out, step=args.step, best=args.best, average_last=args.average_last,
+    workdirs = args.workdir if len(args.workdir) > 1 else args.workdir[0]
+    weights = None
+    if args.weights is not None:
+        if len(args.workdir) < 2:
+            raise UserError("--weights: give several --workdir runs to export an ensemble")
+        from s2s_jax.inference.ensemble import parse_weights
+        weights = parse_weights(args.weights, len(args.workdir))
+    path = export_bundle(workdirs, args.out, weights=weights, step=args.step, best=args.best,
+                         average_last=args.average_last,
                          dtype=args.dtype, beams=args.beam, platforms=platforms, force=args.force)
     with open(os.path.join(path, "bundle.json"), encoding="utf-8") as f:
         manifest = json.load(f)
@@ -103,7 +114,10 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
     carrier = jax.ShapeDtypeStruct((T,), jnp.int32)
 
     def f32(params):  # bfloat16 bundles store bfloat16; the model computes from float32 params
-        return jax.tree.map(lambda x: x.astype(jnp.float32), params)
+        params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+        if hasattr(model, "members"):  # an ensemble bundle stores member_<i>/...; the model takes a list
+            return [params[f"member_{i}"] for i in range(len(model.members))]
+        return params
 
     def encode(params, source, source_lengths):
         return encode_batch(f32(params), source, source_lengths, model=model)
@@ -166,7 +180,10 @@ def _architecture(config, source_vocab_size: int, target_vocab_size: int, n_para
 def _model_card(config, manifest: dict, flat: dict, eval_record: dict | None, n_params: int,
                 source_vocab_size: int, target_vocab_size: int) -> str:
     ck = manifest["checkpoint"]
-    if ck["which"] == "average":
+    if ck["which"] == "ensemble":
+        ck_text = (f"ensemble of {len(ck['members'])} runs (weights {', '.join(f'{w:.3g}' for w in ck['weights'])}: "
+                   + "; ".join(f"{m['workdir']} {m['which']} step(s) {m['steps']}" for m in ck["members"]) + ")")
+    elif ck["which"] == "average":
         ck_text = f"average of the last {len(ck['steps'])} checkpoints (steps {', '.join(map(str, ck['steps']))})"
     else:
         ck_text = f"{ck['which']} checkpoint, step {ck['steps'][0]}"
@@ -259,10 +276,13 @@ def _check_out(out: str, force: bool) -> None:
                             f"pick another path")
 
 
-def export_bundle(workdir: str, out: str, *, step: int | None = None, best: bool = False,
+def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = False,
                   average_last: int | None = None, dtype: str = "float32", beams=None,
-                  platforms=PLATFORMS, force: bool = False) -> str:
-    """Writes the bundle of a run's checkpoint to `out` (see the module docstring). Returns `out`."""
+                  platforms=PLATFORMS, force: bool = False, weights=None) -> str:
+    """Writes the bundle of a run's checkpoint to `out` (see the module docstring). Returns `out`.
+
+    workdir: a run, or a list of runs: an ensemble bundle (`inference.ensemble`; parameters
+    stored as member_<i>/..., programs that combine the members, manifest["ensemble"])."""
     from s2s_jax.inference.bundle import (CONFIG_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_FILE,
                                           PROGRAM_DIR, VOCAB_DIR, file_digest, flatten_params, unflatten_params)
     from s2s_jax.inference.lengths import LENGTH_MULTIPLE
@@ -292,8 +312,21 @@ def export_bundle(workdir: str, out: str, *, step: int | None = None, best: bool
 
     from s2s_jax import config as config_lib
 
-    config, model, params, source_vocab, target_vocab, ck = load_export_params(
-        workdir, step=step, best=best, average_last=average_last)
+    ensemble = None
+    if isinstance(workdir, (list, tuple)):
+        from s2s_jax.inference.ensemble import load_ensemble_translator
+
+        translator = load_ensemble_translator(list(workdir), weights=weights, step=step, best=best,
+                                              average_last=average_last)
+        config, model, source_vocab, target_vocab = (translator.config, translator.model, translator.source_vocab,
+                                                     translator.target_vocab)
+        params = {f"member_{i}": p for i, p in enumerate(translator.params)}
+        ck = translator.checkpoint
+        ensemble = {"workdirs": [os.path.abspath(w) for w in workdir], "weights": list(model.weights)}
+        workdir = workdir[0]  # vocabularies, config and decode settings: the first run's
+    else:
+        config, model, params, source_vocab, target_vocab, ck = load_export_params(
+            workdir, step=step, best=best, average_last=average_last)
     if beams is None:
         beams = [config.decode.beam_size if config.decode.beam_size > 1 else 5]
     beams = sorted(set(int(b) for b in beams))
@@ -345,7 +378,9 @@ def export_bundle(workdir: str, out: str, *, step: int | None = None, best: bool
         }
         if dc.beam_size > 1 and dc.beam_size not in beams:
             manifest["decode"]["default_beam"] = beams[0]
-        record = _eval_record(workdir, max(ck["steps"]))
+        if ensemble is not None:
+            manifest["ensemble"] = ensemble
+        record = _eval_record(workdir, max(ck["steps"])) if ensemble is None else None
         with open(os.path.join(tmp, "MODEL.md"), "w", encoding="utf-8") as f:
             f.write(_model_card(config, manifest, flat, record, n_params, source_vocab.vocab_size,
                                 target_vocab.vocab_size))

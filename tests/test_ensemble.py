@@ -99,3 +99,20 @@ def test_ensemble_mistakes_exit_2(tiny_task_run, fr_en_run):
     ):
         proc = run_cli("translate", *args, input="abc\n")
         assert proc.returncode == 2 and expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_ensemble_bundle_translates_as_the_ensemble(tiny_task_run, other_seed_run, tmp_path):
+    from s2s_jax.export import load_bundle
+    from s2s_jax.inference.ensemble import load_ensemble_translator
+
+    out = tmp_path / "ens_bundle"
+    proc = run_cli("export", "--workdir", str(tiny_task_run), "--workdir", str(other_seed_run), "--weights", "3,7",
+                   "--out", str(out), "--platforms", "cpu", "--beam", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bundle = load_bundle(str(out))
+    assert bundle.manifest["ensemble"]["weights"] == pytest.approx([0.3, 0.7])
+    assert {name.split("/")[0] for name in bundle.flat_params} == {"member_0", "member_1"}
+    assert "ensemble of 2 runs" in (out / "MODEL.md").read_text()
+    ensemble = load_ensemble_translator([str(tiny_task_run), str(other_seed_run)], weights=[0.3, 0.7])
+    for beam in (1, 3):
+        assert bundle.translate(LINES, beam=beam) == [h[0][0] for h in ensemble.translate(LINES, beam=beam)]
