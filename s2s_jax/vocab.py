@@ -66,6 +66,16 @@ def input_normalization(data_config) -> str | None:
 
 # -- vocabularies --------------------------------------------------------------------------
 
+def _content_ids(ids):
+    """The ids a decoder turns into text: up to the first EOS, without PAD and BOS."""
+    for i in ids:
+        i = int(i)
+        if i == EOS_ID:
+            return
+        if i not in (PAD_ID, BOS_ID):
+            yield i
+
+
 class CharVocab:
     """Character vocabulary of the built-in tasks: the 4 specials, then printable ASCII (or the
     `itos` a bundle stores)."""
@@ -87,15 +97,7 @@ class CharVocab:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i in (PAD_ID, BOS_ID):
-                continue
-            out.append(self.itos[i] if 0 <= i < len(self.itos) and i != UNK_ID else "?")
-        return "".join(out)
+        return "".join(self.itos[i] if 0 <= i < len(self.itos) and i != UNK_ID else "?" for i in _content_ids(ids))
 
     def pieces(self, ids) -> list[str]:
         """Per-token strings, for attention plots and JSON output."""
@@ -134,15 +136,7 @@ class SentencePieceVocab:
         return self.sp.encode(list(texts), out_type=int)
 
     def decode(self, ids) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS_ID:
-                break
-            if i in (PAD_ID, BOS_ID) or not 0 <= i < self.vocab_size:
-                continue
-            out.append(i)
-        return self.sp.decode(out)
+        return self.sp.decode([i for i in _content_ids(ids) if 0 <= i < self.vocab_size])
 
     def pieces(self, ids) -> list[str]:
         """Per-token strings, for attention plots and JSON output."""

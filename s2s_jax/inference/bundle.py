@@ -39,8 +39,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from s2s_jax.config import UserError
-from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, round_up
-from s2s_jax.vocab import EOS_ID, VocabError, input_normalization, normalize, vocab_from_json
+from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
+from s2s_jax.vocab import VocabError, input_normalization, normalize, vocab_from_json
 
 FORMAT = "s2s_jax-bundle"
 FORMAT_VERSION = 1  # the newest bundle format this module reads (and export.py writes)
@@ -254,10 +254,7 @@ class Bundle:
             carrier = np.zeros((self.max_len_for(S),), np.int32)
             out = {k: np.asarray(v) for k, v in fn(params, src, lengths, carrier).items()}
             for r, i in enumerate(idx):
-                seq = [int(t) for t in out["tokens"][r, :int(out["lengths"][r])]]
-                if seq and seq[-1] == EOS_ID:
-                    seq = seq[:-1]
-                results[i] = {"tokens": seq, "score": float(out["scores"][r])}
+                results[i] = {"tokens": output_ids(out["tokens"][r], out["lengths"][r]), "score": float(out["scores"][r])}
         return results
 
     def normalize(self, line: str) -> str:

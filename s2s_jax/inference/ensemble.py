@@ -58,9 +58,9 @@ class Ensemble:
                 "mask": caches[0]["mask"], "state": [c["state"] for c in caches]}
 
     def projection_tables(self, params) -> list:
-        from s2s_jax.inference.translator import _input_projection_table
+        from s2s_jax.inference.translator import projection_table
 
-        return [m.apply({"params": p}, method=_input_projection_table) for m, p in zip(self.members, params)]
+        return [projection_table(m, p) for m, p in zip(self.members, params)]
 
     def step_fn(self, params, *, tables=None, attention: bool = True):
         """The ensemble as one context step function (see `translator.model_step_fn`)."""

@@ -14,6 +14,15 @@ def round_up(n: int, m: int = LENGTH_MULTIPLE) -> int:
     return max(m, -(-int(n) // m) * m)
 
 
+def output_ids(tokens, length) -> list[int]:
+    """One decoded hypothesis as token ids: tokens[:length] without its final EOS (the decoders
+    count the EOS in `length`; a hypothesis cut by the length limit has none)."""
+    from s2s_jax.vocab import EOS_ID
+
+    seq = [int(t) for t in tokens[:int(length)]]
+    return seq[:-1] if seq and seq[-1] == EOS_ID else seq
+
+
 def max_output_length(max_len_a: float, max_len_b: float, source_len):
     """Most output tokens (EOS included) for a source of `source_len` tokens (int or array):
     floor(a * source_len + b), at least 1."""

@@ -92,13 +92,11 @@ def _config_and_model(workdir: str):
     return config, model, source_vocab, target_vocab
 
 
-def _restore_params(workdir: str, config, model, step: int | None, which: str):
-    """(params, step) of one checkpoint (the newest that restores when step is None)."""
+def _restore(workdir: str, config, model, step: int | None, which: str):
+    """(state, meta, step) of one checkpoint (the newest that restores when step is None)."""
     from s2s_jax.checkpoint import CheckpointError, Checkpoints
     from s2s_jax.train_state import abstract_state
 
-    if not os.path.isdir(os.path.join(workdir, "best" if which == "best" else "checkpoints")):
-        raise CheckpointError(f"--workdir {workdir}: no {which} checkpoint; train first")
     ckpts = Checkpoints(workdir, keep=10 ** 6, keep_best=10 ** 6 if which == "best" else 0, async_save=False)
     try:
         restored = ckpts.restore(abstract_state(config, model), step, which=which)
@@ -106,9 +104,13 @@ def _restore_params(workdir: str, config, model, step: int | None, which: str):
         ckpts.close()
     if restored is None:
         raise CheckpointError(f"--workdir {workdir}: no {which} checkpoint; train first")
-    state, _, restored_step = restored
-    params = state.ema_params if state.ema_params is not None else state.params
-    return params, int(restored_step)
+    state, meta, restored_step = restored
+    return state, meta, int(restored_step)
+
+
+def _inference_params(state):
+    """The parameters inference uses: the EMA where the run kept one."""
+    return state.ema_params if state.ema_params is not None else state.params
 
 
 def load_run(workdir: str, *, step: int | None = None, best: bool = False,
@@ -129,14 +131,8 @@ def load_run(workdir: str, *, step: int | None = None, best: bool = False,
         raise CheckpointError(f"--workdir {workdir}: no {which} checkpoint; train first")
     config, model, source_vocab, target_vocab = _config_and_model(workdir)
     if average_last is not None:
-        if average_last < 1:
-            raise UserError(f"--average-last {average_last}: must be at least 1")
-        steps = checkpoint_steps(workdir, "latest")
-        if len(steps) < average_last:
-            raise UserError(f"--average-last {average_last}: {workdir}/checkpoints has only {len(steps)} "
-                            f"checkpoint(s) (steps {steps}); lower K, or keep more with train.keep_checkpoints")
-        chosen = steps[-average_last:]
-        trees = [_restore_params(workdir, config, model, s, "latest")[0] for s in chosen]
+        _, chosen = _choose_average_steps(workdir, config, last=average_last, last_flag="--average-last")
+        trees = [_inference_params(_restore(workdir, config, model, s, "latest")[0]) for s in chosen]
         return Run(workdir, config, model, average_params(trees), source_vocab, target_vocab,
                    {"which": "average", "steps": chosen})
     if step is not None:
@@ -144,7 +140,8 @@ def load_run(workdir: str, *, step: int | None = None, best: bool = False,
         if step not in steps:
             raise UserError(f"--step {step}: no such checkpoint in {workdir}/{'best' if best else 'checkpoints'} "
                             f"(steps {steps})")
-    params, restored_step = _restore_params(workdir, config, model, step, which)
+    state, _, restored_step = _restore(workdir, config, model, step, which)
+    params = _inference_params(state)
     info = {"which": "step" if step is not None else which, "steps": [restored_step]}
     averaged = os.path.join(workdir, AVERAGE_JSON)
     if not best and os.path.isfile(averaged):  # written by `average`: say what the parameters are
@@ -156,8 +153,10 @@ def load_run(workdir: str, *, step: int | None = None, best: bool = False,
     return Run(workdir, config, model, params, source_vocab, target_vocab, info)
 
 
-def _choose_average_steps(workdir: str, config, *, last: int | None, steps, best: int | None) -> tuple[str, list[int]]:
-    """(folder "latest" | "best", steps) to average; every mistake a UserError."""
+def _choose_average_steps(workdir: str, config, *, last: int | None = None, steps=None, best: int | None = None,
+                          last_flag: str = "--last") -> tuple[str, list[int]]:
+    """(folder "latest" | "best", steps) to average; every mistake a UserError (last_flag: how
+    the caller's option for `last` is spelled in messages)."""
     from s2s_jax import config as config_lib
     from s2s_jax.metrics import read_metrics
 
@@ -176,10 +175,10 @@ def _choose_average_steps(workdir: str, config, *, last: int | None, steps, best
         return "best", sorted(ranked[:best])
     if last is not None:
         if last < 1:
-            raise UserError(f"--last {last}: must be at least 1")
+            raise UserError(f"{last_flag} {last}: must be at least 1")
         kept = checkpoint_steps(workdir, "latest")
         if len(kept) < last:
-            raise UserError(f"--last {last}: {workdir}/checkpoints has only {len(kept)} checkpoint(s) (steps {kept}); "
+            raise UserError(f"{last_flag} {last}: {workdir}/checkpoints has only {len(kept)} checkpoint(s) (steps {kept}); "
                             f"lower K, or keep more with train.keep_checkpoints")
         return "latest", kept[-last:]
     kept = checkpoint_steps(workdir, "latest")
@@ -207,7 +206,6 @@ def average_run(workdir: str, out: str, *, last: int | None = None, steps=None, 
     import jax
 
     from s2s_jax.checkpoint import Checkpoints
-    from s2s_jax.train_state import abstract_state
 
     workdir, out = os.fspath(workdir), os.path.abspath(os.fspath(out))
     _require_run(workdir)
@@ -217,13 +215,11 @@ def average_run(workdir: str, out: str, *, last: int | None = None, steps=None, 
         raise UserError(f"--out {out}: exists and is not an empty folder; pick a new path")
     config, model, _, _ = _config_and_model(workdir)
     which, chosen = _choose_average_steps(workdir, config, last=last, steps=steps, best=best)
-    trees = [_restore_params(workdir, config, model, s, which)[0] for s in chosen]
+    trees = []
+    for s in chosen:  # only the parameters of each; the newest's whole state is kept
+        state, meta, step = _restore(workdir, config, model, s, which)
+        trees.append(_inference_params(state))
     mean = average_params(trees)
-    ckpts = Checkpoints(workdir, keep=10 ** 6, keep_best=10 ** 6 if which == "best" else 0, async_save=False)
-    try:
-        state, meta, step = ckpts.restore(abstract_state(config, model), chosen[-1], which=which)
-    finally:
-        ckpts.close()
     mean = jax.tree.map(lambda m, p: jax.device_put(m, p.sharding), mean, state.params)
     state = state.replace(params=mean, ema_params=mean if state.ema_params is not None else None)
     record = {"source": os.path.abspath(workdir), "which": which, "steps": chosen, "checkpoint_step": int(step)}

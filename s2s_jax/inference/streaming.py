@@ -35,9 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from s2s_jax import decoding
-from s2s_jax.inference.lengths import LENGTH_MULTIPLE, round_up
+from s2s_jax.inference.lengths import LENGTH_MULTIPLE, output_ids, round_up
 from s2s_jax.inference.translator import _use_input_table, encode, model_step_fn, pad_cache, projection_table
-from s2s_jax.vocab import EOS_ID
 
 _PROGRAMS: dict = {}  # jitted pool functions shared by every decoder of the same model and settings
 MIN_ACTIVE = 8
@@ -170,11 +169,6 @@ class StreamingDecoder:
             tokens, lens, scores = results["tokens"][pos], results["lengths"][pos], results["scores"][pos]
             if self.beam == 1:
                 tokens, lens, scores = tokens[None], lens[None], scores[None]
-            hyps = []
-            for k in range(self.nbest):
-                seq = tokens[k, :lens[k]].tolist()
-                if seq and seq[-1] == EOS_ID:
-                    seq.pop()
-                hyps.append(seq)
+            hyps = [output_ids(tokens[k], lens[k]) for k in range(self.nbest)]
             out.append((self._ticket.pop(ticket), {"tokens": hyps, "scores": [float(x) for x in scores[:self.nbest]]}))
         return out

@@ -37,7 +37,7 @@ import numpy as np
 
 from s2s_jax import decoding
 from s2s_jax.config import Config
-from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, round_up
+from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
 from s2s_jax.model import Seq2Seq
 from s2s_jax.model.decoder import input_projection_table
 from s2s_jax.vocab import BOS_ID, EOS_ID, input_normalization, normalize
@@ -298,12 +298,7 @@ class Translator:
                 tokens, lens, scores = tokens[:, None], lens[:, None], scores[:, None]
                 att = None if att is None else att[:, None]
             for r, i in enumerate(idx):
-                hyps = []
-                for k in range(nbest):
-                    seq = tokens[r, k, :lens[r, k]].tolist()
-                    if seq and seq[-1] == EOS_ID:
-                        seq.pop()
-                    hyps.append(seq)
+                hyps = [output_ids(tokens[r, k], lens[r, k]) for k in range(nbest)]
                 n_tokens += len(hyps[0])
                 res = {"tokens": hyps, "scores": [float(s) for s in scores[r, :nbest]]}
                 if attention:
