@@ -10,6 +10,14 @@ Written the way google/flax `examples/seq2seq` and the Flax RNN guide do it:
 - loss: masked cross-entropy on those logits; same optax optimizer, clipping and learning rate
   as `s2s_jax.steps.train_step`.
 Same sizes as `config.model` (LSTM only; dot/general attention; input feeding on), same data.
+
+Mixed precision as a Flax user writes it (`model.dtype=bfloat16`): float32 parameters
+(`param_dtype`, Flax's default) and `dtype=bfloat16` on every Embed, Dense and cell, so the
+matmuls run in bfloat16. The LSTM carry stays in the cells' `param_dtype` (float32: that is
+what `initialize_carry` builds, and `f * c + i * g` keeps it there); the input-feeding vector
+and the attention memory are cast to the compute dtype, so every `nn.scan` carry leaves a step
+with the dtype it entered with. Softmax and loss in float32; the same float32 matmul precision
+(`model.matmul_precision`) as s2s_jax's step.
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from s2s_jax import losses
 from s2s_jax.config import Config, ModelConfig
 from s2s_jax.train_state import TrainState, build_optimizer, learning_rate_fn
 
@@ -63,7 +70,7 @@ class FlaxExamplesSeq2Seq(nn.Module):
     def __call__(self, source, source_lengths, target_input):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        x = nn.Embed(self.source_vocab_size, cfg.source_embed_dim, name="source_embedding")(source)
+        x = nn.Embed(self.source_vocab_size, cfg.source_embed_dim, dtype=dtype, name="source_embedding")(source)
         h = cfg.hidden_dim // 2
         finals = []
         for i in range(cfg.encoder_layers):
@@ -73,9 +80,10 @@ class FlaxExamplesSeq2Seq(nn.Module):
             (fwd, bwd), x = rnn(x, seq_lengths=source_lengths)
             finals.append(jax.tree.map(lambda a, b: jnp.concatenate([a, b], -1), fwd, bwd))  # (c, h)
         mask = jnp.arange(source.shape[1])[None, :] < source_lengths[:, None]
-        memory = jnp.where(mask[..., None], x, 0.0)
-        emb = nn.Embed(self.target_vocab_size, cfg.target_embed_dim, name="target_embedding")(target_input)
-        feed = jnp.zeros((source.shape[0], cfg.hidden_dim), jnp.float32)
+        memory = jnp.where(mask[..., None], x, 0.0).astype(dtype)
+        emb = nn.Embed(self.target_vocab_size, cfg.target_embed_dim, dtype=dtype, name="target_embedding")(target_input)
+        # the step returns the attentional vector in the compute dtype: start the carry in it too
+        feed = jnp.zeros((source.shape[0], cfg.hidden_dim), dtype)
         scan = nn.scan(DecoderStep, variable_broadcast="params", split_rngs={"params": False},
                        in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)
         _, logits = scan(cfg, self.target_vocab_size, name="decoder")(
@@ -93,15 +101,36 @@ def create_state(config: Config, model: FlaxExamplesSeq2Seq) -> TrainState:
                       nonfinite=jnp.zeros((), jnp.int32))
 
 
+def token_losses(logits, targets):
+    """Per-token cross-entropy in float32 (logits [B, T, V] of any dtype, targets [B, T])."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def _precision_scope(model_cfg):
+    """The float32 matmul precision s2s_jax's own step traces under (model.matmul_precision)."""
+    try:
+        from s2s_jax.kernels import precision_scope
+    except ImportError:  # an older tree without kernels/: the backend default
+        import contextlib
+        return contextlib.nullcontext()
+    return precision_scope(model_cfg)
+
+
 def train_step(state: TrainState, batch, *, model: FlaxExamplesSeq2Seq, config: Config):
     """The same update as s2s_jax.steps.train_step (loss sum / token count, clip, Adam, guard)."""
+    with _precision_scope(config.model):
+        return _train_step(state, batch, model=model, config=config)
+
+
+def _train_step(state: TrainState, batch, *, model: FlaxExamplesSeq2Seq, config: Config):
     tx = build_optimizer(config.train)
 
     def loss_fn(params):
         logits = model.apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
         T = batch["target_output"].shape[1]
         w = (jnp.arange(T)[None, :] < batch["target_lengths"][:, None]).astype(jnp.float32)
-        loss, _, _ = losses.token_losses(logits, batch["target_output"])
+        loss = token_losses(logits, batch["target_output"])
         return (loss * w).sum(), w.sum()
 
     (loss, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

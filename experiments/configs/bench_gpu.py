@@ -1,0 +1,66 @@
+"""Training-throughput benchmark on one accelerator: the bench_cpu model family at GPU size.
+
+Model: bidirectional 4-layer LSTM encoder (512 units per direction, 1024 in total), 4-layer
+1024-unit LSTM decoder, 1024-dim embeddings, Luong `general` attention with input feeding,
+source and target vocabularies of 32,000, bfloat16 compute (float32 parameters, optimizer state,
+softmax and loss), no dropout (the benchmark times the model, not the RNG). About 590 MFLOP of
+matmuls per target token for a training step (3 × forward; `mflop_per_target_token` in the record).
+Batches: token-based, 16,384 padded target tokens per batch (16384 // T rows for a bucket of
+target length T, a multiple of 8: 1,024 / 744 / 512 sentences in the three buckets below).
+Synthetic ids, uniform over the vocabulary, with real sentence lengths: `data.dir` is empty, so
+the benchmark draws the seeded log-normal fitted to Multi30k's tokenised lengths (source ~13,
+target ~13.4 with EOS), the same numbers on every machine (`lengths_source` in the record).
+
+Command (from the repository root, on the GPU/TPU host):
+
+    python -m s2s_jax benchmark --config experiments/configs/bench_gpu.py
+    python -m s2s_jax benchmark --config experiments/configs/bench_gpu.py --set model.dtype=float32
+    python -m s2s_jax benchmark --config experiments/configs/bench_gpu.py --devices 1,2,4,8   # real devices
+    python experiments/device_check.py --out experiments/results/device_check_<gpu>   # everything at once
+
+The 2×256 bench_cpu model at 1,024 sentences per batch is experiments/configs/bench_gpu_2x256.py.
+
+Hardware: one NVIDIA H100/H200 (or a TPU chip). Expected result: not yet measured — no line of
+this project has run on an accelerator yet. The issue's aim (#15) is >= 35 % bfloat16 MFU
+against the measured bfloat16 matmul ceiling (`models.s2s_jax.mfu_measured`) and >= 2x the
+Flax-examples baseline's target tokens/s (`speedup`) on the same GPU.
+"""
+
+from s2s_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        name="bench_gpu",
+        data=DataConfig(
+            # no corpus: the benchmark makes synthetic batches with its seeded Multi30k-fitted
+            # lengths (data.dir empty), identical on every machine; nothing is prepared or read
+            source="task",
+            dir="",
+            src_lang="en",
+            tgt_lang="de",
+            vocab_size=32000,
+            joint_vocab=True,
+            max_source_length=30,
+            max_target_length=31,
+            buckets=((14, 16), (20, 22), (30, 32)),  # (source, target + 1), as bench_cpu
+            max_dropped_fraction=0.02,
+            batch_tokens=16384,
+            batch_size=1024,  # unused while batch_tokens > 0
+        ),
+        model=ModelConfig(
+            cell="lstm",
+            source_embed_dim=1024,
+            target_embed_dim=1024,
+            hidden_dim=1024,
+            encoder_layers=4,
+            decoder_layers=4,
+            bidirectional=True,
+            attention="general",
+            input_feeding=True,
+            bridge="last",
+            dropout=0.0,
+            dtype="bfloat16",
+        ),
+        train=TrainConfig(seed=0, optimizer="adam", learning_rate=1e-3, clip_norm=5.0),
+    )
