@@ -73,13 +73,23 @@ class DataConfig:
     # Largest fraction of the training pairs the length filter may drop; more stops the run
     # before training (the message says how many). Raise it (1.0 = any) to accept the loss.
     max_dropped_fraction: float = 0.01
-    # Bucketing: padded (source, target) shapes; each batch is padded to the smallest bucket
-    # that holds it. Empty = one bucket (max_source_length, max_target_length + 1).
+    # Bucketing: padded (source, target) shapes (target counting EOS); each example goes to
+    # the cheapest bucket that holds it (cost S + 2T). Empty = auto: at most max_buckets
+    # shapes chosen from the training lengths, the largest (max_source_length,
+    # max_target_length + 1) (docs/data.md "Batching"); the chosen ones are in the start line
+    # and kept by a resumed run.
     buckets: tuple = ()
-    # Batch size: target tokens per batch (token-based per bucket) if > 0, else sentences.
+    max_buckets: int = 8  # auto buckets: most shapes (= compiled train/eval programs)
+    # Tokens per batch if > 0, else data.batch_size sentences. Counted as OpenNMT-py's
+    # `-batch_type tokens` counts them: rows x max(source length, target length with BOS and
+    # EOS), at the bucket's padded lengths (S, T + 1); each bucket gets the most rows that fit.
     batch_tokens: int = 0
     batch_size: int = 64
     shuffle_seed: int = 0
+    # Length-sorted pools (OpenNMT-py's pooled batching): each shuffled window of pool_batches
+    # batches' worth of examples is sorted by length within each bucket, cut into batches, and
+    # the batches shuffled, so a batch holds sentences of similar length. 0 = no pools.
+    pool_batches: int = 32
     prefetch: int = 2  # batches prepared ahead by the loader
     worker_count: int = 0  # Grain worker processes (0 = in-process)
 
@@ -208,7 +218,7 @@ EVAL_METRICS = {"loss": "min", "nll": "min", "perplexity": "min", "accuracy": "m
 
 _POSITIVE = {
     "data": ("task_train_size", "task_eval_size", "vocab_size", "max_source_length",
-             "max_target_length", "batch_size"),
+             "max_target_length", "batch_size", "max_buckets"),
     "model": ("source_embed_dim", "target_embed_dim", "hidden_dim", "encoder_layers",
               "decoder_layers", "unroll"),
     "train": ("steps", "learning_rate", "log_every", "eval_every", "checkpoint_every",
@@ -216,7 +226,7 @@ _POSITIVE = {
     "decode": ("beam_size", "batch_size", "nbest"),
 }
 _NON_NEGATIVE = {
-    "data": ("task_seed", "shuffle_seed", "batch_tokens", "prefetch", "worker_count"),
+    "data": ("task_seed", "shuffle_seed", "batch_tokens", "prefetch", "worker_count", "pool_batches"),
     "model": ("loss_chunk",),
     "train": ("seed", "warmup_steps", "weight_decay", "momentum", "clip_norm", "keep_best",
               "early_stopping_patience", "plateau_patience", "num_processes"),
@@ -314,6 +324,9 @@ def _check_data(d: DataConfig) -> None:
         for b in d.buckets
     ):
         raise ConfigError(f"data.buckets={d.buckets!r}: expected a list of (source_length, target_length) pairs of positive integers")
+    if d.max_buckets > 64:
+        raise ConfigError(f"data.max_buckets={d.max_buckets}: at most 64 (every bucket shape is compiled for "
+                          "training and evaluation); 8-12 are enough for sentence-length corpora")
     if d.buckets:
         shown = [list(b) for b in d.buckets]
         big = (max(s for s, _ in d.buckets), max(t for _, t in d.buckets))

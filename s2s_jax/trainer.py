@@ -289,7 +289,7 @@ def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progre
     else:
         origin = f"starting at step {start} of {tc.steps}" + (f", initialised from {init.describe()}" if init else "")
     bar.write(f"s2s_jax: {config.name}: {n_params:,} parameters; "
-              f"{parallel.describe(data.stats['bucket_rows'], tc.grad_accum)}; {origin}")
+              f"{parallel.describe(data.stats['bucket_rows'], tc.grad_accum)}; {data.describe_plan()}; {origin}")
 
     def meta_now() -> dict:
         return {"data_state": train_iter.get_state(), **tracker.meta(), "config": config_lib.to_dict(config),
@@ -353,7 +353,8 @@ def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progre
                               learning_rate=float(m["learning_rate"]),
                               skipped_steps=int(host["skipped"]),
                               tokens_per_sec=float(host["weight"]) / (now - t_last),
-                              sentences=int(host["sentences"]))
+                              sentences=int(host["sentences"]),
+                              sentences_per_sec=float(host["sentences"]) / (now - t_last))
                 writer.write("train", step, values)
                 if values["skipped_steps"]:
                     log.warning("steps %d-%d: %d step(s) skipped for a non-finite loss or gradient "

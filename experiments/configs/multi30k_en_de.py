@@ -40,9 +40,12 @@ def get_config() -> Config:
             normalization="nfkc",
             max_source_length=50,
             max_target_length=50,
-            # (source, target+1) shapes around the length quantiles (median 14, 90% 21/23).
-            buckets=((12, 14), (16, 18), (20, 24), (28, 32), (50, 51)),
-            batch_tokens=3000,
+            # Auto buckets: 12 shapes chosen from the training lengths (padding efficiency source
+            # 0.85, target 0.92 instead of 0.82 / 0.79 with the 5 hand-picked shapes of before).
+            buckets=(),
+            max_buckets=12,
+            batch_tokens=3000,  # OpenNMT-py's tokens rule: rows x max(S, T + 1)
+            pool_batches=32,  # length-sorted pools of 32 batches' worth of pairs
             shuffle_seed=0,
         ),
         model=ModelConfig(

@@ -29,7 +29,7 @@ from s2s_jax.data import tasks
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.pipeline import (Loader, Materialize, TrainIterator, assign_buckets, bucket_rows,
                                    bucket_shapes, eval_plan, grain_batches, length_filter,
-                                   loader_throughput, local_rows)
+                                   loader_throughput, local_rows, padding_efficiency)
 from s2s_jax.data.preprocess import load_prepared, open_split, prepare, split_roles
 from s2s_jax.vocab import VOCAB_JSON, normalize, read_vocab_dir
 from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab
@@ -78,10 +78,21 @@ class Data:
         self.process_index, self.process_count = process_index, process_count
         self.batch_multiple = batch_multiple
         self._splits = splits
-        self.shapes = bucket_shapes(d)
-        self.rows = bucket_rows(d, self.shapes, process_count * batch_multiple)
+        self._prepare_stats = prepare_stats
+        self._plan(bucket_shapes(d) if d.buckets else None)
 
+    def _plan(self, shapes) -> None:
+        """Length filter, buckets (`shapes`, or None: from data.buckets / auto_buckets), rows,
+        the training loader and self.stats."""
+        d, splits, prepare_stats = self.d, self._splits, self._prepare_stats
         train = splits["train"]
+        if shapes is None:
+            # Auto buckets: the filter uses the length limits (the largest auto bucket is exactly
+            # them), then the shapes come from the survivors' lengths.
+            keep, reasons = length_filter(d, bucket_shapes(d), train.src_len, train.tgt_len)
+            shapes = bucket_shapes(d, train.src_len[keep], train.tgt_len[keep])
+        self.shapes = [tuple(int(x) for x in s) for s in shapes]
+        self.rows = bucket_rows(d, self.shapes, self.process_count * self.batch_multiple)
         keep, reasons = length_filter(d, self.shapes, train.src_len, train.tgt_len)
         ids = np.nonzero(keep)[0]
         bucket = assign_buckets(self.shapes, train.src_len[ids], train.tgt_len[ids])
@@ -92,9 +103,12 @@ class Data:
                             f"{d.max_target_length} (or the largest bucket); raise those limits")
         check_length_drops(d, train.name, len(train), reasons)
         self._train = Loader(train.source, bucket, ids, self.shapes, self.rows, seed=d.shuffle_seed,
-                             process_index=process_index, process_count=process_count,
-                             prefetch=d.prefetch, worker_count=d.worker_count)
-        n_batches = len(self._train.global_epoch_plan(0))
+                             process_index=self.process_index, process_count=self.process_count,
+                             prefetch=d.prefetch, worker_count=d.worker_count,
+                             src_len=train.src_len[ids], tgt_len=train.tgt_len[ids], pool_batches=d.pool_batches,
+                             auto_buckets=not d.buckets)
+        plan0 = self._train.global_epoch_plan(0)
+        n_batches = len(plan0)
 
         examples, dropped = {}, {}
         for role, sp in splits.items():
@@ -104,26 +118,40 @@ class Data:
         examples[train.name] = int(len(ids))
         dropped[train.name].update({k: v for k, v in reasons.items() if v})
         bucket_examples = np.bincount(bucket, minlength=len(self.shapes))
+        efficiency = padding_efficiency(plan0, self.shapes, train.src_len, train.tgt_len)  # epoch 0
         self.stats = {
             "source": d.source,
-            "prepared_dir": prepared_dir,
+            "prepared_dir": self.prepared_dir,
             "splits": {sp.name: role for role, sp in splits.items()},
             "examples": examples,  # train: after the length filter; eval splits: all
             "dropped": dropped,  # {split: {reason: count}}
             "lines": {sp.name: prepare_stats.get(sp.name, {}).get("lines", len(sp)) for sp in splits.values()},
             "buckets": [list(s) for s in self.shapes],
+            "auto_buckets": not d.buckets,
             "bucket_rows": list(self.rows),  # global rows per bucket
             "bucket_examples": [int(x) for x in bucket_examples],
             "train_batches_per_epoch": n_batches,
-            "vocab_size": {"source": source_vocab.vocab_size, "target": target_vocab.vocab_size},
-            "process_count": process_count,
+            # real / padded positions of an epoch's batches (filler rows included)
+            "padding_efficiency": {k: round(v, 4) for k, v in efficiency.items()},
+            "pool_examples": self._train.pool,
+            "vocab_size": {"source": self.source_vocab.vocab_size, "target": self.target_vocab.vocab_size},
+            "process_count": self.process_count,
         }
         for name, reasons_ in dropped.items():
             for reason, count in reasons_.items():
                 log.info("data: %s: dropped %d pairs (%s)", name, count, reason)
-        log.info("data: %s training pairs in %d buckets %s -> %d batches/epoch; eval: %s",
-                 examples[train.name], len(self.shapes), self.stats["buckets"], n_batches,
+        log.info("data: %s training pairs in %d %sbuckets %s (rows %s) -> %d batches/epoch; padding efficiency "
+                 "(real/padded positions) source %.3f, target %.3f; eval: %s",
+                 examples[train.name], len(self.shapes), "auto " if not d.buckets else "", self.stats["buckets"],
+                 self.rows, n_batches, efficiency["source"], efficiency["target"],
                  {sp.name: len(sp) for r, sp in splits.items() if r != "train"})
+
+    def describe_plan(self) -> str:
+        """One line for the training start: buckets and padding efficiency of the batch plan."""
+        eff = self.stats["padding_efficiency"]
+        kind = "auto " if self.stats["auto_buckets"] else ""
+        return (f"{len(self.shapes)} {kind}buckets, {self.stats['train_batches_per_epoch']} batches/epoch, padding "
+                f"efficiency (real/padded positions) source {eff['source']:.3f}, target {eff['target']:.3f}")
 
     # ------------------------------------------------------------------ splits
 
@@ -145,8 +173,17 @@ class Data:
     def train_batches(self, state: dict | None = None) -> TrainIterator:
         """Infinite iterator over this process's training batches (epoch after epoch).
 
-        `state` is a dict from a previous iterator's get_state(); None starts at epoch 0.
+        `state` is a dict from a previous iterator's get_state(); None starts at epoch 0. With
+        auto buckets (data.buckets empty) the state's buckets are kept, so that a resumed run
+        has the plan of the run that saved it even if the lengths it would choose now differ.
         """
+        saved = (state or {}).get("buckets")
+        if saved and not self.d.buckets:
+            saved = [tuple(int(x) for x in s) for s in saved]
+            if saved != self.shapes:
+                log.info("data: resuming with the saved auto buckets %s (now they would be %s)",
+                         [list(s) for s in saved], [list(s) for s in self.shapes])
+                self._plan(saved)
         return TrainIterator(self._train, state)
 
     def eval_batches(self, split: str, limit: int | None = None) -> list[dict]:

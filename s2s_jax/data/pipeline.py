@@ -3,19 +3,31 @@
 Batch plan (identical on every process, computed from the seed alone):
   1. survivors = training examples whose lengths fit (source <= max_source_length and <= the
      largest bucket's S; target + 1 <= the largest bucket's T and target <= max_target_length);
-     each is assigned the smallest bucket (S, T) with len(source) <= S and len(target) + 1 <= T.
-  2. epoch e: permute the survivors with numpy's default_rng(data.shuffle_seed + e), walk that
-     order and append each example to its bucket; a bucket emits a batch the moment it holds its
-     row count R_b. At the end of the walk each bucket's partial batch is emitted (bucket order),
-     padded with filler rows (index -1: all zeros, lengths 0). So every survivor is in exactly one
-     batch per epoch and nothing is dropped.
-  3. global batch k of bucket b has R_b rows; R_b is a multiple of process_count * batch_multiple
+     each is assigned the cheapest bucket (S, T) with len(source) <= S and len(target) + 1 <= T
+     (bucket_cost). The buckets are data.buckets, or (empty) at most data.max_buckets shapes
+     chosen from the survivors' lengths (auto_buckets; deterministic given the data).
+  2. rows: bucket b's batches have R_b rows, data.batch_size or, with data.batch_tokens, the
+     most rows whose tokens (batch_token_count: R x max(S, T + 1), OpenNMT-py's tokens rule)
+     fit, rounded down to a multiple of process_count * batch_multiple.
+  3. epoch e: permute the survivors with numpy's default_rng(data.shuffle_seed + e) and walk
+     that order. Without pools (data.pool_batches = 0) each example is appended to its bucket,
+     which emits a batch the moment it holds R_b rows. With pools, the walk is cut into pools of
+     data.pool_batches batches' worth of examples; in each pool every bucket takes its examples
+     (after those left over from the previous pool), sorts as many as fill whole batches by
+     (target, source) length, cuts them into batches and keeps the latest arrivals for the next
+     pool; the pool's batches are then emitted in a random order (the same generator), so a
+     batch holds sentences of similar length (OpenNMT-py's pooled batching). At the end of the
+     walk each bucket's partial batch is emitted (bucket order), padded with filler rows
+     (index -1: all zeros, lengths 0). So every survivor is in exactly one batch per epoch and
+     nothing is dropped.
+  4. global batch k of bucket b has R_b rows; R_b is a multiple of process_count * batch_multiple
      and process p takes rows [p*R_b/P, (p+1)*R_b/P). All processes therefore see the same
      sequence of bucket shapes (same compiled programs, same step count), and together they see
      each example exactly once per epoch.
-The iterator state is {"epoch": e, "batch": k} (k = batches of epoch e already returned):
-restoring recomputes epoch e's plan and starts at batch k, so a resumed run gets exactly the
-batches an uninterrupted one would have got.
+The iterator state is {"epoch": e, "batch": k} (k = batches of epoch e already returned; with
+auto buckets also "buckets": the shapes): restoring recomputes epoch e's plan and starts at
+batch k, so a resumed run gets exactly the batches an uninterrupted one would have got (with
+auto buckets, on the saved shapes).
 
 Grain does the per-batch work: `MapDataset.source(plan)[k:].map(materialise)` reads the records
 of a batch (tfds array_record data source, or the in-memory task examples), pads them into the
@@ -85,10 +97,40 @@ def import_grain():
 
 # ----------------------------------------------------------------------------------- buckets
 
-def bucket_shapes(d) -> list[tuple[int, int]]:
-    """Configured (S, T) shapes, smallest first; T counts the BOS/EOS position."""
-    shapes = [tuple(int(x) for x in b) for b in d.buckets] or [(d.max_source_length, d.max_target_length + 1)]
-    shapes = sorted(set(shapes), key=lambda st: (st[0] * st[1], st[0], st[1]))
+# Auto buckets (data.buckets empty) have lengths that are multiples of this. On XLA:CPU the
+# padding a coarser grid adds costs more than it saves (measured on Multi30k, docs/data.md);
+# the number of shapes (compiled programs) is bounded by data.max_buckets, not by this.
+AUTO_BUCKET_MULTIPLE = 2
+# Candidate lengths per side considered by auto_buckets (quantiles of the rounded lengths
+# when a corpus has more distinct lengths), which bounds its cost on long-tailed corpora.
+_AUTO_CANDIDATES = 48
+
+
+def bucket_cost(shape) -> int:
+    """Relative cost of one row of a bucket (S, T): a target position costs about twice a source
+    position (input-fed decoder, attention and the output projection over the vocabulary), so
+    cost = S + 2 T. It orders the buckets ("smallest" = cheapest) and drives auto_buckets."""
+    s, t = shape
+    return int(s) + 2 * int(t)
+
+
+def _order(shapes):
+    return sorted(set(shapes), key=lambda st: (bucket_cost(st), st[0] * st[1], st[0], st[1]))
+
+
+def bucket_shapes(d, src_len=None, tgt_len=None) -> list[tuple[int, int]]:
+    """(S, T) shapes, cheapest first; T counts the BOS/EOS position.
+
+    data.buckets when given; else auto_buckets() over the training lengths `src_len`,
+    `tgt_len` (tokens, without EOS) of the pairs that pass the length filter, or the single
+    bucket (max_source_length, max_target_length + 1) when no lengths are given.
+    """
+    if not d.buckets:
+        cover = (d.max_source_length, d.max_target_length + 1)
+        if src_len is None:
+            return [cover]
+        return auto_buckets(src_len, tgt_len, d.max_buckets, cover)
+    shapes = _order(tuple(int(x) for x in b) for b in d.buckets)
     big = (max(s for s, _ in shapes), max(t for _, t in shapes))
     if big not in shapes:
         raise DataError(f"data.buckets={list(d.buckets)!r}: no bucket is at least as large as all others in "
@@ -99,22 +141,87 @@ def bucket_shapes(d) -> list[tuple[int, int]]:
     return shapes
 
 
+def _round_up(x, m):
+    return -(-np.asarray(x, np.int64) // m) * m
+
+
+def auto_buckets(src_len, tgt_len, max_buckets: int, cover, multiple: int | None = None):
+    """At most `max_buckets` (S, T) shapes chosen from the length distribution, cheapest first.
+
+    The largest is `cover` (= (max_source_length, max_target_length + 1): every pair that passes
+    the length filter fits, and evaluation truncates nothing that training would keep). The
+    others are added greedily: each round adds the shape (lengths multiples of `multiple`,
+    capped at `cover`) that lowers the total bucket_cost of the pairs the most, every pair going
+    to the cheapest shape that holds it; it stops early when no shape lowers it. Deterministic:
+    a pure function of the lengths (ties go to the smaller shape).
+    """
+    multiple = multiple or AUTO_BUCKET_MULTIPLE
+    cover = (int(cover[0]), int(cover[1]))
+    s = np.asarray(src_len, np.int64)
+    t1 = np.asarray(tgt_len, np.int64) + 1
+    if len(s) == 0 or max_buckets <= 1:
+        return [cover]
+    rs = np.minimum(_round_up(s, multiple), cover[0])
+    rt = np.minimum(np.maximum(_round_up(t1, multiple), 2), cover[1])
+    counts = np.bincount(rs * (cover[1] + 1) + rt)  # pairs per rounded (S, T) cell
+    key = np.nonzero(counts)[0]
+    cs, ct, weight = key // (cover[1] + 1), key % (cover[1] + 1), counts[key].astype(np.float64)
+
+    def values(x, w):  # distinct lengths, or quantiles of them when there are many
+        v = np.unique(x)
+        if len(v) > _AUTO_CANDIDATES:
+            cum = np.cumsum(np.bincount(np.searchsorted(v, x), weights=w)) / w.sum()
+            v = np.unique(v[np.minimum(np.searchsorted(cum, np.linspace(0, 1, _AUTO_CANDIDATES)), len(v) - 1)])
+        return v
+
+    cand = np.array([(a, b) for a in values(cs, weight) for b in values(ct, weight) if (a, b) != cover],
+                    np.int64).reshape(-1, 2)
+    cand_cost = cand[:, 0] + 2 * cand[:, 1]
+    cur = np.full(len(weight), float(bucket_cost(cover)))  # cost of each cell's cheapest shape so far
+    shapes = [cover]
+    while len(shapes) < max_buckets and len(cand):
+        gains = np.empty(len(cand))
+        for k in range(0, len(cand), 256):  # [candidates, cells] in chunks: bounded memory
+            a, b, c = cand[k:k + 256, :1], cand[k:k + 256, 1:], cand_cost[k:k + 256, None]
+            fits = (cs[None] <= a) & (ct[None] <= b)
+            gains[k:k + 256] = (np.where(fits, np.maximum(cur[None] - c, 0.0), 0.0) * weight[None]).sum(1)
+        best = int(np.argmax(gains))
+        if gains[best] <= 0:
+            break
+        a, b = (int(x) for x in cand[best])
+        shapes.append((a, b))
+        fits = (cs <= a) & (ct <= b)
+        cur = np.where(fits, np.minimum(cur, bucket_cost((a, b))), cur)
+        cand, cand_cost = np.delete(cand, best, 0), np.delete(cand_cost, best)
+    return _order(shapes)
+
+
 def assign_buckets(shapes, src_len: np.ndarray, tgt_len: np.ndarray) -> np.ndarray:
-    """Index of the smallest bucket holding each example (len(src) <= S, len(tgt)+1 <= T), -1 if none."""
+    """Index of the cheapest bucket holding each example (len(src) <= S, len(tgt)+1 <= T), -1 if
+    none; `shapes` are ordered cheapest first (bucket_shapes)."""
     out = np.full(len(src_len), -1, np.int32)
-    for b in range(len(shapes) - 1, -1, -1):  # smallest wins: assign from largest to smallest
+    for b in range(len(shapes) - 1, -1, -1):  # cheapest wins: assign from the last to the first
         s, t = shapes[b]
         out[(src_len <= s) & (tgt_len + 1 <= t)] = b
     return out
 
 
+def batch_token_count(shape) -> int:
+    """Tokens one row of a bucket (S, T) counts against data.batch_tokens: OpenNMT-py's
+    `-batch_type tokens` rule, rows x max(source length, target length with BOS and EOS), at the
+    bucket's padded lengths; T counts one of BOS/EOS, so a row counts max(S, T + 1)."""
+    s, t = shape
+    return max(int(s), int(t) + 1)
+
+
 def bucket_rows(d, shapes, granularity: int) -> list[int]:
-    """Global rows per bucket: batch_tokens // T rounded down to a multiple of `granularity`
-    (= process_count * batch_multiple), or data.batch_size, which must be such a multiple."""
+    """Global rows per bucket: batch_tokens // batch_token_count(shape) rounded down to a
+    multiple of `granularity` (= process_count * batch_multiple), or data.batch_size, which
+    must be such a multiple."""
     if d.batch_tokens > 0:
         rows = []
         for s, t in shapes:
-            r = (d.batch_tokens // t) // granularity * granularity
+            r = (d.batch_tokens // batch_token_count((s, t))) // granularity * granularity
             if r == 0:
                 log.warning("data.batch_tokens=%d is below one row per device for bucket (%d, %d); "
                             "using %d rows", d.batch_tokens, s, t, granularity)
@@ -125,6 +232,20 @@ def bucket_rows(d, shapes, granularity: int) -> list[int]:
         raise DataError(f"data.batch_size={d.batch_size} is not a multiple of process_count x batch_multiple = "
                         f"{granularity}; set data.batch_size to a multiple of {granularity} (it is the global batch)")
     return [d.batch_size] * len(shapes)
+
+
+def padding_efficiency(plan, shapes, src_len: np.ndarray, tgt_len: np.ndarray) -> dict:
+    """Real / padded positions of a batch plan (epoch_plan's list), source and target (target
+    positions count EOS), filler rows included; `src_len`/`tgt_len` are indexed by example id."""
+    real_s = real_t = pad_s = pad_t = 0
+    for b, i in plan:
+        s, t = shapes[b]
+        real = i[i >= 0]
+        real_s += int(np.sum(src_len[real]))
+        real_t += int(np.sum(tgt_len[real])) + len(real)
+        pad_s += len(i) * s
+        pad_t += len(i) * t
+    return {"source": real_s / max(pad_s, 1), "target": real_t / max(pad_t, 1)}
 
 
 def length_filter(d, shapes, src_len, tgt_len):
@@ -142,24 +263,74 @@ def length_filter(d, shapes, src_len, tgt_len):
 
 # ----------------------------------------------------------------------------------- plans
 
-def epoch_plan(bucket: np.ndarray, ids: np.ndarray, rows, seed: int, epoch: int):
+def epoch_plan(bucket: np.ndarray, ids: np.ndarray, rows, seed: int, epoch: int, *, pool: int = 0,
+               src_len: np.ndarray | None = None, tgt_len: np.ndarray | None = None, shapes=None):
     """The global batch plan of one epoch: a list of (bucket index, int64 [R_b] example ids,
-    -1 = filler row). `ids` are the surviving example indices and `bucket` their buckets."""
+    -1 = filler row). `ids` are the surviving example indices, `bucket` their buckets and
+    `src_len`/`tgt_len` their lengths (needed when pool > 0). See the module doc."""
     rng = np.random.default_rng(seed + epoch)
     perm = rng.permutation(len(ids))
     order_ids, order_b = ids[perm], bucket[perm]
-    full, tail = [], []
+    if pool <= 0:
+        full, tail = [], []
+        for b, r in enumerate(rows):
+            pos = np.nonzero(order_b == b)[0]  # walk positions of bucket b's examples
+            n_full = len(pos) // r
+            for k in range(n_full):
+                chunk = pos[k * r:(k + 1) * r]
+                full.append((int(chunk[-1]), b, order_ids[chunk]))  # emitted when its last row arrives
+            rest = order_ids[pos[n_full * r:]]
+            if len(rest):
+                tail.append((b, np.concatenate([rest, np.full(r - len(rest), -1, rest.dtype)])))
+        full.sort(key=lambda x: x[0])
+        return [(b, i) for _, b, i in full] + tail
+    key_s, key_t = np.asarray(src_len)[perm], np.asarray(tgt_len)[perm]
+
+    def by_length(pos):  # walk positions sorted by (target, source) length, then walk order
+        return pos[np.lexsort((pos, key_s[pos], key_t[pos]))]
+
+    def shapes_hold(c, pos):
+        return shapes is not None and bool(np.all((key_s[pos] <= shapes[c][0]) & (key_t[pos] + 1 <= shapes[c][1])))
+
+    plan = []
+    carry = [np.zeros(0, np.int64) for _ in rows]  # walk positions waiting for a full batch
+    for start in range(0, len(perm), pool):
+        pos = np.arange(start, min(start + pool, len(perm)))
+        batches = []
+        for b, r in enumerate(rows):
+            members = np.concatenate([carry[b], pos[order_b[pos] == b]])
+            n_full = len(members) // r * r
+            ready, carry[b] = by_length(members[:n_full]), members[n_full:]  # the latest arrivals wait
+            batches += [(b, order_ids[ready[k:k + r]]) for k in range(0, n_full, r)]
+        plan += [batches[i] for i in rng.permutation(len(batches))]
+    # The walk's leftovers: cheapest bucket first, whole batches are cut, and what remains moves
+    # up to the next bucket that holds it all (fewer filler rows than one partial batch per
+    # bucket); only what no later bucket can take becomes a partial batch.
     for b, r in enumerate(rows):
-        pos = np.nonzero(order_b == b)[0]  # walk positions of bucket b's examples
-        n_full = len(pos) // r
-        for k in range(n_full):
-            chunk = pos[k * r:(k + 1) * r]
-            full.append((int(chunk[-1]), b, order_ids[chunk]))  # emitted when its last row arrives
-        rest = order_ids[pos[n_full * r:]]
-        if len(rest):
-            tail.append((b, np.concatenate([rest, np.full(r - len(rest), -1, rest.dtype)])))
-    full.sort(key=lambda x: x[0])
-    return [(b, i) for _, b, i in full] + tail
+        if not len(carry[b]):
+            continue
+        members = carry[b]
+        n_full = len(members) // r * r
+        ready, rest = by_length(members[:n_full]), members[n_full:]
+        plan += [(b, order_ids[ready[k:k + r]]) for k in range(0, n_full, r)]
+        if not len(rest):
+            continue
+        up = [c for c in range(b + 1, len(rows)) if shapes_hold(c, rest)]
+        if up:
+            carry[up[0]] = np.concatenate([carry[up[0]], rest])
+        else:
+            rest = order_ids[by_length(rest)]
+            plan.append((b, np.concatenate([rest, np.full(r - len(rest), -1, rest.dtype)])))
+    return plan
+
+
+def pool_size(pool_batches: int, rows, bucket: np.ndarray) -> int:
+    """Examples per length-sorted pool: pool_batches x the mean rows per batch (each example
+    weighted by its bucket's rows); 0 = no pools."""
+    if pool_batches <= 0 or len(bucket) == 0:
+        return 0
+    mean_rows = float(np.mean(np.asarray(rows)[bucket]))
+    return max(1, int(round(pool_batches * mean_rows)))
 
 
 def eval_plan(bucket: np.ndarray, rows):
@@ -256,8 +427,10 @@ def _plain(batch: dict) -> dict:
 class TrainIterator:
     """Infinite iterator over training batches; `get_state()` is a JSON-able dict.
 
-    State {"epoch": e, "batch": k}: k batches of epoch e have been returned. Prefetched but not
-    yet returned batches are not counted, so the state is exact.
+    State {"epoch": e, "batch": k}: k batches of epoch e have been returned (prefetched but not
+    yet returned batches are not counted, so the state is exact). With auto buckets it also
+    holds "buckets": [[S, T], ...], the plan's shapes, which a resumed run keeps
+    (Data.train_batches).
     """
 
     def __init__(self, loader, state: dict | None = None):
@@ -290,26 +463,39 @@ class TrainIterator:
             return batch
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        state = {"epoch": self.epoch, "batch": self.batch}
+        if self._loader.auto_buckets:
+            state["buckets"] = [list(s) for s in self._loader.shapes]
+        return state
 
     def set_state(self, state: dict) -> None:
         self.__init__(self._loader, state)
 
 
 class Loader:
-    """Plans and materialises batches of one split for one process (see module doc)."""
+    """Plans and materialises batches of one split for one process (see module doc).
+
+    `src_len`/`tgt_len` are the lengths of the examples `ids` (aligned); `pool_batches` > 0
+    forms the batches from length-sorted pools of that many batches' worth of examples.
+    """
 
     def __init__(self, source, bucket: np.ndarray, ids: np.ndarray, shapes, rows, *, seed: int,
-                 process_index: int, process_count: int, prefetch: int, worker_count: int):
+                 process_index: int, process_count: int, prefetch: int, worker_count: int,
+                 src_len: np.ndarray | None = None, tgt_len: np.ndarray | None = None, pool_batches: int = 0,
+                 auto_buckets: bool = False):
         self.source, self.bucket, self.ids = source, bucket, ids
         self.shapes, self.rows = shapes, rows
         self.seed = seed
+        self.src_len, self.tgt_len = src_len, tgt_len
+        self.pool = pool_size(pool_batches, rows, bucket)
+        self.auto_buckets = auto_buckets  # the shapes go into the iterator state
         self.process_index, self.process_count = process_index, process_count
         self.prefetch, self.worker_count = prefetch, worker_count
         self.materialize = Materialize(source, shapes)
 
     def global_epoch_plan(self, epoch: int):
-        return epoch_plan(self.bucket, self.ids, self.rows, self.seed, epoch)
+        return epoch_plan(self.bucket, self.ids, self.rows, self.seed, epoch, pool=self.pool,
+                          src_len=self.src_len, tgt_len=self.tgt_len, shapes=self.shapes)
 
     def local_epoch_plan(self, epoch: int):
         return [(b, local_rows(i, self.process_index, self.process_count))
@@ -324,7 +510,9 @@ def loader_throughput(config, seconds: float = 10.0, *, windows: int = 5, warmup
     """Target tokens per second of the train iterator on `config` (median of `windows` timed
     windows of seconds/windows each), after preparing (timed separately) and a short warm-up.
 
-    Counts real target tokens (sum of target_lengths, i.e. len(y)+1), not padding.
+    Counts real target tokens (sum of target_lengths, i.e. len(y)+1), not padding. Also
+    reports the plan's padding efficiency (real / padded positions over an epoch, source and
+    target: Data.stats["padding_efficiency"]) and the measured target padding fraction.
     """
     from s2s_jax.data import build_data  # local: avoid an import cycle
 
@@ -359,6 +547,9 @@ def loader_throughput(config, seconds: float = 10.0, *, windows: int = 5, warmup
         "train_examples": data.stats["examples"][config.data.train_split],
         "batches_per_epoch": data.stats["train_batches_per_epoch"],
         "buckets": data.stats["buckets"],
+        "bucket_rows": data.stats["bucket_rows"],
+        "padding_efficiency": data.stats["padding_efficiency"],
+        "pool_batches": config.data.pool_batches,
         "prefetch": config.data.prefetch,
         "worker_count": config.data.worker_count,
     }
