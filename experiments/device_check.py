@@ -3,7 +3,8 @@
     python experiments/device_check.py --out experiments/results/device_check_h100     # on the GPU host
     python experiments/device_check.py --out /tmp/dc --smoke                           # CPU, tiny, ~1-2 min (CI)
 
-At most ~8 minutes on one GPU (`--budget-s`, default 450 s of wall time, throughput included).
+At most 8 minutes on one GPU: `--budget-s` (default 420 s of wall time) decides which throughput
+variants start; one already running may finish up to GRACE_S = 60 s past it, then it is killed.
 Each part writes its JSON record into `--out` as soon as it finishes (one file per part, flushed
 and fsynced, so a run cut short keeps what finished) and catches its own exceptions (a failing
 part records `"ok": false` and the error, and the next part runs). A table of every record is
@@ -31,7 +32,8 @@ Parts (files):
                      float32; then s2s_jax alone on bench_gpu bfloat16 with model.unroll 2 / 4,
                      model.loss_chunk 8, CUDA-graph command buffers extended to WHILE and
                      CONDITIONAL (and with loop unrolling in the graph), model.input_feeding off,
-                     model.fused_decoder false, model.kernels cpu. Variants run in that order
+                     model.fused_decoder false, model.kernels cpu, train.deterministic false (the
+                     cost of --xla_gpu_deterministic_ops). Variants run in that order
                      while the budget lasts; the rest are recorded as skipped.
   throughput.json    the variants' headline figures in one table
 
@@ -71,6 +73,7 @@ PARALLEL_STEPS = 3
 TOLERANCE = {"highest": 1e-4}
 PARALLEL_TOL = 1e-5
 MIN_VARIANT_S = {True: 0.0, False: 60.0}  # smoke / accelerator: skip a variant with less time left
+GRACE_S = 60.0  # a throughput variant started inside the budget may finish this much after it
 
 
 # -- records ----------------------------------------------------------------------------------
@@ -187,6 +190,17 @@ def accelerator_platform(device) -> str:
     return p
 
 
+def preflight(xla_flags: str) -> str | None:
+    """None if a fresh process starts its backend with these XLA_FLAGS, else its stderr's tail."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags)
+    try:
+        p = subprocess.run([sys.executable, "-c", "import jax; jax.devices(); jax.numpy.ones(2).block_until_ready()"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        return "timed out starting the backend"
+    return None if p.returncode == 0 else (p.stderr or f"exit {p.returncode}")[-2000:]
+
+
 # -- parts ------------------------------------------------------------------------------------
 
 def part_environment(ctx) -> dict:
@@ -200,6 +214,7 @@ def part_environment(ctx) -> dict:
            "platform_version": str(accel.client.platform_version), "cpu_device": str(cpu),
            "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "deterministic_flags": ctx["deterministic_flags"],
+           "deterministic_flags_rejected": ctx["deterministic_rejected"],
            "preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
            "budget_s": ctx["budget_s"]}
     for name in ("flax", "optax", "orbax.checkpoint", "numpy"):
@@ -472,6 +487,8 @@ def throughput_variants(smoke: bool) -> list[dict]:
         dict(name="bench_gpu_2x256_f32", config=GPU_SMALL, sets=["model.dtype=float32"], flags="", baseline=True),
         dict(name="bench_gpu_bf16_cmdbuf_while", config=GPU, sets=[], flags=CMDBUF_WHILE, baseline=False),
         dict(name="bench_gpu_bf16_unroll2", config=GPU, sets=["model.unroll=2"], flags="", baseline=False),
+        dict(name="bench_gpu_bf16_nondeterministic", config=GPU, sets=["train.deterministic=False"], flags="",
+             baseline=False),
         dict(name="bench_gpu_bf16_loss_chunk8", config=GPU, sets=["model.loss_chunk=8"], flags="", baseline=False),
         dict(name="bench_gpu_bf16_no_input_feeding", config=GPU, sets=["model.input_feeding=False"], flags="",
              baseline=False),
@@ -501,6 +518,8 @@ def run_variant(ctx, v: dict, deadline: float) -> dict:
     out_dir: Path = ctx["out"]
     rounds, batches = (2, 2) if smoke else (3, 4)
     sets = list(v["sets"]) + (SMOKE_SETS if smoke else GPU_SETS)
+    if ctx["deterministic_rejected"] is not None:  # the flags kill the backend: run without them
+        sets.append("train.deterministic=False")
     bench_out = out_dir / f"throughput_{v['name']}.bench.json"
     cmd = [sys.executable, "-m", "s2s_jax", "benchmark", "--config", v["config"], "--rounds", str(rounds),
            "--batches", str(batches), "--output", str(bench_out)]
@@ -508,7 +527,8 @@ def run_variant(ctx, v: dict, deadline: float) -> dict:
         cmd.append("--no-baseline")
     cmd += [a for s in sets for a in ("--set", s)]
     env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(x for x in (env.get("XLA_FLAGS", ""), v["flags"]) if x)
+    # from the flags this script started with: the child's benchmark adds train.deterministic's
+    env["XLA_FLAGS"] = " ".join(x for x in (ctx["base_xla_flags"], v["flags"]) if x)
     # the children own the device: this process's allocations are small and not preallocated
     if not smoke:
         env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
@@ -563,7 +583,8 @@ def part_throughput(ctx, records: Records) -> dict:
         if left < MIN_VARIANT_S[smoke] or left <= 5:
             summary["skipped"][name] = f"time budget ({left:.0f}s left)"
             continue
-        rec = run_part(records, f"throughput_{name}", run_variant, ctx, v, ctx["deadline"])
+        # a variant that started may run past the budget by GRACE_S (then it is killed)
+        rec = run_part(records, f"throughput_{name}", run_variant, ctx, v, ctx["deadline"] + GRACE_S)
         summary["variants"][name] = {"ok": rec.get("ok"), "elapsed_s": rec.get("elapsed_s"),
                                      **(rec.get("headline") or {"error": (rec.get("error") or "")[:300]})}
         records.write("throughput", {"part": "throughput", **summary, "ok": None, "elapsed_s": None})
@@ -650,15 +671,24 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="every part on CPU with tiny shapes (CI)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-time budget; throughput variants that do not fit are skipped "
-                         "(default 450 on an accelerator, 300 with --smoke)")
+                         "(default 420 on an accelerator, 900 with --smoke); a variant already "
+                         f"running may overrun it by {GRACE_S:.0f}s")
     ap.add_argument("--parts", default="ceilings,correctness,plumbing,throughput",
                     help="comma-separated subset of the parts to run")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
-    budget = args.budget_s if args.budget_s is not None else (300.0 if args.smoke else 450.0)
+    budget = args.budget_s if args.budget_s is not None else (900.0 if args.smoke else 420.0)
 
-    # before jax starts: train.deterministic's XLA flags; no preallocation (the throughput
-    # children need the device's memory); --smoke keeps everything on the CPU
+    records = Records(Path(args.out))
+    base_xla_flags = os.environ.get("XLA_FLAGS", "")
+    # written before jax starts, so that a backend that dies at start still leaves a record
+    records.write("environment", {"part": "environment", "ok": None, "stage": "before jax started",
+                                  "python": sys.version.split()[0], "xla_flags": base_xla_flags,
+                                  "jax_platforms": os.environ.get("JAX_PLATFORMS"), "elapsed_s": 0.0})
+
+    # before jax starts: train.deterministic's XLA flags (checked in a throwaway process first:
+    # XLA aborts on a flag it does not know); no preallocation (the throughput children need the
+    # device's memory); the CPU backend beside the accelerator; --smoke keeps everything on the CPU
     from s2s_jax import runtime
 
     deterministic_flags = runtime.configure_backend(True) if hasattr(runtime, "configure_backend") else []
@@ -666,6 +696,15 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
     else:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        if platforms and "cpu" not in platforms.split(","):
+            os.environ["JAX_PLATFORMS"] = platforms + ",cpu"
+    rejected = preflight(os.environ.get("XLA_FLAGS", ""))
+    if rejected is not None:
+        print(f"[device_check] the backend does not start with XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}; "
+              f"running without train.deterministic's flags: {rejected[-300:]}", file=sys.stderr)
+        os.environ["XLA_FLAGS"] = base_xla_flags
+        deterministic_flags = []
     import jax
 
     accel = jax.devices()[0]
@@ -674,8 +713,8 @@ def main(argv=None) -> int:
         print("[device_check] no accelerator found: the 'accelerator' is the CPU (use --smoke for tiny shapes)",
               file=sys.stderr)
     ctx = {"smoke": args.smoke, "accel": accel, "cpu": cpu, "out": Path(args.out), "budget_s": budget,
-           "deadline": t_start + budget, "deterministic_flags": list(deterministic_flags)}
-    records = Records(Path(args.out))
+           "deadline": t_start + budget, "deterministic_flags": list(deterministic_flags),
+           "deterministic_rejected": rejected, "base_xla_flags": base_xla_flags}
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     run_part(records, "environment", part_environment, ctx)
     for name, fn in (("ceilings", part_ceilings), ("correctness", part_correctness), ("plumbing", part_plumbing)):

@@ -7,8 +7,8 @@
     python -m s2s_jax benchmark --config experiments/configs/bench_gpu.py --devices 1,2,4,8  # real devices
 
 Batches: `config.data.batch_size` sentences per batch, or, when `config.data.batch_tokens` > 0,
-batch_tokens // T rows (a multiple of 8) for each bucket's padded target length T, as the data
-loader does. Lengths: the word counts of `{data.dir}/tok/train.{src,tgt}` when that corpus is
+batch_tokens // max(S, T + 1) rows (a multiple of 8) for each bucket (S, T), as the data loader
+counts tokens. Lengths: the word counts of `{data.dir}/tok/train.{src,tgt}` when that corpus is
 there (target + 1 for EOS), else a seeded log-normal fitted to Multi30k (the same numbers on
 every machine; `lengths_source` in the record says which). The ids are uniform random in the
 vocabulary. The pairs are grouped into `config.data.buckets` and padded to their bucket. A fixed
@@ -56,6 +56,7 @@ lengths (≈ 25.7 MFLOP per target token on bench_cpu).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -117,12 +118,15 @@ ROW_MULTIPLE = 8  # token-based batches: rows per bucket rounded down to a multi
 
 
 def bucket_rows(config) -> list[int]:
-    """Rows per batch for each bucket: data.batch_size, or data.batch_tokens // T (a multiple of
-    ROW_MULTIPLE, at least ROW_MULTIPLE) when token-based, as the data loader computes them."""
+    """Rows per batch for each bucket: data.batch_size, or, token-based, data.batch_tokens //
+    max(S, T + 1) rounded down to a multiple of ROW_MULTIPLE (at least ROW_MULTIPLE): the data
+    loader's rule (OpenNMT-py's `-batch_type tokens`: rows × the longer side with BOS and EOS;
+    `data.pipeline.batch_token_count`, not imported here so that the benchmark needs no grain)."""
     d = config.data
     buckets = list(d.buckets) or [(d.max_source_length, d.max_target_length + 1)]
     if d.batch_tokens > 0:
-        return [max(ROW_MULTIPLE, (d.batch_tokens // t) // ROW_MULTIPLE * ROW_MULTIPLE) for _, t in buckets]
+        return [max(ROW_MULTIPLE, (d.batch_tokens // max(s, t + 1)) // ROW_MULTIPLE * ROW_MULTIPLE)
+                for s, t in buckets]
     return [d.batch_size] * len(buckets)
 
 
@@ -254,11 +258,9 @@ _CEILING_KINDS = {"bfloat16": ("bfloat16", "default"), "tensorfloat32": ("float3
                   "float32": ("float32", "highest")}
 
 
-def matmul_ceiling(n: int = 2048, reps: int = 3, kind: str = "float32", burst: int = 1) -> float:
-    """FLOP/s of the best of `reps` [n, n] × [n, n] matmuls of `kind` on the default device.
-
-    burst > 1: each timing dispatches `burst` matmuls and synchronises once (accelerators, where
-    one matmul is ~1 ms and a host round trip would be a visible share of it)."""
+@functools.lru_cache(maxsize=None)
+def _matmul_program(n: int, kind: str, backend: str):
+    """(compiled matmul, a, b) of one kind, compiled once per process (not once per round)."""
     import jax
     import jax.numpy as jnp
 
@@ -267,6 +269,18 @@ def matmul_ceiling(n: int = 2048, reps: int = 3, kind: str = "float32", burst: i
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     with jax.default_matmul_precision(precision):
         f = jax.jit(jnp.matmul).lower(a, b).compile()
+    return f, a, b
+
+
+def matmul_ceiling(n: int = 2048, reps: int = 3, kind: str = "float32", burst: int = 1) -> float:
+    """FLOP/s of the best of `reps` [n, n] × [n, n] matmuls of `kind` on the default device.
+
+    burst > 1: each timing dispatches `burst` matmuls and synchronises once (accelerators, where
+    one matmul is ~1 ms and a host round trip would be a visible share of it)."""
+    import jax
+    import jax.numpy as jnp
+
+    f, a, b = _matmul_program(n, kind, jax.default_backend())
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(reps):

@@ -115,3 +115,19 @@ def test_throughput_runs_the_model_pair_and_records_the_rest(smoke):
     assert set(flags["record"]["models"]) == {"s2s_jax"}
     # everything else is named, with the reason it did not run here
     assert len(th["skipped"]) >= 8 and all("smoke" in why for why in th["skipped"].values())
+
+
+def test_the_budget_skips_throughput_variants_and_the_records_say_so(tmp_path):
+    from tests._helpers import run_env
+
+    env = run_env()
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--parts", "throughput",
+                           "--budget-s", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    th = json.loads((tmp_path / "throughput.json").read_text())
+    assert th["variants"] == {} and th["ok"] is False
+    assert th["skipped"]["bench_gpu_bf16"].startswith("time budget")
+    assert not (tmp_path / "correctness.json").exists()  # --parts
+    assert json.loads((tmp_path / "environment.json").read_text())["ok"] is True
+    assert "skipped: time budget" in proc.stdout

@@ -92,6 +92,12 @@ class FlaxExamplesSeq2Seq(nn.Module):
 
 
 def create_state(config: Config, model: FlaxExamplesSeq2Seq) -> TrainState:
+    """The initial state, built under one jit (op by op, each initializer would compile its own
+    small program: seconds on a GPU; the same reason s2s_jax's create_state is jitted)."""
+    return jax.jit(lambda: _initial_state(config, model))()
+
+
+def _initial_state(config: Config, model: FlaxExamplesSeq2Seq) -> TrainState:
     key = jax.random.key(config.train.seed)
     src = jnp.ones((1, 4), jnp.int32)
     params = model.init(key, src, jnp.array([4]), src)["params"]
