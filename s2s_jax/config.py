@@ -64,6 +64,13 @@ class DataConfig:
     normalization: str = "nfkc"  # nfkc | nfc | none (applied before SentencePiece)
     empty_lines: str = "skip"  # skip (drop pairs with an empty side, counted) | error
     cache_dir: str = ""  # prepared-data cache; "" = ~/.cache/s2s_jax
+    # Processes that tokenise and write the prepared dataset (0 = all cores this process may
+    # use). The output is byte-identical for any count, so it is not part of the cache key.
+    prepare_workers: int = 0
+    # Sentences SentencePiece trains on (per model; a joint model takes half from each side):
+    # a seeded sample of the training pairs when the corpus is larger, every pair otherwise.
+    # 0 = every pair, however many.
+    spm_sample_size: int = 1_000_000
     # A trained run's workdir whose vocabulary (vocab/: SentencePiece model(s)) tokenises this
     # corpus instead of training a new one, e.g. to fine-tune it on new data (train.init_from).
     vocab_from: str = ""
@@ -114,6 +121,20 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     unroll: int = 1  # lax.scan unroll factor
     loss_chunk: int = 0  # time steps per output-projection chunk in the loss (0 = whole)
+    # Which implementation of the hand-written VJPs and backend workarounds (s2s_jax/kernels/):
+    # "cpu" (tuned for XLA:CPU: device-counted loss blocks over the real rows only, a `cond`
+    # non-finite guard, optimisation barriers steering the dot emitter), "portable" (static
+    # control flow only: no data-dependent loop, no `cond`, no barrier; for GPUs and TPUs), or
+    # "auto" (cpu on the CPU backend, portable elsewhere). Both compute the same function.
+    kernels: str = "auto"
+    # The hand-derived backward pass of the input-feeding LSTM decoder (dot/general attention);
+    # false = the generic decoder scan differentiated by JAX (same function, more kernels).
+    fused_decoder: bool = True
+    # float32 matmul precision on every backend: "auto" (highest when dtype is float32, the
+    # backend default for bfloat16 inputs), "highest" (true float32), "tensorfloat32" (GPU
+    # TF32), "bfloat16_3x" (three bf16 passes), "default" (the backend's choice: TF32 on recent
+    # NVIDIA GPUs, one bf16 pass on TPUs).
+    matmul_precision: str = "auto"
     # Pretrained vectors (word2vec or GloVe text files, one `word v1 ... vd` per line; word2vec's
     # `count dim` header line is recognised) copied into the embedding rows of the vocabulary
     # entries they contain; other rows keep the normal initialisation. With share_embeddings
@@ -159,6 +180,10 @@ class TrainConfig:
     early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     parallel: str = "shard_map"  # shard_map | pmap | none
+    # Repeatable accelerator arithmetic: sets the XLA flags that make GPU reductions and
+    # scatters run-to-run deterministic (--xla_gpu_deterministic_ops=true) before the backend
+    # starts (runtime.configure_backend). XLA:CPU and TPUs are deterministic anyway.
+    deterministic: bool = True
     tensorboard: bool = False
     plot: bool = True  # PNG of curves at the end of a run
     # Multi-host (jax.distributed); also read from the environment when left empty.
@@ -205,6 +230,8 @@ _CHOICES = {
     ("model", "bridge"): ("zero", "last", "dense"),
     ("model", "attention"): ("dot", "general", "mlp", "none"),
     ("model", "dtype"): ("float32", "bfloat16"),
+    ("model", "kernels"): ("auto", "cpu", "portable"),
+    ("model", "matmul_precision"): ("auto", "highest", "tensorfloat32", "bfloat16_3x", "default"),
     ("decode", "dtype"): ("model", "float32", "bfloat16"),
     ("train", "optimizer"): ("adam", "adamw", "sgd"),
     ("train", "schedule"): ("constant", "rsqrt", "cosine", "plateau"),
@@ -309,6 +336,12 @@ def _check_data(d: DataConfig) -> None:
         if not getattr(d, name):
             what = "trains on" if name == "train_split" else "evaluates on (every train.eval_every steps and at the end)"
             raise ConfigError(f"data.{name} is empty: the trainer {what} it; set it to the split's name")
+    if d.prepare_workers < 0:
+        raise ConfigError(f"data.prepare_workers={d.prepare_workers!r}: must be >= 0 (processes that tokenise "
+                          "the corpus in prepare; 0 = all cores, 1 = in this process)")
+    if d.spm_sample_size < 0:
+        raise ConfigError(f"data.spm_sample_size={d.spm_sample_size!r}: must be >= 0 (sentences SentencePiece "
+                          "trains on, e.g. 1000000; 0 = every training sentence)")
     if not 0.0 < d.spm_character_coverage <= 1.0:
         raise ConfigError(f"data.spm_character_coverage={d.spm_character_coverage!r}: must be in (0, 1], "
                           "e.g. 0.9995 for languages with large alphabets")

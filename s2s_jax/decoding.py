@@ -1,8 +1,8 @@
 """Greedy and beam search over a step function; knows nothing of the model.
 
 Both searches drive a `step_fn(tokens, cache) -> (logits, cache, attention)` (see `StepFn`), so
-this module imports only jax, numpy and the special ids of `s2s_jax.vocab` (as t5x's decoding.py
-knows nothing of the model); `inference/translator.py` adapts the model (`model_step_fn`).
+this module imports only jax, numpy, the special ids of `s2s_jax.vocab` and the token-selection
+kernels (as t5x's decoding.py knows nothing of the model); `inference/translator.py` adapts the model (`model_step_fn`).
 `continuous_search` runs either search over a queue of sentences through a fixed pool of
 decoding slots, refilling a slot as soon as its sentence finishes (continuous batching); its
 step function also gets per-sentence context that beam search never reorders (`ContextStepFn`),
@@ -10,10 +10,12 @@ either per row or, with `slot_context=True`, once per slot for its K beam rows (
 e.g. the encoder memory once per sentence instead of once per beam).
 Every sentence's result is the same however it is batched.
 
-Speed notes (XLA on CPU): the per-step work outside the step function is a few passes over the
-[rows, V] logits, so they are kept few: log-probs are never stored; greedy's argmax and beam's
-top-k look at chunk maxima first (log-probs are monotone in the logit) and search only the
-chunks that can hold the answer, with the same result, ties included, as argmax / top_k.
+Speed: the per-step work outside the step function is a few passes over the [rows, V] logits,
+so log-probs are never stored; greedy's argmax and beam's top-k are `kernels/topk.py`, chosen by
+each search's `kernels` argument (model.kernels: on CPU chunk maxima first, searching only the
+chunks that can hold the answer; elsewhere the plain top_k / argmax; the same result, ties
+included). The search loop itself is a `while_loop` that ends when every sentence has finished,
+on every backend: its trip count is data-dependent by nature.
 
 Conventions shared by both searches:
 
@@ -36,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from s2s_jax import kernels as kernels_lib
+from s2s_jax.kernels import topk
 from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID  # the one definition of the special ids
 
 # step_fn(tokens [N] int32 (the previous token of each row), cache (pytree, leading dim N on
@@ -58,6 +62,7 @@ def greedy_search(
     max_len: int,
     bos_id: int = BOS_ID,
     eos_id: int = EOS_ID,
+    kernels: str = "auto",
 ) -> dict[str, jax.Array | None]:
     """Picks the most probable next token until every sentence has emitted EOS.
 
@@ -76,7 +81,7 @@ def greedy_search(
     _check_sizes(batch_size=batch_size, max_len=max_len)
     limits = _length_limits(max_lengths, batch_size, max_len)  # [B]
     _, source_len = _probe(step_fn, jnp.full((batch_size,), bos_id, jnp.int32), cache)
-    ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id)
+    ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id, kernels=kernels)
     return _run_slots(ops, lambda tokens, rows, _: step_fn(tokens, rows), cache, None, slots=batch_size,
                       queue_size=batch_size, num_sentences=batch_size, limits=limits,
                       source_lengths=jnp.full((batch_size,), source_len or 1, jnp.int32),
@@ -97,6 +102,7 @@ def beam_search(
     nbest: int = 1,
     bos_id: int = BOS_ID,
     eos_id: int = EOS_ID,
+    kernels: str = "auto",
 ) -> dict[str, jax.Array | None]:
     """Beam search with GNMT length and coverage penalties (Wu et al. 2016, eq. 14).
 
@@ -141,7 +147,7 @@ def beam_search(
     )
     ops = _Beam(beam_size=beam_size, nbest=nbest, vocab_size=vocab_size, max_len=max_len,
                 source_len=source_len, length_penalty=length_penalty,
-                coverage_penalty=coverage_penalty, bos_id=bos_id, eos_id=eos_id)
+                coverage_penalty=coverage_penalty, bos_id=bos_id, eos_id=eos_id, kernels=kernels)
     source_lengths = _source_lengths(source_lengths, batch_size, source_len)
     return _run_slots(ops, lambda tokens, rows, _: step_fn(tokens, rows), cache, None, slots=batch_size,
                       queue_size=batch_size, num_sentences=batch_size, limits=limits,
@@ -174,6 +180,7 @@ def continuous_search(
     output_sizes: tuple[int, int | None] | None = None,
     bos_id: int = BOS_ID,
     eos_id: int = EOS_ID,
+    kernels: str = "auto",
 ) -> dict[str, jax.Array | None]:
     """Greedy (beam_size 1) or beam search of a queue of Q sentences through P decoding slots.
 
@@ -219,11 +226,11 @@ def continuous_search(
         output_sizes = _probe(lambda t, sc: step_fn(t, *sc), jnp.full((rows,), bos_id, jnp.int32), probe_rows)
     vocab_size, source_len = output_sizes
     if beam_size == 1:
-        ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id)
+        ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id, kernels=kernels)
     else:
         ops = _Beam(beam_size=beam_size, nbest=nbest, vocab_size=vocab_size, max_len=max_len,
                     source_len=source_len, length_penalty=length_penalty,
-                    coverage_penalty=coverage_penalty, bos_id=bos_id, eos_id=eos_id)
+                    coverage_penalty=coverage_penalty, bos_id=bos_id, eos_id=eos_id, kernels=kernels)
     return _run_slots(ops, step_fn, state, context, slots=slots, queue_size=queue_size,
                       num_sentences=jnp.minimum(jnp.asarray(num_sentences, jnp.int32), queue_size),
                       limits=limits, source_lengths=_source_lengths(source_lengths, queue_size, source_len),
@@ -406,18 +413,18 @@ class SlotPool:
     def __init__(self, make_step_fn, *, slots: int, queue: int, results: int, beam_size: int = 1, nbest: int = 1,
                  vocab_size: int, source_len: int | None, max_len: int, length_penalty: float = 0.0,
                  coverage_penalty: float = 0.0, refill: int | None = None, slot_context: bool = True,
-                 bos_id: int = BOS_ID, eos_id: int = EOS_ID):
+                 bos_id: int = BOS_ID, eos_id: int = EOS_ID, kernels: str = "auto"):
         refill = max(1, slots // 8) if refill is None else refill
         _check_sizes(slots=slots, queue=queue, results=results, max_len=max_len, beam_size=beam_size, nbest=nbest,
                      refill=refill)
         self.make_step_fn, self.slots, self.queue, self.results, self.beams = make_step_fn, slots, queue, results, beam_size
         self.max_len, self.refill, self.source_len, self.slot_context = max_len, refill, source_len, slot_context
         if beam_size == 1:
-            self.ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id)
+            self.ops = _Greedy(max_len=max_len, source_len=source_len, bos_id=bos_id, eos_id=eos_id, kernels=kernels)
         else:
             self.ops = _Beam(beam_size=beam_size, nbest=nbest, vocab_size=vocab_size, max_len=max_len,
                              source_len=source_len, length_penalty=length_penalty,
-                             coverage_penalty=coverage_penalty, bos_id=bos_id, eos_id=eos_id)
+                             coverage_penalty=coverage_penalty, bos_id=bos_id, eos_id=eos_id, kernels=kernels)
 
     def empty(self, state_like, context_like) -> dict:
         """An idle pool for per-sentence state/context shaped like `*_like` (leading dim ignored)."""
@@ -513,8 +520,9 @@ class SlotPool:
 class _Greedy(_Search):
     num_beams = 1
 
-    def __init__(self, *, max_len, source_len, bos_id, eos_id):
+    def __init__(self, *, max_len, source_len, bos_id, eos_id, kernels="auto"):
         self.max_len, self.source_len, self.bos_id, self.eos_id = max_len, source_len, bos_id, eos_id
+        self.kernels = kernels
 
     def fresh(self, n):
         search = {
@@ -531,7 +539,8 @@ class _Greedy(_Search):
 
     def advance(self, search, logits, attention, limits, source_mask):
         step = search["step"]  # [B]
-        token, token_log_prob = _best_token(logits, step >= limits - 1, self.eos_id)  # [B], [B]
+        token, token_log_prob = topk.best_token(logits, step >= limits - 1, self.eos_id,
+                                                  kernels_lib.resolve(self.kernels))  # [B], [B]
         live = ~search["finished"]
         token = jnp.where(live, token, PAD_ID)
         at_step = jnp.arange(self.max_len)[None, :] == step[:, None]  # [B, T]
@@ -555,7 +564,8 @@ class _Greedy(_Search):
 
 class _Beam(_Search):
     def __init__(self, *, beam_size, nbest, vocab_size, max_len, source_len, length_penalty,
-                 coverage_penalty, bos_id, eos_id):
+                 coverage_penalty, bos_id, eos_id, kernels="auto"):
+        self.kernels = kernels
         has_attention = source_len is not None
         if not has_attention and not _is_zero(coverage_penalty):
             raise ValueError(
@@ -600,9 +610,9 @@ class _Beam(_Search):
         batch_size = step.shape[0]
         has_attention = self.source_len is not None
         # Every (parent beam, next token) extension, by the raw log-prob of the longer prefix.
-        candidate_log_probs, flat_index = _top_extensions(
+        candidate_log_probs, flat_index = topk.top_extensions(
             state["alive_log_probs"], logits.reshape(batch_size, K, V), step >= limits - 1,
-            self.eos_id, self.num_candidates,
+            self.eos_id, self.num_candidates, kernels_lib.resolve(self.kernels),
         )  # [B, C]
         parent = flat_index // V  # [B, C]
         token = (flat_index % V).astype(jnp.int32)  # [B, C]
@@ -689,129 +699,6 @@ class _Beam(_Search):
         if self.source_len is not None:
             result["attention"] = jnp.where(flags[:, :, None, None], state["finished_attention"], 0.0)
         return result
-
-
-def _normaliser(logits):
-    """logits [..., V] -> (max, log-sum-exp of logits - max), both [..., 1], as jax.nn.log_softmax
-    computes them, so that log_softmax = (logits - max) - lse can be formed where it is needed."""
-    logits = logits.astype(jnp.float32)
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    return top, jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
-
-
-def _log_probs(logits, top, lse, force, token_ids, eos_id):
-    """log_softmax of logits [..., n] (n of the V tokens, ids token_ids broadcastable to it) with
-    every token but EOS masked out where force [...] is set. Elementwise, so XLA fuses it into
-    its consumers instead of storing [rows, V] log-probs."""
-    log_probs = (logits.astype(jnp.float32) - top) - lse
-    return jnp.where(force[..., None] & (token_ids != eos_id), _NEG_INF, log_probs)
-
-
-def _first_index(mask):
-    """mask [..., V] bool -> [...] int32, the first True position (V if none). A float max
-    reduction (exact for V < 2**24) vectorises on CPU where an int argmin/argmax does not."""
-    positions = jnp.arange(mask.shape[-1], dtype=jnp.float32)
-    return (-jnp.max(jnp.where(mask, -positions, -jnp.inf), axis=-1)).astype(jnp.int32)
-
-
-def _best_token(logits, force, eos_id):
-    """logits [B, V], force [B] (only EOS allowed) -> (token [B] int32, log-prob [B]): the
-    first maximum of the (masked) log_softmax, as jnp.argmax of it gives, but without XLA's
-    CPU argmax reduction (slow) and without storing [B, V] log-probs.
-
-    With V cut into chunks (see `_top_extensions`): log-probs are monotone in the logit, so
-    the best value is that of the row maximum, the first token reaching it lies in the first
-    chunk whose maximum reaches it, and only that chunk is searched."""
-    B, V = logits.shape
-    logits = logits.astype(jnp.float32)
-    chunk = _chunk_size(V, 1)
-    if chunk is None:
-        top, lse = _normaliser(logits)
-        log_probs = _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
-        best = jnp.max(log_probs, axis=-1)
-        return _first_index(log_probs == best[:, None]), best
-    n_chunks = V // chunk
-    chunked = logits.reshape(B, n_chunks, chunk)  # every pass reads this one shape
-    chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, n]; see _top_extensions
-    top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, 1]
-    lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
-    best = ((top - top) - lse)[:, 0]
-    first_chunk = _first_index(((chunk_logits - top) - lse) == best[:, None])  # [B]
-    picked = jnp.take_along_axis(chunked, first_chunk[:, None, None], axis=1)[:, 0]
-    token = first_chunk * chunk + _first_index(((picked - top) - lse) == best[:, None])
-    # Where only EOS is allowed, it is the best token unless it is impossible (then every
-    # value is -inf and the first maximum is token 0).
-    eos_log_prob = ((chunked[:, eos_id // chunk, eos_id % chunk][:, None] - top) - lse)[:, 0]
-    forced_token = jnp.where(eos_log_prob == _NEG_INF, 0, eos_id).astype(jnp.int32)
-    return jnp.where(force, forced_token, token), jnp.where(force, eos_log_prob, best)
-
-
-# Logit rows are cut into chunks of one of these sizes (in order of preference) to pick tokens.
-_CHUNK_SIZES = (64, 80, 100, 50, 128, 125, 40, 32)
-
-
-def _chunk_size(vocab_size: int, num_candidates: int) -> int | None:
-    """A chunk size dividing V into at least 4 chunks per candidate, or None (V too small)."""
-    return next((c for c in _CHUNK_SIZES if vocab_size % c == 0 and vocab_size // c >= 4 * num_candidates),
-                None)
-
-
-def _top_extensions(alive_log_probs, logits, force, eos_id, num_candidates):
-    """The C best one-token extensions of K live hypotheses.
-
-    alive_log_probs [B, K], logits [B, K, V], force [B] (only EOS allowed) -> (values [B, C],
-    flat index [B, C] = k * V + token) of the C largest alive_log_probs[b, k] + log_softmax(
-    logits[b, k])[token], exactly as lax.top_k over the flattened [B, K*V] values gives them
-    (highest first, lower flat index first among equal values).
-
-    For a large V it never forms the [B, K, V] values: each row is cut into chunks, and only the
-    C chunks of the sentence (over all K rows) with the highest maxima can hold its C best
-    entries (an entry outside them is beaten by each of those C chunk maxima, or tied with a
-    maximum at a lower flat index), so top_k runs over C chunks instead of K*V tokens. The
-    chunks are taken in flat position order, so ties still go to the lower index. Chunk maxima
-    come from the raw logits in one pass, which also gives the row maxima (alive + log-prob is
-    monotone in the logit); the log-sum-exp is the only other pass over all the logits.
-    """
-    B, K, V = logits.shape
-    logits = logits.astype(jnp.float32)
-    force = force[:, None]  # [B, 1]
-    chunk = _chunk_size(V, num_candidates)
-    if chunk is None:
-        top, lse = _normaliser(logits)  # [B, K, 1]
-        values = alive_log_probs[:, :, None] + _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
-        return lax.top_k(values.reshape(B, K * V), num_candidates)
-    n_chunks = V // chunk
-    # Every pass reads the logits in one [B, K, n, chunk] shape, so XLA stores them once. The
-    # barrier keeps the chunk maxima a pass of their own: otherwise XLA takes the row maximum
-    # straight from the logits and the chunk maxima again in a second pass.
-    chunked = logits.reshape(B, K, n_chunks, chunk)
-    chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, K, n]
-    top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, K, 1], the row maximum
-    lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
-
-    def extended(x, alive, top, lse):  # alive + log-prob, unmasked; monotone non-decreasing in x
-        return alive + ((x - top) - lse)
-
-    # A chunk's best value is extended(its largest logit) (extended is monotone, so it commutes
-    # with max); where only EOS is allowed, only EOS's chunk has a finite value.
-    alive = alive_log_probs[:, :, None]  # [B, K, 1]
-    eos_value = extended(chunked[:, :, eos_id // chunk, eos_id % chunk][..., None], alive, top, lse)
-    chunk_values = jnp.where(force[..., None], jnp.where(jnp.arange(n_chunks) == eos_id // chunk, eos_value, _NEG_INF),
-                             extended(chunk_logits, alive, top, lse))  # [B, K, n]
-    _, chunks = lax.top_k(chunk_values.reshape(B, K * n_chunks), num_candidates)  # [B, C], k * n + chunk
-    chunks = jnp.sort(chunks, axis=-1)
-    beam, position = chunks // n_chunks, chunks % n_chunks  # [B, C]
-    picked = jnp.take_along_axis(chunked.reshape(B, K * n_chunks, chunk), chunks[..., None], axis=1)  # [B, C, chunk]
-
-    def of_beam(x):  # [B, K, 1] -> [B, C, 1], the value of each picked chunk's beam
-        return jnp.take_along_axis(x, beam[..., None], axis=1)
-
-    token_ids = position[..., None] * chunk + jnp.arange(chunk)  # [B, C, chunk]
-    values = extended(picked, of_beam(alive), of_beam(top), of_beam(lse))
-    values = jnp.where(force[..., None] & (token_ids != eos_id), _NEG_INF, values).reshape(B, -1)
-    flat_ids = (beam[..., None] * V + token_ids).reshape(B, -1)
-    best, at = lax.top_k(values, num_candidates)
-    return best, jnp.take_along_axis(flat_ids, at, axis=1)
 
 
 def _source_lengths(source_lengths, n, source_len):

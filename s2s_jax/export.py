@@ -106,6 +106,7 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
     import jax.numpy as jnp
     from jax import export
 
+    from s2s_jax import kernels as kernels_lib
     from s2s_jax.inference.translator import decode_fixed_batch, encode as encode_batch
 
     B, S, T = export.symbolic_shape("batch, source_len, max_len")
@@ -131,13 +132,16 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
         return {k: out[k][:, 0] for k in keys}  # drop the n-best axis (n-best = 1)
 
     programs = {}
-    exported = export.export(jax.jit(encode), platforms=platforms)(params_avals, source, lengths)
-    programs["encode"] = exported.serialize()
-    for beam in [1, *beams]:
-        name = "greedy" if beam == 1 else f"beam_{beam}"
-        fn = jax.jit(functools.partial(decode, beam=beam))
-        exported = export.export(fn, platforms=platforms)(params_avals, source, lengths, carrier)
-        programs[name] = exported.serialize()
+    # model.kernels=auto resolves for the target platforms, not this machine: a bundle lowered on
+    # a CPU for cuda gets the portable kernels (cpu only when every platform is cpu)
+    with kernels_lib.target(platforms):
+        exported = export.export(jax.jit(encode), platforms=platforms)(params_avals, source, lengths)
+        programs["encode"] = exported.serialize()
+        for beam in [1, *beams]:
+            name = "greedy" if beam == 1 else f"beam_{beam}"
+            fn = jax.jit(functools.partial(decode, beam=beam))
+            exported = export.export(fn, platforms=platforms)(params_avals, source, lengths, carrier)
+            programs[name] = exported.serialize()
     return programs
 
 

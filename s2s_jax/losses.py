@@ -4,25 +4,17 @@ Every function returns *sums* and the weight they were summed over, never means,
 gradient accumulation and data-parallel reduction divide once, by the true token count.
 
 `sequence_loss` projects the decoder's hidden states to the vocabulary and scores them in one
-custom-VJP function: when differentiated, its forward pass already forms the logits' gradient
-w·(softmax − target distribution) while the logits are hot in cache and turns it into the
-gradients of the hidden states, kernel and bias (the same three matmuls autodiff would run), so
-the [N, V] logits are read a few times instead of being saved, re-read and transposed by the
-backward pass. On the 2-core CPU this takes the projection+loss from ~1.5× to ~1.0× the cost of
-its three matmuls. It runs on the real (weight > 0) rows only, gathered to the front and taken a
-block of rows at a time (`_compacted`), so padding costs nothing there. `chunk` > 0 instead runs
-it `chunk` time steps at a time in a scan, so [B, T, V] never exists at once (for large
-vocabularies).
+custom-VJP function that forms the gradients in its forward pass (kernels/loss.py, per kernel
+set).
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
-from s2s_jax.model.cells import rows_transposed_product
+from s2s_jax import kernels as kernels_lib
+from s2s_jax.kernels import loss as loss_kernel
 
 Array = jax.Array
 
@@ -41,180 +33,16 @@ def token_losses(logits: Array, targets: Array, label_smoothing: float = 0.0):
     return loss, nll, correct
 
 
-def _score(h, kernel, bias, y, w, eps: float, dtype, with_grad: bool):
-    """One block of rows: h [N, H], y [N], w [N] -> sums [4] (loss, nll, correct, weight)
-    and, with_grad, the gradients of sums[0] w.r.t. h [N, H], kernel [H, V] and bias [V].
-    bias None: it is folded into h and kernel (`_blocks`), and its gradient is None here."""
-    dtype = jnp.dtype(dtype)
-    logits = jnp.matmul(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-    if bias is not None:
-        logits = logits + bias
-    V = logits.shape[-1]
-    top = jnp.max(logits, -1, keepdims=True)
-    e = jnp.exp(logits - top)
-    total = jnp.sum(e, -1, keepdims=True)
-    lse = (top + jnp.log(total))[:, 0]
-    target_logit = jnp.take_along_axis(logits, y[:, None], -1)[:, 0]
-    nll = lse - target_logit
-    loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse - logits.mean(-1))
-    # argmax(logits) == y, up to ties (a tie with the target counts as correct)
-    correct = (target_logit >= top[:, 0]).astype(jnp.float32)
-    sums = jnp.stack([(loss * w).sum(), (nll * w).sum(), (correct * w).sum(), w.sum()])
-    if not with_grad:
-        return sums
-    # d loss / d logits = w · (softmax − (1 − eps)·onehot(y) − eps / V)
-    hit = jnp.arange(V)[None, :] == y[:, None]
-    g = e * (w[:, None] / total) - jnp.where(hit, (1 - eps) * w[:, None], 0.0)
-    if eps:
-        g = g - (eps / V) * w[:, None]
-    gd = g.astype(dtype)
-    d_h = jnp.matmul(gd, kernel.astype(dtype).T, preferred_element_type=jnp.float32)
-    d_kernel = rows_transposed_product(h, gd, dtype)  # on the YNN path: step −1.7 % (A/B)
-    return sums, d_h, d_kernel, None if bias is None else g.sum(0)
-
-
-BIG_ROWS = 256   # rows per block until at most three small blocks of real rows remain
-SMALL_ROWS = 64  # rows per block for the remainder
-
-
-def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad):
-    """_score over only the rows with weight > 0: gathered to the front, a block at a time.
-
-    Padding is a quarter or more of a bucketed batch's target positions, and the output
-    projection and softmax are the costliest part of a step, so they run on the real rows only.
-    Shapes stay static: two `fori_loop`s whose trip counts are counted on device run two
-    compiled block programs: `BIG_ROWS` rows per block until at most three small blocks' worth of
-    real rows remain, then `SMALL_ROWS` rows per block (a [256, H] x [H, V] product runs at ~190
-    GFLOP/s on the dev CPU, a [64, H] one at ~155, and each block also adds its [H, V] kernel
-    gradient into the accumulator; four small blocks cost more than one big one). Past the first
-    big block at most SMALL_ROWS - 1 filler rows are scored; rows past the real ones carry weight
-    0. Block 0 (a big block, or all rows when there are fewer) runs unconditionally and starts the
-    accumulators, so the [H, V] kernel gradient is never zero-filled; with no real row it adds
-    zeros. Against one matmul over all rows, 64-row blocks made the step ~8 % faster; a
-    `lax.switch` over a ladder of static capacities was as fast but compiled each capacity (+2 s
-    per bucket shape); these two block sizes another ~6 % (in-process A/B).
-    """
-    N, H = h.shape
-    RB = min(BIG_ROWS, -(-N // SMALL_ROWS) * SMALL_ROWS)
-    RS = min(SMALL_ROWS, RB)
-    capacity = N + RB  # the last small blocks may run past N (their rows carry weight 0)
-    real = w > 0
-    perm = jnp.argsort(~real, stable=True)  # real rows first, in their order
-    hp, yp, wp = (jnp.concatenate([jnp.take(a, perm, axis=0), jnp.zeros((capacity - N,) + a.shape[1:], a.dtype)])
-                  for a in (h, y, w))
-    n_real = real.sum()
-    # big blocks until at most RB - RS rows remain (more small blocks cost more than one big)
-    n_big = jnp.maximum((n_real - (RB - RS) + RB - 1) // RB, 1)  # block 0 is big
-    n_small = jnp.maximum(n_real - n_big * RB + RS - 1, 0) // RS
-
-    def block(start, R):
-        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start, R)  # noqa: E731
-        return _score(rows(hp), kernel, bias, rows(yp), rows(wp), eps, dtype, with_grad)
-
-    def remaining_blocks(add, acc):
-        """Blocks 1 .. n_big - 1 (big), then the small ones: acc = add(acc, start, R)."""
-        acc = jax.lax.fori_loop(1, n_big, lambda i, acc: add(acc, i * RB, RB), acc)
-        return jax.lax.fori_loop(0, n_small, lambda j, acc: add(acc, n_big * RB + j * RS, RS), acc)
-
-    if not with_grad:
-        return remaining_blocks(lambda acc, start, R: acc + block(start, R), block(0, RB))
-
-    def add(acc, start, R):
-        sums, d_h, d_kernel, d_bias = acc
-        b_sums, b_h, b_kernel, b_bias = block(start, R)
-        return (sums + b_sums, jax.lax.dynamic_update_slice_in_dim(d_h, b_h, start, 0),
-                d_kernel + b_kernel, None if d_bias is None else d_bias + b_bias)
-
-    sums, h0, d_kernel, d_bias = block(0, RB)
-    init = (sums, jnp.concatenate([h0, jnp.zeros((capacity - RB, H), jnp.float32)]), d_kernel, d_bias)
-    sums, d_h, d_kernel, d_bias = remaining_blocks(add, init)
-    return sums, jnp.take(d_h[:N], jnp.argsort(perm), axis=0), d_kernel, d_bias  # original row order
-
-
-def _blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad):
-    """h [B, T, H] etc. -> sums [4] and, with_grad, the gradients w.r.t. h, kernel and bias.
-
-    In float32 the bias is folded into the products: h gets a column of ones and the kernel the
-    bias as row H, so the logits need no separate bias add over [rows, V] and the bias gradient
-    is row H of the kernel gradient instead of a column sum of each block's [rows, V] gradient
-    (a pass over the logits less each way: step −2 % in an in-process A/B on the dev CPU,
-    although a contraction of 257 runs ~3 % slower than 256 in the logits product). With a
-    bfloat16 compute dtype the bias stays a float32 add (folding would round it to bfloat16).
-    """
-    if jnp.dtype(dtype) != jnp.float32:
-        return _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad)
-    B, T, H = h.shape
-    h = jnp.concatenate([h, jnp.ones((B, T, 1), h.dtype)], -1)
-    kernel = jnp.concatenate([kernel, bias[None].astype(kernel.dtype)], 0)
-    out = _unfolded_blocks(h, kernel, None, y, w, eps, dtype, chunk, with_grad)
-    if not with_grad:
-        return out
-    sums, d_h, d_kernel, _ = out
-    return sums, d_h[..., :H], d_kernel[:H], d_kernel[H].astype(bias.dtype)
-
-
-def _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad):
-    """`chunk` time steps per block (0 = all at once, padding rows skipped); bias None when it
-    is folded into h and kernel."""
-    B, T, H = h.shape
-    if chunk <= 0 or chunk >= T:
-        out = _compacted(h.reshape(B * T, H), kernel, bias, y.reshape(-1), w.reshape(-1), eps, dtype, with_grad)
-        if not with_grad:
-            return out
-        sums, d_h, d_kernel, d_bias = out
-        return sums, d_h.reshape(B, T, H), d_kernel, d_bias
-    n = -(-T // chunk)
-    pad = n * chunk - T
-
-    def split(x):  # [B, T, ...] -> [n, chunk·B, ...], time-major within a block
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = jnp.swapaxes(x.reshape((B, n, chunk) + x.shape[2:]), 0, 1)
-        return jnp.swapaxes(x, 1, 2).reshape((n, chunk * B) + x.shape[3:])
-
-    xs = (split(h), split(y), split(w))
-    if not with_grad:
-        return jax.lax.map(lambda a: _score(a[0], kernel, bias, a[1], a[2], eps, dtype, False), xs).sum(0)
-
-    def body(acc, a):
-        sums, d_h, d_kernel, d_bias = _score(a[0], kernel, bias, a[1], a[2], eps, dtype, True)
-        return (acc[0] + sums, acc[1] + d_kernel, None if bias is None else acc[2] + d_bias), d_h
-
-    zeros = (jnp.zeros(4, jnp.float32), jnp.zeros(kernel.shape, jnp.float32),
-             None if bias is None else jnp.zeros(bias.shape, jnp.float32))
-    (sums, d_kernel, d_bias), d_h = jax.lax.scan(body, zeros, xs)  # d_h [n, chunk·B, H]
-    d_h = jnp.swapaxes(d_h.reshape(n, chunk, B, H), 1, 2).reshape(n, B, chunk, H)
-    d_h = jnp.swapaxes(d_h, 0, 1).reshape(B, n * chunk, H)[:, :T]
-    return sums, d_h, d_kernel, d_bias
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _fused_loss(h, kernel, bias, y, w, eps, dtype, chunk):
-    return _blocks(h, kernel, bias, y, w, eps, dtype, chunk, False)
-
-
-def _fused_fwd(h, kernel, bias, y, w, eps, dtype, chunk):
-    sums, d_h, d_kernel, d_bias = _blocks(h, kernel, bias, y, w, eps, dtype, chunk, True)
-    return sums, (d_h, d_kernel, d_bias, jnp.zeros((0,), h.dtype), jnp.zeros((0,), kernel.dtype))  # dtype tags
-
-
-def _fused_bwd(eps, dtype, chunk, res, ct):
-    # Only sums[0] (the training loss) carries a gradient; nll/correct/weight are metrics.
-    d_h, d_kernel, d_bias, h_tag, k_tag = res
-    c = ct[0]
-    return (c * d_h).astype(h_tag.dtype), (c * d_kernel).astype(k_tag.dtype), c * d_bias, None, None
-
-
-_fused_loss.defvjp(_fused_fwd, _fused_bwd)
-
-
 def sequence_loss(hidden: Array, kernel: Array, bias: Array, targets: Array, weights: Array, *,
-                  label_smoothing: float = 0.0, chunk: int = 0, dtype=jnp.float32) -> dict[str, Array]:
+                  label_smoothing: float = 0.0, chunk: int = 0, dtype=jnp.float32,
+                  kernels: str = "auto") -> dict[str, Array]:
     """Projects hidden [B, T, H] to the vocabulary and scores targets [B, T] with weights [B, T].
 
     chunk > 0: `chunk` time steps at a time inside a scan, so the [B, T, V] logits (and their
-    gradient) never exist at once. Returns sums: loss, nll, correct, weight (float32 scalars).
-    Differentiable w.r.t. hidden, kernel and bias through `loss` only (the rest are metrics).
+    gradient) never exist at once. kernels: model.kernels (auto | cpu | portable; kernels/loss.py).
+    Returns sums: loss, nll, correct, weight (float32 scalars). Differentiable w.r.t. hidden,
+    kernel and bias through `loss` only (the rest are metrics).
     """
-    sums = _fused_loss(hidden, kernel, bias, targets, weights.astype(jnp.float32), float(label_smoothing),
-                       jnp.dtype(dtype).name, int(chunk))
+    sums = loss_kernel.sequence_sums(hidden, kernel, bias, targets, weights, label_smoothing=label_smoothing,
+                                     chunk=chunk, dtype=dtype, kernels=kernels_lib.resolve(kernels))
     return {"loss": sums[0], "nll": sums[1], "correct": sums[2], "weight": sums[3]}

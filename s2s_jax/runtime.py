@@ -1,4 +1,4 @@
-"""Process setup shared by the CLI and library users: compile cache and host allocator.
+"""Process setup shared by the CLI and library users: compile cache, host allocator, XLA flags.
 
     import s2s_jax
     s2s_jax.setup()        # first thing, before anything imports jax (the CLI does this itself)
@@ -73,3 +73,43 @@ def tune_host_allocator() -> str:
 def setup() -> dict:
     """Both of the above, as the CLI does: {"compilation_cache": dir | None, "host_allocator": ...}."""
     return {"compilation_cache": enable_compilation_cache(), "host_allocator": tune_host_allocator()}
+
+
+# XLA flags behind train.deterministic: GPU reductions and scatters (atomics) in a fixed order,
+# so two runs from the same state give bitwise the same parameters. XLA:CPU and TPUs are
+# deterministic without them; on CPU-only jaxlib the GPU flags are accepted and inert.
+DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true",)
+
+
+def _backend_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except ImportError:  # private layout moved: assume started (the flags may then be late)
+        return True
+
+
+def configure_backend(deterministic: bool = True) -> list[str]:
+    """Adds the train.deterministic XLA flags to XLA_FLAGS before the backend starts.
+
+    Returns the flags in effect. If a backend already started in this process, XLA has read its
+    flags: the function warns and changes nothing (call it first, as the CLI does).
+    """
+    if not deterministic:
+        return []
+    current = os.environ.get("XLA_FLAGS", "").split()
+    missing = [f for f in DETERMINISTIC_XLA_FLAGS if f.split("=")[0] not in {c.split("=")[0] for c in current}]
+    if missing and _backend_started():
+        import jax
+        if jax.default_backend() == "cpu":  # XLA:CPU is deterministic; nothing to set
+            return []
+        import warnings
+        warnings.warn("train.deterministic: the XLA backend has already started, so "
+                      f"{' '.join(missing)} cannot take effect in this process; call "
+                      "s2s_jax.runtime.configure_backend() before any jax computation", stacklevel=2)
+        return [f for f in DETERMINISTIC_XLA_FLAGS if f not in missing]
+    if missing:
+        os.environ["XLA_FLAGS"] = " ".join(current + missing)
+    return list(DETERMINISTIC_XLA_FLAGS)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from s2s_jax import kernels as kernels_lib
 from s2s_jax import losses
 from s2s_jax.config import Config
+from s2s_jax.kernels.update import apply_if, global_norm
 from s2s_jax.model import Seq2Seq
 from s2s_jax.train_state import TrainState, build_optimizer, learning_rate_fn
 
@@ -41,7 +43,7 @@ def loss_sums(params, batch: Batch, *, model: Seq2Seq, config: Config, rng=None,
     return losses.sequence_loss(
         hidden, kernel, bias, batch["target_output"], target_weights(batch),
         label_smoothing=config.train.label_smoothing if train else 0.0,
-        chunk=config.model.loss_chunk, dtype=jnp.dtype(config.model.dtype))
+        chunk=config.model.loss_chunk, dtype=jnp.dtype(config.model.dtype), kernels=config.model.kernels)
 
 
 def _psum(tree, axis_name):
@@ -64,7 +66,14 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
     frozen_rows: {parameter name: bool [V]} embedding rows held fixed (model.freeze_embeddings):
     their gradient is zero (so neither the norm nor the optimizer's moments see it) and their
     new values are the old ones, bit for bit (whatever weight decay or the EMA would do).
+    Traced with model.matmul_precision (kernels.precision_scope), forward and backward.
     """
+    with kernels_lib.precision_scope(config.model):
+        return _train_step(state, batch, model=model, config=config, axis_name=axis_name, frozen_rows=frozen_rows)
+
+
+def _train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Config,
+                axis_name: str | None = None, frozen_rows: dict | None = None):
     tc = config.train
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     B = batch["source"].shape[0]
@@ -97,10 +106,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
     if frozen_rows:
         grads = _hold_rows(frozen_rows, grads, 0.0)
     weight = jnp.maximum(sums["weight"], 1.0)
-    # the mean gradient's global norm, as optax.global_norm(grads / weight) but each leaf's sum of
-    # squares a self dot: XLA:CPU runs it as a multithreaded YNN dot rather than a reduction
-    # (the step's 14 norm kernels 3.9 → 1.5 ms on bench_cpu, dev CPU)
-    grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))) / weight
+    grad_norm = global_norm(grads) / weight  # the mean gradient's global norm
     # mean and clip_by_global_norm(train.clip_norm) as one scalar, fused into the optimizer's pass
     scale = 1.0 / weight
     if tc.clip_norm > 0:
@@ -108,10 +114,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
     lr = learning_rate_fn(tc)(state.step) * state.lr_scale
     # Non-finite guard: a step with a non-finite loss, gradient or learning rate is skipped (the
     # state is untouched but for the counters). A finite loss and gradient give a finite clipped
-    # Adam or SGD direction, so these three scalars decide before any update is computed, and a
-    # `cond` runs the update only when it is kept: one fused pass per parameter, where selecting
-    # between new and old values after the fact (or checking the new parameters) costs three more
-    # passes over every parameter and optimizer slot (~27 ms of a ~300 ms bench_cpu step).
+    # Adam or SGD direction, so these three scalars decide before any update is computed
+    # (kernels/update.py: a cond on CPU, a select in the portable set).
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
 
     def update(params, opt_state, ema):
@@ -127,8 +131,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
         params = new_params
         return params, opt_state, ema
 
-    params, opt_state, ema = jax.lax.cond(finite, update, lambda *old: old,
-                                          state.params, state.opt_state, state.ema_params)
+    params, opt_state, ema = apply_if(finite, update, (state.params, state.opt_state, state.ema_params),
+                                      kernels_lib.resolve(config.model.kernels))
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -146,7 +150,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
 def eval_step(params, batch: Batch, *, model: Seq2Seq, config: Config,
               axis_name: str | None = None) -> dict[str, jax.Array]:
     """Metric sums (loss, nll, correct, weight) of a batch, deterministic."""
-    return _psum(loss_sums(params, batch, model=model, config=config), axis_name)
+    with kernels_lib.precision_scope(config.model):
+        return _psum(loss_sums(params, batch, model=model, config=config), axis_name)
 
 
 # -- decoding adapters ----------------------------------------------------------------------

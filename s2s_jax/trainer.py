@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s2s_jax import runtime
 from s2s_jax import config as config_lib
 from s2s_jax import metrics as metrics_lib
 from s2s_jax import steps
@@ -198,6 +199,7 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True) -
     UserError: exit code 2) after train.max_nonfinite non-finite steps in a row.
     """
     config = config_lib.validate(config)
+    runtime.configure_backend(config.train.deterministic)  # before the backend starts
     resume = check_workdir(config, workdir)
     if resume and not config.train.init_from:
         # restarted without --init-from: the run still starts from (or began from) the saved one

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from s2s_jax import decoding
+from s2s_jax import kernels
+from s2s_jax.kernels import topk
 from s2s_jax.decoding import BOS_ID, EOS_ID, PAD_ID, beam_search, continuous_search, greedy_search
 
 # ----------------------------------------------------------------------------------- stubs
@@ -639,11 +641,13 @@ def tied_logits(seed, rows, vocab_size):
     return jnp.asarray(np.round(rng.normal(size=(rows, vocab_size)) * 2) / 2, jnp.float32)
 
 
-def test_chunked_top_extensions_equal_flat_top_k():
-    """The chunked selection (V = 1024, 64-token chunks) gives lax.top_k's values and indices
-    over all K*V extensions exactly, ties included, also for forced-EOS and dead beams."""
+@pytest.mark.parametrize("ks", kernels.SETS)
+def test_chunked_top_extensions_equal_flat_top_k(ks):
+    """The selection (cpu: chunked, V = 1024, 32-token chunks; portable: plain) gives lax.top_k's
+    values and indices over all K*V extensions exactly, ties included, also for forced-EOS and
+    dead beams."""
     B, K, V, C = 6, 3, 1024, 6
-    assert decoding._chunk_size(V, C) == 32 and decoding._chunk_size(5, 2) is None
+    assert topk._chunk_size(V, C) == 32 and topk._chunk_size(5, 2) is None
     logits = tied_logits(0, B * K, V).reshape(B, K, V)
     alive = jnp.asarray(np.round(np.random.default_rng(1).normal(size=(B, K)), 1), jnp.float32)
     alive = alive.at[1, 1:].set(-jnp.inf)  # a sentence with one live beam
@@ -651,22 +655,23 @@ def test_chunked_top_extensions_equal_flat_top_k():
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     log_probs = jnp.where(force[:, None, None] & (jnp.arange(V) != EOS_ID), -jnp.inf, log_probs)
     want_values, want_index = jax.lax.top_k((alive[:, :, None] + log_probs).reshape(B, K * V), C)
-    values, index = decoding._top_extensions(alive, logits, force, EOS_ID, C)
+    values, index = topk.top_extensions(alive, logits, force, EOS_ID, C, ks)
     np.testing.assert_array_equal(index, want_index)
     np.testing.assert_array_equal(values, want_values)
     assert np.all(np.asarray(index)[[2, 4]][:, :K] % V == EOS_ID)  # forced: EOS of each beam first
 
 
-def test_chunked_best_token_equals_argmax_of_log_softmax():
+@pytest.mark.parametrize("ks", kernels.SETS)
+def test_chunked_best_token_equals_argmax_of_log_softmax(ks):
     B, V = 8, 1024
-    assert decoding._chunk_size(V, 1) == 64
+    assert topk._chunk_size(V, 1) == 64
     logits = tied_logits(2, B, V)
     logits = logits.at[3].set(0.0)  # all tied: token 0
     logits = logits.at[5, EOS_ID].set(-jnp.inf)  # forced EOS that is impossible: token 0, -inf
     force = jnp.asarray([False, True, False, False, False, True, False, True])
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     log_probs = jnp.where(force[:, None] & (jnp.arange(V) != EOS_ID), -jnp.inf, log_probs)
-    token, best = decoding._best_token(logits, force, EOS_ID)
+    token, best = topk.best_token(logits, force, EOS_ID, ks)
     np.testing.assert_array_equal(token, jnp.argmax(log_probs, axis=-1))
     np.testing.assert_array_equal(best, jnp.max(log_probs, axis=-1))
     assert int(token[3]) == 0 and int(token[1]) == EOS_ID and int(token[5]) == 0

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from s2s_jax import decoding
+from s2s_jax import kernels as kernels_lib
 from s2s_jax.config import Config
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
 from s2s_jax.model import Seq2Seq
@@ -51,7 +52,8 @@ def encode(params, source, source_lengths, *, model: Seq2Seq) -> dict:
     (An `ensemble.Ensemble` gives memory, keys and state per member, one shared mask.)"""
     if not isinstance(model, Seq2Seq):
         return model.encode(params, source, source_lengths)
-    return model.apply({"params": params}, source, source_lengths, method=Seq2Seq.encode)
+    with kernels_lib.precision_scope(model.config):
+        return model.apply({"params": params}, source, source_lengths, method=Seq2Seq.encode)
 
 
 def projection_table(model: Seq2Seq, params):
@@ -117,7 +119,7 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
         max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
         coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths, nbest=nbest,
         slot_context=True, output_sizes=(model.target_vocab_size, cache["mask"].shape[1] if want_attention else None),
-        bos_id=BOS_ID, eos_id=EOS_ID)
+        bos_id=BOS_ID, eos_id=EOS_ID, kernels=config.model.kernels)
 
 
 def model_step_fn(model: Seq2Seq, params, *, table=None, attention: bool = True):
@@ -135,7 +137,8 @@ def model_step_fn(model: Seq2Seq, params, *, table=None, attention: bool = True)
     variables = {"params": params}
 
     def step_fn(tokens, state, context):
-        logits, new_state, weights = model.apply(variables, tokens, table, state, context, method=_decode_step)
+        with kernels_lib.precision_scope(model.config):
+            logits, new_state, weights = model.apply(variables, tokens, table, state, context, method=_decode_step)
         return logits, new_state, weights if attention else None
 
     return step_fn
@@ -161,11 +164,11 @@ def decode_fixed_batch(params, source, source_lengths, *, model: Seq2Seq, config
     B = source.shape[0]
     if beam_size == 1:
         return decoding.greedy_search(step_fn, cache, batch_size=B, max_lengths=max_lengths, max_len=max_len,
-                                      bos_id=BOS_ID, eos_id=EOS_ID)
+                                      bos_id=BOS_ID, eos_id=EOS_ID, kernels=config.model.kernels)
     return decoding.beam_search(step_fn, cache, batch_size=B, beam_size=beam_size, max_lengths=max_lengths,
                                 max_len=max_len, length_penalty=dc.length_penalty,
                                 coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths,
-                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID)
+                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID, kernels=config.model.kernels)
 
 
 def score_batch(params, source, source_lengths, target_input, target_output, target_mask, *, model: Seq2Seq):

@@ -14,11 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2s_jax.model.cells import matmul
-from s2s_jax.model.scan import plain_dot
+from s2s_jax.kernels.deferred_scan import plain_dot
+from s2s_jax.kernels.dense import matmul
+from s2s_jax.kernels.fused_decoder import NEG_INF  # noqa: F401  (one definition, re-exported)
 
 Array = jax.Array
-NEG_INF = -1e9  # finite: exp underflows to exactly 0, and an all-padding row stays NaN-free
 
 
 class AttentionParams(nn.Module):
@@ -40,11 +40,11 @@ class AttentionParams(nn.Module):
         return p
 
 
-def project_keys(params: dict, kind: str, memory: Array, dtype) -> Array:
+def project_keys(params: dict, kind: str, memory: Array, dtype, kernels: str = "cpu") -> Array:
     """memory [B, S, H] -> keys [B, S, H]; done once per batch, outside any scan."""
     if kind == "dot":
         return memory.astype(jnp.float32)
-    return matmul(memory, params["key_kernel"], dtype)
+    return matmul(memory, params["key_kernel"], dtype, kernels)
 
 
 def attend(params: dict, kind: str, query: Array, keys: Array, memory: Array, mask: Array, dtype,
@@ -53,7 +53,7 @@ def attend(params: dict, kind: str, query: Array, keys: Array, memory: Array, ma
 
     keys, memory [B, S, H]; mask [B, S] (True at real source positions).
     dropout_mask: optional, broadcastable to the weights, already scaled by 1/(1-rate).
-    dot: how products with `params`, `keys` and `memory` are taken (scan.Tape.dot inside the
+    dot: how products with `params`, `keys` and `memory` are taken (deferred_scan.Tape.dot inside the
     decoder's training scan, under the names att_query_kernel, att_v, keys, memory, att_output_kernel).
     Returns (attentional hidden [B, (T,) H] float32, weights [B, (T,) S] float32).
     """

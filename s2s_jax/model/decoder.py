@@ -16,12 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s2s_jax import kernels as kernels_lib
 from s2s_jax.config import ModelConfig
+from s2s_jax.kernels import deferred_scan as deferred, fused_decoder
+from s2s_jax.kernels.deferred_scan import plain_dot
+from s2s_jax.kernels.dense import matmul
 from s2s_jax.model.attention import AttentionParams, attend, project_keys
-from s2s_jax.model import fused_decoder, scan as deferred
-from s2s_jax.model.cells import (RecurrentParams, carry_hidden, cell_update, matmul, row_dropout_mask,
-                                 run_layer)
-from s2s_jax.model.scan import plain_dot
+from s2s_jax.model.cells import RecurrentParams, carry_hidden, cell_update, row_dropout_mask, run_layer
 
 Array = jax.Array
 
@@ -76,7 +77,8 @@ class Decoder(nn.Module):
         cfg = self.config
         if cfg.attention == "none":
             return memory
-        return project_keys(self.attention(), cfg.attention, memory, jnp.dtype(cfg.dtype))
+        return project_keys(self.attention(), cfg.attention, memory, jnp.dtype(cfg.dtype),
+                            kernels_lib.resolve(cfg.kernels))
 
     def initial_state(self, carries, memory):
         return {"layers": tuple(carries), "feed": jnp.zeros_like(memory[:, 0, :], dtype=jnp.float32)}
@@ -89,6 +91,7 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
+        ks = kernels_lib.resolve(cfg.kernels)
         T, B, _ = embedded.shape
         H, L, S = cfg.hidden_dim, cfg.decoder_layers, memory.shape[1]
         train = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0)
@@ -108,13 +111,13 @@ class Decoder(nn.Module):
         layers = [layer() for layer in self.layers] if not cfg.input_feeding else None
 
         if cfg.input_feeding:
-            gx0 = matmul(embedded, W.pop("w_emb"), dtype) + W["layer0_bias"]  # [T, B, G·H]
+            gx0 = matmul(embedded, W.pop("w_emb"), dtype, ks) + W["layer0_bias"]  # [T, B, G·H]
             if fused_decoder.supported(cfg):  # LSTM + dot/general: the hand-derived backward pass
-                hidden, weights = fused_decoder.decode(cfg, W, gx0, state, memory, keys, mask, masks)
+                hidden, weights = fused_decoder.decode(cfg, ks, W, gx0, state, memory, keys, mask, masks)
                 return jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(weights, 0, 1)
             W.update(memory=memory, keys=keys)
             # Products with loop-invariant arrays go through the tape, so their gradients are
-            # formed after the loop (model/scan.py); the rest is differentiated as usual.
+            # formed after the loop (kernels/deferred_scan.py); the rest is differentiated as usual.
             taped = {k: v for k, v in W.items() if k in _tape_names(cfg)}
             params = {k: v for k, v in W.items() if k not in taped}
 
@@ -136,7 +139,7 @@ class Decoder(nn.Module):
         x = embedded  # time-major through the layers
         for i, layer in enumerate(layers):
             carry = jax.tree.map(lambda a: a[None], state["layers"][i])
-            y, _ = run_layer(layer, cfg.cell, x, lengths, initial=carry, dtype=dtype, unroll=cfg.unroll)
+            y, _ = run_layer(layer, cfg.cell, x, lengths, initial=carry, dtype=dtype, unroll=cfg.unroll, kernels=ks)
             if cfg.residual and i > 0:
                 y = y + x
             if train and i + 1 < L:
@@ -165,7 +168,7 @@ class Decoder(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         W = self._prepared()
         w_emb = W.pop("w_emb")
-        gx0 = projected if projected is not None else matmul(embedded, w_emb, dtype) + W["layer0_bias"]
+        gx0 = projected if projected is not None else matmul(embedded, w_emb, dtype, kernels_lib.resolve(cfg.kernels)) + W["layer0_bias"]
         dot = plain_dot
         rows, entries = gx0.shape[0], memory.shape[0]
         if entries != rows and cfg.attention != "none":
@@ -201,7 +204,7 @@ def _step(cfg: ModelConfig, W: dict, dot, gx0: Array, state, masks):
     W: the arrays by name — per layer i `layer{i}_bias` and, LSTM, the fused `layer{i}` =
     [[W_side]; [W_hh]] or, GRU, `layer{i}_side` (absent without a side input), `layer{i}_hh`,
     `layer{i}_b_hh`; `att_*` (attention.py's parameters); `memory`, `keys`, `mask`.
-    dot: scan.Tape.dot inside the training scan, scan.plain_dot elsewhere.
+    dot: deferred_scan.Tape.dot inside the training scan, plain_dot elsewhere.
     gx0 [N, G·H]: layer 1's projected embedding (bias included). state: {"layers": tuple of
     carries, "feed": [N, H]}. masks: per-step dropout masks or None.
     Returns (attentional hidden [N, H], new state, attention weights [N, S] or None).
@@ -223,7 +226,7 @@ def _step(cfg: ModelConfig, W: dict, dot, gx0: Array, state, masks):
             if side is not None:
                 gx = gx + dot(f"layer{i}_side", "ni,ig->ng", side, W[f"layer{i}_side"], dtype)
             gh = dot(f"layer{i}_hh", "nh,hg->ng", h, W[f"layer{i}_hh"], dtype) + W[f"layer{i}_b_hh"]
-        carry, out = cell_update(cfg.cell, gx, gh, carry)
+        carry, out = cell_update(cfg.cell, gx, gh, carry, kernels_lib.resolve(cfg.kernels))
         if cfg.residual and i > 0:
             out = out + inp
         if masks is not None and i + 1 < L:
@@ -264,4 +267,5 @@ def input_projection_table(decoder: Decoder, embedding: Array) -> Array:
     multiplying [N, E] embeddings each step. Call it on a bound decoder (inside `apply`).
     """
     W = decoder._prepared()
-    return matmul(embedding, W["w_emb"], jnp.dtype(decoder.config.dtype)) + W["layer0_bias"]
+    return matmul(embedding, W["w_emb"], jnp.dtype(decoder.config.dtype),
+                  kernels_lib.resolve(decoder.config.kernels)) + W["layer0_bias"]

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax.config import ModelConfig
-from s2s_jax.model.cells import initial_carry, matmul, row_dropout_mask
+from s2s_jax import kernels as kernels_lib
+from s2s_jax.kernels.dense import matmul
+from s2s_jax.model.cells import initial_carry, row_dropout_mask
 from s2s_jax.model.decoder import Decoder
 from s2s_jax.model.encoder import Encoder
 
@@ -71,16 +73,17 @@ class Seq2Seq(nn.Module):
         if cfg.bridge == "last":
             return list(src)
         dtype = jnp.dtype(cfg.dtype)
+        ks = kernels_lib.resolve(cfg.kernels)
         out = []
         for i, carry in enumerate(src):
             if cfg.cell == "lstm":
                 h, c = carry
                 j = 2 * i
-                h = jnp.tanh(matmul(h, self.bridge_kernel[j], dtype) + self.bridge_bias[j])
-                c = matmul(c, self.bridge_kernel[j + 1], dtype) + self.bridge_bias[j + 1]
+                h = jnp.tanh(matmul(h, self.bridge_kernel[j], dtype, ks) + self.bridge_bias[j])
+                c = matmul(c, self.bridge_kernel[j + 1], dtype, ks) + self.bridge_bias[j + 1]
                 out.append((h, c))
             else:
-                out.append(jnp.tanh(matmul(carry, self.bridge_kernel[i], dtype) + self.bridge_bias[i]))
+                out.append(jnp.tanh(matmul(carry, self.bridge_kernel[i], dtype, ks) + self.bridge_bias[i]))
         return out
 
     def encode(self, source: Array, source_lengths: Array, deterministic: bool = True,
@@ -113,7 +116,7 @@ class Seq2Seq(nn.Module):
 
     def logits(self, hidden: Array) -> Array:
         kernel, bias = self.output_weights()
-        return matmul(hidden, kernel, jnp.dtype(self.config.dtype)) + bias
+        return matmul(hidden, kernel, jnp.dtype(self.config.dtype), kernels_lib.resolve(self.config.kernels)) + bias
 
     def decode_step(self, tokens: Array, cache: dict):
         """tokens [N] (previous output) -> (logits [N, V] float32, new cache, weights [N, S] | None)."""

@@ -2,7 +2,9 @@
 
 For the common configuration — LSTM layers, Luong `dot`/`general` attention, input feeding —
 the whole teacher-forced decoder (every layer and the attention, one step per target position)
-is one `custom_vjp` function, as the encoder's recurrence is (cells.py `_recurrence`).
+is one `custom_vjp` function, as the encoder's recurrence is (kernels/recurrence.py). Both
+kernel sets use it (every loop has the static trip count T); the set changes only the gate
+nonlinearity. `model.fused_decoder=false` turns it off (the generic scan, autodiff).
 
 Why: autodiff of the scanned step saved ~30 per-step residuals (each gate, the pieces of each
 nonlinearity's derivative, the softmax, the concatenations), each one a stacked [T, B, ·] buffer
@@ -22,7 +24,8 @@ and the output of layer l-1 otherwise):
     out_l = (h_l' [+ out_{l-1} if residual, l > 0]) [* dropout mask, l < L-1]
     a = softmax_s(q · k_s) over real source positions (q = out_{L-1});  ctx = Σ_s (a ⊙ drop)_s m_s
     hidden = tanh([ctx; q] · W_c) [* output dropout mask];  it is also the next step's `side_0`.
-tests/test_model.py checks values and gradients against the plain reference (a Python loop).
+tests/test_kernels.py checks values and gradients against the plain reference (a Python loop)
+and against the generic scan with dropout.
 """
 
 from __future__ import annotations
@@ -32,20 +35,22 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from s2s_jax.config import ModelConfig
-from s2s_jax.model.attention import NEG_INF
-from s2s_jax.model.cells import lstm_activations, lstm_gate_grads, previous_steps
-from s2s_jax.model.scan import plain_dot, weight_grad
+from s2s_jax.kernels.activations import lstm_activations, lstm_gate_grads
+from s2s_jax.kernels.deferred_scan import plain_dot, weight_grad
+from s2s_jax.kernels.recurrence import previous_steps
+
+NEG_INF = -1e9  # attention scores at padded source positions (finite: exp underflows to exactly 0,
+#                and an all-padding row stays NaN-free); model/attention.py uses this one
 
 Array = jax.Array
 
 
-def supported(cfg: ModelConfig) -> bool:
-    """Whether `decode` handles this configuration (else the decoder's generic scan does)."""
-    return cfg.input_feeding and cfg.cell == "lstm" and cfg.attention in ("dot", "general")
+def supported(cfg) -> bool:
+    """Whether `decode` handles this ModelConfig (else the decoder's generic scan does)."""
+    return cfg.fused_decoder and cfg.input_feeding and cfg.cell == "lstm" and cfg.attention in ("dot", "general")
 
 
-def decode(cfg: ModelConfig, W: dict, gx0: Array, state, memory: Array, keys: Array, mask: Array,
+def decode(cfg, kernel_set: str, W: dict, gx0: Array, state, memory: Array, keys: Array, mask: Array,
            masks: dict | None):
     """Teacher-forced decoding. W: Decoder._prepared()'s arrays (fused `layer{i}` kernels,
     `layer{i}_bias`, `att_output_kernel`); gx0 [T, B, 4H]: layer 0's projected embeddings with
@@ -59,7 +64,7 @@ def decode(cfg: ModelConfig, W: dict, gx0: Array, state, memory: Array, keys: Ar
     if masks is not None:
         masks = {"between": masks["between"], "output": masks["output"],
                  "attention": masks["attention"][:, :, 0, :]}  # [T, B, S]
-    static = (L, bool(cfg.residual), jnp.dtype(cfg.dtype).name, int(cfg.unroll))
+    static = (L, bool(cfg.residual), jnp.dtype(cfg.dtype).name, int(cfg.unroll), kernel_set)
     return _decode(static, gx0, kernels, biases, W["att_output_kernel"], keys, memory, mask, masks,
                    (tuple(state["layers"]), state["feed"]))
 
@@ -69,7 +74,7 @@ def _mm(spec, x, w, dtype):
 
 
 def _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, initial, save: bool):
-    L, residual, dtype, unroll = static
+    L, residual, dtype, unroll, kernel_set = static
     dtype = jnp.dtype(dtype)
 
     def body(carry, xs):
@@ -80,7 +85,7 @@ def _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, ini
             h, c = layers[l]
             both = jnp.concatenate([feed if l == 0 else inp, h], -1)
             z = (gx if l == 0 else biases[l - 1]) + _mm("ni,ig->ng", both, kernels[l], dtype)
-            acts = lstm_activations(z)
+            acts = lstm_activations(z, kernel_set)
             i, f, g, o = jnp.split(acts, 4, axis=-1)
             c_new = f * c + i * g
             h_new = o * jnp.tanh(c_new)
@@ -122,7 +127,7 @@ def _decode_fwd(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, 
 
 
 def _decode_bwd(static, res, ct):
-    L, residual, dtype, unroll = static
+    L, residual, dtype, unroll, _ = static
     dtype = jnp.dtype(dtype)
     saved, att_in, hid, a, kernels, w_out, keys, memory, masks, initial, dtypes = res
     d_hidden, d_a_out = ct

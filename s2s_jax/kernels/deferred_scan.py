@@ -6,7 +6,9 @@ only) and one read-modify-write of all of W per time step, on the sequential pat
 records each product y_t = x_t·W through a `Tape`; the backward loop only produces the per-step
 output cotangents dy_t, and after it every weight gets dW = Σ_t x_tᵀ·dy_t as one large matmul
 contracting over time × batch, which runs at the machine's matmul speed. The backward loop keeps
-only the matmuls that are truly sequential (dx_t = dy_t·Wᵀ).
+only the matmuls that are truly sequential (dx_t = dy_t·Wᵀ). Static control flow (the scan's
+trip count is T): both kernel sets use it, for the decoder configurations the fused decoder
+does not cover.
 
 How: the body adds a zero "delta" input d_t to each recorded product (y_t = x_t·W + d_t); the
 cotangent of d_t is exactly dy_t, so the forward pass is differentiated (by `jax.vjp`) with

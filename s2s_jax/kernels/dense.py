@@ -1,0 +1,71 @@
+"""x·W in the compute dtype with a float32 result, and the weight-gradient product.
+
+Math: y = x W for x [N, D], W [D, G]; dx = dy Wᵀ, dW = xᵀ dy.
+
+cpu: `dense` has a hand-written backward pass. Autodiff of a time-major projection ([T, B, D]
+@ [D, G]) leaves XLA:CPU a weight gradient contracting over two leading axes; it transposes the
+[T·B, G] cotangent and runs the product on its slower generic (Eigen) path. Here the backward
+multiplies a materialised xᵀ [D, N] (a small copy: D is the narrow side), kept by an
+optimisation barrier because XLA would fold the transpose back into the dot, by dy [N, G]: a
+plain row-major product on the YNN path (docs/speed.md, "What the code does").
+
+portable: the plain product, differentiated by JAX; the barrier would block fusion on GPU/TPU,
+where the dot emitters take either layout at full speed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def matmul(x: Array, w: Array, dtype, kernels: str = "cpu") -> Array:
+    """x [..., D] @ w [D, G] with inputs in the compute dtype and a float32 result; leading axes
+    are flattened into rows."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    name = jnp.dtype(dtype).name
+    y = dense(x2, w, name) if kernels == "cpu" else _plain(x2, w, name)
+    return y.reshape(lead + (w.shape[-1],))
+
+
+def _plain(x: Array, w: Array, dtype: str) -> Array:
+    dt = jnp.dtype(dtype)
+    return jnp.matmul(x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: Array, w: Array, dtype: str) -> Array:
+    """cpu: x [N, D] @ w [D, G] in `dtype` with a float32 result (backward: module doc)."""
+    return _plain(x, w, dtype)
+
+
+def _dense_fwd(x, w, dtype):
+    return dense(x, w, dtype), (x, w)
+
+
+def rows_transposed_product(x: Array, dy: Array, dtype, kernels: str = "cpu") -> Array:
+    """xᵀ [D, N] @ dy [N, G] in `dtype` with a float32 result: a weight gradient summed over rows.
+
+    cpu: an explicitly transposed copy of x kept by an optimisation barrier (module doc);
+    portable: the contraction over x's row axis, as XLA likes it."""
+    dt = jnp.dtype(dtype)
+    if kernels != "cpu":
+        return jnp.einsum("nd,ng->dg", x.astype(dt), dy.astype(dt), preferred_element_type=jnp.float32)
+    xt = jax.lax.optimization_barrier(x.astype(dt).T)
+    return jnp.matmul(xt, dy.astype(dt), preferred_element_type=jnp.float32)
+
+
+def _dense_bwd(dtype, res, dy):
+    x, w = res
+    dt = jnp.dtype(dtype)
+    dy = dy.astype(dt)
+    dx = jnp.matmul(dy, w.astype(dt).T, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), rows_transposed_product(x, dy, dt).astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)

@@ -1,0 +1,452 @@
+"""Both kernel sets (s2s_jax/kernels/, chosen by model.kernels) against the plain reference
+(tests/reference_model.py: a Python loop over time steps, no scan, no tricks): every cell x
+attention/input-feeding x direction combination, padding invariance, the fused decoder against
+the generic scan, the fused loss, dense and gate derivatives, the non-finite guard (decoding's
+token selections per set are in tests/test_decoding.py); and the lowered programs: the portable
+train step has no conditional, no data-dependent loop and no optimisation barrier, the cpu one
+still has them (the switch switches), and float32 dots carry the configured precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference_model as ref
+from s2s_jax import kernels, losses, steps
+from s2s_jax.config import Config, ModelConfig, TrainConfig
+from s2s_jax.kernels import activations, dense as dense_kernel
+from s2s_jax.kernels import loss as loss_kernel
+from s2s_jax.model import Seq2Seq
+from s2s_jax.train_state import create_state
+from test_model import (SOURCE_LENGTHS, TARGET_LENGTHS, VOCAB, assert_close, fast_loss, init, make_batch,
+                        model_config, pad_batch)
+
+SETS = kernels.SETS
+
+
+def test_auto_resolves_per_backend():
+    assert kernels.resolve("auto", "cpu") == "cpu"
+    assert kernels.resolve("auto", "gpu") == kernels.resolve("auto", "cuda") == kernels.resolve("auto", "tpu") == "portable"
+    assert kernels.resolve("portable", "cpu") == "portable" and kernels.resolve("cpu", "cuda") == "cpu"
+    assert kernels.resolve("auto") == "cpu"  # this machine
+    with kernels.target(("cpu", "cuda")):  # an export for cuda made here gets the portable set
+        assert kernels.resolve("auto") == "portable"
+    with kernels.target("cpu"):
+        assert kernels.resolve("auto") == "cpu"
+    with pytest.raises(ValueError, match="model.kernels"):
+        kernels.resolve("fast")
+
+
+# Every cell x attention/input-feeding x direction combination: 28 programs per kernel set, so
+# the default run checks a covering subset per set (every value of every factor, every
+# attention/feeding pair) and the full product runs with the slow tests (CI runs them).
+CASES = [(cell, att, feed, bi)
+         for cell in ("lstm", "gru")
+         for att, feed in (("dot", True), ("dot", False), ("general", True), ("general", False),
+                           ("mlp", True), ("mlp", False), ("none", False))
+         for bi in (False, True)]
+QUICK = {"cpu": {("lstm", "dot", True, True), ("gru", "dot", False, False), ("lstm", "general", True, False),
+                 ("gru", "general", False, True), ("gru", "mlp", True, False), ("lstm", "mlp", False, True),
+                 ("lstm", "none", False, False), ("gru", "none", False, True), ("gru", "general", True, True)},
+         "portable": {("lstm", "general", True, True), ("gru", "dot", True, False), ("lstm", "mlp", False, False),
+                      ("gru", "none", False, True), ("lstm", "dot", False, True), ("gru", "general", False, False),
+                      ("gru", "mlp", True, True)}}
+PARAMS = [pytest.param(ks, i, case, id=f"{ks}-" + "-".join(map(str, case)),
+                       marks=() if case in QUICK[ks] else pytest.mark.slow)
+          for ks in SETS for i, case in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("ks,i,case", PARAMS)
+def test_matches_reference(ks, i, case):
+    """Outputs (hidden, logits, attention weights) and parameter gradients of a masked loss,
+    float32 at highest precision, within 1e-5."""
+    cell, att, feed, bi = case
+    cfg = model_config(cell, att, feed, bi, i, kernels=ks, matmul_precision="highest")
+    model, params = init(cfg, seed=i)
+    batch = make_batch(seed=i)
+
+    def fast(params):
+        with kernels.precision_scope(cfg):
+            hidden, weights = model.apply({"params": params}, batch["source"], batch["source_lengths"],
+                                          batch["target_input"])
+            logits = model.apply({"params": params}, hidden, method=Seq2Seq.logits)
+            return fast_loss(model, cfg, params, batch), (hidden, logits, weights)
+
+    def plain(params):
+        hidden, logits, weights = ref.forward(cfg, params, batch["source"], batch["source_lengths"],
+                                              batch["target_input"])
+        return ref.loss(logits, batch), (hidden, logits, weights)
+
+    g_fast, (hidden, logits, weights) = jax.jit(jax.grad(fast, has_aux=True))(params)
+    g_ref, (h_ref, l_ref, w_ref) = jax.grad(plain, has_aux=True)(params)
+    for b in range(len(SOURCE_LENGTHS)):
+        T = int(batch["target_lengths"][b])
+        assert_close(hidden[b, :T], h_ref[b, :T], what=f"hidden row {b}")
+        assert_close(logits[b, :T], l_ref[b, :T], what=f"logits row {b}")
+        if att != "none":
+            assert_close(weights[b, :T], w_ref[b, :T], what=f"weights row {b}")
+    assert jax.tree.structure(g_fast) == jax.tree.structure(g_ref)
+    for path, a in jax.tree_util.tree_leaves_with_path(g_fast):
+        b = functools.reduce(lambda t, k: t[k.key], path, g_ref)
+        assert_close(a, b, what=f"grad {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("ks", SETS)
+def test_matches_reference_uneven_depths(ks):
+    """Decoder deeper than the encoder: every decoder layer starts from the top encoder layer."""
+    cfg = model_config("lstm", "general", True, True, 2, encoder_layers=1, decoder_layers=3, bridge="dense",
+                       residual=True, kernels=ks)
+    model, params = init(cfg, seed=7)
+    batch = make_batch(seed=7)
+    hidden, _ = model.apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
+    h_ref, _, _ = ref.forward(cfg, params, batch["source"], batch["source_lengths"], batch["target_input"])
+    for b in range(len(SOURCE_LENGTHS)):
+        assert_close(hidden[b, :int(batch["target_lengths"][b])], h_ref[b, :int(batch["target_lengths"][b])])
+
+
+@pytest.mark.parametrize("ks", SETS)
+@pytest.mark.parametrize("cell,att,feed", [("lstm", "general", True), ("gru", "mlp", False),
+                                           ("lstm", "none", False)])
+def test_padding_invariance(ks, cell, att, feed):
+    """Appending source or target padding changes no output at real positions, nor the loss."""
+    cfg = model_config(cell, att, feed, True, 1, kernels=ks)
+    model, params = init(cfg)
+    batch = make_batch()
+    apply = jax.jit(model.apply)
+    h0, w0 = apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
+    loss0 = fast_loss(model, cfg, params, batch)
+    for extra_s, extra_t in ((3, 0), (0, 4), (2, 3)):
+        padded = pad_batch(batch, extra_s, extra_t)
+        h1, w1 = apply({"params": params}, padded["source"], padded["source_lengths"], padded["target_input"])
+        for b in range(len(SOURCE_LENGTHS)):
+            T, S = int(TARGET_LENGTHS[b]), int(SOURCE_LENGTHS[b])
+            assert_close(h1[b, :T], h0[b, :T], tol=1e-6)
+            if w0 is not None:
+                assert_close(w1[b, :T, :S], w0[b, :T, :S], tol=1e-6)
+        assert_close(fast_loss(model, cfg, params, padded), loss0, tol=1e-6)
+
+
+@pytest.mark.parametrize("ks", SETS)
+def test_chunked_loss_equals_unchunked(ks):
+    cfg = model_config("lstm", "general", True, True, 1, kernels=ks)
+    model, params = init(cfg)
+    batch = make_batch(T=7, target_lengths=np.array([7, 2, 5], np.int32))
+    f = jax.jit(jax.value_and_grad(functools.partial(fast_loss, model, cfg)), static_argnums=2)
+    v0, g0 = f(params, batch, 0)
+    for chunk in (2, 3, 7):
+        v, g = f(params, batch, chunk)
+        assert_close(v, v0, tol=1e-6)
+        jax.tree.map(lambda a, b: assert_close(a, b, tol=1e-6), g, g0)
+
+
+def _loss_from(model, cfg, params, hidden, batch):
+    kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
+    sums = losses.sequence_loss(hidden, kernel, bias, batch["target_output"], steps.target_weights(batch),
+                                kernels=cfg.kernels)
+    return sums["loss"] / sums["weight"]
+
+
+@pytest.mark.parametrize("ks", SETS)
+@pytest.mark.parametrize("att,layers,residual,dtype", [("general", 2, False, "float32"),
+                                                       ("dot", 3, True, "float32"),
+                                                       ("general", 1, False, "float32"),
+                                                       ("general", 2, True, "bfloat16")])
+def test_fused_decoder_equals_autodiff_scan(ks, att, layers, residual, dtype):
+    """kernels/fused_decoder.py (hand-derived backward) == the generic scan differentiated by JAX
+    (model.fused_decoder=false).
+
+    With dropout between layers, on the attention weights and on the output (masks the plain
+    reference does not model), residual connections, 1–3 layers, a loss that also reads the
+    attention weights (so their cotangent is used), and bfloat16 compute.
+    """
+    from s2s_jax.kernels import fused_decoder
+    cfg = model_config("lstm", att, True, True, 0, decoder_layers=layers, encoder_layers=layers,
+                       residual=residual, dropout=0.3, attention_dropout=0.2, bridge="dense", dtype=dtype, kernels=ks)
+    generic_cfg = dataclasses.replace(cfg, fused_decoder=False)
+    assert fused_decoder.supported(cfg) and not fused_decoder.supported(generic_cfg)
+    model, params = init(cfg, seed=layers)
+    batch = make_batch(seed=layers)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 6)), jnp.float32)
+
+    def run(cfg):
+        model = Seq2Seq(cfg, VOCAB, VOCAB)
+
+        def loss(params):
+            hidden, weights = model.apply({"params": params}, batch["source"], batch["source_lengths"],
+                                          batch["target_input"], deterministic=False,
+                                          rngs={"dropout": jax.random.key(5)})
+            return _loss_from(model, cfg, params, hidden, batch) + (weights * w).sum(), (hidden, weights)
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (v1, (h1, w1)), g1 = run(cfg)
+    (v0, (h0, w0)), g0 = run(generic_cfg)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert_close(v1, v0, tol, "loss")
+    assert_close(h1, h0, tol, "hidden")
+    assert_close(w1, w0, tol, "attention weights")
+    assert not np.allclose(np.asarray(h1), np.asarray(model.apply({"params": params}, batch["source"],
+                           batch["source_lengths"], batch["target_input"])[0]))  # dropout did something
+    for path, a in jax.tree_util.tree_leaves_with_path(g1):
+        b = functools.reduce(lambda t, k: t[k.key], path, g0)
+        assert_close(a, b, tol, f"grad {jax.tree_util.keystr(path)}")
+
+
+# -- the fused loss ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ks", SETS)
+def test_fused_loss_of_an_all_padding_batch_is_zero(ks):
+    """A batch with no real target row (all filler) adds nothing: sums and gradients are zero."""
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(3, 70, 5)), jnp.float32)  # 210 rows: several blocks
+    kernel = jnp.asarray(rng.normal(size=(5, 11)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(11,)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 70)), jnp.int32)
+    for weight in (0.0, 1.0):
+        f = jax.jit(jax.value_and_grad(lambda h, k, b: losses.sequence_loss(
+            h, k, b, targets, jnp.full((3, 70), weight), kernels=ks)["loss"], argnums=(0, 1, 2)))
+        v, g = f(hidden, kernel, bias)
+        if weight == 0.0:
+            assert float(v) == 0.0 and all(float(jnp.abs(x).max()) == 0.0 for x in g)
+        else:  # every row real: the blocks past the first are all counted
+            assert_close(v, losses.token_losses(hidden @ kernel + bias, targets)[0].sum())
+
+
+def check_fused_loss_against_autodiff(T, lengths, eps=0.0, chunk=0, seed=0, dtype="float32", ks="cpu"):
+    """losses.sequence_loss (gradient formed in its forward pass) == autodiff of token_losses on
+    a [B, T] batch whose rows have the given real lengths: sums, metrics and all gradients.
+    In float32 the output bias is folded into the products; with bfloat16 compute it is a
+    separate float32 add (the reference rounds the product's inputs alike)."""
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(dtype)
+    B, H, V = len(lengths), 5, 11
+    hidden = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(H, V)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(V,)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    weights = jnp.asarray(np.arange(T)[None] < np.array(lengths)[:, None], jnp.float32)
+
+    def plain(hidden, kernel, bias):
+        logits = jnp.matmul(hidden.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32) + bias
+        loss, nll, correct = losses.token_losses(logits, targets, eps)
+        return (loss * weights).sum(), ((nll * weights).sum(), (correct * weights).sum(), weights.sum())
+
+    def fused(hidden, kernel, bias):
+        s = losses.sequence_loss(hidden, kernel, bias, targets, weights, label_smoothing=eps, chunk=chunk,
+                                 dtype=dt, kernels=ks)
+        return s["loss"], (s["nll"], s["correct"], s["weight"])
+
+    (v0, aux0), g0 = jax.value_and_grad(plain, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, bias)
+    (v1, aux1), g1 = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2), has_aux=True))(hidden, kernel, bias)
+    assert float(aux1[2]) == sum(lengths)
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bfloat16: the gradient's products round g
+    assert_close(v1, v0, tol)
+    assert_close(aux1, aux0, tol)
+    for a, b in zip(g1, g0):
+        assert a.dtype == jnp.float32
+        assert_close(a, b, tol)
+
+
+@pytest.mark.parametrize("lengths", [(0, 0, 0), (5, 0, 40), (120, 150, 0), (200, 111, 90), (200, 200, 200)])
+def test_fused_loss_big_and_small_blocks_match_autodiff(lengths):
+    """cpu: 600 rows; real-row counts 0, 45, 270, 401 and 600 take 1 or 2 big blocks of BIG_ROWS
+    and 0 to 3 small ones (kernels/loss.py _compacted)."""
+    check_fused_loss_against_autodiff(200, lengths, seed=1, ks="cpu")
+
+
+@pytest.mark.parametrize("lengths", [(0, 0), (3000, 0), (2048, 2049), (3000, 2500)])
+def test_fused_loss_static_blocks_match_autodiff(lengths):
+    """portable: 6000 rows run as two equal blocks of 3000 (more than PORTABLE_ROWS), the last
+    padded; real rows anywhere (kernels/loss.py _static_rows)."""
+    assert 2 * 3000 > loss_kernel.PORTABLE_ROWS >= 3000
+    check_fused_loss_against_autodiff(3000, lengths, seed=2, ks="portable")
+
+
+@pytest.mark.parametrize("ks", SETS)
+@pytest.mark.parametrize("eps,chunk,dtype", [(0.0, 0, "float32"), (0.1, 0, "float32"), (0.1, 3, "float32"),
+                                             (0.0, 0, "bfloat16"), (0.1, 3, "bfloat16")])
+def test_fused_loss_matches_autodiff(ks, eps, chunk, dtype):
+    """With and without label smoothing, whole or chunked over time, float32 (bias folded into
+    the products) and bfloat16 compute (bias a separate float32 add)."""
+    check_fused_loss_against_autodiff(7, (7, 2, 5), eps, chunk, dtype=dtype, ks=ks)
+
+
+# -- dense, gates -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ks", SETS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_projection_gradients_equal_autodiff(ks, dtype):
+    """kernels.dense.matmul (rows flattened; cpu: hand-written backward) == autodiff of the plain
+    einsum, for a time-major [T, B, D] input, in float32 and with bfloat16 compute."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(5, 3, 7)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(7, 11)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(5, 3, 11)), jnp.float32)
+    dt = jnp.dtype(dtype)
+
+    def plain(x, w):
+        return jnp.einsum("tbd,dg->tbg", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+
+    y0, vjp0 = jax.vjp(plain, x, w)
+    y1, vjp1 = jax.jit(lambda x, w: jax.vjp(lambda x, w: dense_kernel.matmul(x, w, dt, ks), x, w))(x, w)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert y1.shape == (5, 3, 11) and y1.dtype == jnp.float32
+    assert_close(y1, y0, tol)
+    for a, b in zip(vjp1(dy), vjp0(dy)):
+        assert a.dtype == jnp.float32
+        assert_close(a, b, tol)
+
+
+@pytest.mark.parametrize("ks", SETS)
+def test_lstm_gate_grads_equal_autodiff_of_the_cell(ks):
+    """activations.lstm_gate_grads (the backward of one LSTM step's gates) == jax.vjp of the
+    step, with either set's gate nonlinearity."""
+    rng = np.random.default_rng(4)
+    z = jnp.asarray(rng.normal(size=(2, 3, 4 * 5)), jnp.float32)  # [K, B, 4H], gate order i f g o
+    c_prev = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+    dh = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+    dc = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+
+    def step(z, c_prev):
+        i, f, g, o = jnp.split(z, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c_prev + jax.nn.sigmoid(i) * jnp.tanh(g)
+        return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+    (_, c_new), vjp = jax.vjp(step, z, c_prev)
+    dz0, dc_prev0 = vjp((dh, dc))
+    acts = activations.lstm_activations(z, ks)
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    plain = jnp.concatenate([jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)], -1)
+    assert_close(acts, plain, 2e-7)
+    dz1, dc_prev1 = activations.lstm_gate_grads(acts, c_new, c_prev, dh, dc)
+    assert_close(dz1, dz0, 1e-5)
+    assert_close(dc_prev1, dc_prev0, 1e-5)
+
+
+# -- the train step: guard, precision, lowered programs -------------------------------------
+
+def _train_setup(ks, precision="auto", dtype="float32"):
+    mcfg = model_config("lstm", "general", True, True, 0, bridge="dense", kernels=ks, dropout=0.1,
+                        matmul_precision=precision, dtype=dtype)
+    config = Config(model=mcfg, train=TrainConfig(learning_rate=1e-2, clip_norm=1.0))
+    model = Seq2Seq(mcfg, VOCAB, VOCAB)
+    state = create_state(config, model)
+    return config, model, state
+
+
+@pytest.mark.parametrize("ks", SETS)
+def test_non_finite_guard_keeps_the_state_bitwise(ks):
+    """A NaN in the batch's loss (a NaN parameter row reached by the batch) skips the update:
+    parameters and optimizer state come back bitwise unchanged, counters move; a finite step
+    updates. Both sets (cond / select) give the same finite update."""
+    config, model, state = _train_setup(ks)
+    step = jax.jit(functools.partial(steps.train_step, model=model, config=config))
+    batch = make_batch()
+    new, m = step(state, batch)
+    assert float(m["skipped"]) == 0.0 and int(new.step) == 1
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)))
+    poisoned = state.replace(params=jax.tree.map(lambda x: x, state.params))
+    emb = poisoned.params["target_embedding"]
+    poisoned = poisoned.replace(params={**poisoned.params, "target_embedding": emb.at[batch["target_input"][0, 0]].set(jnp.nan)})
+    after, m = step(poisoned, batch)
+    assert float(m["skipped"]) == 1.0 and int(after.nonfinite) == 1 and int(after.step) == 1
+    for a, b in zip(jax.tree.leaves((after.params, after.opt_state)), jax.tree.leaves((poisoned.params, poisoned.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_both_sets_take_the_same_train_step():
+    """cpu and portable from the same state and batch: the same loss and parameters (float32,
+    within 1e-5: the two compute the same function in a different order)."""
+    results = []
+    for ks in SETS:
+        config, model, state = _train_setup(ks)
+        step = jax.jit(functools.partial(steps.train_step, model=model, config=config))
+        for seed in range(3):
+            state, m = step(state, make_batch(seed=seed))
+        results.append((m, state.params))
+    (m0, p0), (m1, p1) = results
+    assert_close(m0["loss"], m1["loss"])
+    jax.tree.map(lambda a, b: assert_close(a, b), p0, p1)
+
+
+def _lowered_train_step(ks, **kw):
+    config, model, state = _train_setup(ks, **kw)
+    batch = make_batch()
+    fn = jax.jit(functools.partial(steps.train_step, model=model, config=config))
+    return fn.lower(state, batch).as_text()
+
+
+def _while_trip_counts_static(hlo: str) -> list[bool]:
+    """For each stablehlo.while in the module text: whether its condition compares the counter
+    with a constant (a scan / fori_loop with static bounds) — False when the bound is a value
+    computed on the device."""
+    out = []
+    for m in re.finditer(r"stablehlo\.while\((.*?)\)\s*:.*?cond \{(.*?)\} do \{", hlo, re.S):
+        cond = m.group(2)
+        cmp = re.search(r"stablehlo\.compare\s+LT,\s*(%[\w#]+),\s*(%[\w#]+)", cond)
+        if cmp is None:
+            out.append(False)
+            continue
+        bound = cmp.group(2).split("#")[0]
+        out.append(bool(re.search(re.escape(bound) + r"\s*=\s*stablehlo\.constant", cond)))
+    return out
+
+
+def test_lowered_portable_train_step_has_static_control_flow_only():
+    """portable: no conditional, no optimisation barrier, and every while loop is a time scan
+    (or a static block loop) whose trip count is a compile-time constant; the cpu set still has
+    its cond, its device-counted loss loops and its barriers (the switch really switches)."""
+    portable = _lowered_train_step("portable")
+    cpu = _lowered_train_step("cpu")
+    for name, text in (("portable", portable), ("cpu", cpu)):
+        assert "stablehlo.while" in text, name  # the time scans are there in both
+    assert "stablehlo.case" not in portable and "stablehlo.if" not in portable
+    assert "optimization_barrier" not in portable
+    static = _while_trip_counts_static(portable)
+    assert static and all(static), static
+    assert "stablehlo.case" in cpu or "stablehlo.if" in cpu  # the lax.cond guard
+    assert "optimization_barrier" in cpu
+    assert not all(_while_trip_counts_static(cpu))  # the loss's device-counted block loops
+
+
+def test_float32_dots_carry_the_configured_precision():
+    """model.matmul_precision reaches every dot of the train step (forward and the hand-written
+    backward passes): auto = HIGHEST for float32 compute; default leaves XLA's choice;
+    tensorfloat32 asks for TF32."""
+    def precisions(text):
+        return set(re.findall(r"precision = \[(\w+), \w+\]", text)) | (
+            {"DEFAULT"} if re.search(r"stablehlo\.dot_general(?![^\n]*precision)", text) else set())
+
+    auto = _lowered_train_step("portable")
+    assert precisions(auto) == {"HIGHEST"}, precisions(auto)
+    assert precisions(_lowered_train_step("portable", precision="default")) == {"DEFAULT"}
+    tf32 = _lowered_train_step("portable", precision="tensorfloat32")
+    assert precisions(tf32) == {"HIGH"} or "TF32" in tf32, precisions(tf32)
+    assert kernels.matmul_precision(ModelConfig(dtype="bfloat16")) == "default"
+
+
+def test_deterministic_flags_set_before_the_backend_starts():
+    """train.deterministic: configure_backend adds the XLA flag to XLA_FLAGS (keeping the user's
+    own flags) before jax starts, and the backend accepts it; off adds nothing."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os; from s2s_jax import runtime; print(runtime.configure_backend({on}));"
+            "import jax, jax.numpy as jnp; print(float(jnp.ones(3).sum())); print(os.environ.get('XLA_FLAGS', ''))")
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+    for on in (True, False):
+        out = subprocess.run([sys.executable, "-c", code.format(on=on)], env=env, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        assert out[1] == "3.0"
+        if on:
+            assert out[0] == "['--xla_gpu_deterministic_ops=true']"
+            assert out[2] == "--xla_cpu_enable_fast_math=false --xla_gpu_deterministic_ops=true"
+        else:
+            assert out[0] == "[]" and out[2] == "--xla_cpu_enable_fast_math=false"
