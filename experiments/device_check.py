@@ -185,7 +185,7 @@ def accelerator_platform(device) -> str:
     """The jax.export platform name of a device: cpu | cuda | rocm | tpu."""
     p = device.platform
     if p == "gpu":
-        version = str(getattr(device.client, "platform_version", "")).lower()
+        version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
         return "rocm" if "rocm" in version else "cuda"
     return p
 
@@ -211,7 +211,8 @@ def part_environment(ctx) -> dict:
     out = {"smoke": ctx["smoke"], "python": sys.version.split()[0], "jax": jax.__version__,
            "jaxlib": getattr(jaxlib, "__version__", None), "backend": jax.default_backend(),
            "devices": [str(d) for d in jax.devices()], "device_kind": str(accel.device_kind),
-           "platform_version": str(accel.client.platform_version), "cpu_device": str(cpu),
+           "platform_version": str(getattr(getattr(accel, "client", None), "platform_version", "")),
+           "cpu_device": str(cpu),
            "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "deterministic_flags": ctx["deterministic_flags"],
            "deterministic_flags_rejected": ctx["deterministic_rejected"],
@@ -606,6 +607,10 @@ def table(records: Records) -> str:
     env = p.get("environment", {})
     rows.append(("environment", "device", f"{env.get('device_kind')} ({env.get('backend')}), jax {env.get('jax')}",
                  env.get("ok")))
+    if env.get("stage") is None:
+        rejected = env.get("deterministic_flags_rejected")
+        rows.append(("environment", "XLA_FLAGS", (env.get("xla_flags") or "(none)") +
+                     (" (deterministic flags rejected)" if rejected else ""), not rejected))
     c = p.get("ceilings", {})
     for k, v in (c.get("tflop_per_s") or {}).items():
         rows.append(("ceilings", f"{k} TFLOP/s", f"{_fmt(v)} (datasheet {c['datasheet_peak_tflop_per_s'].get(k)})",

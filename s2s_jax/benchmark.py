@@ -301,6 +301,11 @@ def ceilings(backend: str) -> dict[str, float]:
     return {k: matmul_ceiling(8192, 3, k, burst=10) for k in _CEILING_KINDS}
 
 
+def platform_version(device) -> str:
+    """The backend's version string (e.g. the CUDA / libtpu version), "" where jax hides it."""
+    return str(getattr(getattr(device, "client", None), "platform_version", ""))
+
+
 def peak_bytes_in_use(device=None) -> int | None:
     """The device's peak allocated bytes so far (process lifetime), or None where not reported."""
     import jax
@@ -529,7 +534,8 @@ def build_parallel_runner(config, batches, sync: str = "step") -> Runner:
 
 
 _PROBE = ("import json, jax; d = jax.devices(); print(json.dumps({'backend': jax.default_backend(), "
-          "'count': len(d), 'kind': str(d[0].device_kind), 'version': str(d[0].client.platform_version)}))")
+          "'count': len(d), 'kind': str(d[0].device_kind), "
+          "'version': str(getattr(getattr(d[0], 'client', None), 'platform_version', ''))}))")
 
 
 def probe_devices() -> dict:
@@ -661,7 +667,7 @@ def run(args) -> int:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             # added for accelerators (also filled on CPU)
             "backend": backend,
-            "platform_version": str(jax.devices()[0].client.platform_version),
+            "platform_version": platform_version(jax.devices()[0]),
             "batch_tokens": config.data.batch_tokens,
             "rows_per_bucket": bucket_rows(config),
             "rows_per_batch": sorted({int(b["source"].shape[0]) for b in batches}),

@@ -173,3 +173,13 @@ def test_device_count_environments():
     assert not simulated and env["CUDA_VISIBLE_DEVICES"] == "0,1"
     with pytest.raises(ValueError):
         benchmark.device_count_env(16, gpu)
+
+
+@pytest.mark.slow
+def test_device_counts_on_a_cpu_only_host_are_simulated():
+    sets = [a for s in TOY for a in ("--set", s)]
+    r = _bench("--config", "experiments/configs/bench_cpu.py", "--devices", "1,2", "--rounds", "1", "--batches", "1",
+               *sets)
+    assert r["backend"] == "cpu" and r["simulated_devices"] is True
+    assert set(r["target_tokens_per_s"]) == {"1", "2"} and all(v > 0 for v in r["target_tokens_per_s"].values())
+    assert r["records"]["2"]["devices"] == 2 and r["records"]["2"]["parallel"] == "shard_map"
