@@ -1,8 +1,9 @@
 """experiments/device_check.py --smoke: every part of the accelerator check runs on the CPU.
 
 The script is written for a GPU host that has jax, flax, optax and orbax but no
-tensorflow-datasets, grain or array_record; the run here makes those three unimportable (stub
-packages first on PYTHONPATH, inherited by the benchmark subprocesses) to prove it needs none.
+tensorflow-datasets, grain or array_record (and maybe no flatbuffers); the run here makes those
+unimportable (stub packages first on PYTHONPATH, inherited by the benchmark subprocesses) to
+prove it needs none of them.
 About 1-2 minutes on two cores, most of it compiling the toy models.
 """
 
@@ -19,7 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "device_check.py"
-BLOCKED = ("grain", "tensorflow_datasets", "array_record", "tensorflow")
+# not on the GPU machine; flatbuffers (jax.export's serialization) probably not either: the export
+# check then runs the programs unserialized (the serialized path is tests/test_export.py's)
+BLOCKED = ("grain", "tensorflow_datasets", "array_record", "tensorflow", "flatbuffers")
 PARTS = ("environment", "ceilings", "correctness", "plumbing", "throughput")
 RUN_VARIANTS = ("bench_gpu_bf16", "bench_gpu_bf16_cmdbuf_while")
 
@@ -97,6 +100,7 @@ def test_plumbing_equalities_hold(smoke):
     assert pl["checkpoint"]["on_accelerator"] is True
     ex = pl["export"]
     assert "cuda" in ex["platforms"] and "cpu" in ex["platforms"]
+    assert ex["serialized"] is False and "flatbuffers" in ex["note"]
     assert set(ex["programs"]) == {"encode", "greedy", "beam_2"}
     assert all("cuda" in p["platforms"] for p in ex["programs"].values())
     assert ex["programs"]["greedy"]["tokens_equal"] is True and ex["programs"]["beam_2"]["tokens_equal"] is True
