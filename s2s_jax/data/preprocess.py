@@ -5,12 +5,22 @@ by a hash of the inputs' contents (size + sha256 of every file, or the TFDS data
 and of every setting that changes the output. Layout of a prepared folder:
 
     manifest.json   key, settings, inputs, split name -> role
-    stats.json      per split: lines read, examples kept, dropped by reason
+    stats.json      per split: lines read, examples kept, dropped by reason (train: the pairs
+                    SentencePiece was trained on)
     vocab/          vocab.json + SentencePiece model file(s) (copied to workdir/vocab by build_data)
-    lengths.npz     per role: int32 token counts of source and target (for the batch plan,
-                    so the loader never decodes every record to learn lengths)
+    lengths.npz     per role: token counts of source and target (uint16, int32 if longer), for
+                    the batch plan, so the loader never decodes every record to learn lengths
     tfds/           the TFDS dataset (array_record): splits "train" / "valid" / "test" (roles),
-                    features source int32[None], target int32[None], source_text, target_text
+                    features source int32[None], target int32[None], source_text, target_text;
+                    one shard per SHARD_LINES input lines, records in corpus order
+
+Streaming, in memory bounded independently of the corpus size: (1) a cheap validation pass
+reads every file once in blocks (missing/empty/misaligned files, invalid UTF-8, empty lines
+with data.empty_lines=error: errors name the file and line, before any slow work); (2)
+SentencePiece trains on a seeded sample of data.spm_sample_size training sentences; (3)
+data.prepare_workers processes each read, normalise, tokenise and write whole shards, in
+order, so the result is byte-identical for any number of workers. What grows with the corpus
+is the token lengths (4 bytes a pair) and the sample.
 
 It is built in a temporary sibling folder and renamed into place, so a crash never leaves a
 half-written cache and concurrent processes (one per host) can race safely.
@@ -19,28 +29,37 @@ Nothing here imports TensorFlow (TFDS writes array_record without it) or JAX.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 
 import numpy as np
 
 from s2s_jax.data.errors import DataError
-from s2s_jax.data.text import clean_pairs, read_lines, read_parallel
+from s2s_jax.data.text import check_aligned, check_exists, clean_pairs, empty_line_error, scan_lines
 from s2s_jax.data.tokenizer import train_sentencepiece
 from s2s_jax.vocab import VOCAB_JSON, read_vocab_dir, write_vocab_json
 
 log = logging.getLogger(__name__)
 
 # Bump when the prepared layout or the tokenisation changes: old caches are then rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Input lines per shard (and per worker task). Part of the output layout: changing it changes
+# the shard files, so bump FORMAT_VERSION with it.
+SHARD_LINES = 100_000
+BLOCK_LINES = 10_000  # lines a worker holds at once
+SPM_SAMPLE_SEED = 0
 ROLES = ("train", "valid", "test")
 BUILDER_NAME = "s2s_jax_prepared"
 
@@ -70,6 +89,9 @@ def _sha256(path: str) -> str:
 class TextFolderSource:
     """`dir/{split}.{lang}` line-aligned files."""
 
+    kind = "text"
+    unit = "line"
+
     def __init__(self, d):
         self.d = d
         self.dir = os.path.abspath(os.path.expanduser(d.dir))
@@ -88,23 +110,44 @@ class TextFolderSource:
         out = {}
         for role in self.roles:
             for path in self.paths(role):
-                read_lines_check_exists(path)
+                check_exists(path)
                 out[os.path.basename(path)] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
         return {"kind": "text", "files": out}
 
     def name(self) -> str:
         return os.path.basename(self.dir.rstrip("/")) or "text"
 
-    def raw(self, role: str):
-        """(source lines, target lines, source file, target file) of a split."""
+    def scan(self, role: str, every: int, *, find_empty: bool):
+        """The cheap validation pass over a split (streaming): SplitScan with the line count and
+        the byte offset of every `every`-th line of both files, for the workers to seek to."""
         sp, tp = self.paths(role)
-        src, tgt = read_parallel(sp, tp)
-        return src, tgt, sp, tp
+        n_src, off_src, empty_src = scan_lines(sp, every, find_empty=find_empty)
+        n_tgt, off_tgt, empty_tgt = scan_lines(tp, every, find_empty=find_empty)
+        check_aligned(sp, n_src, tp, n_tgt)
+        found = [(line, path) for line, path in ((empty_src, sp), (empty_tgt, tp)) if line]
+        if found:  # the first pair with an empty side; its source side if both are empty
+            line, path = min(found, key=lambda x: x[0])
+            raise empty_line_error(path, line)
+        return SplitScan(role, n_src, list(zip(off_src, off_tgt)), (sp, tp))
+
+    def reader(self, role: str) -> tuple:
+        return ("text",) + self.paths(role)
 
 
-def read_lines_check_exists(path: str) -> None:
-    if not os.path.isfile(path):
-        read_lines(path)  # raises the DataError naming the file and what the folder holds
+@dataclasses.dataclass
+class SplitScan:
+    """What the validation pass learnt about a split: its size, where each shard starts (byte
+    offsets of source and target for text; None for TFDS) and the names used in errors."""
+
+    role: str
+    lines: int
+    offsets: list
+    names: tuple
+
+    def shards(self, every: int) -> list[tuple[int, int, object]]:
+        """(first line, end line, start offsets) of each shard: `every` lines, the last fewer."""
+        return [(a, min(a + every, self.lines), self.offsets[i] if self.offsets else None)
+                for i, a in enumerate(range(0, self.lines, every))]
 
 
 class TfdsSource:
@@ -113,6 +156,9 @@ class TfdsSource:
     Building a catalogue dataset goes through tf.data and so needs TensorFlow; without it we
     stop with a DataError that says how to install it and prepare the dataset once.
     """
+
+    kind = "tfds"
+    unit = "example"
 
     def __init__(self, d):
         import tensorflow_datasets as tfds
@@ -179,15 +225,18 @@ class TfdsSource:
     def name(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.d.tfds_name)
 
-    def raw(self, role: str):
-        ds = self.builder.as_data_source(self.splits[role])
-        src, tgt = [], []
-        for i in range(len(ds)):
-            ex = ds[i]
-            src.append(_to_str(ex[self.d.src_lang]))
-            tgt.append(_to_str(ex[self.d.tgt_lang]))
+    def paths(self, role: str) -> tuple[str, str]:
+        """Names of the two sides in messages (there are no files to point at)."""
         label = f"tfds:{self.d.tfds_name}[{self.splits[role]}]"
-        return src, tgt, f"{label}.{self.d.src_lang}", f"{label}.{self.d.tgt_lang}"
+        return f"{label}.{self.d.src_lang}", f"{label}.{self.d.tgt_lang}"
+
+    def scan(self, role: str, every: int, *, find_empty: bool):
+        """Sizes come from the dataset's metadata; the records (TFDS wrote them, so the text is
+        valid UTF-8) are checked for empty sides by the workers as they read them."""
+        return SplitScan(role, int(self.builder.info.splits[self.splits[role]].num_examples), [], self.paths(role))
+
+    def reader(self, role: str) -> tuple:
+        return ("tfds", str(self.builder.data_dir), self.splits[role], self.d.src_lang, self.d.tgt_lang)
 
 
 def _find_spec(name):
@@ -226,73 +275,280 @@ def make_source(d):
 
 
 # ----------------------------------------------------------------------------------- TFDS writer
+#
+# The workers write the array_record shards themselves (shard i of a split holds what is left of
+# input lines [i * SHARD_LINES, (i + 1) * SHARD_LINES), so the layout does not depend on how many
+# workers there are); the main process then writes TFDS's metadata (dataset_info.json,
+# features.json) with tfds.folder_dataset.write_metadata, which tfds.builder_from_directory and
+# the data sources read as they read any TFDS dataset.
 
-_BUILDER_CLASS = None
-
-
-def _builder_class():
-    """The GeneratorBasedBuilder that writes prepared splits (defined lazily: importing TFDS
-    costs ~0.4 s, which `import s2s_jax.data` should not pay)."""
-    global _BUILDER_CLASS
-    if _BUILDER_CLASS is not None:
-        return _BUILDER_CLASS
+def _features():
+    """The prepared dataset's features (one definition: the metadata and the record bytes)."""
     import tensorflow_datasets as tfds
 
-    class S2sJaxPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Tokenised parallel text; examples in corpus order (shuffling happens in the loader)."""
-
-        name = BUILDER_NAME
-        VERSION = tfds.core.Version("1.0.0")
-
-        # TFDS looks for a checksums file next to a builder's code, resolving the package through
-        # `importlib_resources` (not installed); this builder downloads nothing, so it has none.
-        @tfds.core.utils.classproperty
-        @classmethod
-        def code_path(cls):
-            return None
-
-        def __init__(self, *, examples=None, **kwargs):
-            self._examples = examples or {}  # role -> list of feature dicts
-            super().__init__(**kwargs)
-
-        def _info(self):
-            seq = tfds.features.Tensor(shape=(None,), dtype=np.int32)  # one blob: fast to read
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description="s2s_jax prepared parallel text (SentencePiece ids + normalised text).",
-                features=tfds.features.FeaturesDict({
-                    "source": seq, "target": seq,
-                    "source_text": tfds.features.Text(), "target_text": tfds.features.Text()}),
-                # Keep corpus order, so record i is line i (after empty-line drops) and eval
-                # batches/BLEU references line up without a separate index.
-                disable_shuffling=True,
-            )
-
-        def _split_generators(self, dl_manager):
-            return {role: self._generate_examples(exs) for role, exs in self._examples.items()}
-
-        def _generate_examples(self, examples):
-            for i, ex in enumerate(examples):
-                yield i, ex
-
-    _BUILDER_CLASS = S2sJaxPrepared
-    return S2sJaxPrepared
+    seq = tfds.features.Tensor(shape=(None,), dtype=np.int32)
+    return tfds.features.FeaturesDict({"source": seq, "target": seq,
+                                       "source_text": tfds.features.Text(), "target_text": tfds.features.Text()})
 
 
-def _write_tfds(out_dir: str, examples: dict) -> None:
+_PROTOS = None
+
+
+def serialize_record(source_ids, target_ids, source_text: str, target_text: str) -> bytes:
+    """One example as the tf.train.Example that `_features().serialize_example` builds, built
+    with the same protobuf classes without its generic per-feature conversions (3x faster; the
+    test pins the two to decode alike). Map entries are written sorted (deterministic=True),
+    so the bytes are the same in every process."""
+    global _PROTOS
+    if _PROTOS is None:
+        from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
+
+        _PROTOS = tf_example_pb2.Example, tf_feature_pb2
+    example, F = _PROTOS
+    return example(features=F.Features(feature={
+        "source": F.Feature(int64_list=F.Int64List(value=source_ids)),
+        "target": F.Feature(int64_list=F.Int64List(value=target_ids)),
+        "source_text": F.Feature(bytes_list=F.BytesList(value=[source_text.encode("utf-8")])),
+        "target_text": F.Feature(bytes_list=F.BytesList(value=[target_text.encode("utf-8")])),
+    })).SerializeToString(deterministic=True)
+
+
+def _shard_name(role: str, index: int, count: int) -> str:
+    # TFDS's default template {DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}
+    return f"{BUILDER_NAME}-{role}.array_record-{index:05d}-of-{count:05d}"
+
+
+def _write_metadata(folder: str, shards: dict) -> None:
+    """dataset_info.json + features.json for the shards in `folder` ({role: [(examples, bytes)]})."""
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-    cls = _builder_class()
-    builder = cls(examples=examples, data_dir=out_dir, file_format="array_record")
-    # TFDS prints "Downloading and preparing dataset ..." banners on stdout; keep stdout clean
-    # (the CLI may print JSON there) and send them to the log instead.
+    infos = [tfds.core.SplitInfo(name=role, shard_lengths=[n for n, _ in sh], num_bytes=sum(b for _, b in sh))
+             for role, sh in shards.items()]
     banner = io.StringIO()
-    with contextlib.redirect_stdout(banner):
-        builder.download_and_prepare(download_dir=os.path.join(out_dir, "downloads"))
-    if banner.getvalue().strip():
-        log.debug("tfds: %s", banner.getvalue().strip())
-    shutil.rmtree(os.path.join(out_dir, "downloads"), ignore_errors=True)
+    with contextlib.redirect_stdout(banner):  # keep stdout clean (the CLI may print JSON there)
+        tfds.folder_dataset.write_metadata(
+            data_dir=folder, features=_features(), split_infos=infos, check_data=False,
+            description="s2s_jax prepared parallel text (SentencePiece ids + normalised text).",
+            # Corpus order: record i is line i (after drops), so eval batches/BLEU references
+            # line up without a separate index.
+            disable_shuffling=True)
+
+
+# ----------------------------------------------------------------------------------- workers
+#
+# Everything per line (reading, normalising, tokenising, serialising, writing) runs in the
+# workers, one task per shard; results come back in task order, so the output is the same for
+# any number of workers. A worker holds BLOCK_LINES lines at a time.
+
+_CACHE: dict = {}
+
+
+def _cached(key, make):
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def _encode_ids(vocab, texts: list) -> list:
+    if getattr(vocab, "kind", None) == "sentencepiece":  # one thread: the workers are the parallelism
+        return vocab.sp.encode(texts, out_type=int, num_threads=1)
+    return vocab.encode_batch(texts)
+
+
+def _read_blocks(reader: tuple, shard: tuple, names: tuple, picks=None):
+    """Yields (1-based first line, source strings, target strings) of a shard's raw lines, at
+    most BLOCK_LINES at a time; with `picks` (sorted absolute line numbers) only those lines
+    matter (TFDS reads only them; text reads the block and keeps them)."""
+    start, stop, offsets = shard
+    if reader[0] == "tfds":
+        _, bdir, split, sk, tk = reader
+        ds = _cached(("tfds", bdir, split), lambda: _tfds_split(bdir, split))
+        wanted = picks if picks is not None else range(start, stop)
+        for i in range(0, len(wanted), BLOCK_LINES):
+            idx = [int(j) for j in wanted[i:i + BLOCK_LINES]]
+            recs = ds.__getitems__(idx) if hasattr(ds, "__getitems__") else [ds[j] for j in idx]
+            yield idx, [_to_str(r[sk]) for r in recs], [_to_str(r[tk]) for r in recs]
+        return
+    _, src_path, tgt_path = reader
+    with open(src_path, "rb") as fs, open(tgt_path, "rb") as ft:
+        fs.seek(offsets[0])
+        ft.seek(offsets[1])
+        line = start
+        while line < stop:
+            k = min(BLOCK_LINES, stop - line)
+            sides = []
+            for f, name in ((fs, names[0]), (ft, names[1])):
+                parts = b"".join(itertools.islice(f, k)).decode("utf-8").split("\n")[:k]
+                if len(parts) < k:
+                    raise DataError(f"{name}: the file changed while it was being prepared; run prepare again")
+                if line == 0 and parts[0].startswith("\ufeff"):
+                    parts[0] = parts[0][1:]  # the byte-order mark, as read_lines drops it
+                sides.append(parts)
+            idx = range(line, line + k)
+            if picks is not None:
+                lo, hi = np.searchsorted(picks, [line, line + k])
+                keep = [int(j) - line for j in picks[lo:hi]]
+                yield [idx[j] for j in keep], [sides[0][j] for j in keep], [sides[1][j] for j in keep]
+            else:
+                yield idx, sides[0], sides[1]
+            line += k
+
+
+def _tfds_split(builder_dir: str, split: str):
+    import tensorflow_datasets as tfds
+
+    return tfds.builder_from_directory(builder_dir).as_data_source(split)
+
+
+def _clean(idx, src, tgt, d_form: str, empty_lines: str, names: tuple):
+    """clean_pairs over lines that may not be contiguous (a sample): (pairs, dropped)."""
+    if isinstance(idx, range):
+        pairs, _, dropped = clean_pairs(src, tgt, d_form, empty_lines, src_name=names[0], tgt_name=names[1],
+                                        first_line=idx.start + 1)
+        return pairs, dropped
+    pairs, dropped = [], 0
+    for j, s, t in zip(idx, src, tgt):
+        p, _, n = clean_pairs([s], [t], d_form, empty_lines, src_name=names[0], tgt_name=names[1], first_line=j + 1)
+        pairs += p
+        dropped += n
+    return pairs, dropped
+
+
+def _sample_task(task) -> list:
+    """The normalised, non-empty pairs at the picked lines of one shard (for SentencePiece)."""
+    reader, shard, names, picks, form, empty_lines = task
+    out = []
+    for idx, src, tgt in _read_blocks(reader, shard, names, picks):
+        out += _clean(idx, src, tgt, form, empty_lines, names)[0]
+    return out
+
+
+def _encode_task(task) -> dict:
+    """Normalises, tokenises and writes one shard as array_record; returns its counts and the
+    token lengths of the examples it kept."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    reader, shard, names, form, empty_lines, vocab_dir, path = task
+    src_vocab, tgt_vocab = _cached(("vocab", vocab_dir), lambda: read_vocab_dir(vocab_dir))
+    writer = ArrayRecordWriter(path, "group_size:1")  # TFDS's own options (random access)
+    ls, lt, num_bytes, empty, empty_tok = [], [], 0, 0, 0
+    try:
+        for idx, src, tgt in _read_blocks(reader, shard, names):
+            pairs, dropped = _clean(idx, src, tgt, form, empty_lines, names)
+            empty += dropped
+            if not pairs:
+                continue
+            s_ids = _encode_ids(src_vocab, [s for s, _ in pairs])
+            t_ids = _encode_ids(tgt_vocab, [t for _, t in pairs])
+            for (s, t), si, ti in zip(pairs, s_ids, t_ids):
+                if not si or not ti:
+                    empty_tok += 1
+                    continue
+                rec = serialize_record(si, ti, s, t)
+                writer.write(rec)
+                num_bytes += len(rec)
+                ls.append(len(si))
+                lt.append(len(ti))
+    finally:
+        writer.close()
+    return {"examples": len(ls), "empty": empty, "empty_after_tokenization": empty_tok, "num_bytes": num_bytes,
+            "source_lengths": np.asarray(ls, np.int32), "target_lengths": np.asarray(lt, np.int32)}
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Native libraries with thread pools that a forked child inherits broken (array_record's
+# writer/reader pool segfaults in a child forked after the parent used it; JAX warns).
+_THREADED = ("array_record", "grain", "jax", "tensorflow", "torch")
+
+
+def _start_method() -> str:
+    """fork (fast, and no `if __name__ == "__main__"` guard needed in the calling script)
+    unless this process has loaded a library whose threads a fork would break; then spawn,
+    which re-imports the main module (the CLI and pytest guard theirs)."""
+    loaded = {name.split(".")[0] for name in list(sys.modules)}
+    return "spawn" if sys.platform != "linux" or loaded.intersection(_THREADED) else "fork"
+
+
+class _Workers:
+    """`map(fn, tasks)` in task order: in this process (n == 1) or in n worker processes, with
+    at most 2n tasks in flight so results never pile up."""
+
+    def __init__(self, n: int):
+        self.n, self.pool = n, None
+
+    def __enter__(self):
+        if self.n > 1:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context(_start_method()).Pool(self.n)
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self.pool is not None:
+            if exc_type is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
+
+    def map(self, fn, tasks):
+        if self.pool is None:
+            yield from map(fn, tasks)
+            return
+        pending = collections.deque()
+        for t in tasks:
+            pending.append(self.pool.apply_async(fn, (t,)))
+            if len(pending) >= 2 * self.n:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _write_tfds(root: str, d, source, scans: dict, vocab_dir: str, workers: _Workers, stats: dict) -> dict:
+    """Tokenises every split into array_record shards under `root` (the TFDS data_dir) and
+    writes the metadata; returns {role_source / role_target: token lengths}."""
+    folder = os.path.join(root, BUILDER_NAME, "1.0.0")
+    os.makedirs(folder)
+    lengths, shards = {}, {}
+    for role, sc in scans.items():
+        plan = sc.shards(SHARD_LINES)
+        tasks = [(source.reader(role), shard, sc.names, d.normalization, d.empty_lines, vocab_dir,
+                  os.path.join(folder, _shard_name(role, i, len(plan)))) for i, shard in enumerate(plan)]
+        results = list(workers.map(_encode_task, tasks))
+        st = stats[source.roles[role]]
+        empty = sum(r["empty"] for r in results)
+        st["dropped"] = {"empty": empty, "empty_after_tokenization": sum(r["empty_after_tokenization"] for r in results)}
+        st["examples"] = sum(r["examples"] for r in results)
+        if st["examples"] == 0:
+            raise DataError(f"{sc.names[0]}: no usable sentence pairs after dropping {empty} with an empty side; "
+                            f"check that {sc.names[0]} and {sc.names[1]} hold text")
+        if empty:
+            log.warning("%s: dropped %d of %d pairs with an empty side (data.empty_lines='skip')",
+                        sc.names[0], empty, sc.lines)
+        ls = np.concatenate([r["source_lengths"] for r in results])
+        lt = np.concatenate([r["target_lengths"] for r in results])
+        st["source_tokens"], st["target_tokens"] = int(ls.sum()), int(lt.sum())
+        dtype = np.uint16 if max(ls.max(), lt.max()) <= np.iinfo(np.uint16).max else np.int32
+        lengths[f"{role}_source"], lengths[f"{role}_target"] = ls.astype(dtype), lt.astype(dtype)
+        # A shard whose every pair was dropped is left out (TFDS wants no empty files).
+        kept = [(i, r) for i, r in enumerate(results) if r["examples"]]
+        for j, (i, _) in enumerate(kept):
+            old = os.path.join(folder, _shard_name(role, i, len(plan)))
+            if len(kept) != len(plan):
+                os.rename(old, os.path.join(folder, _shard_name(role, j, len(kept))))
+        for i, r in enumerate(results):
+            if not r["examples"]:
+                os.remove(os.path.join(folder, _shard_name(role, i, len(plan))))
+        shards[role] = [(r["examples"], r["num_bytes"]) for _, r in kept]
+    _write_metadata(folder, shards)
+    return lengths
 
 
 def tfds_dir(prepared_dir: str) -> str:
@@ -334,6 +590,7 @@ def settings_key(d) -> dict:
         "format": FORMAT_VERSION, "source": d.source, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,
         "splits": split_roles(d), "vocab_size": d.vocab_size, "joint_vocab": d.joint_vocab,
         "spm_model_type": d.spm_model_type, "spm_character_coverage": d.spm_character_coverage,
+        "spm_sample_size": d.spm_sample_size,  # (data.prepare_workers is not here: same output)
         "normalization": d.normalization, "empty_lines": d.empty_lines,
         "tfds_name": d.tfds_name if d.source == "tfds" else "",
     }
@@ -392,84 +649,109 @@ def prepare(config, *, force: bool = False) -> str | None:
     return path
 
 
+def spm_sample(lines: int, pairs: int, seed: int = SPM_SAMPLE_SEED):
+    """Sorted line numbers of a seeded sample of `pairs` of `lines` training pairs (O(pairs)
+    memory), or None for every line (a corpus no larger than the sample, or pairs == 0)."""
+    if pairs <= 0 or lines <= pairs:
+        return None
+    rng = np.random.default_rng(seed)
+    picks = np.unique(rng.integers(0, lines, size=pairs + pairs // 8 + 16))
+    while len(picks) < pairs:
+        picks = np.unique(np.concatenate([picks, rng.integers(0, lines, size=pairs - len(picks) + 16)]))
+    return np.sort(rng.choice(picks, pairs, replace=False))
+
+
+def resolve_workers(d, lines: int) -> int:
+    """Processes prepare uses: data.prepare_workers (0 = every core), but one (this process) for
+    a corpus of at most one shard, where starting processes costs more than it saves."""
+    n = d.prepare_workers or available_cores()
+    return 1 if lines <= SHARD_LINES else max(1, n)
+
+
 def _prepare_into(out: str, d, source, manifest: dict) -> None:
     roles = source.roles
-    # 1. Read, validate and normalise every split first: all input errors surface before the
-    #    (slow) tokenizer training.
-    pairs, stats = {}, {}
-    for role in roles:
-        src, tgt, sname, tname = source.raw(role)
-        kept, _, empty = clean_pairs(src, tgt, d.normalization, d.empty_lines, src_name=sname, tgt_name=tname)
-        if not kept:
-            raise DataError(f"{sname}: no usable sentence pairs after dropping {empty} with an empty side; "
-                            f"check that {sname} and {tname} hold text")
-        pairs[role] = kept
-        stats[roles[role]] = {"role": role, "lines": len(src), "dropped": {"empty": empty}}
-        if empty:
-            log.warning("%s: dropped %d of %d pairs with an empty side (data.empty_lines='skip')",
-                        sname, empty, len(src))
+    # 1. The cheap validation pass (streaming; every split, both sides): all input errors --
+    #    missing, empty or misaligned files, invalid UTF-8, empty lines with empty_lines=error --
+    #    surface before the slow work, naming the file and line.
+    t0 = time.time()
+    scans = {role: source.scan(role, SHARD_LINES, find_empty=d.empty_lines == "error") for role in roles}
+    t1 = time.time()
+    stats = {roles[r]: {"role": r, "lines": sc.lines, "dropped": {}} for r, sc in scans.items()}
+    n_workers = resolve_workers(d, sum(sc.lines for sc in scans.values()))
+    log.info("prepare: %d lines in %s, %d worker(s)", sum(sc.lines for sc in scans.values()),
+             ", ".join(f"{roles[r]}={sc.lines}" for r, sc in scans.items()), n_workers)
 
-    # 2. SentencePiece on the training split only (never on valid/test: no leakage).
     vocab_dir = os.path.join(out, "vocab")
     os.makedirs(vocab_dir)
-    train_src = [s for s, _ in pairs["train"]]
-    train_tgt = [t for _, t in pairs["train"]]
-    what = (f"{source.paths('train')[0]} + {source.paths('train')[1]}" if isinstance(source, TextFolderSource)
-            else f"tfds:{d.tfds_name} train split")
-    spm_args = dict(vocab_size=d.vocab_size, model_type=d.spm_model_type,
-                    character_coverage=d.spm_character_coverage)
-    reused = vocab_from_dir(d)
-    if reused:  # data.vocab_from: tokenise with that run's vocabulary, train nothing
-        for name in _folder_digest(reused):
-            shutil.copyfile(os.path.join(reused, name), os.path.join(vocab_dir, name))
-        src_vocab, tgt_vocab = read_vocab_dir(vocab_dir)
-        log.info("data.vocab_from: tokenising with the vocabulary of %s", d.vocab_from)
-    elif d.joint_vocab:
-        src_vocab = tgt_vocab = train_sentencepiece(train_src + train_tgt, os.path.join(vocab_dir, "spm"),
-                                                    what=what, **spm_args)
-    else:
-        src_vocab = train_sentencepiece(train_src, os.path.join(vocab_dir, "source"), what=what.split(" + ")[0], **spm_args)
-        tgt_vocab = train_sentencepiece(train_tgt, os.path.join(vocab_dir, "target"), what=what.split(" + ")[-1], **spm_args)
-    for suffix in (".vocab",):  # human-readable piece lists are not needed at run time
-        for f in os.listdir(vocab_dir):
-            if f.endswith(suffix):
-                os.remove(os.path.join(vocab_dir, f))
-    if not reused:
-        write_vocab_json(vocab_dir, src_vocab, tgt_vocab)
-
-    # 3. Tokenise every split once; drop (and count) pairs a side of which encodes to nothing.
-    examples, lengths = {}, {}
-    for role, ps in pairs.items():
-        s_ids = src_vocab.encode_batch([s for s, _ in ps])
-        t_ids = tgt_vocab.encode_batch([t for _, t in ps])
-        exs, ls, lt = [], [], []
-        empty = 0
-        for (s, t), si, ti in zip(ps, s_ids, t_ids):
-            if not si or not ti:
-                empty += 1
-                continue
-            exs.append({"source": np.asarray(si, np.int32), "target": np.asarray(ti, np.int32),
-                        "source_text": s, "target_text": t})
-            ls.append(len(si))
-            lt.append(len(ti))
-        st = stats[roles[role]]
-        st["dropped"]["empty_after_tokenization"] = empty
-        st["examples"] = len(exs)
-        st["source_tokens"] = int(sum(ls))
-        st["target_tokens"] = int(sum(lt))
-        examples[role] = exs
-        lengths[f"{role}_source"] = np.asarray(ls, np.int32)
-        lengths[f"{role}_target"] = np.asarray(lt, np.int32)
+    try:
+        with _Workers(n_workers) as workers:
+            # 2. SentencePiece on (a seeded sample of) the training split only: never on valid/test.
+            reused = vocab_from_dir(d)
+            if reused:  # data.vocab_from: tokenise with that run's vocabulary, train nothing
+                for name in _folder_digest(reused):
+                    shutil.copyfile(os.path.join(reused, name), os.path.join(vocab_dir, name))
+                log.info("data.vocab_from: tokenising with the vocabulary of %s", d.vocab_from)
+            else:
+                _train_vocab(vocab_dir, d, source, scans["train"], workers, stats[roles["train"]])
+            t = time.time()
+            log.info("prepare: validation pass %.1fs, vocabulary %.1fs", t1 - t0, t - t1)
+            # 3. Tokenise every split once into array_record shards.
+            lengths = _write_tfds(os.path.join(out, "tfds"), d, source, scans, vocab_dir, workers, stats)
+            log.info("prepare: tokenised and wrote %d examples in %.1fs",
+                     sum(st.get("examples", 0) for st in stats.values()), time.time() - t)
+    finally:
+        _CACHE.clear()
+    src_vocab, tgt_vocab = read_vocab_dir(vocab_dir)
     np.savez(os.path.join(out, "lengths.npz"), **lengths)
 
-    # 4. Write the TFDS dataset (array_record) and the metadata, manifest last.
-    _write_tfds(os.path.join(out, "tfds"), examples)
+    # 4. The metadata, manifest last.
     manifest = dict(manifest, roles=roles, vocab_size={"source": src_vocab.vocab_size,
                                                       "target": tgt_vocab.vocab_size})
     with open(os.path.join(out, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2, sort_keys=True)
     with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
+
+
+def _train_vocab(vocab_dir: str, d, source, scan: SplitScan, workers: _Workers, train_stats: dict) -> None:
+    """Trains the SentencePiece model(s) on a seeded sample of data.spm_sample_size sentences
+    per model (a joint model: half the pairs, both sides) and writes vocab.json."""
+    t = time.time()
+    per_model = d.spm_sample_size
+    picks = spm_sample(scan.lines, -(-per_model // 2) if d.joint_vocab else per_model)
+    tasks = []
+    for shard in scan.shards(SHARD_LINES):
+        mine = None
+        if picks is not None:
+            lo, hi = np.searchsorted(picks, [shard[0], shard[1]])
+            mine = picks[lo:hi]
+            if not len(mine):
+                continue
+        tasks.append((source.reader("train"), shard, scan.names, mine, d.normalization, d.empty_lines))
+    pairs = [p for chunk in workers.map(_sample_task, tasks) for p in chunk]
+    sname, tname = scan.names
+    if not pairs:
+        raise DataError(f"{sname}: no usable sentence pairs (every sampled pair has an empty side); "
+                        f"check that {sname} and {tname} hold text")
+    train_stats["spm_sample_pairs"] = len(pairs)
+    log.info("SentencePiece: training on %d of %d training pairs (sampled in %.1fs)", len(pairs), scan.lines,
+             time.time() - t)
+    spm_args = dict(vocab_size=d.vocab_size, model_type=d.spm_model_type,
+                    character_coverage=d.spm_character_coverage)
+    if d.joint_vocab:
+        src = [s for s, _ in pairs] + [t for _, t in pairs]
+        del pairs
+        src_vocab = tgt_vocab = train_sentencepiece(src, os.path.join(vocab_dir, "spm"),
+                                                    what=f"{sname} + {tname}", **spm_args)
+    else:
+        src, tgt = [s for s, _ in pairs], [t for _, t in pairs]
+        del pairs
+        src_vocab = train_sentencepiece(src, os.path.join(vocab_dir, "source"), what=sname, **spm_args)
+        tgt_vocab = train_sentencepiece(tgt, os.path.join(vocab_dir, "target"), what=tname, **spm_args)
+    for f in os.listdir(vocab_dir):  # human-readable piece lists are not needed at run time
+        if f.endswith(".vocab"):
+            os.remove(os.path.join(vocab_dir, f))
+    write_vocab_json(vocab_dir, src_vocab, tgt_vocab)
 
 
 def load_prepared(path: str):

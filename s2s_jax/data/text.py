@@ -7,6 +7,9 @@ Everything here works on plain Python strings; the checks raise `DataError` nami
 from __future__ import annotations
 
 import os
+import re
+
+import numpy as np
 
 from s2s_jax.data.errors import DataError
 from s2s_jax.vocab import normalize
@@ -19,24 +22,15 @@ def read_lines(path: str) -> list[str]:
     A UTF-8 byte-order mark at the start is dropped and a final newline does not make an extra
     line. Raises DataError for a missing file, an empty file or invalid UTF-8 (with line number).
     """
-    if not os.path.isfile(path):
-        folder = os.path.dirname(path) or "."
-        found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        listing = f" (the folder holds: {', '.join(found[:12])}{' ...' if len(found) > 12 else ''})" if found else (
-            "" if os.path.isdir(folder) else " (the folder does not exist)")
-        raise DataError(f"{path}: no such file{listing}; check data.dir, the split names "
-                        f"(data.train_split/valid_split/test_split) and data.src_lang/tgt_lang")
+    check_exists(path)
     with open(path, "rb") as f:
         raw = f.read()
     if not raw.strip():
-        raise DataError(f"{path}: the file is empty; put one sentence per line in it, or point "
-                        f"data.dir / the split names at a non-empty corpus")
+        raise _empty_file(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}, line {line}: invalid UTF-8 ({e.reason} at byte {e.start}); "
-                        f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+        raise _bad_utf8(path, raw.count(b"\n", 0, e.start) + 1, e, e.start) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     lines = text.split("\n")
@@ -46,13 +40,95 @@ def read_lines(path: str) -> list[str]:
     return lines
 
 
+def check_exists(path: str) -> None:
+    """DataError naming a missing file and what its folder holds."""
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        listing = f" (the folder holds: {', '.join(found[:12])}{' ...' if len(found) > 12 else ''})" if found else (
+            "" if os.path.isdir(folder) else " (the folder does not exist)")
+        raise DataError(f"{path}: no such file{listing}; check data.dir, the split names "
+                        f"(data.train_split/valid_split/test_split) and data.src_lang/tgt_lang")
+
+
+def _empty_file(path: str) -> DataError:
+    return DataError(f"{path}: the file is empty; put one sentence per line in it, or point "
+                     f"data.dir / the split names at a non-empty corpus")
+
+
+def _bad_utf8(path: str, line: int, e: UnicodeDecodeError, byte: int) -> DataError:
+    return DataError(f"{path}, line {line}: invalid UTF-8 ({e.reason} at byte {byte}); "
+                     f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+
+
+def empty_line_error(path: str, line: int) -> DataError:
+    return DataError(f"{path}, line {line}: empty line (after normalisation); remove the pair from both "
+                     f"files or set data.empty_lines='skip' to drop such pairs")
+
+
+def check_aligned(src_path: str, n_src: int, tgt_path: str, n_tgt: int) -> None:
+    if n_src != n_tgt:
+        raise DataError(f"{src_path} has {n_src} lines but {tgt_path} has {n_tgt}; parallel "
+                        f"files must be line-aligned (line N of one translates line N of the other)")
+
+
 def read_parallel(src_path: str, tgt_path: str) -> tuple[list[str], list[str]]:
     """Raw source and target lines of one split; DataError if their counts differ."""
     src, tgt = read_lines(src_path), read_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; parallel "
-                        f"files must be line-aligned (line N of one translates line N of the other)")
+    check_aligned(src_path, len(src), tgt_path, len(tgt))
     return src, tgt
+
+
+# A whitespace-only line (which normalize() turns into ""), found by its preceding newline.
+_BLANK = re.compile(r"\n[^\S\n]*\n")
+SCAN_BLOCK = 1 << 24
+
+
+def scan_lines(path: str, every: int, *, find_empty: bool = False):
+    """One streaming pass over a text file with the checks of read_lines, in bounded memory.
+
+    Returns (number of lines, byte offsets of lines 0, every, 2*every, ... (< number of lines),
+    1-based number of the first whitespace-only line or None (only looked for if find_empty)).
+    Lines are counted as read_lines counts them; raises the same DataErrors (missing file,
+    empty file, invalid UTF-8 with its line).
+    """
+    check_exists(path)
+    offsets, lines, pos, nonblank, first_empty = [0], 0, 0, False, None
+    pending = b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(SCAN_BLOCK)
+            eof = not block
+            buf = pending + block
+            cut = len(buf) if eof else buf.rfind(b"\n") + 1
+            if not eof and cut == 0:
+                pending = buf
+                continue
+            part, pending = buf[:cut], buf[cut:]
+            if part:
+                try:
+                    text = part.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _bad_utf8(path, lines + part.count(b"\n", 0, e.start) + 1, e, pos + e.start) from None
+                nonblank = nonblank or bool(part.strip())
+                nl = np.flatnonzero(np.frombuffer(part, np.uint8) == 10)
+                first_k = (lines // every + 1) * every  # line k starts after newline k-1 (0-based)
+                offsets.extend(int(pos + nl[k - 1 - lines] + 1) for k in range(first_k, lines + len(nl) + 1, every))
+                if find_empty and first_empty is None:
+                    if pos == 0 and text.startswith("\ufeff"):
+                        text = text[1:]  # the byte-order mark, which read_lines drops
+                    m = _BLANK.search("\n" + text)  # `part` starts at a line start
+                    if m:
+                        first_empty = lines + text.count("\n", 0, m.start()) + 1
+                    elif not text.endswith("\n") and not text[text.rfind("\n") + 1:].strip():
+                        first_empty = lines + len(nl) + 1  # the last line, without a final newline
+                lines += len(nl) + (0 if part.endswith(b"\n") else 1)
+                pos += cut
+            if eof:
+                break
+    if not nonblank:
+        raise _empty_file(path)
+    return lines, [o for k, o in zip(range(0, lines, every), offsets)], first_empty
 
 
 def clean_pairs(src_lines, tgt_lines, form: str, empty_lines: str, *, src_name: str, tgt_name: str,
@@ -68,9 +144,7 @@ def clean_pairs(src_lines, tgt_lines, form: str, empty_lines: str, *, src_name: 
         s, t = normalize(s, form), normalize(t, form)
         if not s or not t:
             if empty_lines == "error":
-                name = src_name if not s else tgt_name
-                raise DataError(f"{name}, line {i + first_line}: empty line (after normalisation); remove "
-                                f"the pair from both files or set data.empty_lines='skip' to drop such pairs")
+                raise empty_line_error(src_name if not s else tgt_name, i + first_line)
             dropped += 1
             continue
         pairs.append((s, t))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 import re
 
 import sentencepiece as spm
@@ -10,6 +10,7 @@ import sentencepiece as spm
 from s2s_jax.data.errors import DataError
 from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, SentencePieceVocab
 
+SPM_THREADS = 4
 _TOO_HIGH = re.compile(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)")
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
@@ -18,25 +19,33 @@ def train_sentencepiece(sentences, model_prefix: str, *, vocab_size: int, model_
                         character_coverage: float, what: str) -> SentencePieceVocab:
     """Trains a SentencePiece model on an iterable of normalised sentences, in-process.
 
-    Writes `model_prefix.model` / `.vocab`. `what` names the training text in error messages.
+    Writes `model_prefix.model`; the bytes depend only on the sentences (in order) and the
+    settings. `what` names the training text in error messages.
     A vocabulary size the corpus cannot support is a DataError saying which size works.
     """
     sentences = list(sentences)
+    # The model comes back in memory (model_writer), not through model_prefix, which
+    # SentencePiece would record in the model: the bytes would then depend on the folder.
+    model = io.BytesIO()
     kwargs = dict(
-        sentence_iterator=iter(sentences), model_prefix=model_prefix, vocab_size=vocab_size,
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, character_coverage=character_coverage,
         pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
         pad_piece=SPECIALS[0], bos_piece=SPECIALS[1], eos_piece=SPECIALS[2], unk_piece=SPECIALS[3],
         # The text is already normalised by us (normalize()); "identity" keeps SentencePiece from
         # applying its own NFKC a second time, so data.normalization=none really means none.
         normalization_rule_name="identity",
-        # Bounded memory/time on big corpora: a seeded random sample of 2M sentences is plenty.
-        input_sentence_size=2_000_000, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
-        max_sentence_length=16384, num_threads=max(1, min(4, os.cpu_count() or 1)),
+        # Every sentence given, in the order given: prepare passes its own seeded sample
+        # (data.spm_sample_size), so SentencePiece's unseeded shuffle never runs.
+        input_sentence_size=0, shuffle_input_sentence=False, seed_sentencepiece_size=1_000_000,
+        # A fixed thread count: the unigram EM sums per-thread partial counts, so the model
+        # bytes depend on it (not on data.prepare_workers or the machine).
+        max_sentence_length=16384, num_threads=SPM_THREADS,
         train_extremely_large_corpus=False, minloglevel=2,
     )
     if model_type == "word":
         kwargs["split_by_whitespace"] = True
+    spm.set_random_generator_seed(0)
     try:
         spm.SentencePieceTrainer.train(**kwargs)
     except RuntimeError as e:
@@ -52,4 +61,6 @@ def train_sentencepiece(sentences, model_prefix: str, *, vocab_size: int, model_
                             f"data.spm_character_coverage (e.g. 0.9995)") from None
         raise DataError(f"{what}: SentencePiece training failed ({msg.strip().splitlines()[-1] if msg.strip() else msg}); "
                         f"check data.vocab_size / data.spm_model_type / data.spm_character_coverage") from None
+    with open(model_prefix + ".model", "wb") as f:
+        f.write(model.getvalue())
     return SentencePieceVocab(model_prefix + ".model")
