@@ -328,4 +328,5 @@ def test_memory_bounded_20k_vs_200k(tmp_path):
         rss = json.loads(r.stdout.strip().splitlines()[-1])
         assert n < 100_000 or rss["children"] > 0  # 200k pairs = 2 shards: the workers ran
         peaks[n] = max(rss["self"], rss["children"])
+    print("peak RSS KiB", peaks)
     assert peaks[200_000] <= 1.5 * peaks[20_000], peaks

@@ -81,7 +81,7 @@ def read_parallel(src_path: str, tgt_path: str) -> tuple[list[str], list[str]]:
 
 # A whitespace-only line (which normalize() turns into ""), found by its preceding newline.
 _BLANK = re.compile(r"\n[^\S\n]*\n")
-SCAN_BLOCK = 1 << 24
+SCAN_BLOCK = 1 << 22  # 4 MiB: the pass holds a few copies of a block (bytes, str, newline mask)
 
 
 def scan_lines(path: str, every: int, *, find_empty: bool = False):
@@ -110,6 +110,8 @@ def scan_lines(path: str, every: int, *, find_empty: bool = False):
                     text = part.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise _bad_utf8(path, lines + part.count(b"\n", 0, e.start) + 1, e, pos + e.start) from None
+                if not find_empty or first_empty is not None:
+                    del text
                 nonblank = nonblank or bool(part.strip())
                 nl = np.flatnonzero(np.frombuffer(part, np.uint8) == 10)
                 first_k = (lines // every + 1) * every  # line k starts after newline k-1 (0-based)
