@@ -18,8 +18,9 @@ Batch plan (identical on every process, computed from the seed alone):
      pool; the pool's batches are then emitted in a random order (the same generator), so a
      batch holds sentences of similar length (OpenNMT-py's pooled batching). At the end of the
      walk each bucket's partial batch is emitted (bucket order), padded with filler rows
-     (index -1: all zeros, lengths 0). So every survivor is in exactly one batch per epoch and
-     nothing is dropped.
+     (index -1: all zeros, lengths 0); with pools, a bucket's leftovers first move up to the
+     next bucket that holds them all, so only the last of such a chain has filler rows. So
+     every survivor is in exactly one batch per epoch and nothing is dropped.
   4. global batch k of bucket b has R_b rows; R_b is a multiple of process_count * batch_multiple
      and process p takes rows [p*R_b/P, (p+1)*R_b/P). All processes therefore see the same
      sequence of bucket shapes (same compiled programs, same step count), and together they see
