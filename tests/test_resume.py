@@ -47,7 +47,7 @@ def train(workdir, *extra, expect: int = 0) -> subprocess.CompletedProcess:
 
 def trace(workdir) -> list[dict]:
     """metrics.jsonl without the wall-clock fields."""
-    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec")} for r in read_metrics(workdir)]
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec", "sentences_per_sec")} for r in read_metrics(workdir)]
 
 
 def load_state(workdir, step: int | None = None):
