@@ -47,7 +47,7 @@ from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID  # the one definition of the sp
 # (the weights used for this step, zero on padded source positions) or None).
 StepFn = Callable[[jax.Array, Any], "tuple[jax.Array, Any, jax.Array | None]"]
 
-_NEG_INF = -np.inf
+_NEG_INF = topk.NEG_INF
 # Coverage below this is treated as this, so an unattended source word costs a large but finite
 # penalty (log(1e-10) ~ -23) instead of -inf, which would also make the hypothesis unrankable.
 _MIN_COVERAGE = 1e-10

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-_NEG_INF = -np.inf
+NEG_INF = -np.inf  # log-prob of a masked token (decoding.py uses this one)
 
 
 def _normaliser(logits):
@@ -37,7 +37,7 @@ def _log_probs(logits, top, lse, force, token_ids, eos_id):
     every token but EOS masked out where force [...] is set. Elementwise, so XLA fuses it into
     its consumers instead of storing [rows, V] log-probs."""
     log_probs = (logits.astype(jnp.float32) - top) - lse
-    return jnp.where(force[..., None] & (token_ids != eos_id), _NEG_INF, log_probs)
+    return jnp.where(force[..., None] & (token_ids != eos_id), NEG_INF, log_probs)
 
 
 def _first_index(mask):
@@ -77,7 +77,7 @@ def best_token(logits, force, eos_id, kernels: str = "cpu"):
     # Where only EOS is allowed, it is the best token unless it is impossible (then every
     # value is -inf and the first maximum is token 0).
     eos_log_prob = ((chunked[:, eos_id // chunk, eos_id % chunk][:, None] - top) - lse)[:, 0]
-    forced_token = jnp.where(eos_log_prob == _NEG_INF, 0, eos_id).astype(jnp.int32)
+    forced_token = jnp.where(eos_log_prob == NEG_INF, 0, eos_id).astype(jnp.int32)
     return jnp.where(force, forced_token, token), jnp.where(force, eos_log_prob, best)
 
 
@@ -131,7 +131,7 @@ def top_extensions(alive_log_probs, logits, force, eos_id, num_candidates, kerne
     # with max); where only EOS is allowed, only EOS's chunk has a finite value.
     alive = alive_log_probs[:, :, None]  # [B, K, 1]
     eos_value = extended(chunked[:, :, eos_id // chunk, eos_id % chunk][..., None], alive, top, lse)
-    chunk_values = jnp.where(force[..., None], jnp.where(jnp.arange(n_chunks) == eos_id // chunk, eos_value, _NEG_INF),
+    chunk_values = jnp.where(force[..., None], jnp.where(jnp.arange(n_chunks) == eos_id // chunk, eos_value, NEG_INF),
                              extended(chunk_logits, alive, top, lse))  # [B, K, n]
     _, chunks = lax.top_k(chunk_values.reshape(B, K * n_chunks), num_candidates)  # [B, C], k * n + chunk
     chunks = jnp.sort(chunks, axis=-1)
@@ -143,7 +143,7 @@ def top_extensions(alive_log_probs, logits, force, eos_id, num_candidates, kerne
 
     token_ids = position[..., None] * chunk + jnp.arange(chunk)  # [B, C, chunk]
     values = extended(picked, of_beam(alive), of_beam(top), of_beam(lse))
-    values = jnp.where(force[..., None] & (token_ids != eos_id), _NEG_INF, values).reshape(B, -1)
+    values = jnp.where(force[..., None] & (token_ids != eos_id), NEG_INF, values).reshape(B, -1)
     flat_ids = (beam[..., None] * V + token_ids).reshape(B, -1)
     best, at = lax.top_k(values, num_candidates)
     return best, jnp.take_along_axis(flat_ids, at, axis=1)

@@ -168,7 +168,8 @@ class Decoder(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         W = self._prepared()
         w_emb = W.pop("w_emb")
-        gx0 = projected if projected is not None else matmul(embedded, w_emb, dtype, kernels_lib.resolve(cfg.kernels)) + W["layer0_bias"]
+        ks = kernels_lib.resolve(cfg.kernels)
+        gx0 = projected if projected is not None else matmul(embedded, w_emb, dtype, ks) + W["layer0_bias"]
         dot = plain_dot
         rows, entries = gx0.shape[0], memory.shape[0]
         if entries != rows and cfg.attention != "none":
@@ -210,6 +211,7 @@ def _step(cfg: ModelConfig, W: dict, dot, gx0: Array, state, masks):
     Returns (attentional hidden [N, H], new state, attention weights [N, S] or None).
     """
     dtype = jnp.dtype(cfg.dtype)
+    ks = kernels_lib.resolve(cfg.kernels)
     new_carries = []
     inp = None
     L = cfg.decoder_layers
@@ -226,7 +228,7 @@ def _step(cfg: ModelConfig, W: dict, dot, gx0: Array, state, masks):
             if side is not None:
                 gx = gx + dot(f"layer{i}_side", "ni,ig->ng", side, W[f"layer{i}_side"], dtype)
             gh = dot(f"layer{i}_hh", "nh,hg->ng", h, W[f"layer{i}_hh"], dtype) + W[f"layer{i}_b_hh"]
-        carry, out = cell_update(cfg.cell, gx, gh, carry, kernels_lib.resolve(cfg.kernels))
+        carry, out = cell_update(cfg.cell, gx, gh, carry, ks)
         if cfg.residual and i > 0:
             out = out + inp
         if masks is not None and i + 1 < L:
