@@ -30,17 +30,19 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from s2s_jax.kernels.dense import rows_transposed_product
+from s2s_jax.kernels.dense import rows_transposed_product, transposed
 
 Array = jax.Array
 
 PORTABLE_ROWS = 4096  # portable: rows per block ([4096, 32k] float32 logits are 512 MB)
 
 
-def _score(h, kernel, bias, y, w, eps: float, dtype, with_grad: bool, kernels: str = "cpu"):
+def _score(h, kernel, bias, y, w, eps: float, dtype, with_grad: bool, kernels: str = "cpu", kernel_t=None):
     """One block of rows: h [N, H], y [N], w [N] -> sums [4] (loss, nll, correct, weight)
     and, with_grad, the gradients of sums[0] w.r.t. h [N, H], kernel [H, V] and bias [V].
-    bias None: it is folded into h and kernel (`_blocks`), and its gradient is None here."""
+    bias None: it is folded into h and kernel (`_blocks`), and its gradient is None here.
+    kernel_t: the cpu set's row-major kernelᵀ [V, H] in `dtype`, made once for all blocks
+    (`dense.transposed`: a bfloat16 product with a transposed operand leaves XLA:CPU's YNN path)."""
     dtype = jnp.dtype(dtype)
     logits = jnp.matmul(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
     if bias is not None:
@@ -64,7 +66,7 @@ def _score(h, kernel, bias, y, w, eps: float, dtype, with_grad: bool, kernels: s
     if eps:
         g = g - (eps / V) * w[:, None]
     gd = g.astype(dtype)
-    d_h = jnp.matmul(gd, kernel.astype(dtype).T, preferred_element_type=jnp.float32)
+    d_h = jnp.matmul(gd, kernel.astype(dtype).T if kernel_t is None else kernel_t, preferred_element_type=jnp.float32)
     d_kernel = rows_transposed_product(h, gd, dtype, kernels)  # cpu: on the YNN path
     return sums, d_h, d_kernel, None if bias is None else g.sum(0)
 
@@ -102,9 +104,11 @@ def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad):
     n_big = jnp.maximum((n_real - (RB - RS) + RB - 1) // RB, 1)  # block 0 is big
     n_small = jnp.maximum(n_real - n_big * RB + RS - 1, 0) // RS
 
+    kernel_t = transposed(kernel, dtype) if with_grad else None
+
     def block(start, R):
         rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start, R)  # noqa: E731
-        return _score(rows(hp), kernel, bias, rows(yp), rows(wp), eps, dtype, with_grad)
+        return _score(rows(hp), kernel, bias, rows(yp), rows(wp), eps, dtype, with_grad, "cpu", kernel_t)
 
     def remaining_blocks(add, acc):
         """Blocks 1 .. n_big - 1 (big), then the small ones: acc = add(acc, start, R)."""
