@@ -432,6 +432,63 @@ def test_float32_dots_carry_the_configured_precision():
     assert kernels.matmul_precision(ModelConfig(dtype="bfloat16")) == "default"
 
 
+def _compiled_dot_operand_types(hlo: str) -> list[tuple[str, str, str]]:
+    """(dot name, lhs element type, rhs element type) of every matrix product (no batch
+    dimensions) in XLA's optimised module text, inside fusions included."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))  # instruction/parameter -> element type
+    types.update(re.findall(r"([\w.\-]+): (\w+)\[", hlo))    # fused computations' parameters
+    out = []
+    for name, lhs, rhs, rest in re.findall(r"%([\w.\-]+) = \w+\[[^\]]*\][^=]*? dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)", hlo):
+        if "lhs_batch_dims" not in rest:
+            out.append((name, types.get(lhs, "?"), types.get(rhs, "?")))
+    return out
+
+
+def _xla_keeps_plain_bfloat16_products() -> bool:
+    """Whether XLA:CPU here keeps a plain row-major bfloat16 product in bfloat16 (its library
+    path); the tests below hold the train step to that standard."""
+    a, b = jnp.ones((32, 64), jnp.bfloat16), jnp.ones((64, 48), jnp.bfloat16)
+    text = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)).lower(a, b).compile().as_text()
+    dots = _compiled_dot_operand_types(text)
+    return bool(dots) and all(d[1:] == ("bf16", "bf16") for d in dots)
+
+
+def test_bfloat16_cpu_step_keeps_every_product_in_bfloat16():
+    """cpu set, bfloat16 compute: XLA:CPU runs a bfloat16 product on its fast library path only
+    with row-major, untransposed operands, and silently rewrites any other one to float32
+    (kernels/dense.py). Every matrix product of the compiled train step — forward, the
+    hand-written backward passes, the loss blocks and the weight gradients — keeps bfloat16
+    operands; in float32 they are float32 (the check reads real types)."""
+    if not _xla_keeps_plain_bfloat16_products():
+        pytest.skip("this XLA:CPU build / CPU rewrites even a plain bfloat16 product to float32")
+    for dtype, want in (("bfloat16", "bf16"), ("float32", "f32")):
+        config, model, state = _train_setup("cpu", dtype=dtype)
+        fn = jax.jit(functools.partial(steps.train_step, model=model, config=config))
+        # 16 rows: XLA:CPU also upcasts products that contract fewer than ~8 rows (the bridge's
+        # weight gradients contract over the batch), which never happens at real batch sizes
+        batch = make_batch(source_lengths=np.resize(SOURCE_LENGTHS, 16), target_lengths=np.resize(TARGET_LENGTHS, 16))
+        dots = _compiled_dot_operand_types(fn.lower(state, batch).compile().as_text())
+        assert len(dots) >= 20, dots  # forward, backward and loss products were all found
+        wrong = [d for d in dots if d[1:] != (want, want)]
+        assert not wrong, (dtype, wrong)
+
+
+def test_transposed_is_a_real_row_major_copy():
+    """dense.transposed gives xᵀ exactly (any dtype); the weight-gradient product through it is
+    xᵀ·g and, where XLA:CPU keeps plain bfloat16 products, a bfloat16 one."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(24, 40)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(dense_kernel.transposed(x, jnp.float32)), np.asarray(x).T)
+    np.testing.assert_array_equal(np.asarray(dense_kernel.transposed(x, jnp.bfloat16)),
+                                  np.asarray(x.astype(jnp.bfloat16)).T)
+    g = jnp.ones((24, 16), jnp.float32)
+    product = jax.jit(lambda x, g: dense_kernel.rows_transposed_product(x, g, jnp.bfloat16))
+    np.testing.assert_allclose(np.asarray(product(x, g)), np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)).T @ np.asarray(g),
+                               rtol=1e-6, atol=1e-5)
+    if _xla_keeps_plain_bfloat16_products():
+        dots = _compiled_dot_operand_types(product.lower(x, g).compile().as_text())
+        assert dots and all(d[1:] == ("bf16", "bf16") for d in dots), dots
+
+
 def test_deterministic_flags_set_before_the_backend_starts():
     """train.deterministic: configure_backend adds the XLA flag to XLA_FLAGS (keeping the user's
     own flags) before jax starts, and the backend accepts it; off adds nothing."""
