@@ -61,6 +61,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -318,6 +319,20 @@ def peak_bytes_in_use(device=None) -> int | None:
         return None
     value = stats.get("peak_bytes_in_use")
     return int(value) if value is not None else None
+
+
+def dot_operand_types(hlo: str) -> dict[str, tuple[str, str]]:
+    """Every matrix product (no batch dimensions) of an optimised HLO module's text
+    (`compiled.as_text()`): instruction name -> (lhs, rhs) element types, inside fusions too.
+
+    XLA:CPU silently rewrites a bfloat16 product it cannot run on its library path into a
+    float32 one; this is how a test or a trace tells (docs/speed.md, "bfloat16 on CPU")."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))  # instruction -> element type
+    types.update(re.findall(r"([\w.\-]+): (\w+)\[", hlo))    # fused computations' parameters
+    return {name: (types.get(lhs, "?"), types.get(rhs, "?"))
+            for name, lhs, rhs, rest in re.findall(
+                r"%([\w.\-]+) = \w+\[[^\]]*\][^=]*? dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)", hlo)
+            if "lhs_batch_dims" not in rest}
 
 
 def _program_bytes(compiled) -> dict | None:

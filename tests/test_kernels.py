@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import reference_model as ref
-from s2s_jax import kernels, losses, steps
+from s2s_jax import benchmark, kernels, losses, steps
 from s2s_jax.config import Config, ModelConfig, TrainConfig
 from s2s_jax.kernels import activations, dense as dense_kernel
 from s2s_jax.kernels import loss as loss_kernel
@@ -433,15 +433,8 @@ def test_float32_dots_carry_the_configured_precision():
 
 
 def _compiled_dot_operand_types(hlo: str) -> list[tuple[str, str, str]]:
-    """(dot name, lhs element type, rhs element type) of every matrix product (no batch
-    dimensions) in XLA's optimised module text, inside fusions included."""
-    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))  # instruction/parameter -> element type
-    types.update(re.findall(r"([\w.\-]+): (\w+)\[", hlo))    # fused computations' parameters
-    out = []
-    for name, lhs, rhs, rest in re.findall(r"%([\w.\-]+) = \w+\[[^\]]*\][^=]*? dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)", hlo):
-        if "lhs_batch_dims" not in rest:
-            out.append((name, types.get(lhs, "?"), types.get(rhs, "?")))
-    return out
+    """(product, lhs element type, rhs element type) of every matrix product in XLA's optimised module."""
+    return [(name, *types) for name, types in benchmark.dot_operand_types(hlo).items()]
 
 
 def _xla_keeps_plain_bfloat16_products() -> bool:

@@ -10,14 +10,11 @@ Command (from the repository root; the corpus is not part of the repo):
     python -m s2s_jax train --config experiments/configs/multi30k_en_de.py \
         --set data.dir=../shared/data/multi30k --workdir runs/multi30k_en_de
 
-Hardware and result (measured): 38 min 25 s of training on a 2-core x86-64 CPU (~3,100 target
-tokens/s); validation BLEU (greedy) 4.8 / 17.1 / 24.5 / 30.3 / 32.2 / 33.6 at steps 500..3000;
-test2016 beam 5, best checkpoint: sacreBLEU 35.89, chrF 59.59
-(nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0); see docs/results.md.
-With the auto buckets below (2026-12-02, commit acdea75; padding efficiency source 0.85, target
-0.92, printed at the start): validation BLEU 4.3 / 14.4 / 24.2 / 29.8 / 31.6 / 33.0, test2016 beam
-5 best checkpoint sacreBLEU 34.51, chrF 59.15; 1.20x the sentences/s of the 5 fixed buckets and
-1.12x OpenNMT-py 3.5.1's on a 2-core Intel Xeon VM (docs/data.md, "Batching").
+Hardware and result (measured, 2026-12-03): 18 min 31 s of training on a 2-core Intel Xeon VM
+with AVX512-BF16 / AMX (bfloat16 compute: see the model section); test2016 beam 5, best
+checkpoint: sacreBLEU 33.95, chrF 58.61 (nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0);
+1.90x / 1.82x OpenNMT-py 3.5.1's sentences/s side by side (docs/data.md, "Batching"). In float32
+the same batches gave 34.51 in about twice the time; curves in docs/results.md.
 Preparing the data (normalisation + SentencePiece + TFDS array_record) takes ~11 s once.
 Data facts (measured): train 29,000 pairs, mean 14.7 / 15.2 pieces (en / de), 99.9th
 percentile 40 / 43, max 52 / 55; so max length 50 drops ~0.01% of pairs.

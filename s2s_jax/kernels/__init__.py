@@ -16,7 +16,8 @@ Two sets compute the same function (tests/test_kernels.py pins both to the plain
 - ``cpu``: tuned on XLA:CPU, where every kernel launched in a loop body costs ~10–30 µs and the
   dot emitter picks a slower generic path for some layouts. It uses device-counted loops (the
   loss runs over the real rows only), a ``lax.cond`` around the optimizer update, and
-  ``optimization_barrier`` copies that keep explicit transposes.
+  ``optimization_barrier`` copies that keep explicit, row-major transposes (in bfloat16 the
+  only form XLA:CPU's fast library path multiplies; dense.transposed).
 - ``portable``: static control flow only — every loop has a trip count known at compile time
   (the time scans, fixed blocks of rows), no ``cond`` (a select-based guard), no optimisation
   barrier. On XLA:GPU a device-computed trip count copies the predicate to the host and blocks
