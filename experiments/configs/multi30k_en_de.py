@@ -13,7 +13,7 @@ Command (from the repository root; the corpus is not part of the repo):
 Hardware and result (measured, 2026-12-03): 18 min 31 s of training on a 2-core Intel Xeon VM
 with AVX512-BF16 / AMX (bfloat16 compute: see the model section); test2016 beam 5, best
 checkpoint: sacreBLEU 33.95, chrF 58.61 (nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0);
-1.90x / 1.82x OpenNMT-py 3.5.1's sentences/s side by side (docs/data.md, "Batching"). In float32
+1.90x OpenNMT-py 3.5.1's sentences/s side by side (median of 3 pairs) (docs/data.md, "Batching"). In float32
 the same batches gave 34.51 in about twice the time; curves in docs/results.md.
 Preparing the data (normalisation + SentencePiece + TFDS array_record) takes ~11 s once.
 Data facts (measured): train 29,000 pairs, mean 14.7 / 15.2 pieces (en / de), 99.9th

@@ -200,9 +200,10 @@ def _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, kernel
     xs = (split(h), split(y), split(w))
     if not with_grad:
         return jax.lax.map(lambda a: _score(a[0], kernel, bias, a[1], a[2], eps, dtype, False, kernels), xs).sum(0)
+    kernel_t = transposed(kernel, dtype) if kernels == "cpu" else None
 
     def body(acc, a):
-        sums, d_h, d_kernel, d_bias = _score(a[0], kernel, bias, a[1], a[2], eps, dtype, True, kernels)
+        sums, d_h, d_kernel, d_bias = _score(a[0], kernel, bias, a[1], a[2], eps, dtype, True, kernels, kernel_t)
         return (acc[0] + sums, acc[1] + d_kernel, None if bias is None else acc[2] + d_bias), d_h
 
     zeros = (jnp.zeros(4, jnp.float32), jnp.zeros(kernel.shape, jnp.float32),
