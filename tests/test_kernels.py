@@ -432,18 +432,13 @@ def test_float32_dots_carry_the_configured_precision():
     assert kernels.matmul_precision(ModelConfig(dtype="bfloat16")) == "default"
 
 
-def _compiled_dot_operand_types(hlo: str) -> list[tuple[str, str, str]]:
-    """(product, lhs element type, rhs element type) of every matrix product in XLA's optimised module."""
-    return [(name, *types) for name, types in benchmark.dot_operand_types(hlo).items()]
-
-
 def _xla_keeps_plain_bfloat16_products() -> bool:
     """Whether XLA:CPU here keeps a plain row-major bfloat16 product in bfloat16 (its library
     path); the tests below hold the train step to that standard."""
     a, b = jnp.ones((32, 64), jnp.bfloat16), jnp.ones((64, 48), jnp.bfloat16)
     text = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)).lower(a, b).compile().as_text()
-    dots = _compiled_dot_operand_types(text)
-    return bool(dots) and all(d[1:] == ("bf16", "bf16") for d in dots)
+    dots = benchmark.dot_operand_types(text)
+    return bool(dots) and all(t == ("bf16", "bf16") for t in dots.values())
 
 
 def test_bfloat16_cpu_step_keeps_every_product_in_bfloat16():
@@ -460,9 +455,9 @@ def test_bfloat16_cpu_step_keeps_every_product_in_bfloat16():
         # 16 rows: XLA:CPU also upcasts products that contract fewer than ~8 rows (the bridge's
         # weight gradients contract over the batch), which never happens at real batch sizes
         batch = make_batch(source_lengths=np.resize(SOURCE_LENGTHS, 16), target_lengths=np.resize(TARGET_LENGTHS, 16))
-        dots = _compiled_dot_operand_types(fn.lower(state, batch).compile().as_text())
+        dots = benchmark.dot_operand_types(fn.lower(state, batch).compile().as_text())
         assert len(dots) >= 20, dots  # forward, backward and loss products were all found
-        wrong = [d for d in dots if d[1:] != (want, want)]
+        wrong = {name: t for name, t in dots.items() if t != (want, want)}
         assert not wrong, (dtype, wrong)
 
 
@@ -478,8 +473,8 @@ def test_transposed_is_a_real_row_major_copy():
     np.testing.assert_allclose(np.asarray(product(x, g)), np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)).T @ np.asarray(g),
                                rtol=1e-6, atol=1e-5)
     if _xla_keeps_plain_bfloat16_products():
-        dots = _compiled_dot_operand_types(product.lower(x, g).compile().as_text())
-        assert dots and all(d[1:] == ("bf16", "bf16") for d in dots), dots
+        dots = benchmark.dot_operand_types(product.lower(x, g).compile().as_text())
+        assert dots and all(t == ("bf16", "bf16") for t in dots.values()), dots
 
 
 def test_deterministic_flags_set_before_the_backend_starts():

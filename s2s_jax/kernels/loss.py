@@ -75,7 +75,7 @@ BIG_ROWS = 256   # rows per block until at most three small blocks of real rows 
 SMALL_ROWS = 64  # rows per block for the remainder
 
 
-def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad):
+def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad, kernel_t=None):
     """cpu: _score over only the rows with weight > 0, gathered to the front, a block at a time.
 
     Padding is a quarter or more of a bucketed batch's target positions, and the output
@@ -103,8 +103,6 @@ def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad):
     # big blocks until at most RB - RS rows remain (more small blocks cost more than one big)
     n_big = jnp.maximum((n_real - (RB - RS) + RB - 1) // RB, 1)  # block 0 is big
     n_small = jnp.maximum(n_real - n_big * RB + RS - 1, 0) // RS
-
-    kernel_t = transposed(kernel, dtype) if with_grad else None
 
     def block(start, R):
         rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start, R)  # noqa: E731
@@ -182,9 +180,11 @@ def _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, kernel
     """`chunk` time steps per block (0 = all at once, padding rows skipped); bias None when it
     is folded into h and kernel."""
     B, T, H = h.shape
+    # cpu: the row-major kernelᵀ for every block's d_h, made once per step (_score)
+    kernel_t = transposed(kernel, dtype) if with_grad and kernels == "cpu" else None
     if chunk <= 0 or chunk >= T:
-        rows = _compacted if kernels == "cpu" else _static_rows
-        out = rows(h.reshape(B * T, H), kernel, bias, y.reshape(-1), w.reshape(-1), eps, dtype, with_grad)
+        flat = (h.reshape(B * T, H), kernel, bias, y.reshape(-1), w.reshape(-1), eps, dtype, with_grad)
+        out = _compacted(*flat, kernel_t) if kernels == "cpu" else _static_rows(*flat)
         if not with_grad:
             return out
         sums, d_h, d_kernel, d_bias = out
@@ -200,7 +200,6 @@ def _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, kernel
     xs = (split(h), split(y), split(w))
     if not with_grad:
         return jax.lax.map(lambda a: _score(a[0], kernel, bias, a[1], a[2], eps, dtype, False, kernels), xs).sum(0)
-    kernel_t = transposed(kernel, dtype) if kernels == "cpu" else None
 
     def body(acc, a):
         sums, d_h, d_kernel, d_bias = _score(a[0], kernel, bias, a[1], a[2], eps, dtype, True, kernels, kernel_t)
