@@ -107,12 +107,13 @@ def load(workdir: str, *, step: int | None = None, best: bool = False, average_l
          decode: Sequence[str] = ()) -> Model:
     """A trained run (latest checkpoint; or `step`, the `best`, or the average of the last K).
     decode: `decode.field=value` changes such as "decode.length_penalty=1.0"."""
+    from s2s_jax.inference.adapter import SingleModel
     from s2s_jax.inference.runs import load_run
     from s2s_jax.inference.translator import Translator, decode_overrides
 
     run = load_run(os.fspath(workdir), step=step, best=best, average_last=average_last)
     config = decode_overrides(run.config, decode)
-    return Model(run, Translator(config, run.model, run.params, run.source_vocab, run.target_vocab))
+    return Model(run, Translator(config, SingleModel(run.model), run.params, run.source_vocab, run.target_vocab))
 
 
 def load_bundle(path: str, *, verify: bool = True):

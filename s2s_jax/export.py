@@ -107,7 +107,7 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
     from jax import export
 
     from s2s_jax import kernels as kernels_lib
-    from s2s_jax.inference.translator import decode_fixed_batch, encode as encode_batch
+    from s2s_jax.inference.translator import decode_fixed_batch
 
     B, S, T = export.symbolic_shape("batch, source_len, max_len")
     source = jax.ShapeDtypeStruct((B, S), jnp.int32)
@@ -115,13 +115,10 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
     carrier = jax.ShapeDtypeStruct((T,), jnp.int32)
 
     def f32(params):  # bfloat16 bundles store bfloat16; the model computes from float32 params
-        params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-        if hasattr(model, "members"):  # an ensemble bundle stores member_<i>/...; the model takes a list
-            return [params[f"member_{i}"] for i in range(len(model.members))]
-        return params
+        return model.from_bundle_params(jax.tree.map(lambda x: x.astype(jnp.float32), params))
 
     def encode(params, source, source_lengths):
-        return encode_batch(f32(params), source, source_lengths, model=model)
+        return model.encode(f32(params), source, source_lengths)
 
     def decode(params, source, source_lengths, max_len_carrier, *, beam):
         out = decode_fixed_batch(f32(params), source, source_lengths, model=model, config=config,
@@ -315,6 +312,7 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
     from safetensors.numpy import save_file
 
     from s2s_jax import config as config_lib
+    from s2s_jax.inference.adapter import SingleModel
 
     ensemble = None
     if isinstance(workdir, (list, tuple)):
@@ -324,13 +322,14 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
                                               average_last=average_last)
         config, model, source_vocab, target_vocab = (translator.config, translator.model, translator.source_vocab,
                                                      translator.target_vocab)
-        params = {f"member_{i}": p for i, p in enumerate(translator.params)}
+        params = model.bundle_params(translator.params)
         ck = translator.checkpoint
         ensemble = {"workdirs": [os.path.abspath(w) for w in workdir], "weights": list(model.weights)}
         workdir = workdir[0]  # vocabularies, config and decode settings: the first run's
     else:
         config, model, params, source_vocab, target_vocab, ck = load_export_params(
             workdir, step=step, best=best, average_last=average_last)
+        model = SingleModel(model)
     if beams is None:
         beams = [config.decode.beam_size if config.decode.beam_size > 1 else 5]
     beams = sorted(set(int(b) for b in beams))

@@ -40,6 +40,7 @@ from s2s_jax.checkpoint import Checkpoints, vocab_reference
 from s2s_jax.config import Config, UserError
 from s2s_jax.parallel import Parallel, maybe_initialize_distributed
 from s2s_jax.train_state import abstract_state, create_state, make_model, params_for_eval, scale_learning_rate
+from s2s_jax.inference.adapter import SingleModel
 from s2s_jax.inference.translator import Translator
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progre
     def run_eval(step: int, state) -> tuple[dict, Verdict]:
         """Evaluates the state's parameters, updates the tracker, logs, saves a new best."""
         params = params_for_eval(parallel.get_state(state))
-        translator = Translator(config, model, params, data.source_vocab, data.target_vocab)
+        translator = Translator(config, SingleModel(model), params, data.source_vocab, data.target_vocab)
         result = evaluate(config, parallel.put_state(params) if tc.parallel == "pmap" else params,
                           data, translator, eval_fn, parallel, config.data.valid_split)
         verdict = tracker.update(result.get(tracker.metric))

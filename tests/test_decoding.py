@@ -15,7 +15,35 @@ import pytest
 from s2s_jax import decoding
 from s2s_jax import kernels
 from s2s_jax.kernels import topk
-from s2s_jax.decoding import BOS_ID, EOS_ID, PAD_ID, beam_search, continuous_search, greedy_search
+from s2s_jax.decoding import SearchSettings
+from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID
+
+KERNELS = kernels.resolve("auto")  # the kernel set of this backend
+
+
+def settings(max_len, **kwargs):
+    return SearchSettings(max_len=max_len, kernels=KERNELS, **kwargs)
+
+
+# The searches as the tests call them: plain greedy, plain beam (also with K = 1) and continuous.
+
+
+def greedy_search(step_fn, cache, *, batch_size, max_lengths, max_len):
+    return decoding.search(step_fn, cache, settings(max_len, strategy="greedy"), batch_size=batch_size,
+                           max_lengths=max_lengths)
+
+
+def beam_search(step_fn, cache, *, batch_size, max_lengths, max_len, source_lengths=None, **search):
+    return decoding.search(step_fn, cache, settings(max_len, strategy="beam", **search), batch_size=batch_size,
+                           max_lengths=max_lengths, source_lengths=source_lengths)
+
+
+def continuous_search(step_fn, state, context, *, num_sentences, slots, max_lengths, max_len, source_lengths=None,
+                      refill=None, slot_context=False, output_sizes=None, **search):
+    return decoding.continuous_search(step_fn, state, context, settings(max_len, **search),
+                                      num_sentences=num_sentences, slots=slots, max_lengths=max_lengths,
+                                      source_lengths=source_lengths, refill=refill, slot_context=slot_context,
+                                      output_sizes=output_sizes)
 
 # ----------------------------------------------------------------------------------- stubs
 
@@ -567,9 +595,7 @@ def test_continuous_search_slot_context_equals_per_row_context(beam_size):
             np.testing.assert_array_equal(np.asarray(per_slot[key]), np.asarray(per_row[key]), err_msg=key)
     assert int(np.asarray(per_row["lengths"]).reshape(queue, -1)[:n, 0].min()) >= 1
     with pytest.raises(ValueError, match="slot_context"):
-        decoding._run_slots(decoding._Greedy(max_len=4, source_len=None, bos_id=BOS_ID, eos_id=EOS_ID),
-                            step, state, context, slots=2, queue_size=2, num_sentences=2, limits=None,
-                            source_lengths=None, source_len=None, max_len=4, refill=0, slot_context=True)
+        decoding.engine.Engine(decoding.Greedy(settings(4), None), results=2, refill=0, slot_context=True)
 
 
 def test_continuous_search_output_sizes_skip_the_probe_trace():
@@ -698,9 +724,9 @@ def test_slot_pool_sentences_joining_while_it_runs_get_the_plain_search(beam_siz
                             source_lengths=jnp.asarray(source_lengths), **penalties)
     state, context = split_rnn_cache(cache)
     W, R = 3, 5  # a ring of 3 sentences waiting to start; results of 5 tickets in flight
-    pool_ops = decoding.SlotPool(lambda: rnn_context_step(step), slots=4, queue=W, results=R, beam_size=beam_size,
-                                 nbest=nbest, vocab_size=VOCAB, source_len=SOURCE, max_len=9, refill=1,
-                                 slot_context=False, **penalties)
+    pool_ops = decoding.SlotPool(lambda: rnn_context_step(step), settings(9, beam_size=beam_size, nbest=nbest, **penalties),
+                                 slots=4, queue=W, results=R, vocab_size=VOCAB, source_len=SOURCE, refill=1,
+                                 slot_context=False)
     pool = pool_ops.empty(state, context)
     admit = jax.jit(pool_ops.admit)
     runs = {a: jax.jit(partial(pool_ops.run, steps=3, active=a)) for a in (2, 4)}

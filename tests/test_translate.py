@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from s2s_jax import cli, decoding
-from s2s_jax.inference import translator as translator_lib
+from s2s_jax import cli, decoding, kernels
+from s2s_jax.inference import adapter, translator as translator_lib
 from s2s_jax.vocab import BOS_ID, EOS_ID
 from s2s_jax.model import Seq2Seq
 
@@ -69,8 +69,8 @@ def test_beam_size_one_equals_greedy(translator):
     for r, s in enumerate(sources):
         src[r, :len(s)] = s
     lengths = np.asarray([len(s) for s in sources], np.int32)
-    model, params = translator.model, translator.params
-    cache = translator_lib.encode(params, src, lengths, model=model)
+    model, params = translator.model.module, translator.params
+    cache = translator.model.encode(params, src, lengths)
     static = {k: cache[k] for k in ("memory", "keys", "mask")}
 
     def step_fn(tokens, state):
@@ -79,9 +79,9 @@ def test_beam_size_one_equals_greedy(translator):
         return logits, new["state"], None
 
     limits = translator.max_len_for(lengths).astype(np.int32)
-    search = jax.jit(lambda state: decoding.beam_search(
-        step_fn, state, batch_size=n, beam_size=1, max_lengths=limits, max_len=int(limits.max()),
-        length_penalty=0.0, bos_id=BOS_ID, eos_id=EOS_ID))
+    settings = decoding.SearchSettings(max_len=int(limits.max()), kernels=kernels.resolve("auto"), strategy="beam",
+                                       beam_size=1, length_penalty=0.0, bos_id=BOS_ID, eos_id=EOS_ID)
+    search = jax.jit(lambda state: decoding.search(step_fn, state, settings, batch_size=n, max_lengths=limits))
     out = jax.device_get(search(cache["state"]))
     for r, g in enumerate(greedy):
         seq = out["tokens"][r, 0, :out["lengths"][r, 0]].tolist()
@@ -91,7 +91,7 @@ def test_beam_size_one_equals_greedy(translator):
 
 
 def test_beam_translation_equals_plain_beam_search_over_tiled_memory(translator):
-    """The Translator keeps encoder memory once per slot (the beams share it); decoding.beam_search
+    """The Translator keeps encoder memory once per slot (the beams share it); decoding.search
     over the same encoded batch with memory tiled to every beam row finds the same n-best."""
     sources = [translator.source_vocab.encode(line) for line in LINES if line.strip()]
     got = translator.translate_ids(sources, beam=3, nbest=2)
@@ -100,17 +100,18 @@ def test_beam_translation_equals_plain_beam_search_over_tiled_memory(translator)
     for r, s in enumerate(sources):
         src[r, :len(s)] = s
     lengths = np.asarray([len(s) for s in sources], np.int32)
-    model, params, dc = translator.model, translator.params, translator.config.decode
-    cache = translator_lib.encode(params, src, lengths, model=model)
+    model, params, dc = translator.model.module, translator.params, translator.config.decode
+    cache = translator.model.encode(params, src, lengths)
 
     def step_fn(tokens, cache):
         logits, new, _ = model.apply({"params": params}, tokens, cache, method=Seq2Seq.decode_step)
         return logits, new, None
 
     limits = translator.max_len_for(lengths).astype(np.int32)
-    out = jax.device_get(jax.jit(lambda cache: decoding.beam_search(
-        step_fn, cache, batch_size=n, beam_size=3, nbest=2, max_lengths=limits, max_len=int(limits.max()),
-        length_penalty=dc.length_penalty, bos_id=BOS_ID, eos_id=EOS_ID))(cache))
+    settings = decoding.SearchSettings(max_len=int(limits.max()), kernels=kernels.resolve("auto"), beam_size=3,
+                                       nbest=2, length_penalty=dc.length_penalty, bos_id=BOS_ID, eos_id=EOS_ID)
+    out = jax.device_get(jax.jit(lambda cache: decoding.search(step_fn, cache, settings, batch_size=n,
+                                                               max_lengths=limits))(cache))
     for r, res in enumerate(got):
         for k in range(2):
             seq = out["tokens"][r, k, :out["lengths"][r, k]].tolist()
@@ -153,10 +154,10 @@ def test_decoder_step_with_memory_shared_by_beam_rows_equals_tiled_memory(attent
         model.apply({"params": params}, tokens[:5], shared, method=Seq2Seq.decode_step)
 
     # Layer 1's projected input gathered from the per-token table = projecting the embeddings.
-    table = model.apply({"params": params}, method=translator_lib._input_projection_table)
+    table = model.apply({"params": params}, method=adapter._input_projection_table)
     assert table.shape == (13, 4 * 32)
     logits_p, state_p, weights_p = jax.jit(lambda c: model.apply(
-        {"params": params}, tokens, table, c["state"], c, method=translator_lib._decode_step))(shared)
+        {"params": params}, tokens, table, c["state"], c, method=adapter._decode_step))(shared)
     np.testing.assert_allclose(logits_p, logits_s, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(weights_p, weights_s, rtol=1e-6, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), state_p, new_s["state"])

@@ -1,7 +1,8 @@
 """Inference: one run loader, one model -> step-function adapter, and what is built on them.
 
     runs.py        load_run: config, vocabularies, model, params (latest / step / best / averaged)
-    translator.py  Translator (continuous batching), model_step_fn (the one adapter), plots
+    adapter.py     DecodingModel: the one protocol a model meets decoding through; SingleModel (a Seq2Seq)
+    translator.py  Translator (continuous batching), plots
     evaluate.py    eval of a split or any file pair with the run's own vocabulary
     bundle.py      export-bundle runtime (jax + numpy + safetensors + sentencepiece only)
     server.py      HTTP translation server with dynamic batching

@@ -6,7 +6,7 @@
 Per decoding step each member gives log-probabilities over the shared target vocabulary, and
 the ensemble's step returns their weighted sum, sum_i w_i * log_softmax(logits_i) (weights
 normalised to sum 1), as OpenNMT-py and Marian combine them. The search (`decoding`) is
-unchanged: it sees one step function (`model_step_fn`), knows nothing of the members, and
+unchanged: it sees one step function (`Ensemble.step_fn`), knows nothing of the members, and
 takes log_softmax of what it is given, as for a single model; so the ensemble's distribution is
 the normalised weighted geometric mean of the members' (p ∝ prod_i p_i^w_i), and `score`
 (teacher forcing) uses the same renormalised distribution. Attention weights (plots, coverage penalty) are the
@@ -31,13 +31,14 @@ from s2s_jax.config import UserError
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Ensemble:
-    """The members (Seq2Seq models) and their weights; params are a list, one tree per member."""
+    """Several models as one `adapter.DecodingModel`: the members (each a DecodingModel, e.g. an
+    `adapter.SingleModel`) and their weights; params are a list, one tree per member."""
 
     members: tuple
     weights: tuple
 
     @property
-    def config(self):  # the members' model configs: part of the compiled-program cache keys
+    def config(self):  # the members' model configs
         return tuple(m.config for m in self.members)
 
     @property
@@ -48,39 +49,42 @@ class Ensemble:
     def target_vocab_size(self) -> int:
         return self.members[0].target_vocab_size
 
+    @property
+    def cache_key(self) -> tuple:
+        return (self.config, self.weights, self.source_vocab_size, self.target_vocab_size)
+
+    def with_dtype(self, dtype: str) -> Ensemble:
+        return Ensemble(tuple(m.with_dtype(dtype) for m in self.members), self.weights)
+
     def encode(self, params, source, source_lengths) -> dict:
         """-> {"memory": [per member], "keys": [...], "mask" [B, S] (shared), "state": [...]}."""
-        from s2s_jax.model import Seq2Seq
-
-        caches = [m.apply({"params": p}, source, source_lengths, method=Seq2Seq.encode)
-                  for m, p in zip(self.members, params)]
+        caches = [m.encode(p, source, source_lengths) for m, p in zip(self.members, params)]
         return {"memory": [c["memory"] for c in caches], "keys": [c["keys"] for c in caches],
                 "mask": caches[0]["mask"], "state": [c["state"] for c in caches]}
 
-    def projection_tables(self, params) -> list:
-        from s2s_jax.inference.translator import projection_table
+    def projection_table(self, params) -> list:
+        return [m.projection_table(p) for m, p in zip(self.members, params)]
 
-        return [projection_table(m, p) for m, p in zip(self.members, params)]
-
-    def step_fn(self, params, *, tables=None, attention: bool = True):
-        """The ensemble as one context step function (see `translator.model_step_fn`)."""
-        from s2s_jax.inference.translator import model_step_fn
-
-        tables = tables if tables is not None else [None] * len(self.members)
-        steps = [model_step_fn(m, p, table=t, attention=attention) for m, p, t in zip(self.members, params, tables)]
+    def step_fn(self, params, *, table=None, attention: bool = True):
+        """The ensemble as one context step function (see `combine_steps`)."""
+        tables = table if table is not None else [None] * len(self.members)
+        steps = [m.step_fn(p, table=t, attention=attention) for m, p, t in zip(self.members, params, tables)]
         return combine_steps(steps, self.weights)
 
     def score_log_probs(self, params, source, source_lengths, target_input):
         """Teacher forcing: [B, T, V] log-probabilities of the ensemble's distribution (the
         combined step renormalised, exactly as the search renormalises it)."""
-        from s2s_jax.model import Seq2Seq
-
         total = 0.0
         for m, p, w in zip(self.members, params, self.weights):
-            hidden, _ = m.apply({"params": p}, source, source_lengths, target_input)
-            logits = m.apply({"params": p}, hidden, method=Seq2Seq.logits)
-            total = total + w * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            total = total + w * m.score_log_probs(p, source, source_lengths, target_input)
         return jax.nn.log_softmax(total, axis=-1)
+
+    def bundle_params(self, params) -> dict:
+        """An ensemble bundle stores member_<i>/... ."""
+        return {f"member_{i}": p for i, p in enumerate(params)}
+
+    def from_bundle_params(self, tree: dict) -> list:
+        return [tree[f"member_{i}"] for i in range(len(self.members))]
 
 
 def combine_steps(steps, weights):
@@ -126,6 +130,7 @@ def parse_weights(text: str | None, n: int) -> list[float]:
 def load_ensemble_translator(workdirs: Sequence[str], *, weights: Sequence[float] | None = None, step=None,
                              best: bool = False, average_last=None, overrides=(), max_len=None, batch_size=None):
     """A Translator decoding with the ensemble of the runs (each loaded as `runs.load_run`)."""
+    from s2s_jax.inference.adapter import SingleModel
     from s2s_jax.inference.runs import load_run
     from s2s_jax.inference.translator import Translator, decode_overrides
     from s2s_jax.vocab import input_normalization
@@ -150,7 +155,7 @@ def load_ensemble_translator(workdirs: Sequence[str], *, weights: Sequence[float
     config = decode_overrides(first.config, overrides, max_len=max_len, batch_size=batch_size)
     if config.decode.dtype not in ("model", first.config.model.dtype):
         raise UserError("decode.dtype: an ensemble decodes in its members' model.dtype; leave decode.dtype=model")
-    ensemble = Ensemble(tuple(r.model for r in runs), tuple(float(w) for w in weights))
+    ensemble = Ensemble(tuple(SingleModel(r.model) for r in runs), tuple(float(w) for w in weights))
     translator = Translator(config, ensemble, [r.params for r in runs], first.source_vocab, first.target_vocab)
     translator.checkpoint = {"which": "ensemble", "members": [dict(r.checkpoint, workdir=os.path.abspath(r.workdir))
                                                               for r in runs], "weights": list(ensemble.weights)}

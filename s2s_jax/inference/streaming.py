@@ -36,10 +36,38 @@ import numpy as np
 
 from s2s_jax import decoding
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, output_ids, round_up
-from s2s_jax.inference.translator import _use_input_table, encode, model_step_fn, pad_cache, projection_table
+from s2s_jax.inference.adapter import CONTEXT_KEYS
+from s2s_jax.inference.translator import _use_input_table, pad_cache, search_settings, wants_attention
 
 _PROGRAMS: dict = {}  # jitted pool functions shared by every decoder of the same model and settings
 MIN_ACTIVE = 8
+
+
+def _step_fn(model, attention: bool, params, table):
+    return model.step_fn(params, table=table, attention=attention)
+
+
+def _pool_programs(pool: decoding.SlotPool, model, source_len: int, chunk_steps: int) -> dict:
+    """The jitted pool functions of one model and pool (they keep no decoder object)."""
+    return {"admit": jax.jit(functools.partial(_admit, pool, model, source_len), donate_argnums=1),
+            "run": {}, "run_fn": functools.partial(_run, pool, chunk_steps),
+            "empty": jax.jit(functools.partial(_empty, pool, model, source_len))}
+
+
+def _admit(pool, model, source_len, params, pool_state, count, source, source_lengths, limits):
+    cache = pad_cache(model.encode(params, source, source_lengths), source_len)
+    context = {k: cache[k] for k in CONTEXT_KEYS}
+    return pool.admit(pool_state, count, cache["state"], context, limits, source_lengths)
+
+
+def _run(pool, chunk_steps, params, table, pool_state, *, active):
+    return pool.run(pool_state, (params, table), steps=chunk_steps, active=active)
+
+
+def _empty(pool, model, source_len, params):
+    src = jnp.ones((1, source_len), jnp.int32)
+    cache = jax.eval_shape(lambda p: pad_cache(model.encode(p, src, jnp.ones((1,), jnp.int32)), source_len), params)
+    return pool.empty(cache["state"], {k: cache[k] for k in CONTEXT_KEYS})
 
 
 class StreamingDecoder:
@@ -55,41 +83,18 @@ class StreamingDecoder:
         self.source_len = round_up(source_len or max(config.data.max_source_length, LENGTH_MULTIPLE))
         self.max_len = int(translator.max_len_for(self.source_len))
         self.chunk_steps = chunk_steps
-        want_attention = beam > 1 and dc.coverage_penalty != 0
+        want_attention = wants_attention(config, beam)
         self.table = None
         if _use_input_table(self.slots, beam, self.max_len, model.target_vocab_size):
-            self.table = jax.jit(lambda p: projection_table(model, p))(translator.params)
-
-        def make_step_fn(params, table):
-            return model_step_fn(model, params, table=table, attention=want_attention)
-
-        slots_, source_len_, chunk_steps_ = self.slots, self.source_len, chunk_steps  # the programs keep no self
-        key = (model.config, getattr(model, "weights", None), model.source_vocab_size, model.target_vocab_size, dc,
-               beam, nbest, slots_, source_len_,
-               chunk_steps_, self.table is not None)
+            self.table = jax.jit(model.projection_table)(translator.params)
+        key = (model.cache_key, dc, beam, nbest, self.slots, self.source_len, chunk_steps, self.table is not None)
         if key not in _PROGRAMS:
             pool = decoding.SlotPool(
-                make_step_fn, slots=slots_, queue=2 * slots_, results=8 * slots_, beam_size=beam, nbest=nbest,
-                vocab_size=model.target_vocab_size, source_len=source_len_ if want_attention else None,
-                max_len=self.max_len, length_penalty=dc.length_penalty, coverage_penalty=dc.coverage_penalty,
-                slot_context=True, kernels=config.model.kernels)
-
-            def admit(params, pool_state, count, source, source_lengths, limits):
-                cache = pad_cache(encode(params, source, source_lengths, model=model), source_len_)
-                context = {k: cache[k] for k in ("memory", "keys", "mask")}
-                return pool.admit(pool_state, count, cache["state"], context, limits, source_lengths)
-
-            def run(params, table, pool_state, *, active):
-                return pool.run(pool_state, (params, table), steps=chunk_steps_, active=active)
-
-            def empty(params):
-                src = jnp.ones((1, source_len_), jnp.int32)
-                cache = jax.eval_shape(lambda p: pad_cache(encode(p, src, jnp.ones((1,), jnp.int32), model=model),
-                                                           source_len_), params)
-                return pool.empty(cache["state"], {k: cache[k] for k in ("memory", "keys", "mask")})
-
-            _PROGRAMS[key] = {"admit": jax.jit(admit, donate_argnums=1),
-                              "run": {}, "run_fn": run, "empty": jax.jit(empty)}
+                functools.partial(_step_fn, model, want_attention),
+                search_settings(config, beam_size=beam, nbest=nbest, max_len=self.max_len),
+                slots=self.slots, queue=2 * self.slots, results=8 * self.slots, vocab_size=model.target_vocab_size,
+                source_len=self.source_len if want_attention else None, slot_context=True)
+            _PROGRAMS[key] = _pool_programs(pool, model, self.source_len, chunk_steps)
         self._programs = _PROGRAMS[key]
         self.ring, self.tickets = 2 * self.slots, 8 * self.slots
         self._pool = self._programs["empty"](translator.params)

@@ -21,13 +21,13 @@ Text in = text as trained: `translate` normalises every line exactly as prepare 
 training data (`s2s_jax.vocab.input_normalization`), so NFD accents or U+202F spaces encode as
 they did in training.
 
-`model_step_fn` is the one adapter from a model to the step function that `decoding` searches
-with; the Translator, the export programs (`decode_fixed_batch`) and so the server all use it.
+The model is a `DecodingModel` (`inference/adapter.py`: a single run or an ensemble): the
+Translator, the export programs (`decode_fixed_batch`) and so the server ask it for the encoder
+cache and the step function that `decoding` searches with, never which kind of model it is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -38,29 +38,12 @@ import numpy as np
 from s2s_jax import decoding
 from s2s_jax import kernels as kernels_lib
 from s2s_jax.config import Config
+from s2s_jax.inference.adapter import CONTEXT_KEYS, DecodingModel, SingleModel
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
-from s2s_jax.model import Seq2Seq
-from s2s_jax.model.decoder import input_projection_table
 from s2s_jax.vocab import BOS_ID, EOS_ID, input_normalization, normalize
 
 QUEUE_BATCHES = 16  # most sentences decoded by one continuous-batching call, in batches
 _DECODERS: dict = {}  # compiled decoders shared by all Translators: key -> jitted function
-
-
-def encode(params, source, source_lengths, *, model: Seq2Seq) -> dict:
-    """source [B, S] -> decoding cache {memory, keys [B, S, H], mask [B, S], state}; un-jitted.
-    (An `ensemble.Ensemble` gives memory, keys and state per member, one shared mask.)"""
-    if not isinstance(model, Seq2Seq):
-        return model.encode(params, source, source_lengths)
-    with kernels_lib.precision_scope(model.config):
-        return model.apply({"params": params}, source, source_lengths, method=Seq2Seq.encode)
-
-
-def projection_table(model: Seq2Seq, params):
-    """Layer 1's input projection of every target token ([V, G·H]; a list for an ensemble)."""
-    if not isinstance(model, Seq2Seq):
-        return model.projection_tables(params)
-    return model.apply({"params": params}, method=_input_projection_table)
 
 
 def pad_cache(cache: dict, length: int) -> dict:
@@ -74,17 +57,17 @@ def pad_cache(cache: dict, length: int) -> dict:
         return jnp.pad(a, widths)
 
     out = dict(cache)
-    for k in ("memory", "keys", "mask"):  # (per member for an ensemble)
+    for k in CONTEXT_KEYS:  # (per member for an ensemble)
         out[k] = jax.tree.map(pad_one, cache[k])
     return out
 
 
-def encode_into(params, source, source_lengths, queue, start, *, model: Seq2Seq,
+def encode_into(params, source, source_lengths, queue, start, *, model: DecodingModel,
                 queue_shape: tuple[int, int] | None = None) -> dict:
     """Encodes one batch (source [B, S]) into rows start..start+B of a queue's cache (leading dim
     Q, S_all >= S source positions). queue None: a new zero cache of queue_shape (Q, S_all).
     Jit it with the queue donated, so it is updated in place."""
-    cache = encode(params, source, source_lengths, model=model)
+    cache = model.encode(params, source, source_lengths)
     if queue is None:
         Q, S_all = queue_shape
         queue = jax.tree.map(lambda a: jnp.zeros((Q, *a.shape[1:]), a.dtype), pad_cache(cache, S_all))
@@ -92,94 +75,73 @@ def encode_into(params, source, source_lengths, queue, start, *, model: Seq2Seq,
     return jax.tree.map(lambda q, c: jax.lax.dynamic_update_slice_in_dim(q, c, start, axis=0), queue, cache)
 
 
-def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: Seq2Seq, config: Config,
+def search_settings(config: Config, *, beam_size: int, nbest: int, max_len) -> decoding.SearchSettings:
+    """The run's decode settings as decoding's SearchSettings (greedy when beam_size is 1)."""
+    dc = config.decode
+    return decoding.SearchSettings(max_len=max_len, kernels=kernels_lib.resolve(config.model.kernels),
+                                   beam_size=beam_size, nbest=nbest, length_penalty=dc.length_penalty,
+                                   coverage_penalty=dc.coverage_penalty, bos_id=BOS_ID, eos_id=EOS_ID)
+
+
+def wants_attention(config: Config, beam_size: int) -> bool:
+    """Whether the search needs attention weights from the step function (the coverage penalty)."""
+    return beam_size > 1 and config.decode.coverage_penalty != 0
+
+
+def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: DecodingModel, config: Config,
            beam_size: int, nbest: int, max_len: int, slots: int, attention: bool) -> dict:
     """Greedy (beam_size=1) or beam search of a queue of encoded sentences; un-jitted (see `Translator`).
 
     cache: `encode`'s output for the queue (leading dim Q, in queue order); source_lengths, max_lengths [Q] (most output tokens, EOS included);
     num_sentences: how many queue entries are real; max_len: static bound on all lengths;
-    slots: sentences decoded at once. Returns decoding.py's dict: tokens [Q, (N,) T], lengths,
+    slots: sentences decoded at once. Returns decoding's dict: tokens [Q, (N,) T], lengths,
     scores, attention [Q, (N,) T, S] or None.
     """
-    dc = config.decode
     # Memory, keys and mask are the same for every beam of a sentence: the search keeps them
     # out of the state it reorders each step, once per slot (the decoder's attention reads each
     # sentence's memory once for its K beam rows).
-    context = {k: cache[k] for k in ("memory", "keys", "mask")}
-    want_attention = attention or (beam_size > 1 and dc.coverage_penalty != 0)
+    context = {k: cache[k] for k in CONTEXT_KEYS}
+    want_attention = attention or wants_attention(config, beam_size)
 
     # Layer 1's input projection of every target token, once per call (when it pays): each
     # step gathers its tokens' rows instead of multiplying the [rows, E] embeddings.
     table = None
     if _use_input_table(cache["mask"].shape[0], beam_size, max_len, model.target_vocab_size):
-        table = projection_table(model, params)
-    step_fn = model_step_fn(model, params, table=table, attention=want_attention)
+        table = model.projection_table(params)
+    step_fn = model.step_fn(params, table=table, attention=want_attention)
+    settings = search_settings(config, beam_size=beam_size, nbest=nbest, max_len=max_len)
     return decoding.continuous_search(
-        step_fn, cache["state"], context, num_sentences=num_sentences, slots=slots, beam_size=beam_size,
-        max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
-        coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths, nbest=nbest,
-        slot_context=True, output_sizes=(model.target_vocab_size, cache["mask"].shape[1] if want_attention else None),
-        bos_id=BOS_ID, eos_id=EOS_ID, kernels=config.model.kernels)
+        step_fn, cache["state"], context, settings, num_sentences=num_sentences, slots=slots,
+        max_lengths=max_lengths, source_lengths=source_lengths, slot_context=True,
+        output_sizes=(model.target_vocab_size, cache["mask"].shape[1] if want_attention else None))
 
 
-def model_step_fn(model: Seq2Seq, params, *, table=None, attention: bool = True):
-    """The model as `decoding`'s context step function: (tokens [N], state, context) ->
-    (logits [N, V], new state, attention weights [N, S] or None).
-
-    context: {"memory", "keys", "mask"} of the encoder (per row, or per slot with
-    `slot_context`); state: the decoder state. table: layer 1's input projection of every target
-    token (`_input_projection_table`), gathered instead of multiplying the embeddings; None
-    computes it from the embeddings. attention=False returns None for the weights. An
-    `ensemble.Ensemble` (params and table: one per member) gives its combined step.
-    """
-    if not isinstance(model, Seq2Seq):
-        return model.step_fn(params, tables=table, attention=attention)
-    variables = {"params": params}
-
-    def step_fn(tokens, state, context):
-        with kernels_lib.precision_scope(model.config):
-            logits, new_state, weights = model.apply(variables, tokens, table, state, context, method=_decode_step)
-        return logits, new_state, weights if attention else None
-
-    return step_fn
-
-
-def decode_fixed_batch(params, source, source_lengths, *, model: Seq2Seq, config: Config,
+def decode_fixed_batch(params, source, source_lengths, *, model: DecodingModel, config: Config,
                        beam_size: int = 1, nbest: int = 1, max_len: int) -> dict:
     """Greedy (beam_size=1) or beam search of one fixed batch (source [B, S]); max_len static.
-    What the export programs run. Returns decoding.py's dict (tokens [B, (nbest,) max_len],
+    What the export programs run. Returns decoding's dict (tokens [B, (nbest,) max_len],
     lengths, scores, attention)."""
     dc = config.decode
-    cache = encode(params, source, source_lengths, model=model)
-    context_step = model_step_fn(model, params)
-    context_keys = ("memory", "keys", "mask")
-
-    def step_fn(tokens, cache):  # decoding's (tokens, cache) form: the context rides in the cache
-        logits, state, weights = context_step(tokens, cache["state"], {k: cache[k] for k in context_keys})
-        return logits, dict(cache, state=state), weights
-
+    cache = model.encode(params, source, source_lengths)
+    step_fn = functools.partial(_step_with_context_in_cache, model.step_fn(params))
     max_lengths = jnp.minimum(
         jnp.floor(dc.max_len_a * source_lengths + dc.max_len_b).astype(jnp.int32), max_len)
     max_lengths = jnp.maximum(max_lengths, 1)
-    B = source.shape[0]
-    if beam_size == 1:
-        return decoding.greedy_search(step_fn, cache, batch_size=B, max_lengths=max_lengths, max_len=max_len,
-                                      bos_id=BOS_ID, eos_id=EOS_ID, kernels=config.model.kernels)
-    return decoding.beam_search(step_fn, cache, batch_size=B, beam_size=beam_size, max_lengths=max_lengths,
-                                max_len=max_len, length_penalty=dc.length_penalty,
-                                coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths,
-                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID, kernels=config.model.kernels)
+    settings = search_settings(config, beam_size=beam_size, nbest=nbest, max_len=max_len)
+    return decoding.search(step_fn, cache, settings, batch_size=source.shape[0], max_lengths=max_lengths,
+                           source_lengths=source_lengths)
 
 
-def score_batch(params, source, source_lengths, target_input, target_output, target_mask, *, model: Seq2Seq):
+def _step_with_context_in_cache(context_step: decoding.ContextStepFn, tokens, cache):
+    """decoding's (tokens, cache) form of a context step: the context rides in the cache."""
+    logits, state, weights = context_step(tokens, cache["state"], {k: cache[k] for k in CONTEXT_KEYS})
+    return logits, dict(cache, state=state), weights
+
+
+def score_batch(params, source, source_lengths, target_input, target_output, target_mask, *, model: DecodingModel):
     """Teacher-forced log-probability of each target: sum over t of log p(target_output[b, t] |
     source, target_input[b, :t+1]) where target_mask is 1 (the EOS included) -> [B] float32."""
-    if not isinstance(model, Seq2Seq):  # an ensemble: its combined log-probabilities
-        log_probs = model.score_log_probs(params, source, source_lengths, target_input)
-    else:
-        hidden, _ = model.apply({"params": params}, source, source_lengths, target_input)
-        logits = model.apply({"params": params}, hidden, method=Seq2Seq.logits)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_probs = model.score_log_probs(params, source, source_lengths, target_input)
     token = jnp.take_along_axis(log_probs, target_output[..., None], axis=-1)[..., 0]
     return jnp.sum(token * target_mask, axis=-1)
 
@@ -190,21 +152,6 @@ def _use_input_table(queue_size: int, beam_size: int, max_len: int, vocab_size: 
     return queue_size * beam_size * max_len >= 4 * vocab_size
 
 
-def _input_projection_table(model: Seq2Seq):
-    return input_projection_table(model.decoder, model.target_embedding)
-
-
-def _decode_step(model: Seq2Seq, tokens, table, state, context):
-    """`Seq2Seq.decode_step` on per-slot context, with layer 1's projected input gathered from
-    `table` (None: from the embeddings) -> (logits [N, V], new state, weights [N, S] | None)."""
-    if table is None:
-        logits, cache, weights = model.decode_step(tokens, dict(context, state=state))
-        return logits, cache["state"], weights
-    hidden, state, weights = model.decoder.step(None, state, context["memory"], context["keys"], context["mask"],
-                                                projected=jnp.take(table, tokens, axis=0))
-    return model.logits(hidden), state, weights
-
-
 class Translator:
     """Translates token ids or text with fixed params. Not thread-safe.
 
@@ -212,11 +159,10 @@ class Translator:
     (tokens: output tokens of the best hypotheses, EOS excluded).
     """
 
-    def __init__(self, config: Config, model: Seq2Seq, params, source_vocab, target_vocab):
+    def __init__(self, config: Config, model: DecodingModel, params, source_vocab, target_vocab):
         self.config = config
-        if isinstance(model, Seq2Seq) and config.decode.dtype not in ("model", model.config.dtype):
-            # compute dtype only; params stay
-            model = model.clone(config=dataclasses.replace(model.config, dtype=config.decode.dtype))
+        if config.decode.dtype != "model":
+            model = model.with_dtype(config.decode.dtype)  # compute dtype only; params stay
         self.model = model
         self.params = params
         self.source_vocab = source_vocab
@@ -229,8 +175,7 @@ class Translator:
         """jit of encode_into (key ("encode", queue_shape): queue_shape (Q, S_all) starts a new
         queue, None adds to one) or decode (key (beam, nbest, max_len, S, attention, slots, Q))."""
         m = self.model
-        full_key = (m.config, getattr(m, "weights", None), m.source_vocab_size, m.target_vocab_size,
-                    self.config.decode) + key
+        full_key = (m.cache_key, self.config.decode) + key
         if full_key not in _DECODERS:
             if key[0] == "encode":  # the queue (argument 3) is updated in place
                 fn = jax.jit(functools.partial(encode_into, model=m, queue_shape=key[1]), donate_argnums=3)
@@ -363,8 +308,7 @@ class Translator:
         out: list[dict] = [{"score": None, "tokens": 0, "per_token": None} for _ in pairs]
         index = [i for i in range(len(pairs)) if sources[i]]
         index.sort(key=lambda i: -len(sources[i]))
-        key = ("score", self.model.config, getattr(self.model, "weights", None), self.model.source_vocab_size,
-               self.model.target_vocab_size)
+        key = ("score", self.model.cache_key)
         if key not in _DECODERS:
             _DECODERS[key] = jax.jit(functools.partial(score_batch, model=self.model))
         fn = _DECODERS[key]
@@ -423,7 +367,7 @@ def load_translator(workdir: str, *, step: int | None = None, best: bool = False
 
     run = load_run(workdir, step=step, best=best, average_last=average_last)
     config = decode_overrides(run.config, overrides, max_len=max_len, batch_size=batch_size)
-    translator = Translator(config, run.model, run.params, run.source_vocab, run.target_vocab)
+    translator = Translator(config, SingleModel(run.model), run.params, run.source_vocab, run.target_vocab)
     translator.checkpoint = run.checkpoint  # which parameters (latest / best / step / average, steps)
     return translator
 

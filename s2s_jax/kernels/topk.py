@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-NEG_INF = -np.inf  # log-prob of a masked token (decoding.py uses this one)
+NEG_INF = -np.inf  # log-prob of a masked token (decoding uses this one)
 
 
 def _normaliser(logits):

@@ -1,0 +1,301 @@
+"""Greedy and beam search as per-slot strategies, built from one `SearchSettings` (`make_strategy`).
+
+A strategy says how one slot's search starts (`fresh`), takes one step given the step
+function's logits (`advance`) and reads out (`result`); the engine (`engine.py`) runs it over a
+pool of slots. Shapes: n (or B) slots, K beams, C = 2K candidates, N n-best, T = max_len, V
+vocabulary, S source positions.
+
+Greedy picks the most probable next token; beam search keeps the K most probable live
+hypotheses and the N best finished ones, ranked with GNMT length and coverage penalties (Wu et
+al. 2016, eq. 14):
+
+    score = log_prob / ((5 + |Y|) / 6) ** length_penalty
+            + coverage_penalty * sum_{i < source_length} log(min(sum_j attention_ij, 1))
+
+where |Y| counts the EOS and j runs over all target steps, EOS included. A step extends every
+live hypothesis by every token, keeps the 2K most probable extensions, moves those that end in
+EOS *and rank among the top K* to the finished set (as fairseq and OpenNMT-py do; this is what
+makes K=1 identical to greedy search), and keeps the K most probable of the rest alive. A
+sentence stops when no live hypothesis remains, or when its N finished slots are full and no
+live hypothesis can beat the worst of them even at its most favourable length (log-probs only
+fall as a hypothesis grows and the coverage penalty is never positive, so the bound is safe).
+
+The token selections are the kernel set's (`kernels/topk.py`: on CPU chunk maxima first; the
+same result, ties included); log-probs over [rows, V] are never stored.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from s2s_jax.decoding.settings import SearchSettings, is_zero
+from s2s_jax.decoding.state import BeamState, GreedyState
+from s2s_jax.kernels import topk
+from s2s_jax.vocab import PAD_ID
+
+NEG_INF = topk.NEG_INF
+# Coverage below this is treated as this, so an unattended source word costs a large but finite
+# penalty (log(1e-10) ~ -23) instead of -inf, which would also make the hypothesis unrankable.
+MIN_COVERAGE = 1e-10
+
+
+class Strategy(Protocol):
+    """The per-slot part of a search (greedy or beam): how to start, advance and read out."""
+
+    num_beams: int  # K: rows of decoder state per slot
+    source_len: int | None  # S: attention width of the step function; None: it gives no attention
+
+    def fresh(self, n: int):
+        """Search state of n new slots (every leaf has leading dim n)."""
+
+    def advance(self, search, logits, attention, limits, source_mask):
+        """One step: logits [n*K, V], attention [n*K, S] or None, limits [n], source_mask
+        [n, 1, S] or None -> (search, parent [n, K] int (rows to follow) or None, stopped [n] bool)."""
+
+    def result(self, search) -> dict:
+        """Per-slot results (leading dim n) in the searches' output layout (see `search`)."""
+
+
+def make_strategy(settings: SearchSettings, *, vocab_size: int, source_len: int | None) -> Strategy:
+    """The strategy `settings` asks for; source_len S is None when the step function gives no attention."""
+    if settings.greedy:
+        return Greedy(settings, source_len)
+    return Beam(settings, vocab_size, source_len)
+
+
+class Greedy:
+    """Greedy search: each step takes the most probable token (the forced EOS at the limit)."""
+
+    num_beams = 1
+
+    def __init__(self, settings: SearchSettings, source_len: int | None):
+        self.settings, self.source_len = settings, source_len
+
+    def fresh(self, n) -> GreedyState:
+        T = self.settings.max_len
+        attention = None if self.source_len is None else jnp.zeros((n, T, self.source_len), jnp.float32)
+        return GreedyState(
+            last=jnp.full((n, 1), self.settings.bos_id, jnp.int32),
+            step=jnp.zeros((n,), jnp.int32),
+            tokens=jnp.full((n, T), PAD_ID, jnp.int32),
+            lengths=jnp.zeros((n,), jnp.int32),
+            scores=jnp.zeros((n,), jnp.float32),
+            finished=jnp.zeros((n,), bool),
+            attention=attention,
+        )
+
+    def advance(self, search: GreedyState, logits, attention, limits, source_mask):
+        eos_id = self.settings.eos_id
+        step = search.step  # [B]
+        token, token_log_prob = topk.best_token(logits, step >= limits - 1, eos_id,
+                                                self.settings.kernels)  # [B], [B]
+        live = ~search.finished
+        token = jnp.where(live, token, PAD_ID)
+        at_step = jnp.arange(self.settings.max_len)[None, :] == step[:, None]  # [B, T]
+        new_attention = None
+        if attention is not None:
+            step_attention = jnp.where(live[:, None], attention.astype(jnp.float32), 0.0)
+            new_attention = jnp.where(at_step[:, :, None], step_attention[:, None, :], search.attention)
+        new = GreedyState(
+            last=token[:, None],
+            step=step + 1,
+            tokens=jnp.where(at_step, token[:, None], search.tokens),
+            lengths=search.lengths + live.astype(jnp.int32),
+            scores=search.scores + jnp.where(live, token_log_prob, 0.0),
+            finished=search.finished | (token == eos_id),
+            attention=new_attention,
+        )
+        return new, None, new.finished
+
+    def result(self, search: GreedyState) -> dict:
+        return {"tokens": search.tokens, "lengths": search.lengths, "scores": search.scores,
+                "attention": search.attention}
+
+
+class _Candidates(NamedTuple):
+    """The C best one-token extensions of a step (leading dims [B, C])."""
+
+    log_probs: jax.Array  # [B, C] raw log-prob of the longer prefix
+    parent: jax.Array  # [B, C] the beam each extends
+    token: jax.Array  # [B, C] int32, the token added
+    tokens: jax.Array  # [B, C, T] the whole prefix
+    attention: jax.Array | None  # [B, C, T, S]
+    coverage: jax.Array | None  # [B, C, S]
+
+
+class Beam:
+    """Beam search with GNMT length and coverage penalties (see the module docstring)."""
+
+    def __init__(self, settings: SearchSettings, vocab_size: int, source_len: int | None):
+        if source_len is None and not is_zero(settings.coverage_penalty):
+            raise ValueError(
+                "coverage_penalty needs attention weights, but the step function returns None for "
+                "them; set coverage_penalty to 0."
+            )
+        self.settings, self.vocab_size, self.source_len = settings, vocab_size, source_len
+        self.num_beams, self.num_best = settings.beam_size, settings.nbest
+        # Keeping 2K candidates leaves K non-EOS ones even if K of them end in EOS.
+        self.num_candidates = min(2 * settings.beam_size, settings.beam_size * vocab_size)
+
+    def fresh(self, n) -> BeamState:
+        K, N, T, S = self.num_beams, self.num_best, self.settings.max_len, self.source_len
+        has_attention = S is not None
+        return BeamState(
+            step=jnp.zeros((n,), jnp.int32),
+            last=jnp.full((n, K), self.settings.bos_id, jnp.int32),
+            alive_tokens=jnp.full((n, K, T), PAD_ID, jnp.int32),
+            # Only beam 0 is live at first, so the first step cannot fill the beam with K copies
+            # of the same hypothesis.
+            alive_log_probs=jnp.tile(jnp.where(jnp.arange(K) == 0, 0.0, NEG_INF).astype(jnp.float32), (n, 1)),
+            finished_tokens=jnp.full((n, N, T), PAD_ID, jnp.int32),
+            finished_lengths=jnp.zeros((n, N), jnp.int32),
+            finished_scores=jnp.full((n, N), NEG_INF, jnp.float32),
+            finished_log_probs=jnp.full((n, N), NEG_INF, jnp.float32),
+            finished_flags=jnp.zeros((n, N), bool),
+            done=jnp.zeros((n,), bool),
+            alive_attention=jnp.zeros((n, K, T, S), jnp.float32) if has_attention else None,
+            alive_coverage=jnp.zeros((n, K, S), jnp.float32) if has_attention else None,
+            finished_attention=jnp.zeros((n, N, T, S), jnp.float32) if has_attention else None,
+        )
+
+    def advance(self, state: BeamState, logits, attention, limits, source_mask):
+        step = state.step  # [B]
+        candidates = self._extend(state, logits, attention, limits)
+        finished = self._finish(state, candidates, source_mask)
+        alive_log_probs, alive_parent, alive = self._keep_alive(candidates)
+        done = self._stop(state, alive_log_probs, finished, limits)
+        new_state = BeamState(step=step + 1, **finished, **alive, done=done)
+        return new_state, alive_parent, done
+
+    def _extend(self, state: BeamState, logits, attention, limits) -> _Candidates:
+        """Every (parent beam, next token) extension, by the raw log-prob of the longer prefix:
+        the C best of them with their prefixes (and attention, coverage)."""
+        K, V, T = self.num_beams, self.vocab_size, self.settings.max_len
+        step = state.step
+        batch_size = step.shape[0]
+        log_probs, flat_index = topk.top_extensions(
+            state.alive_log_probs, logits.reshape(batch_size, K, V), step >= limits - 1,
+            self.settings.eos_id, self.num_candidates, self.settings.kernels,
+        )  # [B, C]
+        parent = flat_index // V  # [B, C]
+        token = (flat_index % V).astype(jnp.int32)  # [B, C]
+        at_step = jnp.arange(T)[None, None, :] == step[:, None, None]  # [B, 1, T]
+        tokens = jnp.where(at_step, token[:, :, None], gather_beams(state.alive_tokens, parent))
+        candidate_attention = coverage = None
+        if self.source_len is not None:
+            step_attention = attention.astype(jnp.float32).reshape(batch_size, K, -1)
+            step_attention = gather_beams(step_attention, parent)  # [B, C, S]
+            candidate_attention = jnp.where(at_step[..., None], step_attention[:, :, None, :],
+                                            gather_beams(state.alive_attention, parent))
+            coverage = gather_beams(state.alive_coverage, parent) + step_attention
+        return _Candidates(log_probs, parent, token, tokens, candidate_attention, coverage)
+
+    def _finish(self, state: BeamState, candidates: _Candidates, source_mask) -> dict:
+        """The n-best merged with the candidates that finish now -> BeamState's finished_* fields.
+
+        Finished candidates: EOS within the top K, a real (finite) hypothesis, and a sentence
+        that has not stopped (a stopped sentence's n-best is final). Valid entries sort before
+        empty ones because empty ones have score -inf, so finished_flags stays sorted too."""
+        step, token = state.step, candidates.token
+        newly_finished = (
+            (token == self.settings.eos_id)
+            & (jnp.arange(self.num_candidates) < self.num_beams)[None, :]
+            & jnp.isfinite(candidates.log_probs)
+            & ~state.done[:, None]
+        )
+        scores = candidates.log_probs / gnmt_length_penalty(step + 1, self.settings.length_penalty)[:, None]
+        if self.source_len is not None:
+            scores = scores + gnmt_coverage_penalty(candidates.coverage, source_mask, self.settings.coverage_penalty)
+        scores = jnp.where(newly_finished, scores, NEG_INF)
+        merged_flags = jnp.concatenate([state.finished_flags, newly_finished], axis=1)
+        merged_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
+        _, keep = lax.top_k(jnp.where(merged_flags, merged_scores, NEG_INF), self.num_best)
+        lengths = jnp.broadcast_to((step + 1)[:, None], token.shape).astype(jnp.int32)
+        merged = {
+            "finished_tokens": (state.finished_tokens, candidates.tokens),
+            "finished_lengths": (state.finished_lengths, lengths),
+            "finished_scores": (state.finished_scores, scores),
+            "finished_log_probs": (state.finished_log_probs, candidates.log_probs),
+            "finished_flags": (state.finished_flags, newly_finished),
+            "finished_attention": (state.finished_attention, candidates.attention),
+        }
+        return {name: _merge(old, new, keep) for name, (old, new) in merged.items()}
+
+    def _keep_alive(self, candidates: _Candidates):
+        """The K most probable candidates without EOS stay alive -> (alive_log_probs [B, K],
+        their parents [B, K], BeamState's other alive fields)."""
+        is_eos = candidates.token == self.settings.eos_id
+        alive_log_probs, pick = lax.top_k(jnp.where(is_eos, NEG_INF, candidates.log_probs), self.num_beams)
+        alive = {
+            "alive_log_probs": alive_log_probs,
+            "last": jnp.take_along_axis(candidates.token, pick, axis=1),
+            "alive_tokens": gather_beams(candidates.tokens, pick),
+            "alive_attention": _gather_optional(candidates.attention, pick),
+            "alive_coverage": _gather_optional(candidates.coverage, pick),
+        }
+        return alive_log_probs, jnp.take_along_axis(candidates.parent, pick, axis=1), alive
+
+    def _stop(self, state: BeamState, alive_log_probs, finished: dict, limits):
+        """done [B]: no live hypothesis left, or a full n-best that no live one can beat.
+
+        Best score a live hypothesis could still reach: its log-prob can only fall, and the
+        length penalty is monotone in length, so the best case is at one end of the lengths it
+        may still finish at (step+2 .. limit); with alpha >= 0 that is the limit."""
+        alpha = self.settings.length_penalty
+        best_alive = alive_log_probs[:, 0]
+        bound = jnp.maximum(
+            best_alive / gnmt_length_penalty(state.step + 2, alpha),
+            best_alive / gnmt_length_penalty(limits, alpha),
+        )
+        nbest_full = finished["finished_flags"][:, -1]
+        cannot_improve = nbest_full & (finished["finished_scores"][:, -1] >= bound)
+        return state.done | ~jnp.isfinite(best_alive) | cannot_improve
+
+    def result(self, state: BeamState) -> dict:
+        flags = state.finished_flags
+        attention = None
+        if self.source_len is not None:
+            attention = jnp.where(flags[:, :, None, None], state.finished_attention, 0.0)
+        return {
+            "tokens": jnp.where(flags[:, :, None], state.finished_tokens, PAD_ID),
+            "lengths": jnp.where(flags, state.finished_lengths, 0),
+            "scores": state.finished_scores,
+            "log_probs": jnp.where(flags, state.finished_log_probs, NEG_INF),
+            "attention": attention,
+        }
+
+
+def gnmt_length_penalty(length, alpha):
+    """((5 + |Y|) / 6) ** alpha; exactly 1 when alpha is 0."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def gnmt_coverage_penalty(coverage, source_mask, beta):
+    """beta * sum over real source words of log(min(coverage, 1)); coverage [..., S]."""
+    log_coverage = jnp.log(jnp.clip(coverage, MIN_COVERAGE, 1.0))
+    return beta * jnp.sum(jnp.where(source_mask, log_coverage, 0.0), axis=-1)
+
+
+def gather_beams(values, index):
+    """values [B, K, ...], index [B, C] int -> [B, C, ...]: per-sentence beam selection."""
+    return jax.vmap(_take_rows)(values, index)
+
+
+def _take_rows(row, row_index):
+    return row[row_index]
+
+
+def _gather_optional(values, index):
+    return None if values is None else gather_beams(values, index)
+
+
+def _merge(old, new, keep):
+    """The n-best [B, N, ...] and the candidates [B, C, ...] -> the kept entries [B, N, ...]
+    (None stays None: no attention)."""
+    if old is None:
+        return None
+    return gather_beams(jnp.concatenate([old, new], axis=1), keep)
