@@ -595,7 +595,7 @@ def test_continuous_search_slot_context_equals_per_row_context(beam_size):
             np.testing.assert_array_equal(np.asarray(per_slot[key]), np.asarray(per_row[key]), err_msg=key)
     assert int(np.asarray(per_row["lengths"]).reshape(queue, -1)[:n, 0].min()) >= 1
     with pytest.raises(ValueError, match="slot_context"):
-        decoding.engine.Engine(decoding.Greedy(settings(4), None), results=2, refill=0, slot_context=True)
+        decoding.engine.Engine(decoding.Greedy(settings(4), None), num_results=2, refill=0, slot_context=True)
 
 
 def test_continuous_search_output_sizes_skip_the_probe_trace():
@@ -724,9 +724,9 @@ def test_slot_pool_sentences_joining_while_it_runs_get_the_plain_search(beam_siz
                             source_lengths=jnp.asarray(source_lengths), **penalties)
     state, context = split_rnn_cache(cache)
     W, R = 3, 5  # a ring of 3 sentences waiting to start; results of 5 tickets in flight
-    pool_ops = decoding.SlotPool(lambda: rnn_context_step(step), settings(9, beam_size=beam_size, nbest=nbest, **penalties),
-                                 slots=4, queue=W, results=R, vocab_size=VOCAB, source_len=SOURCE, refill=1,
-                                 slot_context=False)
+    pool_ops = decoding.SlotPool(lambda: rnn_context_step(step),
+                                 settings(9, beam_size=beam_size, nbest=nbest, **penalties), slots=4, queue=W,
+                                 results=R, vocab_size=VOCAB, source_len=SOURCE, refill=1, slot_context=False)
     pool = pool_ops.empty(state, context)
     admit = jax.jit(pool_ops.admit)
     runs = {a: jax.jit(partial(pool_ops.run, steps=3, active=a)) for a in (2, 4)}

@@ -67,14 +67,14 @@ class Engine:
     """The static rules of one slot loop.
 
     strategy: greedy or beam (per slot).
-    results: R, the size of the results' leading dim; a slot whose `sentence` is R is idle.
+    num_results: R, the size of the results' leading dim; a slot whose `sentence` is R is idle.
     refill: most idle slots started per step (the rest wait a step); 0 = never refill (plain
       decoding: every sentence starts before the loop and its result stays in its slot).
     slot_context: the context has one entry per slot (leading dim P), not per row (P*K).
     """
 
     strategy: Strategy
-    results: Any
+    num_results: Any
     refill: int
     slot_context: bool = False
 
@@ -93,15 +93,15 @@ def empty_slots(engine: Engine, slots: int, state_like, context_like) -> Slots:
         context=zeros_like_rows(context_like, slots if engine.slot_context else slots * K),
         limits=jnp.ones((slots,), jnp.int32),
         source_lengths=jnp.ones((slots,), jnp.int32),
-        sentence=jnp.full((slots,), engine.results, jnp.int32),
+        sentence=jnp.full((slots,), engine.num_results, jnp.int32),
     )
 
 
 def empty_results(engine: Engine) -> tuple[Any, jax.Array]:
     """Zero results [R, ...] in the strategy's layout, and done [R] all False."""
-    shapes = jax.eval_shape(engine.strategy.result, engine.strategy.fresh(engine.results))
+    shapes = jax.eval_shape(engine.strategy.result, engine.strategy.fresh(engine.num_results))
     results = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return results, jnp.zeros((engine.results,), bool)
+    return results, jnp.zeros((engine.num_results,), bool)
 
 
 def placed(engine: Engine, queue: Queue) -> Loop:
@@ -123,7 +123,7 @@ def run(engine: Engine, step_fn: ContextStepFn, loop: Loop, queue: Queue, *, ste
 
 
 def _running(engine: Engine, queue: Queue, steps, loop: Loop):
-    busy = jnp.any(loop.slots.sentence < engine.results)
+    busy = jnp.any(loop.slots.sentence < engine.num_results)
     return (loop.step < steps) & (busy | (loop.head < queue.tail))
 
 
@@ -138,13 +138,13 @@ def start(engine: Engine, queue: Queue, loop: Loop, n: int) -> Loop:
     if n == 0:
         return loop
     P, W = loop.slots.sentence.shape[0], queue.limits.shape[0]
-    idle = loop.slots.sentence >= engine.results
+    idle = loop.slots.sentence >= engine.num_results
     slot_ids = jnp.nonzero(idle, size=n, fill_value=P)[0].astype(jnp.int32)
     count = jnp.minimum(jnp.sum(idle, dtype=jnp.int32), queue.tail - loop.head)
     valid = jnp.arange(n) < count
     slot_ids = jnp.where(valid, slot_ids, P)  # P: no slot (dropped)
     tickets = loop.head + jnp.arange(n, dtype=jnp.int32)
-    slots = _fill(engine, loop.slots, queue, slot_ids, jnp.where(valid, tickets % W, W), tickets % engine.results)
+    slots = _fill(engine, loop.slots, queue, slot_ids, jnp.where(valid, tickets % W, W), tickets % engine.num_results)
     return loop.replace(slots=slots, head=loop.head + jnp.clip(count, 0, n).astype(jnp.int32))
 
 
@@ -197,7 +197,7 @@ def retire(engine: Engine, loop: Loop, stopped) -> Loop:
     """Frees the slots whose sentence stopped; with refills, their results are written out first
     (a loop that never refills leaves them in the slots, read after it)."""
     slots = loop.slots
-    R = engine.results
+    R = engine.num_results
     finished = stopped & (slots.sentence < R)  # [P]
     if engine.refill:
         out = jnp.where(finished, slots.sentence, R)  # R: dropped

@@ -47,14 +47,14 @@ class SlotPool:
         check_sizes(slots=slots, queue=queue, results=results, refill=refill)
         self.make_step_fn, self.settings, self.slots, self.queue = make_step_fn, settings, slots, queue
         strategy = make_strategy(settings, vocab_size=vocab_size, source_len=source_len)
-        self.engine = Engine(strategy, results=results, refill=refill, slot_context=slot_context)
+        self.engine = Engine(strategy, num_results=results, refill=refill, slot_context=slot_context)
 
     def empty(self, state_like, context_like) -> PoolState:
         """An idle pool for per-sentence state/context shaped like `*_like` (leading dim ignored)."""
         W = self.queue
-        ring = Queue(state=engine_lib.zeros_like_rows(state_like, W), context=engine_lib.zeros_like_rows(context_like, W),
-                     limits=jnp.ones((W,), jnp.int32), source_lengths=jnp.ones((W,), jnp.int32),
-                     tail=jnp.zeros((), jnp.int32))
+        ring = Queue(state=engine_lib.zeros_like_rows(state_like, W),
+                     context=engine_lib.zeros_like_rows(context_like, W), limits=jnp.ones((W,), jnp.int32),
+                     source_lengths=jnp.ones((W,), jnp.int32), tail=jnp.zeros((), jnp.int32))
         return PoolState(slots=engine_lib.empty_slots(self.engine, self.slots, state_like, context_like), ring=ring,
                          head=jnp.zeros((), jnp.int32))
 
@@ -85,7 +85,7 @@ class SlotPool:
         loop = engine_lib.run(engine, self.make_step_fn(*step_args), loop, pool.ring, steps=steps, first=A)
         # Slots started in this run got their state and context here: all of the first A go back.
         slots = jax.tree.map(_write_prefix, pool.slots, loop.slots)
-        busy = loop.slots.sentence < engine.results
+        busy = loop.slots.sentence < engine.num_results
         info = {"busy": jnp.sum(busy, dtype=jnp.int32),
                 "last_busy": jnp.max(jnp.where(busy, jnp.arange(A), -1)).astype(jnp.int32),
                 "waiting": pool.ring.tail - loop.head}
@@ -96,9 +96,11 @@ def _first_slots(slots: Slots, active: int, engine: Engine) -> Slots:
     """The first `active` slots (rows: their K rows each; context: per slot or per row)."""
     rows = active * engine.strategy.num_beams
     first = functools.partial(_prefix, active)
-    return Slots(search=jax.tree.map(first, slots.search), rows=jax.tree.map(functools.partial(_prefix, rows), slots.rows),
-                 context=jax.tree.map(functools.partial(_prefix, active if engine.slot_context else rows), slots.context),
-                 limits=first(slots.limits), source_lengths=first(slots.source_lengths), sentence=first(slots.sentence))
+    context = functools.partial(_prefix, active if engine.slot_context else rows)
+    return Slots(search=jax.tree.map(first, slots.search),
+                 rows=jax.tree.map(functools.partial(_prefix, rows), slots.rows),
+                 context=jax.tree.map(context, slots.context), limits=first(slots.limits),
+                 source_lengths=first(slots.source_lengths), sentence=first(slots.sentence))
 
 
 def _prefix(n, leaf):

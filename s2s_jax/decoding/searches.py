@@ -50,7 +50,7 @@ def search(step_fn: StepFn, cache: Any, settings: SearchSettings, *, batch_size:
     vocab_size, source_len = engine_lib.probe(step_fn, jnp.full((rows,), settings.bos_id, jnp.int32),
                                               _abstract_rows(cache, rows))
     engine = Engine(make_strategy(settings, vocab_size=vocab_size, source_len=source_len),
-                    results=batch_size, refill=0)
+                    num_results=batch_size, refill=0)
     queue = Queue(state=cache, context=None, limits=limits,
                   source_lengths=_source_lengths(source_lengths, batch_size, source_len),
                   tail=jnp.asarray(batch_size, jnp.int32))
@@ -100,7 +100,7 @@ def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings
         output_sizes = _probe_context_step(step_fn, state, context, settings, slots=slots, slot_context=slot_context)
     vocab_size, source_len = output_sizes
     engine = Engine(make_strategy(settings, vocab_size=vocab_size, source_len=source_len),
-                    results=queue_size, refill=refill, slot_context=slot_context)
+                    num_results=queue_size, refill=refill, slot_context=slot_context)
     queue = Queue(state=state, context=context, limits=length_limits(max_lengths, queue_size, settings.max_len),
                   source_lengths=_source_lengths(source_lengths, queue_size, source_len),
                   tail=jnp.minimum(jnp.asarray(num_sentences, jnp.int32), queue_size))
