@@ -198,13 +198,13 @@ def retire(engine: Engine, loop: Loop, stopped) -> Loop:
     (a loop that never refills leaves them in the slots, read after it)."""
     slots = loop.slots
     R = engine.num_results
-    finished = stopped & (slots.sentence < R)  # [P]
+    # An idle slot's sentence is R already: where it "stops" again, nothing is written or freed.
     if engine.refill:
-        out = jnp.where(finished, slots.sentence, R)  # R: dropped
+        out = jnp.where(stopped, slots.sentence, R)  # R: dropped
         results = jax.tree.map(lambda r, v: r.at[out].set(v, mode="drop"), loop.results,
                                engine.strategy.result(slots.search))
         loop = loop.replace(results=results, done=loop.done.at[out].set(True, mode="drop"))
-    return loop.replace(slots=slots.replace(sentence=jnp.where(finished, R, slots.sentence)))
+    return loop.replace(slots=slots.replace(sentence=jnp.where(stopped, R, slots.sentence)))
 
 
 def tile_rows(tree, K: int):
