@@ -20,6 +20,7 @@ run was interrupted (SIGKILL included: tests/test_resume.py, experiments/kill_re
 A resumed run drops the metrics.jsonl records the interrupted one wrote after its checkpoint,
 so the log reads like one uninterrupted run.
 """
+
 from __future__ import annotations
 
 import contextlib
