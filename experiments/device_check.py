@@ -423,7 +423,7 @@ def _export_check(ctx, cfg, model, params) -> dict:
     from jax import export as jax_export
 
     from s2s_jax import benchmark
-    from s2s_jax import export as export_lib
+    from s2s_jax.inference import export as export_lib
 
     accel, cpu = ctx["accel"], ctx["cpu"]
     platform = accelerator_platform(accel)
