@@ -546,12 +546,27 @@ def to_json(config: Config) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=True)
 
 
-def load(path: str) -> Config:
+def load_module(path: str | os.PathLike):
+    """Runs a Python file by its path and returns it as a module (not added to sys.modules).
+
+    How experiment files are read, and how one reads another: a config derived from a shared
+    recipe loads `experiments/configs/_recipes.py` (or another experiment) beside it this way.
+    """
+    path = os.fspath(path)
+    name = "_s2s_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(path: str | os.PathLike) -> Config:
     """Loads `get_config()` from an experiment file, or a resolved config.json.
 
     An experiment file's config is validated by `override` (after the command line's --set
     values), since some files leave fields such as data.dir for the command line to fill in.
     """
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file; pick one from experiments/configs/")
     if path.endswith(".json"):
@@ -560,9 +575,7 @@ def load(path: str) -> Config:
                 return from_dict(json.load(f))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e}); restore it from the run's checkpoint") from None
-    spec = importlib.util.spec_from_file_location("_s2s_experiment_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: defines no get_config(); an experiment file must return a Config from get_config()")
     config = module.get_config()
