@@ -272,7 +272,7 @@ class StepRunner:
     def run(self, cfg, model, host_state, batches, device, steps: int = STEPS):
         import jax
 
-        from s2s_jax import steps as steps_lib
+        from s2s_jax.training import steps as steps_lib
 
         key = (cfg.model, cfg.train)
         if key not in self._jitted:
@@ -359,7 +359,7 @@ def part_correctness(ctx) -> dict:
 def _parallel_check(ctx, cfg, model, host_state, batches) -> dict:
     import jax
 
-    from s2s_jax import steps as steps_lib
+    from s2s_jax.training import steps as steps_lib
     from s2s_jax.parallel import Parallel
 
     results = {}

@@ -37,7 +37,7 @@ class ConfigError(UserError, ValueError):
 
 BUILTIN_TASKS = ("copy", "reverse", "sort", "addition", "dates")
 
-# What an evaluation computes (trainer.evaluate: metrics.scalars_from_sums and
+# What an evaluation computes (training.trainer.evaluate: metrics.scalars_from_sums and
 # metrics.corpus_scores) and which direction is better: the choices of train.best_metric.
 EVAL_METRICS = {"loss": "min", "nll": "min", "perplexity": "min", "accuracy": "max",
                 "exact_match": "max", "bleu": "max", "chrf": "max"}
@@ -201,7 +201,7 @@ class ModelConfig:
     # Pretrained vectors (word2vec or GloVe text files, one `word v1 ... vd` per line; word2vec's
     # `count dim` header line is recognised) copied into the embedding rows of the vocabulary
     # entries they contain; other rows keep the normal initialisation. With share_embeddings
-    # either file fills the one table. Read whenever a run starts (s2s_jax/embeddings.py).
+    # either file fills the one table. Read whenever a run starts (s2s_jax/training/embeddings.py).
     source_embeddings: str = ""
     target_embeddings: str = ""
     # Keep the rows loaded from those files bitwise fixed during training (rows not found in the

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from s2s_jax import steps
+    from s2s_jax.training import steps
     from s2s_jax.checkpoint import Checkpoints
     from s2s_jax.data import build_data
     from s2s_jax.parallel import Parallel, maybe_initialize_distributed
