@@ -4,9 +4,9 @@ A config is four sections (data, model, train, decode) plus a name. Experiment f
 `experiments/configs/*.py` expose `get_config() -> Config`; the CLI overrides any field with
 `--set section.field=value` (values parsed as Python literals, falling back to strings).
 Every problem a user can cause is raised as `ConfigError` naming the field and the fix; the CLI
-turns it into one line on stderr and exit code 2. A field's choices and range are declared at the
-field (`choice`, `positive`, `non_negative`, `probability`, `checked`); rules between fields are the
-`_check_*` functions.
+turns it into one line on stderr and exit code 2. A field's choices (a `Literal` type) and range
+(`positive`, `non_negative`, `probability`, `checked`) are declared at the field; rules between
+fields are the `_check_*` functions.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class UserError(Exception):
@@ -35,18 +35,17 @@ class ConfigError(UserError, ValueError):
     """A user-caused configuration problem; the message names the field and the fix."""
 
 
-BUILTIN_TASKS = ("copy", "reverse", "sort", "addition", "dates")
-
 # What an evaluation computes (training.trainer.evaluate: metrics.scalars_from_sums and
 # metrics.corpus_scores) and which direction is better: the choices of train.best_metric.
 EVAL_METRICS = {"loss": "min", "nll": "min", "perplexity": "min", "accuracy": "max",
                 "exact_match": "max", "bleu": "max", "chrf": "max"}
 
 
-# A field's own rules travel in its dataclass metadata, declared where the field is:
-# "choices" (the values it may take; "refuse" words the error when it has its own wording) and
-# "rules" (ranges: what must hold, and the words "must be ..." of the error). `_check_fields`
-# reads them for every field; rules between fields are the named `_check_*` functions below.
+# A field's own rules are declared where the field is: its choices as a `Literal[...]` type (or,
+# for a field whose choices are another table's keys, `choice(...)` metadata that may word its own
+# error), its range as `positive`, `non_negative`, `probability` or `checked` metadata ("rules":
+# what must hold, and the words "must be ..." of the error). `_check_fields` reads them for every
+# field; rules between fields are the named `_check_*` functions below.
 class _Rule(typing.NamedTuple):
     holds: typing.Callable[[Any], bool]
     says: str  # the error after "section.field=value: "
@@ -62,7 +61,8 @@ def checked(default: Any, *rules: _Rule) -> Any:
 
 
 def choice(*options: str, default: str, refuse: typing.Callable[[str, Any], str] | None = None) -> Any:
-    """A field that takes one of `options`; `refuse(where, value)` words the error if given."""
+    """A str field that takes one of `options` (where a `Literal` cannot name them: another table's
+    keys); `refuse(where, value)` words the error if given."""
     return field(default=default, metadata={"choices": options, "refuse": refuse})
 
 
@@ -92,9 +92,9 @@ def _not_computed(where: str, value: Any) -> str:
 class DataConfig:
     # Where examples come from: "task" (built-in generated task), "text" (a folder of
     # line-aligned `{split}.{lang}` files) or "tfds" (a TFDS catalogue dataset name).
-    source: str = choice("task", "text", "tfds", default="task")
+    source: Literal["task", "text", "tfds"] = "task"
     # Built-in task name (source="task").
-    task: str = choice(*BUILTIN_TASKS, default="dates")
+    task: Literal["copy", "reverse", "sort", "addition", "dates"] = "dates"
     task_train_size: int = positive(50_000)  # examples generated for training (seeded, no download)
     task_eval_size: int = positive(1_000)  # held-out examples (disjoint seed stream)
     task_seed: int = non_negative(1234)
@@ -111,13 +111,13 @@ class DataConfig:
     # Tokenization (text/tfds): SentencePiece trained on the training split.
     vocab_size: int = positive(8000)
     joint_vocab: bool = True  # one SentencePiece model for both sides
-    spm_model_type: str = choice("unigram", "bpe", "char", "word", default="unigram")
+    spm_model_type: Literal["unigram", "bpe", "char", "word"] = "unigram"
     spm_character_coverage: float = checked(1.0, _Rule(
         lambda v: 0.0 < v <= 1.0, "must be in (0, 1], e.g. 0.9995 for languages with large alphabets"))
     # Applied before SentencePiece.
-    normalization: str = choice("nfkc", "nfc", "none", default="nfkc")
+    normalization: Literal["nfkc", "nfc", "none"] = "nfkc"
     # skip (drop pairs with an empty side, counted) | error
-    empty_lines: str = choice("skip", "error", default="skip")
+    empty_lines: Literal["skip", "error"] = "skip"
     cache_dir: str = ""  # prepared-data cache; "" = ~/.cache/s2s_jax
     # Processes that tokenise and write the prepared dataset (0 = all cores this process may
     # use). The output is byte-identical for any count, so it is not part of the cache key.
@@ -165,7 +165,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    cell: str = choice("lstm", "gru", default="lstm")
+    cell: Literal["lstm", "gru"] = "lstm"
     source_embed_dim: int = positive(64)
     target_embed_dim: int = positive(64)
     hidden_dim: int = positive(128)  # decoder size; encoder output size (split across directions)
@@ -176,12 +176,12 @@ class ModelConfig:
     dropout: float = probability(0.0)  # on embeddings and between layers
     share_embeddings: bool = False  # one embedding for source and target (joint vocab)
     tie_output: bool = False  # output projection = target embedding (transposed)
-    bridge: str = choice("zero", "last", "dense", default="last")
-    attention: str = choice("dot", "general", "mlp", "none", default="general")
+    bridge: Literal["zero", "last", "dense"] = "last"
+    attention: Literal["dot", "general", "mlp", "none"] = "general"
     input_feeding: bool = True
     attention_dropout: float = probability(0.0)
     # Compute dtype (params stay float32).
-    dtype: str = choice("float32", "bfloat16", default="float32")
+    dtype: Literal["float32", "bfloat16"] = "float32"
     unroll: int = positive(1)  # lax.scan unroll factor
     loss_chunk: int = non_negative(0)  # time steps per output-projection chunk in the loss (0 = whole)
     # Which implementation of the hand-written VJPs and backend workarounds (s2s_jax/kernels/):
@@ -189,7 +189,7 @@ class ModelConfig:
     # non-finite guard, optimisation barriers steering the dot emitter), "portable" (static
     # control flow only: no data-dependent loop, no `cond`, no barrier; for GPUs and TPUs), or
     # "auto" (cpu on the CPU backend, portable elsewhere). Both compute the same function.
-    kernels: str = choice("auto", "cpu", "portable", default="auto")
+    kernels: Literal["auto", "cpu", "portable"] = "auto"
     # The hand-derived backward pass of the input-feeding LSTM decoder (dot/general attention);
     # false = the generic decoder scan differentiated by JAX (same function, more kernels).
     fused_decoder: bool = True
@@ -197,7 +197,7 @@ class ModelConfig:
     # backend default for bfloat16 inputs), "highest" (true float32), "tensorfloat32" (GPU
     # TF32), "bfloat16_3x" (three bf16 passes), "default" (the backend's choice: TF32 on recent
     # NVIDIA GPUs, one bf16 pass on TPUs).
-    matmul_precision: str = choice("auto", "highest", "tensorfloat32", "bfloat16_3x", "default", default="auto")
+    matmul_precision: Literal["auto", "highest", "tensorfloat32", "bfloat16_3x", "default"] = "auto"
     # Pretrained vectors (word2vec or GloVe text files, one `word v1 ... vd` per line; word2vec's
     # `count dim` header line is recognised) copied into the embedding rows of the vocabulary
     # entries they contain; other rows keep the normal initialisation. With share_embeddings
@@ -221,9 +221,9 @@ class TrainConfig:
     # With init_from: also carry over the optimizer state, the step (so the schedule continues
     # where that run stopped) and the plateau learning-rate scale; the raw, non-EMA parameters.
     init_optimizer: bool = False
-    optimizer: str = choice("adam", "adamw", "sgd", default="adam")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = positive(1e-3, "e.g. --set train.learning_rate=1e-3")
-    schedule: str = choice("constant", "rsqrt", "cosine", "plateau", default="constant")
+    schedule: Literal["constant", "rsqrt", "cosine", "plateau"] = "constant"
     warmup_steps: int = non_negative(0)
     weight_decay: float = non_negative(0.0)  # adamw only
     momentum: float = non_negative(0.0)  # sgd only
@@ -243,7 +243,7 @@ class TrainConfig:
     best_metric: str = choice("auto", *EVAL_METRICS, default="auto", refuse=_not_computed)
     early_stopping_patience: int = non_negative(0)  # evaluations without improvement; 0 = off
     max_nonfinite: int = positive(5)  # consecutive non-finite steps before the run stops
-    parallel: str = choice("shard_map", "pmap", "none", default="shard_map")
+    parallel: Literal["shard_map", "pmap", "none"] = "shard_map"
     # Repeatable accelerator arithmetic: sets the XLA flags that make GPU reductions and
     # scatters run-to-run deterministic (--xla_gpu_deterministic_ops=true) before the backend
     # starts (runtime.configure_backend). XLA:CPU and TPUs are deterministic anyway.
@@ -267,7 +267,7 @@ class DecodeConfig:
     nbest: int = positive(1, "1 writes the best hypothesis only")
     # Compute dtype of translation's matmuls: "model" = the run's model.dtype; "bfloat16" is
     # ~1.5x faster on CPUs with AVX512-BF16 but may change some outputs (docs/results.md).
-    dtype: str = choice("model", "float32", "bfloat16", default="model")
+    dtype: Literal["model", "float32", "bfloat16"] = "model"
 
 
 @dataclass(frozen=True)
@@ -286,13 +286,23 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "de
 
 
 def _field_types(cls) -> dict[str, Any]:
+    """Each field's value type (str for a `Literal` of strings)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: str if typing.get_origin(hints[f.name]) is Literal else hints[f.name]
+            for f in dataclasses.fields(cls)}
+
+
+def _field_choices(cls) -> dict[str, tuple]:
+    """The fields of `cls` that take one of a few values, and those values, as declared at the field."""
+    hints = typing.get_type_hints(cls)
+    found = {f.name: typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal
+             else f.metadata.get("choices") for f in dataclasses.fields(cls)}
+    return {name: values for name, values in found.items() if values}
 
 
 def choices(cls, name: str) -> tuple[str, ...]:
     """The values field `name` of section class `cls` may take, as declared at the field."""
-    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"]
+    return _field_choices(cls)[name]
 
 
 def best_metric_and_mode(config: "Config") -> tuple[str, str]:
@@ -324,16 +334,16 @@ def _check_fields(config: Config) -> None:
         obj = getattr(config, section)
         if not isinstance(obj, cls):
             raise ConfigError(f"config.{section} must be a {cls.__name__}")
-        types = _field_types(cls)
+        types, options = _field_types(cls), _field_choices(cls)
         for f in dataclasses.fields(cls):
             value = getattr(obj, f.name)
             where = f"{section}.{f.name}"
             wrong = _type_error(types[f.name], value)
             if wrong:
                 raise ConfigError(f"{where}={value!r}: {wrong}")
-            choices = f.metadata.get("choices")
+            choices = options.get(f.name)
             if choices and value not in choices:
-                refuse = f.metadata["refuse"]
+                refuse = f.metadata.get("refuse")
                 raise ConfigError(refuse(where, value) if refuse
                                   else f"{where}={value!r}: choose one of {', '.join(choices)}")
             for rule in f.metadata.get("rules", ()):
