@@ -95,18 +95,18 @@ def test_experiment_configs_are_their_recipe_but_for_the_declared_differences():
     recipes = config_lib.load_module(ROOT / "experiments/configs/_recipes.py")
     load = lambda name: config_lib.load(ROOT / f"experiments/configs/{name}.py")  # noqa: E731
     bench = {"bridge": "last", "dropout": 0.0}
-    for name, differences in {"multi30k_en_de": {"dtype": "bfloat16"}, "tatoeba_en_fr": {},
-                              "bench_cpu": bench, "bench_gpu_2x256": {**bench, "dtype": "bfloat16"}}.items():
+    models = {"multi30k_en_de": {"dtype": "bfloat16"}, "tatoeba_en_fr": {},
+              "bench_cpu": bench, "bench_gpu_2x256": {**bench, "dtype": "bfloat16"}}
+    for name, differences in models.items():
         assert _differences(recipes.luong_2x256(), load(name).model) == differences, name
     assert load("bench_cpu").train == load("bench_gpu").train == recipes.adam()
     assert _differences(load("bench_cpu").model, load("bench_gpu").model) == dict(
         source_embed_dim=1024, target_embed_dim=1024, hidden_dim=1024, encoder_layers=4, decoder_layers=4,
         dtype="bfloat16")
-    translation = recipes.text_translation("")
     for name, train in {"multi30k_en_de": {"steps": 3000, "eval_sentences": 1014},
                         "tatoeba_en_fr": {"steps": 3500}}.items():
         cfg = load(name)
-        assert _differences(translation.train, cfg.train) == train, name
-        assert cfg.decode == translation.decode and cfg.name == name
-        assert set(_differences(translation.data, cfg.data)) <= {"tgt_lang", "max_source_length", "max_target_length",
-                                                                 "buckets", "max_buckets"}, name
+        recipe = recipes.text_translation(name, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.max_source_length)
+        assert _differences(recipe.train, cfg.train) == train, name
+        assert cfg.decode == recipe.decode and _differences(recipe.model, cfg.model) == models[name]
+        assert set(_differences(recipe.data, cfg.data)) <= {"buckets", "max_buckets"}, name

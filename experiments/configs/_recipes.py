@@ -43,17 +43,23 @@ def adam() -> TrainConfig:
     return TrainConfig(seed=0, optimizer="adam", learning_rate=1e-3, clip_norm=5.0)
 
 
-def text_translation(name: str) -> Config:
+def text_translation(name: str, src_lang: str, tgt_lang: str, max_length: int) -> Config:
     """A line-aligned text corpus translated by `luong_2x256`, evaluated by BLEU, beam 5 decoding.
 
-    Data: one joint 8000-piece unigram SentencePiece vocabulary trained on the training split after
-    NFKC normalisation, 3000-token batches from length-sorted pools. The corpus folder, the
-    languages, the lengths and buckets and the number of steps are the experiment's.
+    Data: pairs of at most `max_length` pieces a side, one joint 8000-piece unigram SentencePiece
+    vocabulary trained on the training split after NFKC normalisation, 3000-token batches from
+    length-sorted pools. The corpus folder (data.dir, given on the command line), the buckets and
+    the number of steps are the experiment's.
     """
     return Config(
         name=name,
         data=DataConfig(
             source="text",
+            dir="",  # given on the command line: --set data.dir=PATH (the experiment's docstring says which)
+            src_lang=src_lang,
+            tgt_lang=tgt_lang,
+            max_source_length=max_length,
+            max_target_length=max_length,
             train_split="train",
             valid_split="valid",
             test_split="test",

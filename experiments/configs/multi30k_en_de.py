@@ -29,16 +29,11 @@ recipes = load_module(Path(__file__).with_name("_recipes.py"))
 
 
 def get_config() -> Config:
-    base = recipes.text_translation("multi30k_en_de")
+    base = recipes.text_translation("multi30k_en_de", src_lang="en", tgt_lang="de", max_length=50)
     return dataclasses.replace(
         base,
         data=dataclasses.replace(
             base.data,
-            dir="",  # pass --set data.dir=../shared/data/multi30k
-            src_lang="en",
-            tgt_lang="de",
-            max_source_length=50,
-            max_target_length=50,
             # Auto buckets: 12 shapes chosen from the training lengths (padding efficiency source
             # 0.85, target 0.92 instead of 0.82 / 0.79 with the 5 hand-picked shapes of before).
             buckets=(),

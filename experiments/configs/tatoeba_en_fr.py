@@ -28,16 +28,11 @@ recipes = load_module(Path(__file__).with_name("_recipes.py"))
 
 
 def get_config() -> Config:
-    base = recipes.text_translation("tatoeba_en_fr")
+    base = recipes.text_translation("tatoeba_en_fr", src_lang="en", tgt_lang="fr", max_length=40)
     return dataclasses.replace(
         base,
         data=dataclasses.replace(
             base.data,
-            dir="",  # pass --set data.dir=../shared/data/tatoeba_fra_eng
-            src_lang="en",
-            tgt_lang="fr",
-            max_source_length=40,
-            max_target_length=40,
             # (source, target+1) shapes around the length quantiles (median 8/9, 90% 13/15).
             buckets=((8, 10), (12, 14), (16, 20), (24, 28), (40, 41)),
         ),
