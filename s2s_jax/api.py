@@ -46,7 +46,7 @@ def load_config(path_or_config, overrides: Sequence[str] = ()) -> Config:
 
 def train(config, workdir: str, *, progress: bool = False) -> dict:
     """Trains (or resumes) `config` in `workdir`; returns the final evaluation metrics."""
-    from s2s_jax.trainer import train_and_evaluate
+    from s2s_jax.training import train_and_evaluate
 
     return train_and_evaluate(load_config(config), os.fspath(workdir), progress=progress)
 

@@ -125,7 +125,7 @@ def _setup_logging() -> None:
 
 def _cmd_train(args) -> int:
     config = _resolve_config(args)
-    from s2s_jax.trainer import train_and_evaluate
+    from s2s_jax.training import train_and_evaluate
 
     result = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
     keys = ("loss", "perplexity", "exact_match", "bleu", "chrf")

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s2s_jax import cli, embeddings, steps
+from s2s_jax import cli
+from s2s_jax.training import embeddings, steps
 from s2s_jax import config as config_lib
 from s2s_jax.data import CharVocab
 from s2s_jax.rundir import read_vocabs
-from s2s_jax.embeddings import EmbeddingsError
+from s2s_jax.training.embeddings import EmbeddingsError
 from s2s_jax.train_state import create_state, make_model
 
 from _helpers import TINY  # noqa: E402

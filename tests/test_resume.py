@@ -266,7 +266,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_with_warning(reference
 
 # The config audit refuses a non-finite train.learning_rate, so the fault is injected: the
 # schedule the step reads returns infinity, as a diverging run's arithmetic would.
-INFINITE_LR = ("import sys; import s2s_jax.steps as steps; from s2s_jax.cli import main; "
+INFINITE_LR = ("import sys; import s2s_jax.training.steps as steps; from s2s_jax.cli import main; "
                "steps.learning_rate_fn = lambda cfg: (lambda step: float('inf')); sys.exit(main(sys.argv[1:]))")
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from s2s_jax import rundir, runtime
 from s2s_jax import config as config_lib
 from s2s_jax import metrics as metrics_lib
-from s2s_jax import steps
+from s2s_jax.training import steps
 from s2s_jax.checkpoint import Checkpoints
 from s2s_jax.config import Config, UserError
 from s2s_jax.parallel import Parallel, maybe_initialize_distributed
@@ -189,7 +189,7 @@ class _LatestSaver:
 
 
 def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progress: bool) -> dict:
-    from s2s_jax import embeddings, warm_start
+    from s2s_jax.training import embeddings, warm_start
     from s2s_jax.data import build_data  # data never imports jax; import here keeps the CLI light
 
     maybe_initialize_distributed(config)
