@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from s2s_jax.config import Config, ConfigError
+from s2s_jax.config import Config, ConfigError, TrainConfig, choices
 
 AXIS = "data"
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Parallel:
     """Places state and batches on the devices and wraps step bodies for the chosen mode."""
 
     def __init__(self, mode: str):
-        if mode not in ("shard_map", "pmap", "none"):
+        if mode not in choices(TrainConfig, "parallel"):
             raise ConfigError(f"train.parallel={mode!r}: use shard_map, pmap or none")
         if mode == "none" and jax.process_count() > 1:
             raise ConfigError(f"train.parallel=none runs on one device, but this is one of "
