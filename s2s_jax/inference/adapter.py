@@ -38,6 +38,10 @@ class DecodingModel(Protocol):
     target_vocab_size: int
 
     @property
+    def kernels(self) -> Any:
+        """The kernel set whose token selections the search uses (`decoding.SearchSettings.kernels`)."""
+
+    @property
     def cache_key(self) -> tuple:
         """Identifies the model's compiled programs (architecture, weights, vocabulary sizes)."""
 
@@ -82,6 +86,10 @@ class SingleModel:
     @property
     def target_vocab_size(self) -> int:
         return self.module.target_vocab_size
+
+    @property
+    def kernels(self):
+        return kernels_lib.resolve(self.module.config.kernels)  # (where the program is built: see kernels.target)
 
     @property
     def cache_key(self) -> tuple:

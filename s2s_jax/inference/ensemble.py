@@ -50,6 +50,10 @@ class Ensemble:
         return self.members[0].target_vocab_size
 
     @property
+    def kernels(self):  # decoding's token selections: the first member's kernel set
+        return self.members[0].kernels
+
+    @property
     def cache_key(self) -> tuple:
         return (self.config, self.weights, self.source_vocab_size, self.target_vocab_size)
 

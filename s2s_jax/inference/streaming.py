@@ -91,7 +91,7 @@ class StreamingDecoder:
         if key not in _PROGRAMS:
             pool = decoding.SlotPool(
                 functools.partial(_step_fn, model, want_attention),
-                search_settings(config, beam_size=beam, nbest=nbest, max_len=self.max_len),
+                search_settings(config, model, beam_size=beam, nbest=nbest, max_len=self.max_len),
                 slots=self.slots, queue=2 * self.slots, results=8 * self.slots, vocab_size=model.target_vocab_size,
                 source_len=self.source_len if want_attention else None, slot_context=True)
             _PROGRAMS[key] = _pool_programs(pool, model, self.source_len, chunk_steps)

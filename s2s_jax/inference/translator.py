@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from s2s_jax import decoding
-from s2s_jax import kernels as kernels_lib
 from s2s_jax.config import Config
 from s2s_jax.inference.adapter import CONTEXT_KEYS, DecodingModel, SingleModel
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
@@ -75,10 +74,12 @@ def encode_into(params, source, source_lengths, queue, start, *, model: Decoding
     return jax.tree.map(lambda q, c: jax.lax.dynamic_update_slice_in_dim(q, c, start, axis=0), queue, cache)
 
 
-def search_settings(config: Config, *, beam_size: int, nbest: int, max_len) -> decoding.SearchSettings:
-    """The run's decode settings as decoding's SearchSettings (greedy when beam_size is 1)."""
+def search_settings(config: Config, model: DecodingModel, *, beam_size: int, nbest: int,
+                    max_len) -> decoding.SearchSettings:
+    """The run's decode settings as decoding's SearchSettings (greedy when beam_size is 1), with
+    the model's kernel set."""
     dc = config.decode
-    return decoding.SearchSettings(max_len=max_len, kernels=kernels_lib.resolve(config.model.kernels),
+    return decoding.SearchSettings(max_len=max_len, kernels=model.kernels,
                                    beam_size=beam_size, nbest=nbest, length_penalty=dc.length_penalty,
                                    coverage_penalty=dc.coverage_penalty, bos_id=BOS_ID, eos_id=EOS_ID)
 
@@ -109,7 +110,7 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
     if _use_input_table(cache["mask"].shape[0], beam_size, max_len, model.target_vocab_size):
         table = model.projection_table(params)
     step_fn = model.step_fn(params, table=table, attention=want_attention)
-    settings = search_settings(config, beam_size=beam_size, nbest=nbest, max_len=max_len)
+    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len)
     return decoding.continuous_search(
         step_fn, cache["state"], context, settings, num_sentences=num_sentences, slots=slots,
         max_lengths=max_lengths, source_lengths=source_lengths, slot_context=True,
@@ -127,7 +128,7 @@ def decode_fixed_batch(params, source, source_lengths, *, model: DecodingModel, 
     max_lengths = jnp.minimum(
         jnp.floor(dc.max_len_a * source_lengths + dc.max_len_b).astype(jnp.int32), max_len)
     max_lengths = jnp.maximum(max_lengths, 1)
-    settings = search_settings(config, beam_size=beam_size, nbest=nbest, max_len=max_len)
+    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len)
     return decoding.search(step_fn, cache, settings, batch_size=source.shape[0], max_lengths=max_lengths,
                            source_lengths=source_lengths)
 
