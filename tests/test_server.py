@@ -273,6 +273,7 @@ def _unusable_bodies():
     return [(route, body) for route, items in bodies.items() for body in items]
 
 
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")  # starlette 1.x prefers httpx2
 def test_every_unusable_body_is_a_4xx_with_a_json_error(tiny_task_run):
     """A battery of bodies the server cannot use (malformed, non-UTF-8, nested past any recursion
     limit, huge numbers, NaN/Infinity, wrong types at any depth, lone surrogates, empty, 10 MB,

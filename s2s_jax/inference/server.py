@@ -18,6 +18,12 @@ error format, where this server answers every bad request with one `{"error": ".
 uvicorn is the reference ASGI server: HTTP/1.1 keep-alive, and a graceful SIGTERM that stops
 accepting, lets in-flight requests finish, then runs the app's shutdown.
 
+Structure: the route handlers are module-level functions; what they share (engine, limits, API
+key, worker) is one `Server` object, `app.state.server`, started and stopped by the app's
+lifespan; a `RequestError` raised anywhere in a handler becomes its `{"error": ...}` response.
+The engine is a `RunEngine` (a run's Translator) or a `BundleEngine` (an export bundle), both
+the `Engine` protocol. The command line's options are defined in cli.py; `run(args)` is the verb.
+
 Dynamic batching: one worker thread owns the model (the Translator is not thread-safe).
 For a run (`--batching stream`, the default) the worker keeps a continuous-batching decoder
 running (`inference/streaming.py`): each request's sentences join it as decoding slots free
@@ -30,8 +36,9 @@ translation does not depend on what it was batched with (tests/test_server.py).
 
 Limits: at most `--max-sentences` per request and `--max-chars` per sentence (413), at most
 `--max-pending` sentences queued (503 with Retry-After), a request body of at most
-`--max-body-bytes` (413). Malformed JSON, invalid UTF-8, wrong types, unknown fields, an empty
-list, bad beam/nbest: 400 naming the problem. With an API key (`--api-key` or S2S_JAX_API_KEY)
+`--max-body-bytes` (413). Malformed JSON, invalid UTF-8, nesting past the parser's depth,
+integers too long to convert, NaN/Infinity or any other wrong type at any depth, lone surrogates,
+unknown fields, an empty list, bad beam/nbest: 400 naming the problem. No body gets a 500. With an API key (`--api-key` or S2S_JAX_API_KEY)
 every route but /health requires `Authorization: Bearer KEY`, compared in constant time (401
 otherwise). The server binds to 127.0.0.1 unless --host says otherwise; no request field can
 name a file, a model or a path (unknown fields are refused).
