@@ -17,7 +17,7 @@ import pytest
 
 import s2s_jax.data as D
 from s2s_jax.config import Config, DataConfig, UserError
-from s2s_jax.data import pipeline
+from s2s_jax.data import cache, pipeline, sources
 from s2s_jax.data import preprocess as prep_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +152,7 @@ def test_tfds_dataset_missing_says_how_to_install(tmp_path):
     with pytest.raises(D.DataError) as e:
         D.prepare(_cfg(source="tfds", tfds_name="no_such_translate_ds/de-en", tfds_data_dir=str(tmp_path)))
     msg = str(e.value)
-    if prep_mod._find_spec("tensorflow") is None:
+    if sources.find_spec("tensorflow") is None:
         assert "pip install tensorflow-cpu" in msg and "no_such_translate_ds" in msg
     else:
         assert "no_such_translate_ds" in msg
@@ -234,7 +234,7 @@ def test_prepare_cache_reused_and_keyed(m30k, monkeypatch, tmp_path):
         if name == "valid.de":
             text = text.replace("Ein", "Eine", 1).replace("ein ", "en ", 1)
         (copy / name).write_text(text, encoding="utf-8")
-    other, _ = prep_mod.prepared_path(_m30k_cfg(m30k, dir=str(copy)))
+    other, _ = cache.prepared_path(_m30k_cfg(m30k, dir=str(copy)))
     assert os.path.basename(other)[-16:] != os.path.basename(path)[-16:]
 
 
@@ -251,7 +251,7 @@ def test_prepare_crash_leaves_no_cache(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "cache" / "prepared") == []
     monkeypatch.undo()
     path = D.prepare(cfg)
-    assert prep_mod.is_prepared(path)
+    assert cache.is_prepared(path)
 
 
 # ------------------------------------------------------------------------------ batches
@@ -267,7 +267,7 @@ def test_batches_shapes_and_contents(m30k_data):
         seen_shapes.add((s, t))
         assert (s, t) in shapes
         assert b["target_output"].shape == b["target_input"].shape
-        for k in ("source", "source_lengths", "target_input", "target_output", "target_lengths", "index"):
+        for k in D.FIELDS:
             assert b[k].dtype == np.int32 and b[k].shape[0] == b["source"].shape[0]
         real = b["index"] >= 0
         # filler rows: all zeros, lengths 0
@@ -432,7 +432,7 @@ def test_pooled_batches_hold_similar_lengths(m30k):
         idx = np.concatenate([b["index"] for b in batches])
         seen[pool] = np.sort(idx[idx >= 0])
         assert data.stats["pool_examples"] == (0 if pool == 0 else round(16 * np.mean(
-            np.asarray(data.rows)[data._train.bucket])))
+            np.asarray(data.rows)[data.loader.bucket])))
     assert np.array_equal(seen[0], seen[16])  # the same examples, once each
     assert spread[16] < 0.3 * spread[0], spread  # measured: 3.8 vs 18.3 target positions
     # the pooled plan is a pure function of seed and epoch
