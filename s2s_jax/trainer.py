@@ -38,6 +38,7 @@ from s2s_jax import metrics as metrics_lib
 from s2s_jax import steps
 from s2s_jax.checkpoint import Checkpoints, vocab_reference
 from s2s_jax.config import Config, UserError
+from s2s_jax.data.batch import model_inputs
 from s2s_jax.parallel import Parallel, maybe_initialize_distributed
 from s2s_jax.train_state import abstract_state, create_state, make_model, params_for_eval, scale_learning_rate
 from s2s_jax.inference.translator import Translator
@@ -175,8 +176,7 @@ def evaluate(config: Config, params, data, translator: Translator, eval_fn, para
     limit = config.train.eval_sentences
     sums = None
     for batch in data.eval_batches(split, limit=limit):
-        batch = {k: v for k, v in batch.items() if k != "index"}
-        out = parallel.unreplicate_metrics(eval_fn(params, parallel.put_batch(batch)))
+        out = parallel.unreplicate_metrics(eval_fn(params, parallel.put_batch(model_inputs(batch))))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     result = metrics_lib.scalars_from_sums(jax.device_get(sums)) if sums is not None else {}
     examples = data.eval_examples(split, limit=limit)
@@ -332,7 +332,7 @@ def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progre
     try:
         while step < tc.steps and not stop.received and not finished:
             batch = next(train_iter)
-            state, m = train_fn(state, parallel.put_batch(batch))
+            state, m = train_fn(state, parallel.put_batch(model_inputs(batch)))
             m = parallel.unreplicate_metrics(m)
             sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
             step += 1
