@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import reference_model as ref
-from s2s_jax import benchmark, kernels, losses, steps
+from s2s_jax import benchmark, kernels
+from s2s_jax.training import losses, steps
 from s2s_jax.config import Config, ModelConfig, TrainConfig
 from s2s_jax.kernels import activations, dense as dense_kernel
 from s2s_jax.kernels import loss as loss_kernel

@@ -185,7 +185,7 @@ def measure(runners: list[Runner], batches: list[dict], model_cfg, target_vocab:
 
 def build_runners(config, batches, baseline: bool = True, sync: str = "step") -> list[Runner]:
     """s2s_jax's step and (baseline) the Flax-examples model's (benchmark/baseline.py), one device."""
-    from s2s_jax import steps
+    from s2s_jax.training import steps
     from s2s_jax.train_state import create_state, make_model
 
     V = config.data.vocab_size
@@ -203,7 +203,7 @@ def build_runners(config, batches, baseline: bool = True, sync: str = "step") ->
 
 def build_parallel_runner(config, batches, sync: str = "step") -> Runner:
     """s2s_jax's step under train.parallel over every device of this process, global batches."""
-    from s2s_jax import steps
+    from s2s_jax.training import steps
     from s2s_jax.parallel import Parallel
     from s2s_jax.train_state import create_state, make_model
 

@@ -10,7 +10,6 @@ Public API (the trainer, CLI and export are written against these names):
     Data.eval_batches(split, limit)   list of Batch dicts (fixed bucket shapes, "index")
     Data.eval_examples(split, limit)  [(source_text, target_text)] in corpus order
     Batch, MODEL_FIELDS, model_inputs the batch's fields and the ones the model gets
-    load_vocabs(workdir)              (source_vocab, target_vocab) from workdir/vocab/
     normalize(text, form)             the text normalisation used everywhere
     prepare(config) -> folder | None  prepare (cached) without building a loader
     loader_throughput(config, seconds) target tokens/s of the train iterator
@@ -25,12 +24,11 @@ This package never imports TensorFlow or JAX.
 from __future__ import annotations
 
 from s2s_jax.data.batch import FIELDS, MODEL_FIELDS, Batch, model_inputs
-from s2s_jax.data.corpus import Data, build_data, install_vocabs, load_vocabs
+from s2s_jax.data.corpus import Data, build_data
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.preprocess import prepare
 from s2s_jax.data.throughput import loader_throughput
 from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab, normalize
 
-__all__ = ["DataError", "build_data", "Data", "Batch", "FIELDS", "MODEL_FIELDS", "model_inputs", "load_vocabs",
-           "install_vocabs", "normalize", "prepare", "loader_throughput", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID",
-           "CharVocab"]
+__all__ = ["DataError", "build_data", "Data", "Batch", "FIELDS", "MODEL_FIELDS", "model_inputs", "normalize",
+           "prepare", "loader_throughput", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID", "CharVocab"]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 
+from s2s_jax import rundir
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.sources import make_source, sha256_file, split_roles
 from s2s_jax.vocab import VOCAB_JSON
@@ -27,7 +28,7 @@ def vocab_from_dir(d) -> str | None:
     """The vocab/ folder of the run named by data.vocab_from (checked), or None."""
     if not d.vocab_from:
         return None
-    vdir = os.path.join(os.path.expanduser(d.vocab_from), "vocab")
+    vdir = rundir.vocab_dir(os.path.expanduser(d.vocab_from))
     if not os.path.isfile(os.path.join(vdir, VOCAB_JSON)):
         raise DataError(f"data.vocab_from={d.vocab_from!r}: holds no vocabulary ({vdir}/{VOCAB_JSON} is missing); "
                         "give the workdir of a trained run")

@@ -10,12 +10,11 @@ before it asks for anything of the plan, and the plan is made once per run start
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import numpy as np
 
+from s2s_jax import rundir
 from s2s_jax.data import tasks
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.pipeline import (Loader, Materialize, TrainIterator, assign_buckets, bucket_rows, bucket_shapes,
@@ -25,7 +24,7 @@ from s2s_jax.data.preprocess import load_prepared, prepare
 from s2s_jax.data.records import open_split
 from s2s_jax.data.sources import split_roles
 from s2s_jax.data.text import as_text
-from s2s_jax.vocab import VOCAB_JSON, CharVocab, read_vocab_dir
+from s2s_jax.vocab import CharVocab
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +264,7 @@ def check_length_drops(d, split: str, total: int, reasons: dict) -> None:
                     f"largest of data.buckets), or accept the loss with --set data.max_dropped_fraction={needed}")
 
 
-# ---------------------------------------------------------------------- build / vocab files
+# ---------------------------------------------------------------------- build
 
 def build_data(config, workdir: str | None = None, *, process_index: int = 0, process_count: int = 1,
                batch_multiple: int = 1) -> Data:
@@ -295,38 +294,8 @@ def build_data(config, workdir: str | None = None, *, process_index: int = 0, pr
     data = Data(config, splits, source_vocab, target_vocab, prep_stats, prepared_dir=path,
                 process_index=process_index, process_count=process_count, batch_multiple=batch_multiple)
     if workdir:
-        install_vocabs(workdir, source_vocab, target_vocab)
+        try:
+            rundir.install_vocabs(workdir, source_vocab, target_vocab)
+        except rundir.VocabularyMismatch as e:
+            raise DataError(str(e)) from None
     return data
-
-
-def install_vocabs(workdir: str, source_vocab, target_vocab) -> str:
-    """Writes workdir/vocab/ (vocab.json + SentencePiece models). If the folder already exists
-    (a resumed run) it must hold the same vocabulary, or the checkpoint would be decoded with
-    the wrong pieces: that is a DataError."""
-    vdir = os.path.join(workdir, "vocab")
-    files = {}
-    for v in (source_vocab, target_vocab):
-        if getattr(v, "kind", None) == "sentencepiece":
-            files[os.path.basename(v.model_file)] = v.model_proto
-    files[VOCAB_JSON] = json.dumps({"source": source_vocab.to_json(), "target": target_vocab.to_json()},
-                                   indent=2, sort_keys=True).encode()
-    if os.path.isdir(vdir) and os.path.isfile(os.path.join(vdir, VOCAB_JSON)):
-        for name, content in files.items():
-            p = os.path.join(vdir, name)
-            old = open(p, "rb").read() if os.path.isfile(p) else None
-            if old != content:
-                raise DataError(f"{p}: this workdir was trained with a different vocabulary than the data "
-                                f"configured now; use a new workdir (or restore the original data settings)")
-        return vdir
-    os.makedirs(vdir, exist_ok=True)
-    for name, content in files.items():
-        tmp = os.path.join(vdir, f".{name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(content)
-        os.replace(tmp, os.path.join(vdir, name))  # atomic: other hosts may write the same file
-    return vdir
-
-
-def load_vocabs(workdir: str):
-    """(source_vocab, target_vocab) saved by build_data in workdir/vocab/ (CharVocab for tasks)."""
-    return read_vocab_dir(os.path.join(workdir, "vocab"))

@@ -39,10 +39,10 @@ import logging
 import os
 import shutil
 import time
-import uuid
 
 import numpy as np
 
+from s2s_jax import rundir
 from s2s_jax.data.cache import folder_digest, is_prepared, prepared_path, vocab_from_dir
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.records import serialize_record, shard_name, tfds_dir, write_metadata
@@ -75,26 +75,11 @@ def prepare(config, *, force: bool = False) -> str | None:
     if is_prepared(path) and not force:
         log.info("reusing prepared data %s", path)
         return path
-    root = os.path.dirname(path)
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".tmp-{os.path.basename(path)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
+    # the folder appears complete or not at all; when another process prepared it first, that one is used
+    with rundir.atomic_folder(path, replace=force, keep_existing=is_prepared) as tmp:
         t0 = time.time()
         _prepare_into(tmp, d, source, manifest)
         log.info("prepared %s in %.1fs", path, time.time() - t0)
-        if force and os.path.isdir(path):
-            shutil.rmtree(path)
-        try:
-            os.rename(tmp, path)  # atomic: the folder appears complete or not at all
-        except OSError:
-            if not is_prepared(path):
-                raise
-            log.info("another process prepared %s first; using it", path)
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

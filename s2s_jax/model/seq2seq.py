@@ -7,7 +7,7 @@
     kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
 
 The forward pass stops at the attentional hidden states [B, T, H]: the output projection and
-the loss run outside the decoder scan, chunked over time (`losses.py`), so [B, T, V] logits never
+the loss run outside the decoder scan, chunked over time (`training/losses.py`), so [B, T, V] logits never
 need to exist at once. Decoding: `encode` once per batch, then `decode_step` per token.
 """
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax import kernels as kernels_lib
-from s2s_jax import losses
+from s2s_jax.training import losses
 from s2s_jax.config import Config
 from s2s_jax.kernels.update import apply_if, global_norm
 from s2s_jax.model import Seq2Seq
