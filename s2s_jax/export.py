@@ -106,7 +106,6 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
     import jax.numpy as jnp
     from jax import export
 
-    from s2s_jax import kernels as kernels_lib
     from s2s_jax.inference.translator import decode_fixed_batch, encode as encode_batch
 
     B, S, T = export.symbolic_shape("batch, source_len, max_len")
@@ -132,16 +131,13 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
         return {k: out[k][:, 0] for k in keys}  # drop the n-best axis (n-best = 1)
 
     programs = {}
-    # model.kernels=auto resolves for the target platforms, not this machine: a bundle lowered on
-    # a CPU for cuda gets the portable kernels (cpu only when every platform is cpu)
-    with kernels_lib.target(platforms):
-        exported = export.export(jax.jit(encode), platforms=platforms)(params_avals, source, lengths)
-        programs["encode"] = exported.serialize()
-        for beam in [1, *beams]:
-            name = "greedy" if beam == 1 else f"beam_{beam}"
-            fn = jax.jit(functools.partial(decode, beam=beam))
-            exported = export.export(fn, platforms=platforms)(params_avals, source, lengths, carrier)
-            programs[name] = exported.serialize()
+    exported = export.export(jax.jit(encode), platforms=platforms)(params_avals, source, lengths)
+    programs["encode"] = exported.serialize()
+    for beam in [1, *beams]:
+        name = "greedy" if beam == 1 else f"beam_{beam}"
+        fn = jax.jit(functools.partial(decode, beam=beam))
+        exported = export.export(fn, platforms=platforms)(params_avals, source, lengths, carrier)
+        programs[name] = exported.serialize()
     return programs
 
 
@@ -315,13 +311,18 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
     from safetensors.numpy import save_file
 
     from s2s_jax import config as config_lib
+    from s2s_jax import kernels as kernels_lib
 
+    # The model is built for the target platforms, not this machine: with model.kernels=auto a
+    # bundle lowered on a CPU for cuda gets the portable kernels (cpu only when every platform is cpu)
+    target = kernels_lib.target(tuple(platforms))
     ensemble = None
     if isinstance(workdir, (list, tuple)):
         from s2s_jax.inference.ensemble import load_ensemble_translator
 
-        translator = load_ensemble_translator(list(workdir), weights=weights, step=step, best=best,
-                                              average_last=average_last)
+        with target:
+            translator = load_ensemble_translator(list(workdir), weights=weights, step=step, best=best,
+                                                  average_last=average_last)
         config, model, source_vocab, target_vocab = (translator.config, translator.model, translator.source_vocab,
                                                      translator.target_vocab)
         params = {f"member_{i}": p for i, p in enumerate(translator.params)}
@@ -329,8 +330,9 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
         ensemble = {"workdirs": [os.path.abspath(w) for w in workdir], "weights": list(model.weights)}
         workdir = workdir[0]  # vocabularies, config and decode settings: the first run's
     else:
-        config, model, params, source_vocab, target_vocab, ck = load_export_params(
-            workdir, step=step, best=best, average_last=average_last)
+        with target:
+            config, model, params, source_vocab, target_vocab, ck = load_export_params(
+                workdir, step=step, best=best, average_last=average_last)
     if beams is None:
         beams = [config.decode.beam_size if config.decode.beam_size > 1 else 5]
     beams = sorted(set(int(b) for b in beams))
