@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,12 +133,6 @@ def run_once(config: str, corpus: str, workers: int, extra: list[str]) -> dict:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -175,7 +170,7 @@ def main(argv=None) -> int:
     medians = {}
     for w in args.workers:
         mine = [x for x in runs if x["workers"] == w]
-        medians[str(w)] = {k: _median([x[k] for x in mine]) for k in
+        medians[str(w)] = {k: statistics.median([x[k] for x in mine]) for k in
                            ("wall_s", "elapsed_s", "max_rss_kb", "main_rss_kb", "workers_rss_kb", "peak_sum_rss_kb",
                             "peak_sum_pss_kb", "lines_per_s", "vocabulary_s", "tokenise_write_s")
                            if all(x.get(k) is not None for x in mine)}

@@ -148,7 +148,7 @@ def small_config(smoke: bool, **model):
     m.update(model)
     cfg = dataclasses.replace(base, name="device_check", data=data,
                               model=dataclasses.replace(base.model, **m))
-    return config_lib.validate(cfg) if hasattr(config_lib, "validate") else cfg
+    return config_lib.validate(cfg)
 
 
 def host_tree(tree):
@@ -272,7 +272,7 @@ class StepRunner:
     def run(self, cfg, model, host_state, batches, device, steps: int = STEPS):
         import jax
 
-        from s2s_jax import steps as steps_lib
+        from s2s_jax.training import steps as steps_lib
 
         key = (cfg.model, cfg.train)
         if key not in self._jitted:
@@ -359,7 +359,7 @@ def part_correctness(ctx) -> dict:
 def _parallel_check(ctx, cfg, model, host_state, batches) -> dict:
     import jax
 
-    from s2s_jax import steps as steps_lib
+    from s2s_jax.training import steps as steps_lib
     from s2s_jax.parallel import Parallel
 
     results = {}
@@ -423,7 +423,7 @@ def _export_check(ctx, cfg, model, params) -> dict:
     from jax import export as jax_export
 
     from s2s_jax import benchmark
-    from s2s_jax import export as export_lib
+    from s2s_jax.inference import export as export_lib
 
     accel, cpu = ctx["accel"], ctx["cpu"]
     platform = accelerator_platform(accel)
@@ -635,6 +635,23 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _failed(part: str, check: str, record: dict) -> list[tuple]:
+    """The row of a record's error (cut to 80 characters), or none."""
+    return [(part, check, record["error"][:80], False)] if "error" in record else []
+
+
+def _row(part: str, check: str, record: dict, describe) -> tuple:
+    """A record's row: its error (failed), or describe(record) with its ok."""
+    return (_failed(part, check, record) or [(part, check, describe(record), record.get("ok"))])[0]
+
+
+def _throughput(h: dict) -> str:
+    base = (f", baseline {_fmt(h['baseline_tokens_per_s'])} tok/s, speedup {_fmt(h['speedup'])}"
+            if h.get("baseline_tokens_per_s") is not None else "")
+    return (f"{_fmt(h['s2s_jax_tokens_per_s'])} tok/s, MFU {_fmt(h['s2s_jax_mfu_measured'])}"
+            f" (datasheet {_fmt(h['s2s_jax_mfu_datasheet'])}){base}")
+
+
 def table(records: Records) -> str:
     rows = []
     p = records.parts
@@ -649,18 +666,13 @@ def table(records: Records) -> str:
     for k, v in (c.get("tflop_per_s") or {}).items():
         rows.append(("ceilings", f"{k} TFLOP/s", f"{_fmt(v)} (datasheet {c['datasheet_peak_tflop_per_s'].get(k)})",
                      c.get("ok")))
-    if "error" in c:
-        rows.append(("ceilings", "error", c["error"][:80], False))
+    rows += _failed("ceilings", "error", c)
     cor = p.get("correctness", {})
     for k, v in (cor.get("precisions") or {}).items():
-        if "error" in v:
-            rows.append(("correctness", k, v["error"][:80], False))
-            continue
-        rows.append(("correctness", k, f"loss diff {_fmt(v['loss_max_abs_diff'])}, param diff "
-                     f"{_fmt(v['param_max_abs_diff'])} (rel {_fmt(v['param_max_rel_diff'])}), repeat bitwise "
-                     f"{v['repeat_bitwise_equal']}", v.get("ok")))
-    if "error" in cor:
-        rows.append(("correctness", "error", cor["error"][:80], False))
+        rows.append(_row("correctness", k, v, lambda v: (
+            f"loss diff {_fmt(v['loss_max_abs_diff'])}, param diff {_fmt(v['param_max_abs_diff'])} "
+            f"(rel {_fmt(v['param_max_rel_diff'])}), repeat bitwise {v['repeat_bitwise_equal']}")))
+    rows += _failed("correctness", "error", cor)
     pl = p.get("plumbing", {})
     par = pl.get("parallel", {})
     for mode in ("shard_map", "pmap"):
@@ -669,8 +681,7 @@ def table(records: Records) -> str:
             rows.append(("plumbing", f"{mode} == none", r.get("error") or
                          f"diff {_fmt(r['param_max_abs_diff_vs_none'])}, bitwise {r['bitwise_equal_to_none']}, "
                          f"{r['devices']} device(s)", r.get("ok")))
-    if "error" in par:
-        rows.append(("plumbing", "parallel", par["error"][:80], False))
+    rows += _failed("plumbing", "parallel", par)
     ck = pl.get("checkpoint", {})
     if ck:
         rows.append(("plumbing", "orbax round trip", ck.get("error") or
@@ -682,19 +693,10 @@ def table(records: Records) -> str:
         if not ex.get("serialized", True):
             detail += " (not serialized: no flatbuffers)"
         rows.append(("plumbing", f"export {name} ({'/'.join(ex['platforms'])})", detail, r.get("ok")))
-    if "error" in ex:
-        rows.append(("plumbing", "export", ex["error"][:80], False))
-    if "error" in pl:
-        rows.append(("plumbing", "error", pl["error"][:80], False))
+    rows += _failed("plumbing", "export", ex) + _failed("plumbing", "error", pl)
     th = p.get("throughput", {})
     for name, h in (th.get("variants") or {}).items():
-        if "error" in h:
-            rows.append(("throughput", name, h["error"][:80], False))
-            continue
-        base = (f", baseline {_fmt(h['baseline_tokens_per_s'])} tok/s, speedup {_fmt(h['speedup'])}"
-                if h.get("baseline_tokens_per_s") is not None else "")
-        rows.append(("throughput", name, f"{_fmt(h['s2s_jax_tokens_per_s'])} tok/s, MFU {_fmt(h['s2s_jax_mfu_measured'])}"
-                     f" (datasheet {_fmt(h['s2s_jax_mfu_datasheet'])}){base}", h.get("ok")))
+        rows.append(_row("throughput", name, h, _throughput))
     for name, why in (th.get("skipped") or {}).items():
         rows.append(("throughput", name, f"skipped: {why}", None))
     w = [max(len(str(r[i])) for r in rows) for i in range(2)]

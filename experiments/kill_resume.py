@@ -114,11 +114,11 @@ def final_state(workdir: str):
 
     from s2s_jax import config as config_lib
     from s2s_jax.checkpoint import Checkpoints
-    from s2s_jax.data import load_vocabs
+    from s2s_jax.rundir import read_vocabs
     from s2s_jax.train_state import abstract_state, make_model
 
     config = config_lib.load(os.path.join(workdir, "config.json"))
-    sv, tv = load_vocabs(workdir)
+    sv, tv = read_vocabs(workdir)
     model = make_model(config, sv.vocab_size, tv.vocab_size)
     ckpts = Checkpoints(workdir, keep=10 ** 6, keep_best=0, async_save=False)
     try:

@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 def offline_throughput(workdir: str, lines: list[str], beam: int, runs: int, step, best) -> dict:
     import s2s_jax
-    from s2s_jax.inference.translator import load_translator
+    from s2s_jax.inference.runs import load_translator
 
     s2s_jax.setup()
     translator = load_translator(workdir, step=step, best=best)

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     s2s_jax.setup()
     import jax
 
-    from s2s_jax import benchmark, steps
+    from s2s_jax import benchmark
+    from s2s_jax.training import steps
     from s2s_jax.train_state import create_state, make_model
 
     S, T = a.bucket

@@ -13,7 +13,7 @@
     bundle.translate(["hello world"])
 
 Everything here is a thin layer over the modules the CLI uses (`inference.runs`,
-`inference.translator`, `export`, `trainer`), so the API and the CLI give the same results.
+`inference.translator`, `inference.export`, `trainer`), so the API and the CLI give the same results.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def load_config(path_or_config, overrides: Sequence[str] = ()) -> Config:
 
 def train(config, workdir: str, *, progress: bool = False) -> dict:
     """Trains (or resumes) `config` in `workdir`; returns the final evaluation metrics."""
-    from s2s_jax.trainer import train_and_evaluate
+    from s2s_jax.training import train_and_evaluate
 
     return train_and_evaluate(load_config(config), os.fspath(workdir), progress=progress)
 
@@ -94,13 +94,11 @@ class Model:
 
     def export(self, out: str, **kwargs) -> str:
         """Writes an export bundle of the same checkpoint choice (kwargs: dtype, beams, platforms, force)."""
-        from s2s_jax.export import export_bundle
+        from s2s_jax.inference.export import export_bundle
+        from s2s_jax.rundir import CheckpointChoice
 
-        which = self.checkpoint
-        choice = ({"average_last": len(which["steps"])} if which["which"] == "average" else
-                  {"best": True} if which["which"] == "best" else
-                  {"step": which["steps"][0]} if which["which"] == "step" else {})
-        return export_bundle(self.run.workdir, os.fspath(out), **choice, **kwargs)
+        choice = CheckpointChoice.of_record(self.checkpoint)
+        return export_bundle(self.run.workdir, os.fspath(out), **choice.kwargs(), **kwargs)
 
 
 def load(workdir: str, *, step: int | None = None, best: bool = False, average_last: int | None = None,
@@ -108,11 +106,9 @@ def load(workdir: str, *, step: int | None = None, best: bool = False, average_l
     """A trained run (latest checkpoint; or `step`, the `best`, or the average of the last K).
     decode: `decode.field=value` changes such as "decode.length_penalty=1.0"."""
     from s2s_jax.inference.runs import load_run
-    from s2s_jax.inference.translator import Translator, decode_overrides
 
     run = load_run(os.fspath(workdir), step=step, best=best, average_last=average_last)
-    config = decode_overrides(run.config, decode)
-    return Model(run, Translator(config, run.model, run.params, run.source_vocab, run.target_vocab))
+    return Model(run, run.translator(decode))
 
 
 def load_bundle(path: str, *, verify: bool = True):

@@ -515,7 +515,7 @@ def load_baseline():
 def build_runners(config, batches, baseline: bool = True, sync: str = "step") -> list[Runner]:
     from functools import partial
 
-    from s2s_jax import steps
+    from s2s_jax.training import steps
     from s2s_jax.train_state import create_state, make_model
 
     V = config.data.vocab_size
@@ -536,7 +536,7 @@ def build_parallel_runner(config, batches, sync: str = "step") -> Runner:
     """s2s_jax's step under train.parallel over every device of this process, global batches."""
     from functools import partial
 
-    from s2s_jax import steps
+    from s2s_jax.training import steps
     from s2s_jax.parallel import Parallel
     from s2s_jax.train_state import create_state, make_model
 

@@ -16,7 +16,6 @@ manager deletes on start, `cleanup_tmp`); the previous committed step is used.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from s2s_jax import rundir
 from s2s_jax.config import UserError
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,10 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save that has not bee
 
 def unfinished_saves(workdir: str) -> list[str]:
     """Interrupted (never committed) saves: `<which>/<step>.orbax-checkpoint-tmp` folders,
-    relative to the workdir, for which in ("checkpoints", "best")."""
+    relative to the workdir, in the latest and best checkpoint folders."""
     out = []
-    for sub in ("checkpoints", "best"):
-        d = os.path.join(workdir, sub)
+    for which, sub in rundir.CHECKPOINT_DIRS.items():
+        d = rundir.checkpoint_dir(workdir, which)
         if os.path.isdir(d):
             out += [os.path.join(sub, n) for n in sorted(os.listdir(d)) if TMP_SUFFIX in n]
     return out
@@ -63,19 +63,6 @@ def _manager(directory: str, keep: int, *, best_metric: str | None = None, mode:
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                  item_names=("state", "meta"))
-
-
-def vocab_reference(workdir: str) -> dict:
-    """{"dir": "vocab", "files": {name: sha256}}: which vocabulary a checkpoint's ids refer to."""
-    vdir = os.path.join(workdir, "vocab")
-    files = {}
-    if os.path.isdir(vdir):
-        for name in sorted(os.listdir(vdir)):
-            path = os.path.join(vdir, name)
-            if os.path.isfile(path) and not name.startswith("."):
-                with open(path, "rb") as f:
-                    files[name] = hashlib.sha256(f.read()).hexdigest()
-    return {"dir": "vocab", "files": files}
 
 
 def restore_target(abstract_state):
@@ -105,12 +92,12 @@ class Checkpoints:
                  best_mode: str = "min", async_save: bool = True, cleanup_tmp: bool = False):
         self.workdir = workdir
         self.cleanup_tmp = cleanup_tmp
-        self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, async_save=async_save,
+        self.latest = _manager(rundir.checkpoint_dir(workdir, "latest"), keep, async_save=async_save,
                                cleanup_tmp=cleanup_tmp)
         self.best = None
         self.best_metric = best_metric
         if keep_best > 0:
-            self.best = _manager(os.path.join(workdir, "best"), keep_best, best_metric=best_metric,
+            self.best = _manager(rundir.checkpoint_dir(workdir, "best"), keep_best, best_metric=best_metric,
                                  mode=best_mode, async_save=async_save, cleanup_tmp=cleanup_tmp)
 
     @staticmethod
@@ -187,7 +174,7 @@ class Checkpoints:
         again and is never tried again) into workdir/corrupt/, kept for inspection."""
         if jax.process_index() == 0:
             src = os.path.join(str(manager.directory), str(step))
-            dst_dir = os.path.join(self.workdir, "corrupt")
+            dst_dir = os.path.join(self.workdir, rundir.CORRUPT_DIR)
             os.makedirs(dst_dir, exist_ok=True)
             dst = os.path.join(dst_dir, f"{which}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
             try:

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     _module_hook("benchmark", "add_arguments", p)
     p = sub.add_parser("export", help="write a self-contained bundle (safetensors + jax.export programs)")
-    _module_hook("export", "add_arguments", p)
+    _module_hook("inference.export", "add_arguments", p)
     return parser
 
 
@@ -125,7 +125,7 @@ def _setup_logging() -> None:
 
 def _cmd_train(args) -> int:
     config = _resolve_config(args)
-    from s2s_jax.trainer import train_and_evaluate
+    from s2s_jax.training import train_and_evaluate
 
     result = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
     keys = ("loss", "perplexity", "exact_match", "bleu", "chrf")
@@ -222,7 +222,7 @@ def _write_results(out, lines, results, *, nbest: int, fmt: str, translator) -> 
 
 
 def _load_translator(args):
-    from s2s_jax.inference.translator import load_translator
+    from s2s_jax.inference.runs import load_translator
 
     choice = dict(step=args.step, best=args.best, average_last=args.average_last, overrides=args.overrides,
                   max_len=args.max_len, batch_size=args.batch_size)
@@ -318,7 +318,7 @@ def _cmd_average(args) -> int:
 COMMANDS = {"average": _cmd_average, "train": _cmd_train, "prepare": _cmd_prepare, "translate": _cmd_translate, "eval": _cmd_eval,
             "serve": lambda args: _module_hook("inference.server", "run", args),
             "benchmark": lambda args: _module_hook("benchmark", "run", args),
-            "export": lambda args: _module_hook("export", "run", args)}
+            "export": lambda args: _module_hook("inference.export", "run", args)}
 
 
 def main(argv: list[str] | None = None) -> int:

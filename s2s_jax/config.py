@@ -4,7 +4,9 @@ A config is four sections (data, model, train, decode) plus a name. Experiment f
 `experiments/configs/*.py` expose `get_config() -> Config`; the CLI overrides any field with
 `--set section.field=value` (values parsed as Python literals, falling back to strings).
 Every problem a user can cause is raised as `ConfigError` naming the field and the fix; the CLI
-turns it into one line on stderr and exit code 2.
+turns it into one line on stderr and exit code 2. A field's choices (a `Literal` type) and range
+(`positive`, `non_negative`, `probability`, `checked`) are declared at the field; rules between
+fields are the `_check_*` functions.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class UserError(Exception):
@@ -33,19 +35,69 @@ class ConfigError(UserError, ValueError):
     """A user-caused configuration problem; the message names the field and the fix."""
 
 
-BUILTIN_TASKS = ("copy", "reverse", "sort", "addition", "dates")
+# What an evaluation computes (training.trainer.evaluate: metrics.scalars_from_sums and
+# metrics.corpus_scores) and which direction is better: the choices of train.best_metric.
+EVAL_METRICS = {"loss": "min", "nll": "min", "perplexity": "min", "accuracy": "max",
+                "exact_match": "max", "bleu": "max", "chrf": "max"}
+
+
+# A field's own rules are declared where the field is: its choices as a `Literal[...]` type (or,
+# for a field whose choices are another table's keys, `choice(...)` metadata that may word its own
+# error), its range as `positive`, `non_negative`, `probability` or `checked` metadata ("rules":
+# what must hold, and the words "must be ..." of the error). `_check_fields` reads them for every
+# field; rules between fields are the named `_check_*` functions below.
+class _Rule(typing.NamedTuple):
+    holds: typing.Callable[[Any], bool]
+    says: str  # the error after "section.field=value: "
+
+
+def _says(text: str, why: str) -> str:
+    return f"{text} ({why})" if why else text
+
+
+def checked(default: Any, *rules: _Rule) -> Any:
+    """A field whose value must satisfy `rules`, checked in order."""
+    return field(default=default, metadata={"rules": rules})
+
+
+def choice(*options: str, default: str, refuse: typing.Callable[[str, Any], str] | None = None) -> Any:
+    """A str field that takes one of `options` (where a `Literal` cannot name them: another table's
+    keys); `refuse(where, value)` words the error if given."""
+    return field(default=default, metadata={"choices": options, "refuse": refuse})
+
+
+def positive(default: Any, why: str = "") -> Any:
+    """A number > 0; `why` (a hint or the fix) follows the error in parentheses."""
+    return checked(default, _Rule(lambda v: v > 0, _says("must be > 0", why)))
+
+
+def non_negative(default: Any, why: str = "") -> Any:
+    """A number >= 0; `why` as for `positive`."""
+    return checked(default, _Rule(lambda v: v >= 0, _says("must be >= 0", why)))
+
+
+def probability(default: float) -> Any:
+    """A number in [0, 1)."""
+    return checked(default, _Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
+
+
+def _not_computed(where: str, value: Any) -> str:
+    """train.best_metric's own error: the closest metric evaluation computes."""
+    close = difflib.get_close_matches(value, list(EVAL_METRICS), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{where}={value!r} is not computed by evaluation: {hint}choose one of auto, {', '.join(EVAL_METRICS)}"
 
 
 @dataclass(frozen=True)
 class DataConfig:
     # Where examples come from: "task" (built-in generated task), "text" (a folder of
     # line-aligned `{split}.{lang}` files) or "tfds" (a TFDS catalogue dataset name).
-    source: str = "task"
-    # Built-in task name (source="task"): copy | reverse | sort | addition | dates.
-    task: str = "dates"
-    task_train_size: int = 50_000  # examples generated for training (seeded, no download)
-    task_eval_size: int = 1_000  # held-out examples (disjoint seed stream)
-    task_seed: int = 1234
+    source: Literal["task", "text", "tfds"] = "task"
+    # Built-in task name (source="task").
+    task: Literal["copy", "reverse", "sort", "addition", "dates"] = "dates"
+    task_train_size: int = positive(50_000)  # examples generated for training (seeded, no download)
+    task_eval_size: int = positive(1_000)  # held-out examples (disjoint seed stream)
+    task_seed: int = non_negative(1234)
     # Text folder (source="text"): dir/{split}.{src_lang}, dir/{split}.{tgt_lang}.
     dir: str = ""
     # TFDS dataset (source="tfds"), e.g. "wmt14_translate/de-en".
@@ -57,77 +109,87 @@ class DataConfig:
     valid_split: str = "valid"
     test_split: str = "test"
     # Tokenization (text/tfds): SentencePiece trained on the training split.
-    vocab_size: int = 8000
+    vocab_size: int = positive(8000)
     joint_vocab: bool = True  # one SentencePiece model for both sides
-    spm_model_type: str = "unigram"  # unigram | bpe | char | word
-    spm_character_coverage: float = 1.0
-    normalization: str = "nfkc"  # nfkc | nfc | none (applied before SentencePiece)
-    empty_lines: str = "skip"  # skip (drop pairs with an empty side, counted) | error
+    spm_model_type: Literal["unigram", "bpe", "char", "word"] = "unigram"
+    spm_character_coverage: float = checked(1.0, _Rule(
+        lambda v: 0.0 < v <= 1.0, "must be in (0, 1], e.g. 0.9995 for languages with large alphabets"))
+    # Applied before SentencePiece.
+    normalization: Literal["nfkc", "nfc", "none"] = "nfkc"
+    # skip (drop pairs with an empty side, counted) | error
+    empty_lines: Literal["skip", "error"] = "skip"
     cache_dir: str = ""  # prepared-data cache; "" = ~/.cache/s2s_jax
     # Processes that tokenise and write the prepared dataset (0 = all cores this process may
     # use). The output is byte-identical for any count, so it is not part of the cache key.
-    prepare_workers: int = 0
+    prepare_workers: int = non_negative(
+        0, "processes that tokenise the corpus in prepare; 0 = all cores, 1 = in this process")
     # Sentences SentencePiece trains on (per model; a joint model takes half from each side):
     # a seeded sample of the training pairs when the corpus is larger, every pair otherwise.
     # 0 = every pair, however many. Training time and memory grow with it (~1 GB RSS for
     # 500k sentences, ~2 GB for 1M) and it is the part of prepare that workers do not speed up.
-    spm_sample_size: int = 500_000
+    spm_sample_size: int = non_negative(
+        500_000, "sentences SentencePiece trains on, e.g. 1000000; 0 = every training sentence")
     # A trained run's workdir whose vocabulary (vocab/: SentencePiece model(s)) tokenises this
     # corpus instead of training a new one, e.g. to fine-tune it on new data (train.init_from).
     vocab_from: str = ""
     # Length filter (in tokens, without BOS/EOS): longer pairs are dropped and counted.
-    max_source_length: int = 64
-    max_target_length: int = 64
+    max_source_length: int = positive(64)
+    max_target_length: int = positive(64)
     # Largest fraction of the training pairs the length filter may drop; more stops the run
     # before training (the message says how many). Raise it (1.0 = any) to accept the loss.
-    max_dropped_fraction: float = 0.01
+    max_dropped_fraction: float = checked(0.01, _Rule(
+        lambda v: 0.0 <= v <= 1.0, "must be in [0, 1] (a fraction of the training pairs; 1.0 accepts any)"))
     # Bucketing: padded (source, target) shapes (target counting EOS); each example goes to
     # the cheapest bucket that holds it (cost S + 2T). Empty = auto: at most max_buckets
     # shapes chosen from the training lengths, the largest (max_source_length,
     # max_target_length + 1) (docs/data.md "Batching"); the chosen ones are in the start line
     # and kept by a resumed run.
     buckets: tuple = ()
-    max_buckets: int = 8  # auto buckets: most shapes (= compiled train/eval programs)
+    max_buckets: int = checked(  # auto buckets: most shapes (= compiled train/eval programs)
+        8, _Rule(lambda v: v > 0, "must be > 0"),
+        _Rule(lambda v: v <= 64, "at most 64 (every bucket shape is compiled for training and evaluation); "
+                                 "8-12 are enough for sentence-length corpora"))
     # Tokens per batch if > 0, else data.batch_size sentences. Counted as OpenNMT-py's
     # `-batch_type tokens` counts them: rows x max(source length, target length with BOS and
     # EOS), at the bucket's padded lengths (S, T + 1); each bucket gets the most rows that fit.
-    batch_tokens: int = 0
-    batch_size: int = 64
-    shuffle_seed: int = 0
+    batch_tokens: int = non_negative(0)
+    batch_size: int = positive(64)
+    shuffle_seed: int = non_negative(0)
     # Length-sorted pools (OpenNMT-py's pooled batching): each shuffled window of pool_batches
     # batches' worth of examples is sorted by length within each bucket, cut into batches, and
     # the batches shuffled, so a batch holds sentences of similar length. 0 = no pools.
-    pool_batches: int = 32
-    prefetch: int = 2  # batches prepared ahead by the loader
-    worker_count: int = 0  # Grain worker processes (0 = in-process)
+    pool_batches: int = non_negative(32)
+    prefetch: int = non_negative(2)  # batches prepared ahead by the loader
+    worker_count: int = non_negative(0)  # Grain worker processes (0 = in-process)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    cell: str = "lstm"  # lstm | gru
-    source_embed_dim: int = 64
-    target_embed_dim: int = 64
-    hidden_dim: int = 128  # decoder size; encoder output size (split across directions)
-    encoder_layers: int = 1
-    decoder_layers: int = 1
+    cell: Literal["lstm", "gru"] = "lstm"
+    source_embed_dim: int = positive(64)
+    target_embed_dim: int = positive(64)
+    hidden_dim: int = positive(128)  # decoder size; encoder output size (split across directions)
+    encoder_layers: int = positive(1)
+    decoder_layers: int = positive(1)
     bidirectional: bool = True  # each direction has hidden_dim // 2 units (OpenNMT "brnn")
     residual: bool = False  # residual connections from layer 2 on (encoder and decoder)
-    dropout: float = 0.0  # on embeddings and between layers
+    dropout: float = probability(0.0)  # on embeddings and between layers
     share_embeddings: bool = False  # one embedding for source and target (joint vocab)
     tie_output: bool = False  # output projection = target embedding (transposed)
-    bridge: str = "last"  # zero | last | dense
-    attention: str = "general"  # dot | general | mlp | none
+    bridge: Literal["zero", "last", "dense"] = "last"
+    attention: Literal["dot", "general", "mlp", "none"] = "general"
     input_feeding: bool = True
-    attention_dropout: float = 0.0
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    unroll: int = 1  # lax.scan unroll factor
-    loss_chunk: int = 0  # time steps per output-projection chunk in the loss (0 = whole)
+    attention_dropout: float = probability(0.0)
+    # Compute dtype (params stay float32).
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    unroll: int = positive(1)  # lax.scan unroll factor
+    loss_chunk: int = non_negative(0)  # time steps per output-projection chunk in the loss (0 = whole)
     # Which implementation of the hand-written VJPs and backend workarounds (s2s_jax/kernels/):
     # "cpu" (tuned for XLA:CPU: device-counted loss blocks over the real rows only, a `cond`
     # non-finite guard, optimisation barriers steering the dot emitter), "portable" (static
     # control flow only: no data-dependent loop, no `cond`, no barrier; for GPUs and TPUs), or
     # "auto" (cpu on the CPU backend, portable elsewhere). Both compute the same function.
-    kernels: str = "auto"
+    kernels: Literal["auto", "cpu", "portable"] = "auto"
     # The hand-derived backward pass of the input-feeding LSTM decoder (dot/general attention);
     # false = the generic decoder scan differentiated by JAX (same function, more kernels).
     fused_decoder: bool = True
@@ -135,11 +197,11 @@ class ModelConfig:
     # backend default for bfloat16 inputs), "highest" (true float32), "tensorfloat32" (GPU
     # TF32), "bfloat16_3x" (three bf16 passes), "default" (the backend's choice: TF32 on recent
     # NVIDIA GPUs, one bf16 pass on TPUs).
-    matmul_precision: str = "auto"
+    matmul_precision: Literal["auto", "highest", "tensorfloat32", "bfloat16_3x", "default"] = "auto"
     # Pretrained vectors (word2vec or GloVe text files, one `word v1 ... vd` per line; word2vec's
     # `count dim` header line is recognised) copied into the embedding rows of the vocabulary
     # entries they contain; other rows keep the normal initialisation. With share_embeddings
-    # either file fills the one table. Read whenever a run starts (s2s_jax/embeddings.py).
+    # either file fills the one table. Read whenever a run starts (s2s_jax/training/embeddings.py).
     source_embeddings: str = ""
     target_embeddings: str = ""
     # Keep the rows loaded from those files bitwise fixed during training (rows not found in the
@@ -149,8 +211,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
-    steps: int = 2000
+    seed: int = non_negative(0)
+    steps: int = positive(2000)
     # Warm start: RUN, RUN@best or RUN@STEP (another run's workdir and which checkpoint). The
     # new run starts from its parameters (its EMA when it kept one); step, optimizer state and
     # schedule start fresh unless init_optimizer. Model shapes and vocabularies must match
@@ -159,28 +221,29 @@ class TrainConfig:
     # With init_from: also carry over the optimizer state, the step (so the schedule continues
     # where that run stopped) and the plateau learning-rate scale; the raw, non-EMA parameters.
     init_optimizer: bool = False
-    optimizer: str = "adam"  # adam | adamw | sgd
-    learning_rate: float = 1e-3
-    schedule: str = "constant"  # constant | rsqrt | cosine | plateau
-    warmup_steps: int = 0
-    weight_decay: float = 0.0  # adamw only
-    momentum: float = 0.0  # sgd only
-    clip_norm: float = 5.0  # global-norm clipping; 0 = off
-    label_smoothing: float = 0.0
-    grad_accum: int = 1  # micro-batches per update
-    ema_decay: float = 0.0  # parameter EMA used for evaluation; 0 = off
-    plateau_patience: int = 2  # schedule=plateau: evaluations without improvement before halving
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = positive(1e-3, "e.g. --set train.learning_rate=1e-3")
+    schedule: Literal["constant", "rsqrt", "cosine", "plateau"] = "constant"
+    warmup_steps: int = non_negative(0)
+    weight_decay: float = non_negative(0.0)  # adamw only
+    momentum: float = non_negative(0.0)  # sgd only
+    clip_norm: float = non_negative(5.0)  # global-norm clipping; 0 = off
+    label_smoothing: float = probability(0.0)
+    grad_accum: int = positive(1)  # micro-batches per update
+    ema_decay: float = probability(0.0)  # parameter EMA used for evaluation; 0 = off
+    plateau_patience: int = non_negative(2)  # schedule=plateau: evaluations without improvement before halving
     plateau_factor: float = 0.5
-    log_every: int = 50
-    eval_every: int = 500
-    eval_sentences: int = 1000  # validation sentences decoded for exact match / BLEU
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3  # latest K
-    keep_best: int = 1  # best M by best_metric
-    best_metric: str = "auto"  # auto (bleu for text, exact_match for tasks) | one of EVAL_METRICS
-    early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
-    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
-    parallel: str = "shard_map"  # shard_map | pmap | none
+    log_every: int = positive(50)
+    eval_every: int = positive(500)
+    eval_sentences: int = positive(1000)  # validation sentences decoded for exact match / BLEU
+    checkpoint_every: int = positive(500)
+    keep_checkpoints: int = positive(3)  # latest K
+    keep_best: int = non_negative(1)  # best M by best_metric
+    # auto (bleu for text, exact_match for tasks) | one of EVAL_METRICS
+    best_metric: str = choice("auto", *EVAL_METRICS, default="auto", refuse=_not_computed)
+    early_stopping_patience: int = non_negative(0)  # evaluations without improvement; 0 = off
+    max_nonfinite: int = positive(5)  # consecutive non-finite steps before the run stops
+    parallel: Literal["shard_map", "pmap", "none"] = "shard_map"
     # Repeatable accelerator arithmetic: sets the XLA flags that make GPU reductions and
     # scatters run-to-run deterministic (--xla_gpu_deterministic_ops=true) before the backend
     # starts (runtime.configure_backend). XLA:CPU and TPUs are deterministic anyway.
@@ -189,22 +252,22 @@ class TrainConfig:
     plot: bool = True  # PNG of curves at the end of a run
     # Multi-host (jax.distributed); also read from the environment when left empty.
     coordinator_address: str = ""
-    num_processes: int = 0
+    num_processes: int = non_negative(0)
     process_id: int = -1
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    beam_size: int = 1
-    length_penalty: float = 0.6  # GNMT alpha; 0 = none
-    coverage_penalty: float = 0.0  # GNMT beta; 0 = none
-    max_len_a: float = 1.5  # maximum output length = a * source_length + b
-    max_len_b: int = 10
-    batch_size: int = 128  # sentences decoded at once (continuous-batching slots); also the encode batch
-    nbest: int = 1
+    beam_size: int = positive(1, "1 is greedy search")
+    length_penalty: float = non_negative(0.6)  # GNMT alpha; 0 = none
+    coverage_penalty: float = non_negative(0.0)  # GNMT beta; 0 = none
+    max_len_a: float = non_negative(1.5)  # maximum output length = a * source_length + b
+    max_len_b: int = non_negative(10)
+    batch_size: int = positive(128)  # sentences decoded at once (continuous-batching slots); also the encode batch
+    nbest: int = positive(1, "1 writes the best hypothesis only")
     # Compute dtype of translation's matmuls: "model" = the run's model.dtype; "bfloat16" is
     # ~1.5x faster on CPUs with AVX512-BF16 but may change some outputs (docs/results.md).
-    dtype: str = "model"
+    dtype: Literal["model", "float32", "bfloat16"] = "model"
 
 
 @dataclass(frozen=True)
@@ -221,60 +284,25 @@ class Config:
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "decode": DecodeConfig}
 
-_CHOICES = {
-    ("data", "source"): ("task", "text", "tfds"),
-    ("data", "task"): BUILTIN_TASKS,
-    ("data", "spm_model_type"): ("unigram", "bpe", "char", "word"),
-    ("data", "normalization"): ("nfkc", "nfc", "none"),
-    ("data", "empty_lines"): ("skip", "error"),
-    ("model", "cell"): ("lstm", "gru"),
-    ("model", "bridge"): ("zero", "last", "dense"),
-    ("model", "attention"): ("dot", "general", "mlp", "none"),
-    ("model", "dtype"): ("float32", "bfloat16"),
-    ("model", "kernels"): ("auto", "cpu", "portable"),
-    ("model", "matmul_precision"): ("auto", "highest", "tensorfloat32", "bfloat16_3x", "default"),
-    ("decode", "dtype"): ("model", "float32", "bfloat16"),
-    ("train", "optimizer"): ("adam", "adamw", "sgd"),
-    ("train", "schedule"): ("constant", "rsqrt", "cosine", "plateau"),
-    ("train", "parallel"): ("shard_map", "pmap", "none"),
-}
-
-# What an evaluation computes (trainer.evaluate: metrics.scalars_from_sums and
-# metrics.corpus_scores) and which direction is better: the choices of train.best_metric.
-EVAL_METRICS = {"loss": "min", "nll": "min", "perplexity": "min", "accuracy": "max",
-                "exact_match": "max", "bleu": "max", "chrf": "max"}
-
-_POSITIVE = {
-    "data": ("task_train_size", "task_eval_size", "vocab_size", "max_source_length",
-             "max_target_length", "batch_size", "max_buckets"),
-    "model": ("source_embed_dim", "target_embed_dim", "hidden_dim", "encoder_layers",
-              "decoder_layers", "unroll"),
-    "train": ("steps", "learning_rate", "log_every", "eval_every", "checkpoint_every",
-              "keep_checkpoints", "grad_accum", "max_nonfinite", "eval_sentences"),
-    "decode": ("beam_size", "batch_size", "nbest"),
-}
-_NON_NEGATIVE = {
-    "data": ("task_seed", "shuffle_seed", "batch_tokens", "prefetch", "worker_count", "pool_batches"),
-    "model": ("loss_chunk",),
-    "train": ("seed", "warmup_steps", "weight_decay", "momentum", "clip_norm", "keep_best",
-              "early_stopping_patience", "plateau_patience", "num_processes"),
-    "decode": ("length_penalty", "coverage_penalty", "max_len_a", "max_len_b"),
-}
-_PROBABILITY = {
-    "model": ("dropout", "attention_dropout"),
-    "train": ("label_smoothing", "ema_decay"),
-}
-# Hints appended to the "must be > 0" message of some fields.
-_FIXES = {
-    ("train", "learning_rate"): "e.g. --set train.learning_rate=1e-3",
-    ("decode", "beam_size"): "1 is greedy search",
-    ("decode", "nbest"): "1 writes the best hypothesis only",
-}
-
 
 def _field_types(cls) -> dict[str, Any]:
+    """Each field's value type (str for a `Literal` of strings)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: str if typing.get_origin(hints[f.name]) is Literal else hints[f.name]
+            for f in dataclasses.fields(cls)}
+
+
+def _field_choices(cls) -> dict[str, tuple]:
+    """The fields of `cls` that take one of a few values, and those values, as declared at the field."""
+    hints = typing.get_type_hints(cls)
+    found = {f.name: typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal
+             else f.metadata.get("choices") for f in dataclasses.fields(cls)}
+    return {name: values for name, values in found.items() if values}
+
+
+def choices(cls, name: str) -> tuple[str, ...]:
+    """The values field `name` of section class `cls` may take, as declared at the field."""
+    return _field_choices(cls)[name]
 
 
 def best_metric_and_mode(config: "Config") -> tuple[str, str]:
@@ -285,39 +313,42 @@ def best_metric_and_mode(config: "Config") -> tuple[str, str]:
     return metric, EVAL_METRICS[metric]
 
 
+def _type_error(typ: Any, value: Any) -> str | None:
+    """What is wrong with `value` as a `typ` field (None: nothing)."""
+    if typ is bool and not isinstance(value, bool):
+        return "expected true/false (True or False)"
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return "expected an integer"
+    if typ is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return "expected a number"
+    if typ is float and not math.isfinite(value):
+        return "must be a finite number"
+    if typ is str and not isinstance(value, str):
+        return "expected a string"
+    return None
+
+
 def _check_fields(config: Config) -> None:
-    """Per field: type, choices, finite numbers, ranges."""
+    """Per field, in field order: its type, then the choices and rules declared at the field."""
     for section, cls in _SECTIONS.items():
         obj = getattr(config, section)
         if not isinstance(obj, cls):
             raise ConfigError(f"config.{section} must be a {cls.__name__}")
-        for name, typ in _field_types(cls).items():
-            value = getattr(obj, name)
-            where = f"{section}.{name}"
-            if typ is bool and not isinstance(value, bool):
-                raise ConfigError(f"{where}={value!r}: expected true/false (True or False)")
-            if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{where}={value!r}: expected an integer")
-            if typ is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ConfigError(f"{where}={value!r}: expected a number")
-            if typ is float and not math.isfinite(value):
-                raise ConfigError(f"{where}={value!r}: must be a finite number")
-            if typ is str and not isinstance(value, str):
-                raise ConfigError(f"{where}={value!r}: expected a string")
-            choices = _CHOICES.get((section, name))
+        types, options = _field_types(cls), _field_choices(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            where = f"{section}.{f.name}"
+            wrong = _type_error(types[f.name], value)
+            if wrong:
+                raise ConfigError(f"{where}={value!r}: {wrong}")
+            choices = options.get(f.name)
             if choices and value not in choices:
-                raise ConfigError(f"{where}={value!r}: choose one of {', '.join(choices)}")
-        for name in _POSITIVE.get(section, ()):
-            if getattr(obj, name) <= 0:
-                fix = _FIXES.get((section, name))
-                raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: must be > 0" + (f" ({fix})" if fix else ""))
-        for name in _NON_NEGATIVE.get(section, ()):
-            if getattr(obj, name) < 0:
-                raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: must be >= 0")
-        for name in _PROBABILITY.get(section, ()):
-            v = getattr(obj, name)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"{section}.{name}={v!r}: must be in [0, 1)")
+                refuse = f.metadata.get("refuse")
+                raise ConfigError(refuse(where, value) if refuse
+                                  else f"{where}={value!r}: choose one of {', '.join(choices)}")
+            for rule in f.metadata.get("rules", ()):
+                if not rule.holds(value):
+                    raise ConfigError(f"{where}={value!r}: {rule.says}")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -337,18 +368,6 @@ def _check_data(d: DataConfig) -> None:
         if not getattr(d, name):
             what = "trains on" if name == "train_split" else "evaluates on (every train.eval_every steps and at the end)"
             raise ConfigError(f"data.{name} is empty: the trainer {what} it; set it to the split's name")
-    if d.prepare_workers < 0:
-        raise ConfigError(f"data.prepare_workers={d.prepare_workers!r}: must be >= 0 (processes that tokenise "
-                          "the corpus in prepare; 0 = all cores, 1 = in this process)")
-    if d.spm_sample_size < 0:
-        raise ConfigError(f"data.spm_sample_size={d.spm_sample_size!r}: must be >= 0 (sentences SentencePiece "
-                          "trains on, e.g. 1000000; 0 = every training sentence)")
-    if not 0.0 < d.spm_character_coverage <= 1.0:
-        raise ConfigError(f"data.spm_character_coverage={d.spm_character_coverage!r}: must be in (0, 1], "
-                          "e.g. 0.9995 for languages with large alphabets")
-    if not 0.0 <= d.max_dropped_fraction <= 1.0:
-        raise ConfigError(f"data.max_dropped_fraction={d.max_dropped_fraction!r}: must be in [0, 1] "
-                          "(a fraction of the training pairs; 1.0 accepts any)")
     if d.vocab_from and d.source == "task":
         raise ConfigError(f"data.vocab_from={d.vocab_from!r}: built-in tasks always use the character "
                           "vocabulary; leave data.vocab_from empty for data.source='task'")
@@ -358,9 +377,6 @@ def _check_data(d: DataConfig) -> None:
         for b in d.buckets
     ):
         raise ConfigError(f"data.buckets={d.buckets!r}: expected a list of (source_length, target_length) pairs of positive integers")
-    if d.max_buckets > 64:
-        raise ConfigError(f"data.max_buckets={d.max_buckets}: at most 64 (every bucket shape is compiled for "
-                          "training and evaluation); 8-12 are enough for sentence-length corpora")
     if d.buckets:
         shown = [list(b) for b in d.buckets]
         big = (max(s for s, _ in d.buckets), max(t for _, t in d.buckets))
@@ -427,11 +443,6 @@ def _check_train(config: Config) -> None:
         if not 0.0 < t.plateau_factor < 1.0:
             raise ConfigError(f"train.plateau_factor={t.plateau_factor}: must be in (0, 1) for schedule='plateau' "
                               "(it multiplies the learning rate), e.g. 0.5")
-    if t.best_metric != "auto" and t.best_metric not in EVAL_METRICS:
-        close = difflib.get_close_matches(t.best_metric, list(EVAL_METRICS), n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"train.best_metric={t.best_metric!r} is not computed by evaluation: {hint}choose one of "
-                          f"auto, {', '.join(EVAL_METRICS)}")
     if d.batch_tokens == 0 and d.batch_size % t.grad_accum:
         raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by train.grad_accum={t.grad_accum} "
                           "(the micro-batches split the batch): make it a multiple")
@@ -545,12 +556,27 @@ def to_json(config: Config) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=True)
 
 
-def load(path: str) -> Config:
+def load_module(path: str | os.PathLike):
+    """Runs a Python file by its path and returns it as a module (not added to sys.modules).
+
+    How experiment files are read, and how one reads another: a config derived from a shared
+    recipe loads `experiments/configs/_recipes.py` (or another experiment) beside it this way.
+    """
+    path = os.fspath(path)
+    name = "_s2s_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(path: str | os.PathLike) -> Config:
     """Loads `get_config()` from an experiment file, or a resolved config.json.
 
     An experiment file's config is validated by `override` (after the command line's --set
     values), since some files leave fields such as data.dir for the command line to fill in.
     """
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file; pick one from experiments/configs/")
     if path.endswith(".json"):
@@ -559,9 +585,7 @@ def load(path: str) -> Config:
                 return from_dict(json.load(f))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e}); restore it from the run's checkpoint") from None
-    spec = importlib.util.spec_from_file_location("_s2s_experiment_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: defines no get_config(); an experiment file must return a Config from get_config()")
     config = module.get_config()

@@ -1,6 +1,6 @@
 """Data parallelism with JAX's own runtime: a 1-D mesh over every device of every process.
 
-The per-device step body (steps.py) is wrapped three ways, chosen by `train.parallel`:
+The per-device step body (training/steps.py) is wrapped three ways, chosen by `train.parallel`:
 - "shard_map" (default): `jax.shard_map` over the mesh axis "data"; batch split along rows,
   state replicated. `check_vma=False` so gradients of replicated parameters are *local* (as under
   pmap) and the body's explicit `psum` is the one reduction (with check_vma=True JAX would insert
@@ -12,7 +12,7 @@ The global batch (data.batch_size / data.batch_tokens) is split over the mesh: d
 the mesh holds rows [d*b, (d+1)*b) with b = global rows / devices. The mesh lists each
 process's devices contiguously, in process order, because the data loader gives process p the
 contiguous slice p of every global batch; so the global array the step sees is the very batch a
-single device would see, and the dropout row ids in steps.py (axis_index * b + arange(b)) are
+single device would see, and the dropout row ids in training/steps.py (axis_index * b + arange(b)) are
 its global row numbers, which is why the masks do not depend on the device count.
 """
 
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from s2s_jax.config import Config, ConfigError
+from s2s_jax.config import Config, ConfigError, TrainConfig, choices
 
 AXIS = "data"
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Parallel:
     """Places state and batches on the devices and wraps step bodies for the chosen mode."""
 
     def __init__(self, mode: str):
-        if mode not in ("shard_map", "pmap", "none"):
+        if mode not in choices(TrainConfig, "parallel"):
             raise ConfigError(f"train.parallel={mode!r}: use shard_map, pmap or none")
         if mode == "none" and jax.process_count() > 1:
             raise ConfigError(f"train.parallel=none runs on one device, but this is one of "

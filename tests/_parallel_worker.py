@@ -38,13 +38,10 @@ LEARNING_RATE = 1e-3
 def tiny_config(coordinator: str = "", num_processes: int = 0, process_id: int = -1):
     """experiments/configs/tiny.py (dropout 0.1 on) with one bucket (one compiled program per
     mode) and the default learning rate (see LEARNING_RATE)."""
-    import importlib.util
+    from s2s_jax import config as config_lib
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(root, "experiments/configs/tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load(os.path.join(root, "experiments/configs/tiny.py"))
     assert config.model.dropout > 0
     return config.replace(
         data=dataclasses.replace(config.data, buckets=((12, 13),), max_source_length=12, max_target_length=12,
@@ -78,7 +75,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from s2s_jax import steps
+    from s2s_jax.training import steps
     from s2s_jax.checkpoint import Checkpoints
     from s2s_jax.data import build_data
     from s2s_jax.parallel import Parallel, maybe_initialize_distributed

@@ -24,10 +24,12 @@ def two_checkpoint_run(tmp_path_factory):
 
 
 def test_averaged_run_equals_the_averaged_bundle(two_checkpoint_run, tmp_path):
-    from s2s_jax.export import export_bundle, load_bundle
+    from s2s_jax.inference.bundle import load_bundle
+    from s2s_jax.inference.export import export_bundle
     from s2s_jax.inference.bundle import flatten_params
-    from s2s_jax.inference.runs import average_params, load_run
-    from s2s_jax.inference.translator import load_translator
+    from s2s_jax.inference.runs import load_run
+    from s2s_jax.rundir import average_params
+    from s2s_jax.inference.runs import load_translator
 
     out = tmp_path / "avg"
     proc = run_cli("average", "--workdir", str(two_checkpoint_run), "--last", "2", "--out", str(out))

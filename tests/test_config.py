@@ -1,5 +1,6 @@
 """Config validation: every user mistake is one clear ConfigError naming the field."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -80,3 +81,32 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path, extra, fragment):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()  # failed before any work
+
+
+def _differences(base, derived) -> dict:
+    """{field: derived value} for the fields of a config section where `derived` differs from `base`."""
+    return {f.name: getattr(derived, f.name) for f in dataclasses.fields(base)
+            if getattr(derived, f.name) != getattr(base, f.name)}
+
+
+def test_experiment_configs_are_their_recipe_but_for_the_declared_differences():
+    """The Luong 2x256 recipe is written once (experiments/configs/_recipes.py); each config that
+    uses it differs only where it says so (bench_cpu's bridge "last" is meant: see its comment)."""
+    recipes = config_lib.load_module(ROOT / "experiments/configs/_recipes.py")
+    load = lambda name: config_lib.load(ROOT / f"experiments/configs/{name}.py")  # noqa: E731
+    bench = {"bridge": "last", "dropout": 0.0}
+    models = {"multi30k_en_de": {"dtype": "bfloat16"}, "tatoeba_en_fr": {},
+              "bench_cpu": bench, "bench_gpu_2x256": {**bench, "dtype": "bfloat16"}}
+    for name, differences in models.items():
+        assert _differences(recipes.luong_2x256(), load(name).model) == differences, name
+    assert load("bench_cpu").train == load("bench_gpu").train == recipes.adam()
+    assert _differences(load("bench_cpu").model, load("bench_gpu").model) == dict(
+        source_embed_dim=1024, target_embed_dim=1024, hidden_dim=1024, encoder_layers=4, decoder_layers=4,
+        dtype="bfloat16")
+    for name, train in {"multi30k_en_de": {"steps": 3000, "eval_sentences": 1014},
+                        "tatoeba_en_fr": {"steps": 3500}}.items():
+        cfg = load(name)
+        recipe = recipes.text_translation(name, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.max_source_length)
+        assert _differences(recipe.train, cfg.train) == train, name
+        assert cfg.decode == recipe.decode and _differences(recipe.model, cfg.model) == models[name]
+        assert set(_differences(recipe.data, cfg.data)) <= {"buckets", "max_buckets"}, name

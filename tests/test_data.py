@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import s2s_jax.data as D
+from s2s_jax import rundir
 from s2s_jax.config import Config, DataConfig, UserError
 from s2s_jax.data import pipeline
 from s2s_jax.data import preprocess as prep_mod
@@ -513,7 +514,7 @@ def test_eval_batches_and_examples(m30k_data):
 
 def test_workdir_vocab_roundtrip(m30k, tmp_path):
     data = D.build_data(_m30k_cfg(m30k), workdir=str(tmp_path / "run"))
-    src, tgt = D.load_vocabs(str(tmp_path / "run"))
+    src, tgt = rundir.read_vocabs(str(tmp_path / "run"))
     text = "Two young, White males are outside near many bushes."
     assert src.encode(text) == data.source_vocab.encode(text)
     assert tgt.decode(tgt.encode(text) + [D.EOS_ID, 7]) == text
@@ -524,7 +525,7 @@ def test_workdir_vocab_roundtrip(m30k, tmp_path):
     # tasks: character vocabulary
     D.build_data(_cfg(source="task", task="copy", task_train_size=100, task_eval_size=10),
                  workdir=str(tmp_path / "task"))
-    s, t = D.load_vocabs(str(tmp_path / "task"))
+    s, t = rundir.read_vocabs(str(tmp_path / "task"))
     assert s.to_json() == {"kind": "char"} and t.decode(t.encode("abc")) == "abc"
 
 

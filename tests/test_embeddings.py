@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s2s_jax import cli, embeddings, steps
+from s2s_jax import cli
+from s2s_jax.training import embeddings, steps
 from s2s_jax import config as config_lib
-from s2s_jax.data import CharVocab, load_vocabs
-from s2s_jax.embeddings import EmbeddingsError
+from s2s_jax.data import CharVocab
+from s2s_jax.rundir import read_vocabs
+from s2s_jax.training.embeddings import EmbeddingsError
 from s2s_jax.train_state import create_state, make_model
 
 from _helpers import TINY  # noqa: E402
@@ -177,6 +179,6 @@ def test_cli_trains_with_frozen_pretrained_rows_and_refuses_a_bad_file(tmp_path,
     assert "4 of 98 vocabulary entries found, 94 missing" in caplog.text
     state, _, step = load_state(workdir)
     assert step == 3
-    sv, _ = load_vocabs(str(workdir))
+    sv, _ = read_vocabs(str(workdir))
     for word in ("a", "b", "q", "</s>"):
         assert np.array_equal(state.params["source_embedding"][sv.stoi[word]], np.resize(SOURCE[word], 16))

@@ -51,7 +51,7 @@ def test_combined_step_is_the_weighted_sum_of_log_probs():
 
 def test_ensemble_of_a_model_with_itself_is_that_model(tiny_task_run):
     from s2s_jax.inference.ensemble import load_ensemble_translator
-    from s2s_jax.inference.translator import load_translator
+    from s2s_jax.inference.runs import load_translator
 
     single = load_translator(str(tiny_task_run))
     double = load_ensemble_translator([str(tiny_task_run)] * 2)
@@ -66,7 +66,7 @@ def test_ensemble_of_a_model_with_itself_is_that_model(tiny_task_run):
 
 def test_ensemble_search_and_scorer_agree_and_differ_from_members(tiny_task_run, other_seed_run, tmp_path):
     from s2s_jax.inference.ensemble import load_ensemble_translator
-    from s2s_jax.inference.translator import load_translator
+    from s2s_jax.inference.runs import load_translator
 
     ensemble = load_ensemble_translator([str(tiny_task_run), str(other_seed_run)], weights=[0.3, 0.7])
     greedy = [hyps[0] for hyps in ensemble.translate_full(LINES, beam=1)]
@@ -102,7 +102,7 @@ def test_ensemble_mistakes_exit_2(tiny_task_run, fr_en_run):
 
 
 def test_ensemble_bundle_translates_as_the_ensemble(tiny_task_run, other_seed_run, tmp_path):
-    from s2s_jax.export import load_bundle
+    from s2s_jax.inference.bundle import load_bundle
     from s2s_jax.inference.ensemble import load_ensemble_translator
 
     out = tmp_path / "ens_bundle"

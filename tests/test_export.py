@@ -41,13 +41,13 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_run):
-    from s2s_jax.export import export_bundle
+    from s2s_jax.inference.export import export_bundle
 
     return Path(export_bundle(str(tiny_run), str(tiny_run.parent / "bundle"), beams=[3]))
 
 
 def in_process(workdir, lines, beam):
-    from s2s_jax.inference.translator import load_translator
+    from s2s_jax.inference.runs import load_translator
 
     translator = load_translator(str(workdir))
     return [hyps[0][0] for hyps in translator.translate(lines, beam=beam)]
@@ -76,7 +76,7 @@ def test_bundle_layout_and_model_card(tiny_bundle):
 
 
 def test_bundle_translations_equal_in_process(tiny_run, tiny_bundle):
-    from s2s_jax.export import load_bundle
+    from s2s_jax.inference.bundle import load_bundle
 
     bundle = load_bundle(str(tiny_bundle))
     assert bundle.beam_sizes == [1, 3]
@@ -92,7 +92,7 @@ def test_bundle_translations_equal_in_process(tiny_run, tiny_bundle):
 def test_fresh_process_loader_needs_no_training_stack(tiny_bundle):
     code = f"""
 import sys
-from s2s_jax.export import load_bundle
+from s2s_jax.inference.bundle import load_bundle
 bundle = load_bundle({str(tiny_bundle)!r})
 out = bundle.translate(["abc", "hello"], beam=1) + bundle.translate(["abc"], beam=3)
 assert isinstance(bundle.params["decoder"]["layer_0"]["input_kernel"], __import__("numpy").ndarray)
@@ -108,7 +108,7 @@ def test_params_round_trip_to_flax_gives_same_logits(tiny_run, tiny_bundle):
     import jax
     import jax.numpy as jnp
 
-    from s2s_jax.export import load_bundle
+    from s2s_jax.inference.bundle import load_bundle
     from s2s_jax.model import Seq2Seq
     from s2s_jax.inference.runs import load_run
 
@@ -138,7 +138,7 @@ def test_params_round_trip_to_flax_gives_same_logits(tiny_run, tiny_bundle):
 
 
 def test_average_params_identical_and_two():
-    from s2s_jax.inference.runs import average_params
+    from s2s_jax.rundir import average_params
 
     rng = np.random.default_rng(0)
     a = {"enc": {"w": rng.normal(size=(5, 7)).astype(np.float32)}, "b": rng.normal(size=(3,)).astype(np.float32)}
@@ -156,7 +156,7 @@ def test_cli_average_last_in_bfloat16(tiny_run, tmp_path):
     import ml_dtypes
 
     from s2s_jax.inference.bundle import flatten_params
-    from s2s_jax.export import load_bundle
+    from s2s_jax.inference.bundle import load_bundle
     from s2s_jax.inference.runs import load_run
 
     out = tmp_path / "avg"
@@ -177,7 +177,8 @@ def test_cli_average_last_in_bfloat16(tiny_run, tmp_path):
 
 
 def test_export_errors(tiny_run, tiny_bundle, tmp_path):
-    from s2s_jax.export import export_bundle, load_bundle
+    from s2s_jax.inference.bundle import load_bundle
+    from s2s_jax.inference.export import export_bundle
 
     # A workdir with no checkpoint: one line, exit 2.
     empty = tmp_path / "empty"
@@ -240,7 +241,8 @@ def test_export_errors(tiny_run, tiny_bundle, tmp_path):
 @pytest.mark.skipif(not (MULTI30K / "train.en").is_file(), reason="Multi30k not in ../shared/data")
 def test_multi30k_bundle_equals_in_process(tmp_path):
     """A short Multi30k run (small model, SentencePiece vocabulary): greedy and beam 5 agree."""
-    from s2s_jax.export import export_bundle, load_bundle
+    from s2s_jax.inference.bundle import load_bundle
+    from s2s_jax.inference.export import export_bundle
 
     workdir = tmp_path / "m30k"
     train(workdir, f"data.dir={MULTI30K}", "data.vocab_size=1000", f"data.cache_dir={tmp_path / 'cache'}",

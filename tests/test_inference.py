@@ -29,7 +29,7 @@ def variants(line: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def translator(fr_en_run):
-    from s2s_jax.inference.translator import load_translator
+    from s2s_jax.inference.runs import load_translator
 
     return load_translator(str(fr_en_run))
 
@@ -46,7 +46,8 @@ def test_inputs_are_normalised_as_in_training(translator):
 
 
 def test_translate_eval_bundle_and_server_agree(fr_en_run, translator, tmp_path):
-    from s2s_jax.export import export_bundle, load_bundle
+    from s2s_jax.inference.bundle import load_bundle
+    from s2s_jax.inference.export import export_bundle
 
     lines = [v for line in RAW for v in variants(line)]
     beam = translator.config.decode.beam_size
@@ -169,7 +170,7 @@ def test_streaming_stdin_answers_each_line_before_the_input_ends(tiny_task_run):
                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=run_env())
     try:
-        from s2s_jax.inference.translator import load_translator
+        from s2s_jax.inference.runs import load_translator
 
         expected = [h[0][0] for h in load_translator(str(tiny_task_run)).translate(["hello", "abc"])]
         for line, want in zip(["hello", "abc"], expected):

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import reference_model as ref
-from s2s_jax import benchmark, kernels, losses, steps
+from s2s_jax import benchmark, kernels
+from s2s_jax.training import losses, steps
 from s2s_jax.config import Config, ModelConfig, TrainConfig
 from s2s_jax.kernels import activations, dense as dense_kernel
 from s2s_jax.kernels import loss as loss_kernel
@@ -283,7 +284,7 @@ def test_fused_loss_matches_autodiff(ks, eps, chunk, dtype):
 @pytest.mark.parametrize("ks", SETS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_projection_gradients_equal_autodiff(ks, dtype):
-    """kernels.dense.matmul (rows flattened; cpu: hand-written backward) == autodiff of the plain
+    """KernelSet.matmul (rows flattened; cpu: hand-written backward) == autodiff of the plain
     einsum, for a time-major [T, B, D] input, in float32 and with bfloat16 compute."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(5, 3, 7)), jnp.float32)

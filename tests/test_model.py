@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import reference_model as ref
-from s2s_jax import kernels, losses, steps
+from s2s_jax import kernels
+from s2s_jax.training import losses, steps
 from s2s_jax.config import ModelConfig, TrainConfig, load
 from s2s_jax.model import Seq2Seq
 from s2s_jax.train_state import create_state

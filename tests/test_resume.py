@@ -27,7 +27,7 @@ import pytest
 
 from s2s_jax import config as config_lib
 from s2s_jax.checkpoint import Checkpoints, unfinished_saves
-from s2s_jax.data import load_vocabs
+from s2s_jax.rundir import read_vocabs
 from s2s_jax.metrics import read_metrics
 from s2s_jax.train_state import abstract_state, make_model
 
@@ -53,7 +53,7 @@ def trace(workdir) -> list[dict]:
 def load_state(workdir, step: int | None = None):
     """(state as numpy, meta, step) of a run's checkpoint (default: the newest readable one)."""
     config = config_lib.load(os.path.join(workdir, "config.json"))
-    sv, tv = load_vocabs(str(workdir))
+    sv, tv = read_vocabs(str(workdir))
     model = make_model(config, sv.vocab_size, tv.vocab_size)
     ckpts = Checkpoints(str(workdir), keep=10 ** 6, keep_best=0, async_save=False)
     try:
@@ -266,7 +266,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_with_warning(reference
 
 # The config audit refuses a non-finite train.learning_rate, so the fault is injected: the
 # schedule the step reads returns infinity, as a diverging run's arithmetic would.
-INFINITE_LR = ("import sys; import s2s_jax.steps as steps; from s2s_jax.cli import main; "
+INFINITE_LR = ("import sys; import s2s_jax.training.steps as steps; from s2s_jax.cli import main; "
                "steps.learning_rate_fn = lambda cfg: (lambda step: float('inf')); sys.exit(main(sys.argv[1:]))")
 
 

@@ -59,7 +59,7 @@ def serve(kind, path, *extra, api_key=None):
 
 @pytest.fixture(scope="module")
 def expected(tiny_task_run):
-    from s2s_jax.inference.translator import load_translator
+    from s2s_jax.inference.runs import load_translator
 
     translator = load_translator(str(tiny_task_run))
     return {beam: translator.translate(LINES, beam=beam, nbest=min(beam, 2)) for beam in (1, 3)}

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from s2s_jax import config as config_lib
-from s2s_jax import losses, steps
+from s2s_jax.training import losses, steps
 from s2s_jax.metrics import read_metrics
 from s2s_jax.train_state import build_optimizer, create_state, learning_rate_fn, make_model
-from s2s_jax.trainer import EvalTracker, Verdict, params_for_eval
+from s2s_jax.training.trainer import EvalTracker, Verdict, params_for_eval
 
 from _helpers import REPO, TINY, run_env, train_cmd  # noqa: E402
 

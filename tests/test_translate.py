@@ -15,6 +15,7 @@ import pytest
 
 from s2s_jax import cli, decoding, kernels
 from s2s_jax.inference import translator as translator_lib
+from s2s_jax.inference import runs as runs_lib
 from s2s_jax.vocab import BOS_ID, EOS_ID
 from s2s_jax.model import Seq2Seq
 
@@ -32,7 +33,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def translator(workdir):
-    return translator_lib.load_translator(workdir)
+    return runs_lib.load_translator(workdir)
 
 
 def test_translate_keeps_order_and_empty_lines_and_batching_changes_nothing(translator):
@@ -201,7 +202,7 @@ def test_cli_translate_file_nbest_and_throughput(workdir, tmp_path, capsys):
     one_best = tmp_path / "one.txt"
     assert cli.main(["translate", "--workdir", workdir, "--input", str(src), "--output", str(one_best)]) == 0
     got = one_best.read_text(encoding="utf-8").split("\n")[:-1]
-    translator = translator_lib.load_translator(workdir)
+    translator = runs_lib.load_translator(workdir)
     beam = translator.config.decode.beam_size
     assert got == [h[0][0] for h in translator.translate(LINES, beam=beam)]
 
@@ -269,9 +270,9 @@ def test_several_queues_and_few_slots_change_nothing(translator, monkeypatch):
 
 
 def test_decode_dtype_is_opt_in_and_validated(workdir, tmp_path, capsys):
-    default = translator_lib.load_translator(workdir)
+    default = runs_lib.load_translator(workdir)
     assert default.config.decode.dtype == "model" and default.model.config.dtype == "float32"
-    bf16 = translator_lib.load_translator(workdir, overrides=["decode.dtype=bfloat16"])
+    bf16 = runs_lib.load_translator(workdir, overrides=["decode.dtype=bfloat16"])
     assert bf16.model.config.dtype == "bfloat16"
     sources = [default.source_vocab.encode(line) for line in LINES if line.strip()]
     ref, got = default.translate_ids(sources), bf16.translate_ids(sources)
@@ -281,7 +282,7 @@ def test_decode_dtype_is_opt_in_and_validated(workdir, tmp_path, capsys):
         if s:  # bfloat16 matmuls: the same hypothesis scores within a few percent
             assert g["scores"][0] == pytest.approx(r["scores"][0], rel=0.05, abs=0.05)
     with pytest.raises(ValueError, match="decode.dtype"):
-        translator_lib.load_translator(workdir, overrides=["decode.dtype=float16"])
+        runs_lib.load_translator(workdir, overrides=["decode.dtype=float16"])
     src = tmp_path / "in.txt"
     src.write_text("abc\n", encoding="utf-8")
     assert cli.main(["translate", "--workdir", workdir, "--input", str(src), "--set", "decode.dtype=half"]) == 2

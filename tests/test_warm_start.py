@@ -21,7 +21,7 @@ import pytest
 
 from s2s_jax import cli
 from s2s_jax import config as config_lib
-from s2s_jax import warm_start
+from s2s_jax.training import warm_start
 from s2s_jax.metrics import read_metrics
 from s2s_jax.train_state import make_model
 

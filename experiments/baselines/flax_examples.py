@@ -8,7 +8,7 @@ Written the way google/flax `examples/seq2seq` and the Flax RNN guide do it:
   attention (the query is projected each step, scores against the memory) with input feeding,
   and the output projection to the vocabulary, so logits leave the scan as [B, T, V];
 - loss: masked cross-entropy on those logits; same optax optimizer, clipping and learning rate
-  as `s2s_jax.steps.train_step`.
+  as `s2s_jax.training.steps.train_step`.
 Same sizes as `config.model` (LSTM only; dot/general attention; input feeding on), same data.
 
 Mixed precision as a Flax user writes it (`model.dtype=bfloat16`): float32 parameters
@@ -124,7 +124,7 @@ def _precision_scope(model_cfg):
 
 
 def train_step(state: TrainState, batch, *, model: FlaxExamplesSeq2Seq, config: Config):
-    """The same update as s2s_jax.steps.train_step (loss sum / token count, clip, Adam, guard)."""
+    """The same update as s2s_jax.training.steps.train_step (loss sum / token count, clip, Adam, guard)."""
     with _precision_scope(config.model):
         return _train_step(state, batch, model=model, config=config)
 

@@ -19,21 +19,13 @@ far below bench_gpu's; the figure of interest is `speedup` over the Flax-example
 """
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
-from s2s_jax.config import Config
-
-
-def _bench_cpu():
-    spec = importlib.util.spec_from_file_location("_bench_cpu_config", Path(__file__).with_name("bench_cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from s2s_jax.config import Config, load
 
 
 def get_config() -> Config:
-    base = _bench_cpu()
+    base = load(Path(__file__).with_name("bench_cpu.py"))
     return dataclasses.replace(
         base, name="bench_gpu_2x256",
         data=dataclasses.replace(base.data, source="task", dir="", batch_size=1024, batch_tokens=0),

@@ -9,7 +9,6 @@ Public API (the trainer, CLI and export are written against these names):
     Data.train_batches(state=None)    infinite iterator with get_state() -> {"epoch", "batch"}
     Data.eval_batches(split, limit)   list of batch dicts (fixed bucket shapes, "index")
     Data.eval_examples(split, limit)  [(source_text, target_text)] in corpus order
-    load_vocabs(workdir)              (source_vocab, target_vocab) from workdir/vocab/
     normalize(text, form)             the text normalisation used everywhere
     prepare(config) -> folder | None  prepare (cached) without building a loader
     loader_throughput(config, seconds) target tokens/s of the train iterator
@@ -21,7 +20,6 @@ This package never imports TensorFlow or JAX.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
@@ -31,10 +29,11 @@ from s2s_jax.data.pipeline import (Loader, Materialize, TrainIterator, assign_bu
                                    bucket_shapes, eval_plan, grain_batches, length_filter,
                                    loader_throughput, local_rows, padding_efficiency)
 from s2s_jax.data.preprocess import load_prepared, open_split, prepare, split_roles
-from s2s_jax.vocab import VOCAB_JSON, normalize, read_vocab_dir
+from s2s_jax import rundir
+from s2s_jax.vocab import normalize
 from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab
 
-__all__ = ["DataError", "build_data", "Data", "load_vocabs", "normalize", "prepare",
+__all__ = ["DataError", "build_data", "Data", "normalize", "prepare",
            "loader_throughput", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID"]
 
 log = logging.getLogger(__name__)
@@ -270,40 +269,8 @@ def build_data(config, workdir: str | None = None, *, process_index: int = 0, pr
     data = Data(config, splits, source_vocab, target_vocab, prep_stats, prepared_dir=path,
                 process_index=process_index, process_count=process_count, batch_multiple=batch_multiple)
     if workdir:
-        install_vocabs(workdir, source_vocab, target_vocab)
+        try:
+            rundir.install_vocabs(workdir, source_vocab, target_vocab)
+        except rundir.VocabularyMismatch as e:
+            raise DataError(str(e)) from None
     return data
-
-
-def install_vocabs(workdir: str, source_vocab, target_vocab) -> str:
-    """Writes workdir/vocab/ (vocab.json + SentencePiece models). If the folder already exists
-    (a resumed run) it must hold the same vocabulary, or the checkpoint would be decoded with
-    the wrong pieces: that is a DataError."""
-    vdir = os.path.join(workdir, "vocab")
-    files = {}
-    for v in (source_vocab, target_vocab):
-        if getattr(v, "kind", None) == "sentencepiece":
-            files[os.path.basename(v.model_file)] = v.model_proto
-    import json
-
-    files[VOCAB_JSON] = json.dumps({"source": source_vocab.to_json(), "target": target_vocab.to_json()},
-                                   indent=2, sort_keys=True).encode()
-    if os.path.isdir(vdir) and os.path.isfile(os.path.join(vdir, VOCAB_JSON)):
-        for name, content in files.items():
-            p = os.path.join(vdir, name)
-            old = open(p, "rb").read() if os.path.isfile(p) else None
-            if old != content:
-                raise DataError(f"{p}: this workdir was trained with a different vocabulary than the data "
-                                f"configured now; use a new workdir (or restore the original data settings)")
-        return vdir
-    os.makedirs(vdir, exist_ok=True)
-    for name, content in files.items():
-        tmp = os.path.join(vdir, f".{name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(content)
-        os.replace(tmp, os.path.join(vdir, name))  # atomic: other hosts may write the same file
-    return vdir
-
-
-def load_vocabs(workdir: str):
-    """(source_vocab, target_vocab) saved by build_data in workdir/vocab/ (CharVocab for tasks)."""
-    return read_vocab_dir(os.path.join(workdir, "vocab"))

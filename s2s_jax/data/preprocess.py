@@ -42,10 +42,10 @@ import re
 import shutil
 import sys
 import time
-import uuid
 
 import numpy as np
 
+from s2s_jax import rundir
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.text import check_aligned, check_exists, clean_pairs, empty_line_error, scan_lines
 from s2s_jax.data.tokenizer import train_sentencepiece
@@ -569,7 +569,7 @@ def vocab_from_dir(d) -> str | None:
     """The vocab/ folder of the run named by data.vocab_from (checked), or None."""
     if not d.vocab_from:
         return None
-    vdir = os.path.join(os.path.expanduser(d.vocab_from), "vocab")
+    vdir = rundir.vocab_dir(os.path.expanduser(d.vocab_from))
     if not os.path.isfile(os.path.join(vdir, VOCAB_JSON)):
         raise DataError(f"data.vocab_from={d.vocab_from!r}: holds no vocabulary ({vdir}/{VOCAB_JSON} is missing); "
                         "give the workdir of a trained run")
@@ -626,26 +626,11 @@ def prepare(config, *, force: bool = False) -> str | None:
     if is_prepared(path) and not force:
         log.info("reusing prepared data %s", path)
         return path
-    root = os.path.dirname(path)
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".tmp-{os.path.basename(path)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
+    # the folder appears complete or not at all; when another process prepared it first, that one is used
+    with rundir.atomic_folder(path, replace=force, keep_existing=is_prepared) as tmp:
         t0 = time.time()
         _prepare_into(tmp, d, source, manifest)
         log.info("prepared %s in %.1fs", path, time.time() - t0)
-        if force and os.path.isdir(path):
-            shutil.rmtree(path)
-        try:
-            os.rename(tmp, path)  # atomic: the folder appears complete or not at all
-        except OSError:
-            if not is_prepared(path):
-                raise
-            log.info("another process prepared %s first; using it", path)
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

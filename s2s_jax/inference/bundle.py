@@ -2,13 +2,13 @@
 sentencepiece (never flax, optax, orbax, grain or tensorflow-datasets). jax.export's
 deserializer also needs the small `flatbuffers` package.
 
-    from s2s_jax.export import load_bundle        # (or from s2s_jax.inference.bundle)
+    from s2s_jax.inference.bundle import load_bundle    # (or s2s_jax.load_bundle)
     bundle = load_bundle("bundles/tiny")
     bundle.translate(["hello", "world"])          # the run's decode.beam_size
     bundle.translate(["hello"], beam=5)           # any beam size the bundle was exported with
     bundle.params["decoder"]["layer_0"]["input_kernel"]   # numpy arrays, nested dicts
 
-Bundle layout (format version 1; `s2s_jax export` writes it, see export.py):
+Bundle layout (format version 1; `s2s_jax export` writes it, see inference/export.py):
 
     bundle.json            manifest: format, format_version, checkpoint used, decode settings,
                            programs, and the byte size + sha256 of every other file
@@ -39,15 +39,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from s2s_jax.config import UserError
+from s2s_jax.rundir import CONFIG_FILE, VOCAB_DIR  # a bundle names its config and vocabulary as a run does
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
-from s2s_jax.vocab import VocabError, input_normalization, normalize, vocab_from_json
+from s2s_jax.vocab import VOCAB_JSON, VocabError, input_normalization, normalize, vocab_from_json
 
 FORMAT = "s2s_jax-bundle"
 FORMAT_VERSION = 1  # the newest bundle format this module reads (and export.py writes)
 MANIFEST = "bundle.json"
 PARAMS_FILE = "params.safetensors"
-CONFIG_FILE = "config.json"
-VOCAB_DIR = "vocab"
 PROGRAM_DIR = "programs"
 
 class BundleError(UserError):
@@ -148,7 +147,7 @@ class Bundle:
         try:
             with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
                 self.config = json.load(f)  # plain dict; s2s_jax.config.from_dict makes a Config
-            with open(os.path.join(path, VOCAB_DIR, "vocab.json"), encoding="utf-8") as f:
+            with open(os.path.join(path, VOCAB_DIR, VOCAB_JSON), encoding="utf-8") as f:
                 vocab_desc = json.load(f)
             vocab_dir = os.path.join(path, VOCAB_DIR)
             self.source_vocab = _vocab(vocab_desc["source"], vocab_dir)

@@ -155,11 +155,9 @@ def load_engine(*, workdir: str | None = None, bundle: str | None = None, step=N
         b = load_bundle(bundle)
         return Engine(bundle=b, description=_bundle_description(b))
     from s2s_jax.inference.runs import load_run
-    from s2s_jax.inference.translator import Translator, decode_overrides
 
     run = load_run(workdir, step=step, best=best, average_last=average_last)
-    config = decode_overrides(run.config, overrides, max_len=max_len, batch_size=batch_size)
-    translator = Translator(config, run.model, run.params, run.source_vocab, run.target_vocab)
+    translator = run.translator(overrides, max_len=max_len, batch_size=batch_size)
     return Engine(translator=translator, description=_run_description(run))
 
 

@@ -222,7 +222,7 @@ class Translator:
         self.source_vocab = source_vocab
         self.target_vocab = target_vocab
         self._normalization = input_normalization(config.data)
-        self.checkpoint: dict | None = None  # set by load_translator
+        self.checkpoint: dict | None = None  # set by runs.Run.translator
         self.last_stats: dict = {}
 
     def _jitted(self, *key):
@@ -414,18 +414,6 @@ def decode_overrides(config: Config, overrides=(), *, max_len: int | None = None
     if bad:
         raise config_lib.ConfigError(f"--set {bad[0]}: only decode.* fields can change at translation time")
     return config_lib.override(config, overrides)
-
-
-def load_translator(workdir: str, *, step: int | None = None, best: bool = False, average_last: int | None = None,
-                    overrides=(), max_len: int | None = None, batch_size: int | None = None) -> Translator:
-    """A Translator for a trained run (see `inference.runs.load_run` for step/best/average_last)."""
-    from s2s_jax.inference.runs import load_run
-
-    run = load_run(workdir, step=step, best=best, average_last=average_last)
-    config = decode_overrides(run.config, overrides, max_len=max_len, batch_size=batch_size)
-    translator = Translator(config, run.model, run.params, run.source_vocab, run.target_vocab)
-    translator.checkpoint = run.checkpoint  # which parameters (latest / best / step / average, steps)
-    return translator
 
 
 def attention_figure(translator: Translator, lines: Sequence[str], *, beam: int = 1, max_sentences: int = 4):

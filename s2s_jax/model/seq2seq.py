@@ -10,7 +10,7 @@ The kernel set (s2s_jax/kernels/) is chosen once, where the model is built
 (train_state.make_model); every submodule and the train step use `model.kernels`.
 
 The forward pass stops at the attentional hidden states [B, T, H]: the output projection and
-the loss run outside the decoder scan, chunked over time (`losses.py`), so [B, T, V] logits never
+the loss run outside the decoder scan, chunked over time (`training/losses.py`), so [B, T, V] logits never
 need to exist at once. Decoding: `encode` once per batch, then `decode_step` per token.
 """
 

@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import signal
 import time
 
@@ -32,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import runtime
+from s2s_jax import rundir, runtime
 from s2s_jax import config as config_lib
 from s2s_jax import metrics as metrics_lib
-from s2s_jax import steps
-from s2s_jax.checkpoint import Checkpoints, vocab_reference
+from s2s_jax.training import steps
+from s2s_jax.checkpoint import Checkpoints
 from s2s_jax.config import Config, UserError
 from s2s_jax.parallel import Parallel, maybe_initialize_distributed
 from s2s_jax.train_state import abstract_state, create_state, make_model, params_for_eval, scale_learning_rate
@@ -44,44 +43,9 @@ from s2s_jax.inference.translator import Translator
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-
 
 class TrainingStopped(UserError):
     """The run stopped itself (e.g. too many non-finite steps); the last good checkpoint is kept."""
-
-
-def check_workdir(config: Config, workdir: str) -> bool:
-    """Validates the workdir before any work. Returns True when it holds a run to resume."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir {workdir}: is a file, not a directory; pick another path")
-    config_path = os.path.join(workdir, CONFIG_FILE)
-    resume = os.path.isfile(config_path)
-    # vocab/ is written just before config.json: a run killed in between left only that.
-    if os.path.isdir(workdir) and set(os.listdir(workdir)) - {"vocab"} and not resume:
-        raise UserError(f"--workdir {workdir}: not empty and holds no s2s_jax run ({CONFIG_FILE} missing); "
-                        "use a new or empty directory")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--workdir {workdir}: not writable ({e.strerror}); pick a writable directory") from None
-    if resume:
-        try:
-            saved = config_lib.load(config_path)
-        except UserError as e:
-            raise UserError(f"{config_path}: unreadable ({e}); use a new --workdir") from None
-        for section in ("model", "data"):
-            if getattr(saved, section) != getattr(config, section):
-                diff = [k for k, v in config_lib.to_dict(config)[section].items()
-                        if config_lib.to_dict(saved)[section][k] != v]
-                raise UserError(f"--workdir {workdir}: holds a run with a different {section} config "
-                                f"({', '.join(f'{section}.{k}' for k in diff)}); use a new --workdir "
-                                "or the saved settings")
-    return resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,23 +164,16 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True) -
     """
     config = config_lib.validate(config)
     runtime.configure_backend(config.train.deterministic)  # before the backend starts
-    resume = check_workdir(config, workdir)
+    resume = rundir.check_new_or_resumable(config, workdir)
     if resume and not config.train.init_from:
         # restarted without --init-from: the run still starts from (or began from) the saved one
-        saved = config_lib.load(os.path.join(workdir, CONFIG_FILE)).train
+        saved = rundir.read_config(workdir).train
         if saved.init_from:
             config = config.replace(train=dataclasses.replace(config.train, init_from=saved.init_from,
                                                               init_optimizer=saved.init_optimizer))
     stop = _StopSignal()
     with stop.installed():
         return _train(config, workdir, resume, stop, progress)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class _LatestSaver:
@@ -232,7 +189,7 @@ class _LatestSaver:
 
 
 def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progress: bool) -> dict:
-    from s2s_jax import embeddings, warm_start
+    from s2s_jax.training import embeddings, warm_start
     from s2s_jax.data import build_data  # data never imports jax; import here keeps the CLI light
 
     maybe_initialize_distributed(config)
@@ -241,14 +198,13 @@ def _train(config: Config, workdir: str, resume: bool, stop: _StopSignal, progre
     primary = jax.process_index() == 0
     # train.init_from: the run and its checkpoint must exist and its model match, before any work;
     # unless this workdir has checkpoints of its own (they win; the other run may be gone by now)
-    own = os.path.join(workdir, "checkpoints")
-    has_own = resume and os.path.isdir(own) and any(n.isdigit() for n in os.listdir(own))
+    has_own = resume and bool(rundir.committed_steps(workdir))
     init = warm_start.resolve(config, workdir) if tc.init_from and not has_own else None
     data = build_data(config, workdir, process_index=jax.process_index(),
                       process_count=jax.process_count(), batch_multiple=parallel.local_devices * tc.grad_accum)
     if primary and not resume:
-        _write_atomic(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
-    vocab_ref = vocab_reference(workdir)
+        rundir.write_config(workdir, config)
+    vocab_ref = rundir.vocab_reference(workdir)
     if init is not None:
         init.check_vocabulary(vocab_ref)
     # read on every start (also a resume): the frozen rows are the rows the files fill

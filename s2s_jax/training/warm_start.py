@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax import config as config_lib
-from s2s_jax.checkpoint import Checkpoints, vocab_reference
+from s2s_jax import rundir
+from s2s_jax.checkpoint import Checkpoints
 from s2s_jax.config import Config, UserError
 
 # model.* fields that do not change the parameters or what they compute: may differ in a warm start.
@@ -60,8 +61,8 @@ class InitFrom:
         return f"{self.run} (checkpoint {self.which if self.step is None else self.step})"
 
     def check_vocabulary(self, vocab_ref: dict) -> None:
-        """The new run's vocabulary (trainer.vocab_reference of its workdir) must be the other's."""
-        theirs = vocab_reference(self.run)["files"]
+        """The new run's vocabulary (rundir.vocab_reference of its workdir) must be the other's."""
+        theirs = rundir.vocab_reference(self.run)["files"]
         if theirs != vocab_ref["files"]:
             raise WarmStartError(
                 f"train.init_from={self.spec!r}: {self.run} was trained with a different vocabulary than this run "
@@ -71,9 +72,8 @@ class InitFrom:
     def state(self, config: Config, model):
         """The new run's initial train state (fresh but for what is carried over)."""
         from s2s_jax.train_state import abstract_state, create_state, make_model, params_for_eval
-        from s2s_jax.data import load_vocabs
 
-        source_vocab, target_vocab = load_vocabs(self.run)
+        source_vocab, target_vocab = rundir.read_vocabs(self.run)
         their_model = make_model(self.config, source_vocab.vocab_size, target_vocab.vocab_size)
         theirs = self._restore(abstract_state(self.config, their_model))
         fresh = create_state(config, model)
@@ -111,14 +111,6 @@ class InitFrom:
         return out[0]
 
 
-def committed_steps(run: str, folder: str) -> list[int]:
-    """Committed checkpoint steps in run/folder (Orbax commits a step by renaming its tmp folder
-    to the bare number), listed without opening a manager: a manager would create folders in a
-    run that is only read here."""
-    d = os.path.join(run, folder)
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
 def _differing(a: dict, b: dict) -> str:
     return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
 
@@ -140,14 +132,14 @@ def resolve(config: Config, workdir: str) -> InitFrom:
     """Checks train.init_from before any work: the run, the checkpoint, the architecture."""
     spec = config.train.init_from
     run, which, step = parse(spec)
-    if not os.path.isfile(os.path.join(run, "config.json")):
+    if not rundir.is_run(run):
         raise WarmStartError(f"train.init_from={spec!r}: {run} holds no s2s_jax run (config.json missing); "
                              "give the workdir of a trained run, optionally @best or @STEP")
     if os.path.abspath(run) == os.path.abspath(workdir):
         raise WarmStartError(f"train.init_from={spec!r} is this run's own workdir: a run resumes from its own "
                              "checkpoints without being told; drop --init-from or use a new --workdir")
     try:
-        theirs = config_lib.load(os.path.join(run, "config.json"))
+        theirs = rundir.read_config(run)
     except UserError as e:
         raise WarmStartError(f"train.init_from={spec!r}: {run}/config.json is unreadable ({e})") from None
     ours_m, theirs_m = config_lib.to_dict(config)["model"], config_lib.to_dict(theirs)["model"]
@@ -160,8 +152,8 @@ def resolve(config: Config, workdir: str) -> InitFrom:
         raise WarmStartError(f"train.init_from={spec!r}: the vocabularies cannot match: {run} has data.source="
                              f"{theirs.data.source!r}, this run {config.data.source!r} (built-in tasks use characters, "
                              "text and TFDS corpora SentencePiece); warm-start from a run of the same kind")
-    folder = {"latest": "checkpoints", "best": "best", "step": "checkpoints"}[which]
-    latest, best = committed_steps(run, "checkpoints"), committed_steps(run, "best")
+    folder = rundir.CHECKPOINT_DIRS["best" if which == "best" else "latest"]
+    latest, best = rundir.committed_steps(run, "latest"), rundir.committed_steps(run, "best")
     if which == "step" and step not in latest:
         if step in best:
             which = "best"

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax import kernels as kernels_lib
-from s2s_jax import losses
+from s2s_jax.training import losses
 from s2s_jax.config import Config
 from s2s_jax.model import Seq2Seq
 from s2s_jax.train_state import TrainState, build_optimizer, learning_rate_fn

@@ -5,7 +5,7 @@
     python -m s2s_jax export --workdir RUN --out B --average-last 5 --dtype bfloat16
     python -m s2s_jax export --workdir A --workdir B [--weights 0.5,0.5] --out E     # an ensemble
 
-The bundle (layout and loader: `inference/bundle.py`) holds the parameters as safetensors under
+The bundle (layout and loader: `bundle.py`, beside this writer) holds the parameters as safetensors under
 flat names (the Flax parameter path joined by "/", e.g. "decoder/layer_0/input_kernel"), the
 run's config.json, its vocabulary files, a MODEL.md card, and serialized `jax.export` programs
 (encode, greedy decode, beam decode) lowered for the CPU and CUDA platforms. The programs are
@@ -18,8 +18,8 @@ What is fixed at export time, because it shapes the program: each beam program's
 tokens, and the loader passes T = floor(a * padded S + b) exactly as the in-process
 Translator does).
 
-Loading (`load_bundle`) needs only jax, numpy, safetensors and sentencepiece: this module
-imports nothing heavy at import time; flax/orbax are imported inside the writer functions.
+Loading (`inference.bundle.load_bundle`) needs only jax, numpy, safetensors and sentencepiece:
+this module imports nothing heavy at import time; flax/orbax are imported inside the writer functions.
 """
 
 from __future__ import annotations
@@ -28,20 +28,14 @@ import datetime
 import json
 import os
 import shutil
-import tempfile
 
+from s2s_jax import rundir
 from s2s_jax.config import UserError
+from s2s_jax.vocab import VOCAB_JSON
 
 PLATFORMS = ("cpu", "cuda")
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DTYPES = ("float32", "bfloat16")
-
-
-def load_bundle(path: str, *, verify: bool = True):
-    """Opens an export bundle (see `s2s_jax.inference.bundle.Bundle`); no flax/optax/orbax needed."""
-    from s2s_jax.inference.bundle import load_bundle as _load
-
-    return _load(path, verify=verify)
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -82,18 +76,6 @@ def run(args) -> int:
     print(json.dumps({"bundle": path, "checkpoint": manifest["checkpoint"], "params": manifest["params"],
                       "programs": sorted(manifest["programs"])}))
     return 0
-
-
-# -- checkpoints ----------------------------------------------------------------------------
-
-def load_export_params(workdir: str, *, step: int | None = None, best: bool = False,
-                       average_last: int | None = None):
-    """(config, model, params, source_vocab, target_vocab, checkpoint_info) of a run
-    (`s2s_jax.inference.runs.load_run`; checkpoint_info {"which", "steps"})."""
-    from s2s_jax.inference.runs import load_run
-
-    run = load_run(workdir, step=step, best=best, average_last=average_last)
-    return run.config, run.model, run.params, run.source_vocab, run.target_vocab, run.checkpoint
 
 
 # -- programs -------------------------------------------------------------------------------
@@ -213,7 +195,7 @@ def _model_card(config, manifest: dict, flat: dict, eval_record: dict | None, n_
     d = manifest["decode"]
     beams = [p["beam_size"] for p in manifest["programs"].values() if "beam_size" in p and p["beam_size"] > 1]
     lines += ["", "## Using it", "", "```python",
-              "from s2s_jax.export import load_bundle   # needs jax, numpy, safetensors, sentencepiece, flatbuffers",
+              "from s2s_jax.inference.bundle import load_bundle   # needs jax, numpy, safetensors, sentencepiece, flatbuffers",
               f"bundle = load_bundle({manifest['name']!r})",
               f"bundle.translate([\"...\"])            # beam {d['default_beam']} (the run's decode.beam_size)",
               "bundle.translate([\"...\"], beam=1)     # greedy",
@@ -254,13 +236,13 @@ def _vocab_files(workdir: str, out_vocab: str, source_vocab, target_vocab) -> di
         if d["kind"] == "char":
             d["itos"] = list(vocab.itos)
         elif d["kind"] == "sentencepiece":
-            src = os.path.join(workdir, "vocab", d["model"])
+            src = os.path.join(rundir.vocab_dir(workdir), d["model"])
             if not os.path.isfile(os.path.join(out_vocab, d["model"])):
                 shutil.copyfile(src, os.path.join(out_vocab, d["model"]))
         else:
             raise UserError(f"{workdir}/vocab: vocabulary kind {d['kind']!r} cannot be exported")
         desc[side] = d
-    with open(os.path.join(out_vocab, "vocab.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out_vocab, VOCAB_JSON), "w", encoding="utf-8") as f:
         json.dump(desc, f, indent=2, sort_keys=True)
     return desc
 
@@ -283,8 +265,8 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
 
     workdir: a run, or a list of runs: an ensemble bundle (`inference.ensemble`; parameters
     stored as member_<i>/..., programs that combine the members, manifest["ensemble"])."""
-    from s2s_jax.inference.bundle import (CONFIG_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_FILE,
-                                          PROGRAM_DIR, VOCAB_DIR, file_digest, flatten_params, unflatten_params)
+    from s2s_jax.inference.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_FILE, PROGRAM_DIR, file_digest,
+                                          flatten_params, unflatten_params)
     from s2s_jax.inference.lengths import LENGTH_MULTIPLE
 
     # Everything a user can get wrong is checked before any work.
@@ -295,8 +277,7 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
         raise UserError(f"--platforms {','.join(platforms)}: choose from {', '.join(KNOWN_PLATFORMS)}")
     if beams is not None and any(b < 2 for b in beams):
         raise UserError(f"--beam {min(beams)}: beam sizes must be at least 2 (greedy is always exported)")
-    if (step is not None) + bool(best) + (average_last is not None) > 1:
-        raise UserError("--step, --best and --average-last exclude each other; pick one")
+    choice = rundir.CheckpointChoice(step=step, best=best, average_last=average_last)
     out = os.path.abspath(out)
     _check_out(out, force)
     try:
@@ -315,14 +296,13 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
 
     # The model is built for the target platforms, not this machine: with model.kernels=auto a
     # bundle lowered on a CPU for cuda gets the portable kernels (cpu only when every platform is cpu)
-    target = kernels_lib.target(tuple(platforms))
+    for_platforms = kernels_lib.target(tuple(platforms))
     ensemble = None
     if isinstance(workdir, (list, tuple)):
         from s2s_jax.inference.ensemble import load_ensemble_translator
 
-        with target:
-            translator = load_ensemble_translator(list(workdir), weights=weights, step=step, best=best,
-                                                  average_last=average_last)
+        with for_platforms:
+            translator = load_ensemble_translator(list(workdir), weights=weights, **choice.kwargs())
         config, model, source_vocab, target_vocab = (translator.config, translator.model, translator.source_vocab,
                                                      translator.target_vocab)
         params = {f"member_{i}": p for i, p in enumerate(translator.params)}
@@ -330,9 +310,12 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
         ensemble = {"workdirs": [os.path.abspath(w) for w in workdir], "weights": list(model.weights)}
         workdir = workdir[0]  # vocabularies, config and decode settings: the first run's
     else:
-        with target:
-            config, model, params, source_vocab, target_vocab, ck = load_export_params(
-                workdir, step=step, best=best, average_last=average_last)
+        from s2s_jax.inference.runs import load_run
+
+        with for_platforms:
+            run = load_run(workdir, **choice.kwargs())
+        config, model, params, source_vocab, target_vocab, ck = (run.config, run.model, run.params, run.source_vocab,
+                                                                 run.target_vocab, run.checkpoint)
     if beams is None:
         beams = [config.decode.beam_size if config.decode.beam_size > 1 else 5]
     beams = sorted(set(int(b) for b in beams))
@@ -344,15 +327,12 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
     n_params = int(sum(v.size for v in flat.values()))
     params_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unflatten_params(flat))
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with rundir.atomic_folder(out, replace=True) as tmp:  # replace: `out` is missing, empty or a bundle (checked)
         save_file(flat, os.path.join(tmp, PARAMS_FILE),
                   metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), "dtype": dtype})
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+        with open(rundir.config_path(tmp), "w", encoding="utf-8") as f:
             f.write(config_lib.to_json(config))
-        vocab_desc = _vocab_files(workdir, os.path.join(tmp, VOCAB_DIR), source_vocab, target_vocab)
+        vocab_desc = _vocab_files(workdir, rundir.vocab_dir(tmp), source_vocab, target_vocab)
 
         os.makedirs(os.path.join(tmp, PROGRAM_DIR))
         programs = {}
@@ -399,18 +379,6 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
         manifest["files"] = dict(sorted(files.items()))
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        for root, dirs, names in os.walk(tmp):  # mkdtemp and safetensors create owner-only modes
-            os.chmod(root, 0o777 & ~umask)
-            for n in names:
-                os.chmod(os.path.join(root, n), 0o666 & ~umask)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,0 +1,79 @@
+"""Shared recipes the experiment configs derive from (not an experiment itself: no get_config).
+
+An experiment file loads this one by its path and changes what it does differently with
+`dataclasses.replace`, saying why in a comment:
+
+    recipes = load_module(Path(__file__).with_name("_recipes.py"))
+    model = dataclasses.replace(recipes.luong_2x256(), dtype="bfloat16")
+
+tests/test_config.py checks that each config equals its recipe but for the differences it declares.
+"""
+
+import dataclasses
+
+from s2s_jax.config import Config, DataConfig, DecodeConfig, ModelConfig, TrainConfig
+
+
+def luong_2x256() -> ModelConfig:
+    """OpenNMT-py "brnn"-style Luong attention model of Multi30k size.
+
+    Bidirectional 2-layer LSTM encoder (256 units in total, 128 per direction), 2-layer 256-unit
+    LSTM decoder, 256-dim embeddings, general (bilinear) attention with input feeding, dropout 0.3,
+    a dense bridge from the encoder's final states to the decoder's initial ones.
+    """
+    return ModelConfig(
+        cell="lstm",
+        source_embed_dim=256,
+        target_embed_dim=256,
+        hidden_dim=256,
+        encoder_layers=2,
+        decoder_layers=2,
+        bidirectional=True,
+        dropout=0.3,
+        attention="general",
+        input_feeding=True,
+        # A learned bridge: the recipe's choice since the first Multi30k config (no measurement
+        # behind it is recorded). bench_cpu keeps "last" on purpose (see there).
+        bridge="dense",
+    )
+
+
+def adam() -> TrainConfig:
+    """Adam, learning rate 1e-3, global-norm clipping at 5, seed 0 (the OpenNMT-py peer run's optimiser)."""
+    return TrainConfig(seed=0, optimizer="adam", learning_rate=1e-3, clip_norm=5.0)
+
+
+def text_translation(name: str, src_lang: str, tgt_lang: str, max_length: int) -> Config:
+    """A line-aligned text corpus translated by `luong_2x256`, evaluated by BLEU, beam 5 decoding.
+
+    Data: pairs of at most `max_length` pieces a side, one joint 8000-piece unigram SentencePiece
+    vocabulary trained on the training split after NFKC normalisation, 3000-token batches from
+    length-sorted pools. The corpus folder (data.dir, given on the command line), the buckets and
+    the number of steps are the experiment's.
+    """
+    return Config(
+        name=name,
+        data=DataConfig(
+            source="text",
+            dir="",  # given on the command line: --set data.dir=PATH (the experiment's docstring says which)
+            src_lang=src_lang,
+            tgt_lang=tgt_lang,
+            max_source_length=max_length,
+            max_target_length=max_length,
+            train_split="train",
+            valid_split="valid",
+            test_split="test",
+            vocab_size=8000,
+            joint_vocab=True,
+            spm_model_type="unigram",
+            spm_character_coverage=1.0,
+            normalization="nfkc",
+            batch_tokens=3000,  # OpenNMT-py's tokens rule: rows x max(S, T + 1)
+            pool_batches=32,  # length-sorted pools of 32 batches' worth of pairs
+            shuffle_seed=0,
+        ),
+        model=luong_2x256(),
+        train=dataclasses.replace(adam(), schedule="constant", log_every=50, eval_every=500,
+                                  checkpoint_every=500, best_metric="bleu"),
+        decode=DecodeConfig(beam_size=5, length_penalty=0.6),
+    )
