@@ -41,7 +41,7 @@ from s2s_jax import config as config_lib
 from s2s_jax import metrics as metrics_lib
 from s2s_jax.checkpoint import Checkpoints
 from s2s_jax.config import Config, UserError
-from s2s_jax.data import Data, build_data
+from s2s_jax.data import Data, build_data, model_inputs
 from s2s_jax.inference.translator import Translator
 from s2s_jax.model import Seq2Seq
 from s2s_jax.parallel import Parallel, maybe_initialize_distributed
@@ -147,8 +147,7 @@ def evaluate(config: Config, params, data, translator: Translator, eval_fn, para
     limit = config.train.eval_sentences
     sums = None
     for batch in data.eval_batches(split, limit=limit):
-        batch = {k: v for k, v in batch.items() if k != "index"}
-        out = parallel.unreplicate_metrics(eval_fn(params, parallel.put_batch(batch)))
+        out = parallel.unreplicate_metrics(eval_fn(params, parallel.put_batch(model_inputs(batch))))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     result = metrics_lib.scalars_from_sums(jax.device_get(sums)) if sums is not None else {}
     examples = data.eval_examples(split, limit=limit)
@@ -301,7 +300,8 @@ def _warm_start_source(config: Config, workdir: str, resume: bool) -> warm_start
 
 
 def _build_data(config: Config, workdir: str, parallel: Parallel) -> Data:
-    """The run's data: vocabularies, splits, the bucket plan, this process's shard of the batches."""
+    """The run's data: vocabularies and splits, this process's shard of the batches. Its batch plan is
+    built once, by data.train_batches with the checkpoint's data state (the saved buckets)."""
     return build_data(config, workdir, process_index=jax.process_index(), process_count=jax.process_count(),
                       batch_multiple=parallel.local_devices * config.train.grad_accum)
 
@@ -367,7 +367,7 @@ def train_loop(run: RunContext) -> dict:
     try:
         while step < tc.steps and not run.stop.received and not finished:
             batch = next(run.train_iter)
-            run.state, m = run.train_fn(run.state, run.parallel.put_batch(batch))
+            run.state, m = run.train_fn(run.state, run.parallel.put_batch(model_inputs(batch)))
             m = run.parallel.unreplicate_metrics(m)
             window.add(m)
             step += 1
