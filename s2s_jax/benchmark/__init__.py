@@ -36,7 +36,7 @@ padding not counted) / time / the measured ceiling or the datasheet peak.
 
 Modules: `batches` (the synthetic batches), `flops` (the FLOP model), `peaks` (datasheet peaks,
 compute kinds, measured ceilings), `timing` (Runner, measure), `runner` (one subprocess per
-device count), `verb` (the CLI verb's options and record), `baseline` (the Flax-examples model).
+device count), `verb` (the CLI verb's record; its options are in cli.py), `baseline` (the Flax-examples model).
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from s2s_jax.benchmark.peaks import (DATASHEET_PEAK_TFLOPS, ceilings, compute_ki
                                      matmul_ceiling, peak_bytes_in_use, platform_version)
 from s2s_jax.benchmark.runner import device_count_env, probe_devices, run_device_counts
 from s2s_jax.benchmark.timing import Runner, build_parallel_runner, build_runners, measure
-from s2s_jax.benchmark.verb import add_arguments, run
+from s2s_jax.benchmark.verb import run
 
 __all__ = ["bucket_rows", "bucket_shapes", "corpus_lengths", "lengths_source", "make_batches", "dot_operand_types",
            "forward_flops", "DATASHEET_PEAK_TFLOPS", "ceilings", "compute_kind", "datasheet_entry", "datasheet_peak",
            "matmul_ceiling", "peak_bytes_in_use", "platform_version", "device_count_env", "probe_devices",
-           "run_device_counts", "Runner", "build_parallel_runner", "build_runners", "measure", "add_arguments", "run"]
+           "run_device_counts", "Runner", "build_parallel_runner", "build_runners", "measure", "run"]

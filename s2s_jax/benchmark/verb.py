@@ -1,8 +1,7 @@
-"""`python -m s2s_jax benchmark`: its options and the one JSON record it prints."""
+"""`python -m s2s_jax benchmark` (its options are defined in cli.py): the one JSON record it prints."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -12,22 +11,6 @@ from s2s_jax.benchmark.batches import bucket_rows, bucket_shapes, lengths_source
 from s2s_jax.benchmark.peaks import platform_version
 from s2s_jax.benchmark.runner import run_device_counts
 from s2s_jax.benchmark.timing import build_parallel_runner, build_runners, measure
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-only", action="store_true",
-                   help="measure the data loader (s2s_jax.data.loader_throughput) instead of the model")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (each runs every batch once per model)")
-    p.add_argument("--batches", type=int, default=8, help="batches in the timed list (drawn by bucket frequency)")
-    p.add_argument("--no-baseline", action="store_true", help="time only s2s_jax's model")
-    p.add_argument("--output", default=None, help="also write the JSON record to this file")
-    p.add_argument("--devices", default=None, metavar="1,2,4,8",
-                   help="rerun s2s_jax's training measurement (train.parallel, default shard_map) with each "
-                        "number of devices, one subprocess each: the first N GPUs/TPU chips on an accelerator "
-                        "host, N simulated CPU devices on a CPU-only one; reports target tokens/s per count")
-    p.add_argument("--sync", choices=("auto", "step", "round"), default="auto",
-                   help="synchronise after every step (CPU default) or once per round (accelerator default)")
-    p.add_argument("--device-count-child", action="store_true", help=argparse.SUPPRESS)
 
 
 def _emit(record: dict, output: str | None) -> int:
