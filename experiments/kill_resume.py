@@ -26,6 +26,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from s2s_jax.checkpoint import unfinished_saves  # noqa: E402  (the checkpoint layout's own reader)
+from s2s_jax.rundir import committed_steps  # noqa: E402
 TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
 
 
@@ -55,11 +56,6 @@ def _mtime(path: str) -> float:
         return os.stat(path).st_mtime
     except OSError:
         return 0.0
-
-
-def committed(workdir: str) -> list[int]:
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 def logged(workdir: str, step: int) -> bool:
@@ -97,7 +93,7 @@ def run_and_kill(workdir: str, steps: int, cache: str, trigger) -> dict:
             break
         time.sleep(0.002)
     proc.wait()
-    return {"killed": proc.returncode == -signal.SIGKILL, "committed": committed(workdir),
+    return {"killed": proc.returncode == -signal.SIGKILL, "committed": committed_steps(workdir),
             "tmp": unfinished_saves(workdir)}
 
 
@@ -112,26 +108,21 @@ def train(workdir: str, steps: int, cache: str) -> float:
 def final_state(workdir: str):
     import jax
 
-    from s2s_jax import config as config_lib
-    from s2s_jax.checkpoint import Checkpoints
-    from s2s_jax.rundir import read_vocabs
-    from s2s_jax.train_state import abstract_state, make_model
+    from s2s_jax import rundir
+    from s2s_jax.train_state import make_model
 
-    config = config_lib.load(os.path.join(workdir, "config.json"))
-    sv, tv = read_vocabs(workdir)
+    config = rundir.read_config(workdir)
+    sv, tv = rundir.read_vocabs(workdir)
     model = make_model(config, sv.vocab_size, tv.vocab_size)
-    ckpts = Checkpoints(workdir, keep=10 ** 6, keep_best=0, async_save=False)
-    try:
-        state, _, step = ckpts.restore(abstract_state(config, model))
-    finally:
-        ckpts.close()
+    state, _, step = rundir.restore(workdir, config, model, None, "latest")
     return step, jax.tree.leaves(jax.device_get(state))
 
 
 def loss_trace(workdir: str) -> list[dict]:
     from s2s_jax.metrics import read_metrics
 
-    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec")} for r in read_metrics(workdir)]
+    # wall-clock fields (time, tokens_per_sec, sentences_per_sec) differ run to run; the rest must not
+    return [{k: v for k, v in r.items() if k != "time" and not k.endswith("_per_sec")} for r in read_metrics(workdir)]
 
 
 def main() -> int:

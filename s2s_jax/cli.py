@@ -84,13 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--workdir", help="a trained run")
     which.add_argument("--bundle", help="an export bundle directory")
     _decode_args(p)
-    _module_hook("inference.server", "add_arguments", p)
-    # Verbs whose options live with their module (each defines add_arguments(p) and run(args)).
+    _serve_args(p)
     p = sub.add_parser("benchmark", help="training throughput, compile time and FLOP utilisation (JSON)")
     _config_args(p)
-    _module_hook("benchmark", "add_arguments", p)
+    _benchmark_args(p)
     p = sub.add_parser("export", help="write a self-contained bundle (safetensors + jax.export programs)")
-    _module_hook("inference.export", "add_arguments", p)
+    _export_args(p)
     return parser
 
 
@@ -105,16 +104,64 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.FIELD=VALUE")
 
 
-def _module_hook(module: str, name: str, *args):
-    import importlib
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from s2s_jax.inference.server import API_KEY_ENV, Limits
 
-    try:
-        mod = importlib.import_module(f"s2s_jax.{module}")
-    except ModuleNotFoundError as e:
-        if e.name != f"s2s_jax.{module}":
-            raise
-        return None
-    return getattr(mod, name)(*args)
+    d = Limits()
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' (default: the {API_KEY_ENV} environment variable)")
+    p.add_argument("--max-sentences", type=int, default=d.max_sentences, help="sentences per request")
+    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters per sentence")
+    p.add_argument("--max-pending", type=int, default=d.max_pending, help="sentences queued before 503")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="sentences merged into one decode call (0: 16 x decode.batch_size)")
+    p.add_argument("--max-beam", type=int, default=d.max_beam, help="largest beam a request may ask for")
+    p.add_argument("--batching", choices=("auto", "stream", "merge"), default="auto",
+                   help="stream: sentences join the running decoder as slots free up (runs; the default); "
+                        "merge: one decode call per group of waiting requests (bundles)")
+    p.add_argument("--chunk-steps", type=int, default=4,
+                   help="stream batching: decoding steps between admissions of new sentences")
+    p.add_argument("--graceful-seconds", type=float, default=60.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+
+
+def _benchmark_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-only", action="store_true",
+                   help="measure the data loader (s2s_jax.data.loader_throughput) instead of the model")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (each runs every batch once per model)")
+    p.add_argument("--batches", type=int, default=8, help="batches in the timed list (drawn by bucket frequency)")
+    p.add_argument("--no-baseline", action="store_true", help="time only s2s_jax's model")
+    p.add_argument("--output", default=None, help="also write the JSON record to this file")
+    p.add_argument("--devices", default=None, metavar="1,2,4,8",
+                   help="rerun s2s_jax's training measurement (train.parallel, default shard_map) with each "
+                        "number of devices, one subprocess each: the first N GPUs/TPU chips on an accelerator "
+                        "host, N simulated CPU devices on a CPU-only one; reports target tokens/s per count")
+    p.add_argument("--sync", choices=("auto", "step", "round"), default="auto",
+                   help="synchronise after every step (CPU default) or once per round (accelerator default)")
+    p.add_argument("--device-count-child", action="store_true", help=argparse.SUPPRESS)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    from s2s_jax.inference.export import DTYPES, PLATFORMS
+
+    p.add_argument("--workdir", required=True, action="append",
+                   help="the trained run; several (same vocabularies): an ensemble bundle")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...", help="ensemble weights (default: equal)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    which.add_argument("--best", action="store_true", help="the best checkpoint by validation metric")
+    which.add_argument("--average-last", type=int, default=None, metavar="K",
+                       help="average the parameters of the last K checkpoints")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored parameters")
+    p.add_argument("--beam", type=int, action="append", default=None, metavar="K",
+                   help="beam size of a beam-search program (repeatable; default: the run's "
+                        "decode.beam_size, or 5 when that is 1)")
+    p.add_argument("--platforms", default=",".join(PLATFORMS),
+                   help="comma-separated platforms the programs are lowered for (default: cpu,cuda)")
+    p.add_argument("--force", action="store_true", help="replace --out if it already exists")
 
 
 def _setup_logging() -> None:
@@ -315,10 +362,26 @@ def _cmd_average(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from s2s_jax.inference import server
+
+    return server.run(args)
+
+
+def _cmd_export(args) -> int:
+    from s2s_jax.inference import export
+
+    return export.run(args)
+
+
+def _cmd_benchmark(args) -> int:
+    from s2s_jax import benchmark
+
+    return benchmark.run(args)
+
+
 COMMANDS = {"average": _cmd_average, "train": _cmd_train, "prepare": _cmd_prepare, "translate": _cmd_translate, "eval": _cmd_eval,
-            "serve": lambda args: _module_hook("inference.server", "run", args),
-            "benchmark": lambda args: _module_hook("benchmark", "run", args),
-            "export": lambda args: _module_hook("inference.export", "run", args)}
+            "serve": _cmd_serve, "benchmark": _cmd_benchmark, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,15 +34,19 @@ class VocabError(UserError):
 # figure, ideographic ...) becomes a plain space. NFKC already does this for most of them, but
 # NFC and "none" do not, and SentencePiece would otherwise learn pieces that differ only in an
 # invisible space (French typography in Tatoeba puts U+202F before "!" and "?").
+# So does every C0/C1 control character but tab (U+0000-U+0008, U+000A-U+001F, U+007F-U+009F:
+# a stray ESC, CR or NUL inside a line is invisible and would become a piece of its own); tab
+# stays. prepare counts those inside training lines (data/text.py, CONTROL_CHARACTERS).
+CONTROL_CHARACTERS = "".join(chr(c) for c in (*range(0x00, 0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0)))
 _SPACE_TABLE = str.maketrans({c: " " for c in range(sys.maxunicode + 1)
-                              if unicodedata.category(chr(c)) == "Zs" and c != 0x20})
+                              if unicodedata.category(chr(c)) == "Zs" and c != 0x20 or chr(c) in CONTROL_CHARACTERS})
 
 NORMALIZATION_FORMS = {"nfkc": "NFKC", "nfc": "NFC", "none": None}
 
 
 def normalize(text: str, form: str = "nfkc") -> str:
-    """Unicode-normalises `text` (form: nfkc | nfc | none), maps every space separator to ' '
-    and strips surrounding whitespace. Idempotent."""
+    """Unicode-normalises `text` (form: nfkc | nfc | none), maps every space separator and every
+    control character but tab to ' ' and strips surrounding whitespace. Idempotent."""
     if form not in NORMALIZATION_FORMS:
         raise ValueError(f"unknown normalization {form!r}; choose one of {', '.join(NORMALIZATION_FORMS)}")
     uform = NORMALIZATION_FORMS[form]

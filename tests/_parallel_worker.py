@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     from s2s_jax.training import steps
     from s2s_jax.checkpoint import Checkpoints
-    from s2s_jax.data import build_data
+    from s2s_jax.data import build_data, model_inputs
     from s2s_jax.parallel import Parallel, maybe_initialize_distributed
     from s2s_jax.train_state import abstract_state, create_state, make_model
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         batches = data.train_batches(data_state)
         losses = []
         for _ in range(args.steps):
-            state, metrics = train_fn(state, parallel.put_batch(next(batches)))
+            state, metrics = train_fn(state, parallel.put_batch(model_inputs(next(batches))))
             metrics = parallel.unreplicate_metrics(metrics)
             losses.append(float(metrics["loss"]) / float(metrics["weight"]))
         final = parallel.get_state(state)
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         if "then" in opts:  # keep training from the in-memory state, e.g. the reference for a restore
             losses = []
             for _ in range(int(opts["then"])):
-                state, metrics = train_fn(state, parallel.put_batch(next(batches)))
+                state, metrics = train_fn(state, parallel.put_batch(model_inputs(next(batches))))
                 metrics = parallel.unreplicate_metrics(metrics)
                 losses.append(float(metrics["loss"]) / float(metrics["weight"]))
             record(f"{name}+{opts['then']}", parallel.get_state(state), losses)

@@ -1,4 +1,4 @@
-"""`python -m s2s_jax benchmark` (s2s_jax/benchmark.py): the record, bfloat16 on both sides,
+"""`python -m s2s_jax benchmark` (s2s_jax/benchmark/): the record, bfloat16 on both sides,
 token-based synthetic batches, the accelerator figures (ceiling kinds, datasheet peaks, MFU).
 
 The CLI runs use a toy model on one bucket shape (two compilations per model) so they cost
@@ -18,6 +18,8 @@ import pytest
 
 from s2s_jax import benchmark
 from s2s_jax import config as config_lib
+from s2s_jax.data import MODEL_FIELDS
+from s2s_jax.vocab import BOS_ID, EOS_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["model.hidden_dim=32", "model.source_embed_dim=16", "model.target_embed_dim=16",
@@ -86,28 +88,45 @@ def test_round_sync_and_token_batches():
     r = _bench("--config", "experiments/configs/bench_cpu.py", "--rounds", "1", "--batches", "2", "--sync", "round",
                "--no-baseline", *sets)
     assert r["sync"] == "round" and set(r["models"]) == {"s2s_jax"}
-    assert r["rows_per_bucket"] == [24, 8] and r["rows_per_batch"] == [8, 24]  # 512 // 17, 512 // 33
+    assert r["rows_per_bucket"] == [30, 15] and r["rows_per_batch"] == [15, 30]  # 512 // 17, 512 // 33
     m = r["models"]["s2s_jax"]
     assert m["step_s"]["median"] > 0 and np.isfinite(m["last_loss"])
 
 
 def test_token_based_rows_follow_the_loader_rule():
     cfg = _load("experiments/configs/bench_gpu.py")
-    try:
-        from s2s_jax.data.pipeline import bucket_rows
-    except ImportError:  # grain missing: the rule is still checked against the numbers below
-        pass
-    else:
-        assert benchmark.bucket_rows(cfg) == bucket_rows(cfg.data, list(cfg.data.buckets), benchmark.ROW_MULTIPLE)
-    assert benchmark.bucket_rows(cfg) == [960, 712, 496]  # 16384 // max(S, T + 1), multiples of 8
+    assert benchmark.bucket_rows(cfg) == [963, 712, 496]  # 16384 // max(S, T + 1), one device
+    assert benchmark.bucket_rows(cfg, devices=8) == [960, 712, 496]  # multiples of 8
     batches = benchmark.make_batches(cfg, 6)
     shapes = {(b["source"].shape, b["target_input"].shape[1]) for b in batches}
-    assert shapes == {((960, 14), 16), ((712, 20), 22), ((496, 30), 32)}
+    assert shapes == {((963, 14), 16), ((712, 20), 22), ((496, 30), 32)}
     for b in batches:
+        assert set(b) == set(MODEL_FIELDS)
         assert b["target_lengths"].max() <= b["target_input"].shape[1]
         assert (b["source"] < cfg.data.vocab_size).all() and (b["target_output"] < cfg.data.vocab_size).all()
+        rows = np.arange(len(b["target_lengths"]))
+        assert (b["target_input"][:, 0] == BOS_ID).all() and (b["target_output"][rows, b["target_lengths"] - 1]
+                                                              == EOS_ID).all()
     # the padded target tokens of each batch are about the budget
     assert all(15_000 <= b["target_input"].size <= 16_384 for b in batches)
+
+
+@pytest.mark.parametrize("name", ["bench_cpu", "bench_gpu"])
+@pytest.mark.parametrize("devices", [1, 8])
+def test_rows_per_bucket_are_the_loaders(name, devices):
+    """The benchmark's batches have the rows and shapes the training loader gives the same data
+    settings on `devices` simulated devices of one process (its batch_multiple)."""
+    import s2s_jax.data as D
+
+    cfg = _load(f"experiments/configs/{name}.py")
+    # the loader on the config's batching settings (built-in task data: no corpus to prepare)
+    task = dataclasses.replace(cfg.data, source="task", task="copy", task_train_size=500, task_eval_size=10)
+    data = D.build_data(dataclasses.replace(cfg, data=task), batch_multiple=devices * cfg.train.grad_accum)
+    assert benchmark.bucket_shapes(cfg) == data.shapes
+    assert benchmark.bucket_rows(cfg, devices=devices) == data.rows
+    made = {(b["source"].shape[0], b["source"].shape[1], b["target_input"].shape[1])
+            for b in benchmark.make_batches(cfg, 4, devices=devices)}
+    assert made <= {(r, s, t) for r, (s, t) in zip(data.rows, data.shapes)}
 
 
 def test_synthetic_lengths_are_the_same_everywhere():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,13 +19,14 @@ import pytest
 import s2s_jax.data as D
 from s2s_jax import rundir
 from s2s_jax.config import Config, DataConfig, UserError
-from s2s_jax.data import pipeline
+from s2s_jax.data import cache, pipeline, sources
 from s2s_jax.data import preprocess as prep_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 MULTI30K = os.path.join(SHARED, "multi30k")
 TATOEBA = os.path.join(SHARED, "tatoeba_fra_eng")
+TINY_CONFIG = os.path.join(REPO, "experiments", "configs", "tiny.py")
 
 
 def _cfg(**data) -> Config:
@@ -153,7 +155,7 @@ def test_tfds_dataset_missing_says_how_to_install(tmp_path):
     with pytest.raises(D.DataError) as e:
         D.prepare(_cfg(source="tfds", tfds_name="no_such_translate_ds/de-en", tfds_data_dir=str(tmp_path)))
     msg = str(e.value)
-    if prep_mod._find_spec("tensorflow") is None:
+    if sources.find_spec("tensorflow") is None:
         assert "pip install tensorflow-cpu" in msg and "no_such_translate_ds" in msg
     else:
         assert "no_such_translate_ds" in msg
@@ -235,7 +237,7 @@ def test_prepare_cache_reused_and_keyed(m30k, monkeypatch, tmp_path):
         if name == "valid.de":
             text = text.replace("Ein", "Eine", 1).replace("ein ", "en ", 1)
         (copy / name).write_text(text, encoding="utf-8")
-    other, _ = prep_mod.prepared_path(_m30k_cfg(m30k, dir=str(copy)))
+    other, _ = cache.prepared_path(_m30k_cfg(m30k, dir=str(copy)))
     assert os.path.basename(other)[-16:] != os.path.basename(path)[-16:]
 
 
@@ -252,7 +254,7 @@ def test_prepare_crash_leaves_no_cache(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "cache" / "prepared") == []
     monkeypatch.undo()
     path = D.prepare(cfg)
-    assert prep_mod.is_prepared(path)
+    assert cache.is_prepared(path)
 
 
 # ------------------------------------------------------------------------------ batches
@@ -268,7 +270,7 @@ def test_batches_shapes_and_contents(m30k_data):
         seen_shapes.add((s, t))
         assert (s, t) in shapes
         assert b["target_output"].shape == b["target_input"].shape
-        for k in ("source", "source_lengths", "target_input", "target_output", "target_lengths", "index"):
+        for k in D.FIELDS:
             assert b[k].dtype == np.int32 and b[k].shape[0] == b["source"].shape[0]
         real = b["index"] >= 0
         # filler rows: all zeros, lengths 0
@@ -433,7 +435,7 @@ def test_pooled_batches_hold_similar_lengths(m30k):
         idx = np.concatenate([b["index"] for b in batches])
         seen[pool] = np.sort(idx[idx >= 0])
         assert data.stats["pool_examples"] == (0 if pool == 0 else round(16 * np.mean(
-            np.asarray(data.rows)[data._train.bucket])))
+            np.asarray(data.rows)[data.loader.bucket])))
     assert np.array_equal(seen[0], seen[16])  # the same examples, once each
     assert spread[16] < 0.3 * spread[0], spread  # measured: 3.8 vs 18.3 target positions
     # the pooled plan is a pure function of seed and epoch
@@ -558,3 +560,103 @@ def test_full_pass_imports_neither_tensorflow_nor_jax(m30k, tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK" in r.stdout
+
+
+# ------------------------------------------------------------------------------ the plan, once per run start
+
+def test_resumed_run_with_other_auto_buckets_plans_once(tmp_path, monkeypatch, caplog):
+    """A resumed run whose saved auto buckets differ from those the lengths would give now
+    builds its batch plan once, on the saved buckets (the checkpoint's data state is read first)."""
+    import logging
+
+    from s2s_jax import cli
+    from s2s_jax.data import corpus
+    from tests._helpers import TINY
+
+    workdir = str(tmp_path / "run")
+    sets = ["data.buckets=()", "data.max_buckets=2", "train.steps=2", "train.eval_every=1000",
+            "train.checkpoint_every=2", "train.log_every=1", "train.eval_sentences=8", "model.hidden_dim=8"]
+
+    def train() -> int:
+        argv = ["train", "--config", TINY, "--workdir", workdir, "--no-progress"]
+        for s in sets:
+            argv += ["--set", s]
+        return cli.main(argv)
+
+    assert train() == 0
+    plans = []
+    real_plan = corpus.Data._plan
+
+    def counted(self, shapes):
+        plans.append(shapes)
+        return real_plan(self, shapes)
+
+    monkeypatch.setattr(corpus.Data, "_plan", counted)
+    monkeypatch.setattr(pipeline, "AUTO_BUCKET_MULTIPLE", 5)  # the auto buckets it would choose now differ
+    with caplog.at_level(logging.INFO, logger="s2s_jax.data.corpus"):
+        assert train() == 0  # resumes at its last step: the run start only
+    assert "resuming with the saved auto buckets" in caplog.text
+    assert len(plans) == 1 and plans[0] is not None  # once, with the saved shapes
+
+
+# ------------------------------------------------------------------------------ control characters, file kinds
+
+def test_control_characters_become_spaces_and_are_counted(tmp_path, caplog):
+    files = _tiny()
+    src = files["train.en"].splitlines(keepends=True)
+    src[2] = "the \x1b[31mcat\x00 number 2 sat\r\n"  # ESC and NUL inside; the CR is a line ending
+    src[7] = "the cat\x85number 7 sat on the mat\x0c\n"  # C1 NEL inside; the form feed is trailing whitespace
+    tgt = files["train.de"].splitlines(keepends=True)
+    tgt[4] = "die\tkatze nummer 4\x7fsass\r\n"  # tab stays; DEL inside
+    files["train.en"], files["train.de"] = "".join(src), "".join(tgt)
+    folder = _write_corpus(tmp_path / "c", files)
+    with caplog.at_level("WARNING"):
+        data = D.build_data(_cfg(source="text", dir=folder, cache_dir=str(tmp_path / "cache"), vocab_size=40))
+    stats = json.load(open(os.path.join(data.prepared_dir, "stats.json")))
+    assert stats["train"]["control_characters"] == 4 and stats["train"]["control_character_lines"] == 3
+    assert stats["valid"]["control_characters"] == 0
+    texts = dict(enumerate(data.eval_examples("train")))
+    assert texts[2][0] == "the  [31mcat  number 2 sat" and texts[7][0] == "the cat number 7 sat on the mat"
+    assert texts[4][1] == "die\tkatze nummer 4 sass"
+    assert "train.en: 3 control characters inside 2 lines (the first on line 3)" in caplog.text
+    assert "train.de: 1 control characters inside 1 lines (the first on line 5)" in caplog.text
+    # inference sees the same text as training
+    assert D.normalize("the \x1b[31mcat\x00 number 2 sat\r") == texts[2][0]
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "unreadable"])
+def test_a_path_that_is_not_a_readable_file_is_named(tmp_path, monkeypatch, capsys, kind):
+    from s2s_jax import cli
+    from s2s_jax.data import text
+
+    folder = _write_corpus(tmp_path / "c", _tiny())
+    target = os.path.join(folder, "valid.de")
+    os.remove(target)
+    if kind == "folder":
+        os.mkdir(target)
+        expect = "is a folder, not a regular file"
+    elif kind == "fifo":
+        os.mkfifo(target)
+        expect = "is a named pipe (FIFO), not a regular file"
+    else:
+        with open(target, "w", encoding="utf-8") as f:
+            f.write("eine zeile\n" * 30)
+        os.chmod(target, 0)
+        if os.access(target, os.R_OK):  # root reads anything: refuse as the OS would for a user
+            real_open = open
+
+            def denied(path, *a, **k):
+                if os.fspath(path) == target:
+                    raise PermissionError(13, "Permission denied", target)
+                return real_open(path, *a, **k)
+
+            monkeypatch.setattr(text, "open", denied, raising=False)
+        expect = "is a file this process cannot read (Permission denied)"
+    with pytest.raises(D.DataError, match=r".*valid\.de: " + re.escape(expect)):
+        D.prepare(_cfg(source="text", dir=folder, cache_dir=str(tmp_path / "cache"), vocab_size=35))
+    # from the CLI: that one line and exit code 2, no traceback
+    rc = cli.main(["prepare", "--config", TINY_CONFIG, "--set", "data.source=text", "--set", f"data.dir={folder}",
+                   "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.vocab_size=35"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"{target}: {expect}" in err

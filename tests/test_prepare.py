@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from s2s_jax.config import Config, ConfigError, DataConfig, override
+from s2s_jax.data import cache, records, sources, workers
 from s2s_jax.data import preprocess as P
 from s2s_jax.data.errors import DataError
 from s2s_jax.vocab import normalize
@@ -70,7 +71,7 @@ def corpus5k(tmp_path_factory):
 @pytest.fixture
 def small_shards(monkeypatch):
     monkeypatch.setattr(P, "SHARD_LINES", 1000)
-    monkeypatch.setattr(P, "BLOCK_LINES", 300)
+    monkeypatch.setattr(sources, "BLOCK_LINES", 300)
 
 
 # ------------------------------------------------------------------------------ workers / shards
@@ -89,7 +90,7 @@ def test_one_and_two_workers_byte_identical(corpus5k, tmp_path, small_shards):
     # The published dataset reads back as the corpus: record i = normalised line i, ids = the
     # vocabulary's encoding, lengths.npz = the records' lengths.
     manifest, stats, lengths, (sv, tv) = P.load_prepared(paths[2])
-    ds = P.open_split(paths[2], "train")
+    ds = records.open_split(paths[2], "train")
     assert len(ds) == stats["train"]["examples"] == 5000 == len(lengths["train_source"])
     assert lengths["train_source"].dtype == np.uint16
     src = open(os.path.join(corpus5k, "train.en"), encoding="utf-8").read().split("\n")
@@ -104,10 +105,10 @@ def test_one_and_two_workers_byte_identical(corpus5k, tmp_path, small_shards):
 
 
 def test_serialize_record_decodes_as_tfds_serializer():
-    feats = P._features()
+    feats = records.features()
     ex = {"source": np.asarray([5, 6, 70000], np.int32), "target": np.asarray([9], np.int32),
           "source_text": "Ein Mann \u00fcber", "target_text": "a man"}
-    ours = feats.deserialize_example_np(P.serialize_record([5, 6, 70000], [9], ex["source_text"], ex["target_text"]))
+    ours = feats.deserialize_example_np(records.serialize_record([5, 6, 70000], [9], ex["source_text"], ex["target_text"]))
     ref = feats.deserialize_example_np(feats.serialize_example(ex))
     assert ours.keys() == ref.keys()
     for k in ref:
@@ -125,9 +126,9 @@ def test_empty_shard_left_out(tmp_path, small_shards):
         (folder / f"{split}.en").write_text("the cat sat\n", encoding="utf-8")
         (folder / f"{split}.de").write_text("die katze\n", encoding="utf-8")
     path = P.prepare(_cfg(folder, tmp_path / "cache", vocab_size=40, prepare_workers=2))
-    names = sorted(f for f in os.listdir(P.tfds_dir(path)) if "train.array_record" in f)
-    assert names == [f"{P.BUILDER_NAME}-train.array_record-0000{i}-of-00002" for i in range(2)]
-    ds = P.open_split(path, "train")
+    names = sorted(f for f in os.listdir(records.tfds_dir(path)) if "train.array_record" in f)
+    assert names == [f"{records.BUILDER_NAME}-train.array_record-0000{i}-of-00002" for i in range(2)]
+    ds = records.open_split(path, "train")
     assert len(ds) == 1500 and ds[1000]["source_text"].decode() == "the cat 2000 sat"
     assert json.load(open(os.path.join(path, "stats.json")))["train"]["dropped"]["empty"] == 1000
 
@@ -135,7 +136,7 @@ def test_empty_shard_left_out(tmp_path, small_shards):
 # ------------------------------------------------------------------------------ cache key / config
 
 def test_key_has_sample_size_not_workers(corpus5k, tmp_path):
-    key = lambda **kw: os.path.basename(P.prepared_path(_cfg(corpus5k, tmp_path, **kw))[0])  # noqa: E731
+    key = lambda **kw: os.path.basename(cache.prepared_path(_cfg(corpus5k, tmp_path, **kw))[0])  # noqa: E731
     assert key(prepare_workers=1) == key(prepare_workers=2) == key()
     assert key(spm_sample_size=1000) != key()
 
@@ -144,7 +145,7 @@ def test_config_rejects_negative_counts():
     for field in ("prepare_workers", "spm_sample_size"):
         with pytest.raises(ConfigError, match=f"data.{field}=-1: must be >= 0"):
             override(Config(), [f"data.{field}=-1"])
-    assert P.resolve_workers(DataConfig(prepare_workers=0), 10 ** 7) == P.available_cores()
+    assert P.resolve_workers(DataConfig(prepare_workers=0), 10 ** 7) == workers.available_cores()
     assert P.resolve_workers(DataConfig(prepare_workers=2), 10) == 1  # one shard: no processes
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import re
 import signal
 import subprocess
@@ -235,3 +236,67 @@ def test_serve_bad_arguments_exit_2(tiny_task_run, tmp_path):
                          (["--workdir", str(tiny_task_run), "--beam", "0"], "beam 0")):
         proc = run_cli("serve", *args, "--port", "0", timeout=120)
         assert proc.returncode == 2 and expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _unusable_bodies():
+    """(route, body) pairs the server cannot use: every one must be a 4xx with a JSON error."""
+    deep = 100_000  # far beyond any parser's recursion limit, well within --max-body-bytes
+    big_int = b"1" + b"0" * 5000  # longer than Python converts from a string
+    bodies = {
+        "/translate": [
+            b"", b"   ", b"null", b"true", b"1", b'"a string"', b"[]", b'["a"]', b"NaN", b"Infinity", b"-Infinity",
+            b"[" * deep + b"]" * deep, b'{"a": ' * deep + b"1" + b"}" * deep,
+            b'{"text": ' + b"[" * deep + b"]" * deep + b"}",
+            b'{"text": ["a"], "beam": ' + b"[" * 900 + b"]" * 900 + b"}",
+            b'{"text": ["a"], "beam": ' + big_int + b"}", b'{"text": ["a"], "nbest": -' + big_int + b"}",
+            b'{"text": ["a"], "beam": ' + b"9" * 4000 + b"}", b'{"text": ["a"], "beam": 1e999}',
+            b'{"text": ["a"], "beam": 1.0}', b'{"text": ["a"], "beam": NaN}', b'{"text": ["a"], "nbest": Infinity}',
+            b'{"text": [NaN]}', b'{"text": [1e999]}', b'{"text": [' + big_int + b"]}",
+            b'{"text": [["a"]]}', b'{"text": [{"a": 1}]}', b'{"text": ["a", null]}', b'{"text": {"0": "a"}}',
+            b'{"text": 5}', b'{"text": null}', b'{"text": "a"}', b'{"text": ["a"], "beam": {"x": [1]}}',
+            b'{"text": ["a"], "beam": null}', b'{"text": ["a"], "beam": true}', b'{"text": ["a"], "nbest": 0}',
+            b'{"text": ["a"], "\\ud800": 1}', b'{"text": ["\\ud800"]}', b'{"text": ["ok", "a\\udfffb"]}',
+            b'{"text": ["a"]} trailing', b'{"text": ["a"],}', b"{'text': ['a']}", b'{"text": ["a"]',
+            b"\xff\xfe", b'{"text": ["\xc3\x28"]}', b'\xef\xbb\xbf{"text": ["a"]}',
+            '{"text": ["a"]}'.encode("utf-16"), b'{"text": ["a"]}\x00',
+            b'"' + b"a" * 10_000_000 + b'"', b'{"text": ["' + b"a" * 2_000_000 + b'"]}',
+            b'{"text": ["' + b"a" * 2001 + b'"]}', b'{"text": ' + json.dumps(["a"] * 65).encode() + b"}",
+        ],
+        "/translator/translate": [
+            b"", b"{}", b'{"src": "a"}', b"[]", b"[1]", b"[null]", b'[[{"src": "a"}]]', b'[{"src": null}]',
+            b'[{"src": ["a"]}]', b'[{"src": {"x": 1}}]', b'[{"src": "a", "id": 1.5}]', b'[{"src": "a", "id": [1]}]',
+            b'[{"src": "a", "id": NaN}]', b'[{"src": "a", "id": true}]', b'[{"src": "a", "extra": 1}]',
+            b'[{"src": "\\udfff"}]', b"[" * 100_000, b'[{"src": "a", "id": ' + big_int + b"}]",
+            b"\xc0\xaf", json.dumps([{"src": "a"}] * 65).encode(), b"[" + b'{"src": "a"},' * 200_000 + b"1]",
+        ],
+    }
+    return [(route, body) for route, items in bodies.items() for body in items]
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")  # starlette 1.x prefers httpx2
+def test_every_unusable_body_is_a_4xx_with_a_json_error(tiny_task_run):
+    """A battery of bodies the server cannot use (malformed, non-UTF-8, nested past any recursion
+    limit, huge numbers, NaN/Infinity, wrong types at any depth, lone surrogates, empty, 10 MB,
+    chunked without a length) thrown at the real app: each one a 4xx and {"error": sentence}, never
+    a 500; the app still translates afterwards."""
+    from starlette.testclient import TestClient
+
+    from s2s_jax.inference.server import create_app, load_engine
+
+    app = create_app(load_engine(workdir=str(tiny_task_run)))
+    with TestClient(app, raise_server_exceptions=True) as client:
+        headers = {"content-type": "application/json"}
+        cases = [(route, body, {"content": body}) for route, body in _unusable_bodies()]
+        chunks = (b"[" + b" " * (1 << 16) for _ in range(40))  # 2.6 MB, no content-length
+        cases.append(("/translate", b"<chunked>", {"content": chunks}))
+        for route, body, kwargs in cases:
+            r = client.post(route, headers=headers, **kwargs)
+            shown = f"{route} {body[:60]!r}... ({len(body)} bytes)"
+            assert 400 <= r.status_code < 500, f"{shown}: {r.status_code} {r.text[:200]}"
+            assert r.headers["content-type"] == "application/json", shown
+            error = r.json()["error"]
+            assert isinstance(error, str) and 0 < len(error) < 300, f"{shown}: {error[:300]!r}"
+        usable = ["", "a\x00b", "line\nbreak", "\u2028", "e\u0301", "\U0001f600 emoji", "\u05e9\u05dc\u05d5\u05dd"]
+        r = client.post("/translate", json={"text": usable, "beam": 2, "nbest": 2})
+        assert r.status_code == 200 and len(r.json()["translations"]) == len(usable), r.text
+        assert client.post("/translator/translate", json=[{"src": s} for s in usable]).status_code == 200

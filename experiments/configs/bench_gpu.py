@@ -5,9 +5,10 @@ Model: bidirectional 4-layer LSTM encoder (512 units per direction, 1024 in tota
 source and target vocabularies of 32,000, bfloat16 compute (float32 parameters, optimizer state,
 softmax and loss), no dropout (the benchmark times the model, not the RNG). About 590 MFLOP of
 matmuls per target token for a training step (3 × forward; `mflop_per_target_token` in the record).
-Batches: token-based, data.batch_tokens = 16,384 per batch, counted as the data loader does
-(rows × max(S, T + 1), OpenNMT-py's token rule; rows a multiple of 8): 960 / 712 / 496
-sentences in the three buckets below, ~15.4-15.9k padded target positions per batch.
+Batches: token-based, data.batch_tokens = 16,384 per batch, by the data loader's own rule
+(rows × max(S, T + 1), OpenNMT-py's token rule, rounded down to a multiple of the devices):
+963 / 712 / 496 sentences in the three buckets below on one device (960 / 712 / 496 on 8),
+~15.4-15.9k padded target positions per batch.
 Synthetic ids, uniform over the vocabulary, with real sentence lengths: `data.dir` is empty, so
 the benchmark draws the seeded log-normal fitted to Multi30k's tokenised lengths (source ~13,
 target ~13.4 with EOS), the same numbers on every machine (`lengths_source` in the record).

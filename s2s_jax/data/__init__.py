@@ -7,270 +7,28 @@ Public API (the trainer, CLI and export are written against these names):
     Data.source_vocab / target_vocab  encode / decode / pieces / vocab_size / to_json
     Data.stats                        counts (examples per split, dropped by reason, batches...)
     Data.train_batches(state=None)    infinite iterator with get_state() -> {"epoch", "batch"}
-    Data.eval_batches(split, limit)   list of batch dicts (fixed bucket shapes, "index")
+    Data.eval_batches(split, limit)   list of Batch dicts (fixed bucket shapes, "index")
     Data.eval_examples(split, limit)  [(source_text, target_text)] in corpus order
+    Batch, MODEL_FIELDS, model_inputs the batch's fields and the ones the model gets
     normalize(text, form)             the text normalisation used everywhere
     prepare(config) -> folder | None  prepare (cached) without building a loader
     loader_throughput(config, seconds) target tokens/s of the train iterator
 
-Batches are dicts of numpy arrays; see `pipeline.py` for shapes and the batch plan.
+Modules, one concern each: `batch` (the Batch definition), `corpus` (Data and build_data; the
+batch plan, built once), `pipeline` (buckets, rows, epoch plans, the Grain loader), `preprocess`
+(prepare: streaming, SentencePiece, shards) with `sources`, `records`, `cache`, `workers`,
+`text` and `tokenizer`; `tasks` (the built-in generated tasks); `throughput`.
 This package never imports TensorFlow or JAX.
 """
 
 from __future__ import annotations
 
-import logging
-
-import numpy as np
-
-from s2s_jax.data import tasks
+from s2s_jax.data.batch import FIELDS, MODEL_FIELDS, Batch, model_inputs
+from s2s_jax.data.corpus import Data, build_data
 from s2s_jax.data.errors import DataError
-from s2s_jax.data.pipeline import (Loader, Materialize, TrainIterator, assign_buckets, bucket_rows,
-                                   bucket_shapes, eval_plan, grain_batches, length_filter,
-                                   loader_throughput, local_rows, padding_efficiency)
-from s2s_jax.data.preprocess import load_prepared, open_split, prepare, split_roles
-from s2s_jax import rundir
-from s2s_jax.vocab import normalize
-from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab
+from s2s_jax.data.preprocess import prepare
+from s2s_jax.data.throughput import loader_throughput
+from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab, normalize
 
-__all__ = ["DataError", "build_data", "Data", "normalize", "prepare",
-           "loader_throughput", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID"]
-
-log = logging.getLogger(__name__)
-
-
-class _Split:
-    """One split: a random-access record source plus token lengths (corpus order)."""
-
-    def __init__(self, name: str, source, src_len: np.ndarray, tgt_len: np.ndarray):
-        self.name, self.source = name, source
-        self.src_len, self.tgt_len = src_len.astype(np.int64), tgt_len.astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.src_len)
-
-
-def _task_splits(d, vocab: CharVocab):
-    generated = tasks.generate_splits(d.task, d.task_train_size, d.task_eval_size, d.task_seed)
-    splits = {}
-    for role, name in split_roles(d).items():
-        exs, ls, lt = [], [], []
-        for s, t in generated[role]:
-            si, ti = vocab.encode(s), vocab.encode(t)
-            exs.append({"source": np.asarray(si, np.int32), "target": np.asarray(ti, np.int32),
-                        "source_text": s, "target_text": t})
-            ls.append(len(si))
-            lt.append(len(ti))
-        splits[role] = _Split(name, exs, np.asarray(ls), np.asarray(lt))
-    return splits
-
-
-class Data:
-    """Vocabularies, statistics and batch iterators of one configured corpus, for one process."""
-
-    def __init__(self, config, splits: dict, source_vocab, target_vocab, prepare_stats: dict, *,
-                 prepared_dir: str | None, process_index: int, process_count: int, batch_multiple: int):
-        d = self.d = config.data
-        self.config = config
-        self.source_vocab, self.target_vocab = source_vocab, target_vocab
-        self.prepared_dir = prepared_dir
-        self.process_index, self.process_count = process_index, process_count
-        self.batch_multiple = batch_multiple
-        self._splits = splits
-        self._prepare_stats = prepare_stats
-        self._plan(bucket_shapes(d) if d.buckets else None)
-
-    def _plan(self, shapes) -> None:
-        """Length filter, buckets (`shapes`, or None: from data.buckets / auto_buckets), rows,
-        the training loader and self.stats."""
-        d, splits, prepare_stats = self.d, self._splits, self._prepare_stats
-        train = splits["train"]
-        if shapes is None:
-            # Auto buckets: the filter uses the length limits (the largest auto bucket is exactly
-            # them), then the shapes come from the survivors' lengths.
-            keep, reasons = length_filter(d, bucket_shapes(d), train.src_len, train.tgt_len)
-            shapes = bucket_shapes(d, train.src_len[keep], train.tgt_len[keep])
-        self.shapes = [tuple(int(x) for x in s) for s in shapes]
-        self.rows = bucket_rows(d, self.shapes, self.process_count * self.batch_multiple)
-        keep, reasons = length_filter(d, self.shapes, train.src_len, train.tgt_len)
-        ids = np.nonzero(keep)[0]
-        bucket = assign_buckets(self.shapes, train.src_len[ids], train.tgt_len[ids])
-        assert np.all(bucket >= 0), "length filter and buckets disagree"
-        if len(ids) == 0:
-            raise DataError(f"split {train.name!r}: all {len(train)} training pairs are longer than "
-                            f"data.max_source_length={d.max_source_length} / data.max_target_length="
-                            f"{d.max_target_length} (or the largest bucket); raise those limits")
-        check_length_drops(d, train.name, len(train), reasons)
-        self._train = Loader(train.source, bucket, ids, self.shapes, self.rows, seed=d.shuffle_seed,
-                             process_index=self.process_index, process_count=self.process_count,
-                             prefetch=d.prefetch, worker_count=d.worker_count,
-                             src_len=train.src_len[ids], tgt_len=train.tgt_len[ids], pool_batches=d.pool_batches,
-                             auto_buckets=not d.buckets)
-        plan0 = self._train.global_epoch_plan(0)
-        n_batches = len(plan0)
-
-        examples, dropped = {}, {}
-        for role, sp in splits.items():
-            pst = prepare_stats.get(sp.name, {})
-            dropped[sp.name] = {k: v for k, v in pst.get("dropped", {}).items() if v}
-            examples[sp.name] = len(sp)
-        examples[train.name] = int(len(ids))
-        dropped[train.name].update({k: v for k, v in reasons.items() if v})
-        bucket_examples = np.bincount(bucket, minlength=len(self.shapes))
-        efficiency = padding_efficiency(plan0, self.shapes, train.src_len, train.tgt_len)  # epoch 0
-        self.stats = {
-            "source": d.source,
-            "prepared_dir": self.prepared_dir,
-            "splits": {sp.name: role for role, sp in splits.items()},
-            "examples": examples,  # train: after the length filter; eval splits: all
-            "dropped": dropped,  # {split: {reason: count}}
-            "lines": {sp.name: prepare_stats.get(sp.name, {}).get("lines", len(sp)) for sp in splits.values()},
-            "buckets": [list(s) for s in self.shapes],
-            "auto_buckets": not d.buckets,
-            "bucket_rows": list(self.rows),  # global rows per bucket
-            "bucket_examples": [int(x) for x in bucket_examples],
-            "train_batches_per_epoch": n_batches,
-            # real / padded positions of an epoch's batches (filler rows included)
-            "padding_efficiency": {k: round(v, 4) for k, v in efficiency.items()},
-            "pool_examples": self._train.pool,
-            "vocab_size": {"source": self.source_vocab.vocab_size, "target": self.target_vocab.vocab_size},
-            "process_count": self.process_count,
-        }
-        for name, reasons_ in dropped.items():
-            for reason, count in reasons_.items():
-                log.info("data: %s: dropped %d pairs (%s)", name, count, reason)
-        log.info("data: %s training pairs in %d %sbuckets %s (rows %s) -> %d batches/epoch; padding efficiency "
-                 "(real/padded positions) source %.3f, target %.3f; eval: %s",
-                 examples[train.name], len(self.shapes), "auto " if not d.buckets else "", self.stats["buckets"],
-                 self.rows, n_batches, efficiency["source"], efficiency["target"],
-                 {sp.name: len(sp) for r, sp in splits.items() if r != "train"})
-
-    def describe_plan(self) -> str:
-        """One line for the training start: buckets and padding efficiency of the batch plan."""
-        eff = self.stats["padding_efficiency"]
-        kind = "auto " if self.stats["auto_buckets"] else ""
-        return (f"{len(self.shapes)} {kind}buckets, {self.stats['train_batches_per_epoch']} batches/epoch, padding "
-                f"efficiency (real/padded positions) source {eff['source']:.3f}, target {eff['target']:.3f}")
-
-    # ------------------------------------------------------------------ splits
-
-    def _role(self, split: str) -> str:
-        for role, sp in self._splits.items():
-            if split == sp.name:
-                return role
-        if split in self._splits:  # role names ("valid", "test") work too
-            return split
-        names = ", ".join(sp.name for sp in self._splits.values())
-        raise DataError(f"split {split!r} is not configured; use one of {names} "
-                        f"(data.train_split / valid_split / test_split)")
-
-    def split_size(self, split: str) -> int:
-        return len(self._splits[self._role(split)])
-
-    # ------------------------------------------------------------------ iterators
-
-    def train_batches(self, state: dict | None = None) -> TrainIterator:
-        """Infinite iterator over this process's training batches (epoch after epoch).
-
-        `state` is a dict from a previous iterator's get_state(); None starts at epoch 0. With
-        auto buckets (data.buckets empty) the state's buckets are kept, so that a resumed run
-        has the plan of the run that saved it even if the lengths it would choose now differ.
-        """
-        saved = (state or {}).get("buckets")
-        if saved and not self.d.buckets:
-            saved = [tuple(int(x) for x in s) for s in saved]
-            if saved != self.shapes:
-                log.info("data: resuming with the saved auto buckets %s (now they would be %s)",
-                         [list(s) for s in saved], [list(s) for s in self.shapes])
-                self._plan(saved)
-        return TrainIterator(self._train, state)
-
-    def eval_batches(self, split: str, limit: int | None = None) -> list[dict]:
-        """Batches of the first `limit` examples of `split` (all if None), never filtered.
-
-        Grouped by bucket (fixed shapes), corpus order within a bucket, filler rows (index -1)
-        at the end of each bucket's last batch; use "index" to map rows back to
-        eval_examples(). Examples longer than the largest bucket are truncated to it (counted in
-        stats["truncated"]). Like training, process p gets its 1/P slice of each batch's rows.
-        """
-        sp = self._splits[self._role(split)]
-        n = len(sp) if limit is None else min(int(limit), len(sp))
-        big_s = max(s for s, _ in self.shapes)
-        big_t = max(t for _, t in self.shapes)
-        src_len, tgt_len = sp.src_len[:n], sp.tgt_len[:n]
-        truncated = int(np.sum((src_len > big_s) | (tgt_len + 1 > big_t)))
-        if truncated:
-            self.stats.setdefault("truncated", {})[sp.name] = truncated
-            log.warning("data: %s: %d of %d eval pairs are longer than the largest bucket (%d, %d) and are "
-                        "truncated for evaluation", sp.name, truncated, n, big_s, big_t)
-        bucket = assign_buckets(self.shapes, np.minimum(src_len, big_s), np.minimum(tgt_len, big_t - 1))
-        plan = [(b, local_rows(i, self.process_index, self.process_count)) for b, i in eval_plan(bucket, self.rows)]
-        return list(grain_batches(plan, Materialize(sp.source, self.shapes), prefetch=self.d.prefetch))
-
-    def eval_examples(self, split: str, limit: int | None = None) -> list[tuple[str, str]]:
-        """Normalised (source_text, target_text) pairs of `split` in corpus order (all processes
-        get all of them), for BLEU / exact match; index i matches batch "index" i."""
-        sp = self._splits[self._role(split)]
-        n = len(sp) if limit is None else min(int(limit), len(sp))
-        getitems = getattr(sp.source, "__getitems__", None)
-        records = getitems(list(range(n))) if getitems else sp.source[:n]
-        return [(_text(r["source_text"]), _text(r["target_text"])) for r in records]
-
-
-def check_length_drops(d, split: str, total: int, reasons: dict) -> None:
-    """DataError when the length filter drops more than data.max_dropped_fraction of the
-    training pairs (`reasons`: length_filter's {reason: count}); says how many and why."""
-    dropped = sum(reasons.values())
-    if dropped <= d.max_dropped_fraction * total:
-        return
-    why = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in reasons.items() if n)
-    needed = -(-dropped * 1000 // max(total, 1)) / 1000  # the fraction, rounded up to 0.1 %
-    raise DataError(f"split {split!r}: the length filter would drop {dropped} of {total} training pairs "
-                    f"({100 * dropped / total:.1f} %; {why}), more than data.max_dropped_fraction="
-                    f"{d.max_dropped_fraction}: raise data.max_source_length / data.max_target_length (and the "
-                    f"largest of data.buckets), or accept the loss with --set data.max_dropped_fraction={needed}")
-
-
-def _text(x) -> str:
-    if isinstance(x, bytes):
-        return x.decode("utf-8")
-    if isinstance(x, np.ndarray):
-        x = x.item()
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-# ---------------------------------------------------------------------- build / vocab files
-
-def build_data(config, workdir: str | None = None, *, process_index: int = 0, process_count: int = 1,
-               batch_multiple: int = 1) -> Data:
-    """Prepares the corpus if not cached, opens it, and builds this process's loaders.
-
-    process_index/process_count: this process among all data-parallel processes (each gets its
-    slice of every global batch). batch_multiple: the local batch must divide by this (e.g. the
-    number of local devices); global rows are multiples of process_count * batch_multiple.
-    With `workdir`, the tokenizer files are copied to workdir/vocab/ so translate/export never
-    need the raw data again.
-    """
-    if not (0 <= process_index < process_count) or batch_multiple < 1:
-        raise ValueError(f"bad process_index={process_index} / process_count={process_count} / "
-                         f"batch_multiple={batch_multiple}")
-    d = config.data
-    if d.source == "task":
-        vocab = CharVocab()
-        splits = _task_splits(d, vocab)
-        source_vocab = target_vocab = vocab
-        prep_stats, path = {}, None
-    else:
-        path = prepare(config)
-        manifest, prep_stats, lengths, (source_vocab, target_vocab) = load_prepared(path)
-        splits = {}
-        for role, name in manifest["roles"].items():
-            splits[role] = _Split(name, open_split(path, role), lengths[f"{role}_source"], lengths[f"{role}_target"])
-    data = Data(config, splits, source_vocab, target_vocab, prep_stats, prepared_dir=path,
-                process_index=process_index, process_count=process_count, batch_multiple=batch_multiple)
-    if workdir:
-        try:
-            rundir.install_vocabs(workdir, source_vocab, target_vocab)
-        except rundir.VocabularyMismatch as e:
-            raise DataError(str(e)) from None
-    return data
+__all__ = ["DataError", "build_data", "Data", "Batch", "FIELDS", "MODEL_FIELDS", "model_inputs", "normalize",
+           "prepare", "loader_throughput", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID", "CharVocab"]

@@ -35,25 +35,18 @@ of a batch (tfds array_record data source, or the in-memory task examples), pads
 bucket shape, and `to_iter_dataset(ReadOptions(...))` prefetches on threads (or worker processes
 with data.worker_count > 0), keeping order deterministic.
 
-Batch dict (numpy; B = local rows of the bucket, S, T = the bucket shape):
-  source          int32 [B, S]  source ids, no BOS/EOS, 0-padded
-  source_lengths  int32 [B]     0 for filler rows
-  target_input    int32 [B, T]  BOS y_1 .. y_n, 0-padded
-  target_output   int32 [B, T]  y_1 .. y_n EOS, 0-padded
-  target_lengths  int32 [B]     n + 1 (0 for filler rows)
-  index           int32 [B]     example index in its split (corpus order), -1 for filler rows
+Batches are the dicts of `batch.py` (one definition of the fields and of which the model gets).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
 
 import numpy as np
 
+from s2s_jax.data.batch import Batch, pad_rows
 from s2s_jax.data.errors import DataError
-from s2s_jax.vocab import BOS_ID, EOS_ID
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +222,16 @@ def bucket_rows(d, shapes, granularity: int) -> list[int]:
                 r = granularity
             rows.append(r)
         return rows
-    if d.batch_size % granularity:
+    check_batch_size(d, granularity)
+    return [d.batch_size] * len(shapes)
+
+
+def check_batch_size(d, granularity: int) -> None:
+    """DataError when sentence-counted batches (data.batch_tokens = 0) have a data.batch_size
+    that is not a multiple of `granularity` (= process_count * batch_multiple)."""
+    if d.batch_tokens <= 0 and d.batch_size % granularity:
         raise DataError(f"data.batch_size={d.batch_size} is not a multiple of process_count x batch_multiple = "
                         f"{granularity}; set data.batch_size to a multiple of {granularity} (it is the global batch)")
-    return [d.batch_size] * len(shapes)
 
 
 def padding_efficiency(plan, shapes, src_len: np.ndarray, tgt_len: np.ndarray) -> dict:
@@ -260,6 +259,27 @@ def length_filter(d, shapes, src_len, tgt_len):
         "source_and_target_too_long": int(np.sum(long_s & long_t)),
     }
     return ~(long_s | long_t), reasons
+
+
+def train_shapes(d, src_len, tgt_len) -> list[tuple[int, int]]:
+    """The buckets of a training split with lengths `src_len`, `tgt_len` (tokens, without EOS):
+    data.buckets, or auto buckets chosen from the lengths of the pairs that pass the length
+    filter (the filter then uses the length limits: the largest auto bucket is exactly them)."""
+    if d.buckets:
+        return bucket_shapes(d)
+    src_len, tgt_len = np.asarray(src_len), np.asarray(tgt_len)
+    keep, _ = length_filter(d, bucket_shapes(d), src_len, tgt_len)
+    return bucket_shapes(d, src_len[keep], tgt_len[keep])
+
+
+def survivors(d, shapes, src_len, tgt_len):
+    """(ids of the pairs that pass the length filter for `shapes`, their buckets, {reason: count}
+    of the dropped): the training pairs a batch plan is made of."""
+    keep, reasons = length_filter(d, shapes, src_len, tgt_len)
+    ids = np.nonzero(keep)[0]
+    bucket = assign_buckets(shapes, src_len[ids], tgt_len[ids])
+    assert np.all(bucket >= 0), "length filter and buckets disagree"
+    return ids, bucket, reasons
 
 
 # ----------------------------------------------------------------------------------- plans
@@ -354,7 +374,7 @@ def local_rows(ids: np.ndarray, process_index: int, process_count: int) -> np.nd
 # ----------------------------------------------------------------------------------- batches
 
 class Materialize:
-    """Grain map function: (bucket, example ids) -> padded batch dict (see module doc).
+    """Grain map function: (bucket, example ids) -> padded Batch (batch.py; ids -1 = filler rows).
 
     Over-long examples (possible only in eval splits, which are never filtered) are truncated to
     the bucket: source to S tokens, target to T - 1 tokens.
@@ -370,30 +390,12 @@ class Materialize:
             return getitems(ids)
         return [self.source[i] for i in ids]
 
-    def __call__(self, item):
+    def __call__(self, item) -> Batch:
         b, ids = item
-        s_len, t_len = self.shapes[b]
-        n = len(ids)
-        src = np.zeros((n, s_len), np.int32)
-        tin = np.zeros((n, t_len), np.int32)
-        tout = np.zeros((n, t_len), np.int32)
-        sl = np.zeros((n,), np.int32)
-        tl = np.zeros((n,), np.int32)
         ids = np.asarray(ids)
-        real_rows = np.nonzero(ids >= 0)[0]  # filler rows (-1) stay all zeros
-        records = self._records([int(i) for i in ids[real_rows]]) if len(real_rows) else []
-        for row, ex in zip(real_rows, records):
-            s = np.asarray(ex["source"])[:s_len]
-            y = np.asarray(ex["target"])[:t_len - 1]
-            src[row, :len(s)] = s
-            tin[row, 0] = BOS_ID
-            tin[row, 1:len(y) + 1] = y
-            tout[row, :len(y)] = y
-            tout[row, len(y)] = EOS_ID
-            sl[row] = len(s)
-            tl[row] = len(y) + 1
-        return {"source": src, "source_lengths": sl, "target_input": tin, "target_output": tout,
-                "target_lengths": tl, "index": np.asarray(ids, np.int32)}
+        real = ids[ids >= 0]
+        records = self._records([int(i) for i in real]) if len(real) else []
+        return pad_rows(((ex["source"], ex["target"]) for ex in records), ids, self.shapes[b])
 
 
 def grain_batches(plan, materialize, *, start: int = 0, prefetch: int = 2, worker_count: int = 0):
@@ -505,52 +507,3 @@ class Loader:
     def iterate(self, plan, start: int = 0):
         return grain_batches(plan, self.materialize, start=start, prefetch=self.prefetch,
                              worker_count=self.worker_count)
-
-
-def loader_throughput(config, seconds: float = 10.0, *, windows: int = 5, warmup_batches: int = 3) -> dict:
-    """Target tokens per second of the train iterator on `config` (median of `windows` timed
-    windows of seconds/windows each), after preparing (timed separately) and a short warm-up.
-
-    Counts real target tokens (sum of target_lengths, i.e. len(y)+1), not padding. Also
-    reports the plan's padding efficiency (real / padded positions over an epoch, source and
-    target: Data.stats["padding_efficiency"]) and the measured target padding fraction.
-    """
-    from s2s_jax.data import build_data  # local: avoid an import cycle
-
-    t0 = time.perf_counter()
-    data = build_data(config)
-    setup_s = time.perf_counter() - t0
-    it = data.train_batches()
-    for _ in range(warmup_batches):
-        next(it)
-    per_window = seconds / windows
-    rates, batch_rates, pad_fracs = [], [], []
-    for _ in range(windows):
-        tokens = batches = padded = 0
-        start = time.perf_counter()
-        while True:
-            b = next(it)
-            tokens += int(b["target_lengths"].sum())
-            padded += b["target_output"].size
-            batches += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= per_window:
-                break
-        rates.append(tokens / elapsed)
-        batch_rates.append(batches / elapsed)
-        pad_fracs.append(1.0 - tokens / max(1, padded))
-    return {
-        "target_tokens_per_second": float(np.median(rates)),
-        "batches_per_second": float(np.median(batch_rates)),
-        "window_tokens_per_second": [float(r) for r in rates],
-        "target_padding_fraction": float(np.median(pad_fracs)),
-        "setup_seconds": setup_s,
-        "train_examples": data.stats["examples"][config.data.train_split],
-        "batches_per_epoch": data.stats["train_batches_per_epoch"],
-        "buckets": data.stats["buckets"],
-        "bucket_rows": data.stats["bucket_rows"],
-        "padding_efficiency": data.stats["padding_efficiency"],
-        "pool_batches": config.data.pool_batches,
-        "prefetch": config.data.prefetch,
-        "worker_count": config.data.worker_count,
-    }

@@ -1,18 +1,29 @@
-"""Reading and normalising raw parallel text: strict UTF-8, aligned line counts, empty lines.
+"""Reading and normalising raw parallel text: readable files, strict UTF-8, aligned line counts,
+empty lines, control characters.
 
 Everything here works on plain Python strings; the checks raise `DataError` naming the file
 (and the 1-based line) and what to do, so that bad data is reported before any training.
+
+Control characters: every C0/C1 control character but tab inside a line (U+0000-U+0008,
+U+000A-U+001F, U+007F-U+009F; `vocab.CONTROL_CHARACTERS`) becomes a space, as `normalize`
+does everywhere (training, evaluation, translation); prepare counts them per split
+(`count_controls`: stats.json and a warning naming the file and the first line). Those at the
+ends of a line that are whitespace (the CR of Windows line endings, a form feed) are stripped
+with the surrounding whitespace, as always, and are not counted.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 
 import numpy as np
 
 from s2s_jax.data.errors import DataError
-from s2s_jax.vocab import normalize
+from s2s_jax.vocab import CONTROL_CHARACTERS, normalize
+
+_CONTROL = re.compile(f"[{re.escape(CONTROL_CHARACTERS)}]")
 
 
 def read_lines(path: str) -> list[str]:
@@ -22,7 +33,7 @@ def read_lines(path: str) -> list[str]:
     A UTF-8 byte-order mark at the start is dropped and a final newline does not make an extra
     line. Raises DataError for a missing file, an empty file or invalid UTF-8 (with line number).
     """
-    check_exists(path)
+    check_file(path)
     with open(path, "rb") as f:
         raw = f.read()
     if not raw.strip():
@@ -40,15 +51,37 @@ def read_lines(path: str) -> list[str]:
     return lines
 
 
-def check_exists(path: str) -> None:
-    """DataError naming a missing file and what its folder holds."""
-    if not os.path.isfile(path):
+def check_file(path: str) -> None:
+    """DataError unless `path` is a readable regular file: a missing one (naming what its folder
+    holds), a folder, a named pipe, socket or device, or one this process may not read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
         folder = os.path.dirname(path) or "."
         found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         listing = f" (the folder holds: {', '.join(found[:12])}{' ...' if len(found) > 12 else ''})" if found else (
             "" if os.path.isdir(folder) else " (the folder does not exist)")
         raise DataError(f"{path}: no such file{listing}; check data.dir, the split names "
-                        f"(data.train_split/valid_split/test_split) and data.src_lang/tgt_lang")
+                        f"(data.train_split/valid_split/test_split) and data.src_lang/tgt_lang") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); check the path and its permissions") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: is {_file_kind(mode)}, not a regular file; point data.dir, the split names and "
+                        f"data.src_lang/tgt_lang at text files (one sentence per line)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise DataError(f"{path}: is a file this process cannot read ({e.strerror}); fix its permissions "
+                        f"(e.g. chmod a+r) or copy the corpus somewhere readable") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def _empty_file(path: str) -> DataError:
@@ -92,7 +125,7 @@ def scan_lines(path: str, every: int, *, find_empty: bool = False):
     Lines are counted as read_lines counts them; raises the same DataErrors (missing file,
     empty file, invalid UTF-8 with its line).
     """
-    check_exists(path)
+    check_file(path)
     offsets, lines, pos, nonblank, first_empty = [0], 0, 0, False, None
     pending = b""
     with open(path, "rb") as f:
@@ -152,3 +185,25 @@ def clean_pairs(src_lines, tgt_lines, form: str, empty_lines: str, *, src_name: 
         pairs.append((s, t))
         lines.append(i + first_line)
     return pairs, lines, dropped
+
+
+def count_controls(lines, first_line: int = 1) -> tuple[int, int, int | None]:
+    """(control characters, lines holding any, 1-based number of the first such line or None)
+    of the control characters inside `lines` (the module's rule: not those stripped at the ends)."""
+    characters = found = 0
+    first = None
+    for i, line in enumerate(lines):
+        if _CONTROL.search(line):
+            k = len(_CONTROL.findall(line.strip()))
+            if k:
+                characters += k
+                found += 1
+                first = first_line + i if first is None else first
+    return characters, found, first
+
+
+def as_text(x) -> str:
+    """A record's text field (str, bytes or a numpy scalar of either) as str."""
+    if isinstance(x, np.ndarray):
+        x = x.item()
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)

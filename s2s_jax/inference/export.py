@@ -40,25 +40,6 @@ DTYPES = ("float32", "bfloat16")
 
 # -- command line ---------------------------------------------------------------------------
 
-def add_arguments(p) -> None:
-    p.add_argument("--workdir", required=True, action="append",
-                   help="the trained run; several (same vocabularies): an ensemble bundle")
-    p.add_argument("--weights", default=None, metavar="W1,W2,...", help="ensemble weights (default: equal)")
-    p.add_argument("--out", required=True, help="bundle directory to write")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    which.add_argument("--best", action="store_true", help="the best checkpoint by validation metric")
-    which.add_argument("--average-last", type=int, default=None, metavar="K",
-                       help="average the parameters of the last K checkpoints")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored parameters")
-    p.add_argument("--beam", type=int, action="append", default=None, metavar="K",
-                   help="beam size of a beam-search program (repeatable; default: the run's "
-                        "decode.beam_size, or 5 when that is 1)")
-    p.add_argument("--platforms", default=",".join(PLATFORMS),
-                   help="comma-separated platforms the programs are lowered for (default: cpu,cuda)")
-    p.add_argument("--force", action="store_true", help="replace --out if it already exists")
-
-
 def run(args) -> int:
     platforms = tuple(x.strip() for x in args.platforms.split(",") if x.strip())
     workdirs = args.workdir if len(args.workdir) > 1 else args.workdir[0]

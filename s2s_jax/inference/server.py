@@ -18,6 +18,12 @@ error format, where this server answers every bad request with one `{"error": ".
 uvicorn is the reference ASGI server: HTTP/1.1 keep-alive, and a graceful SIGTERM that stops
 accepting, lets in-flight requests finish, then runs the app's shutdown.
 
+Structure: the route handlers are module-level functions; what they share (engine, limits, API
+key, worker) is one `Server` object, `app.state.server`, started and stopped by the app's
+lifespan; a `RequestError` raised anywhere in a handler becomes its `{"error": ...}` response.
+The engine is a `RunEngine` (a run's Translator) or a `BundleEngine` (an export bundle), both
+the `Engine` protocol. The command line's options are defined in cli.py; `run(args)` is the verb.
+
 Dynamic batching: one worker thread owns the model (the Translator is not thread-safe).
 For a run (`--batching stream`, the default) the worker keeps a continuous-batching decoder
 running (`inference/streaming.py`): each request's sentences join it as decoding slots free
@@ -30,8 +36,9 @@ translation does not depend on what it was batched with (tests/test_server.py).
 
 Limits: at most `--max-sentences` per request and `--max-chars` per sentence (413), at most
 `--max-pending` sentences queued (503 with Retry-After), a request body of at most
-`--max-body-bytes` (413). Malformed JSON, invalid UTF-8, wrong types, unknown fields, an empty
-list, bad beam/nbest: 400 naming the problem. With an API key (`--api-key` or S2S_JAX_API_KEY)
+`--max-body-bytes` (413). Malformed JSON, invalid UTF-8, nesting past the parser's depth,
+integers too long to convert, NaN/Infinity or any other wrong type at any depth, lone surrogates,
+unknown fields, an empty list, bad beam/nbest: 400 naming the problem. No body gets a 500. With an API key (`--api-key` or S2S_JAX_API_KEY)
 every route but /health requires `Authorization: Bearer KEY`, compared in constant time (401
 otherwise). The server binds to 127.0.0.1 unless --host says otherwise; no request field can
 name a file, a model or a path (unknown fields are refused).
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -52,6 +60,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Protocol
 
 from s2s_jax.config import UserError
 
@@ -79,33 +88,69 @@ class RequestError(Exception):
 
 # -- the model side --------------------------------------------------------------------------
 
-class Engine:
-    """What the worker decodes with: a run's Translator or an export bundle, one interface."""
+class Engine(Protocol):
+    """What the worker decodes with: a run (`RunEngine`) or an export bundle (`BundleEngine`)."""
 
-    def __init__(self, *, translator=None, bundle=None, description: dict):
-        self.translator, self.bundle = translator, bundle
-        self.description = description
-        if translator is not None:
-            self.default_beam = translator.config.decode.beam_size
-            self.batch_size = translator.config.decode.batch_size
-        else:
-            self.default_beam = bundle.decode["default_beam"]
-            self.batch_size = bundle.decode["batch_size"]
+    description: dict  # GET /model
+    default_beam: int  # a request without "beam" (serve --beam, else the model's own)
+    batch_size: int  # decode.batch_size
+    streams: bool  # can decode with continuous batching (StreamingWorker: needs a translator)
 
     def check(self, beam: int, nbest: int, limits: Limits) -> None:
-        if not 1 <= beam <= limits.max_beam:
-            raise RequestError(400, f"beam {beam}: must be between 1 and {limits.max_beam}")
-        if not 1 <= nbest <= beam:
-            raise RequestError(400, f"nbest {nbest}: must be between 1 and beam ({beam})")
-        if self.bundle is not None:
-            if beam not in self.bundle.beam_sizes:
-                raise RequestError(400, f"beam {beam}: this bundle decodes with beam sizes {self.bundle.beam_sizes}")
-            if nbest != 1:
-                raise RequestError(400, f"nbest {nbest}: an export bundle decodes the best hypothesis only")
+        """RequestError(400) for a search this engine cannot run."""
 
     def translate(self, lines: list[str], beam: int, nbest: int) -> list[list[dict]]:
-        if self.translator is not None:
-            return self.translator.translate_full(lines, beam=beam, nbest=nbest)
+        """Per line, its n-best hypotheses {"text", "score", ...}, best first."""
+
+
+def _number(n: int) -> str:
+    """n for a message: in full up to 20 digits, else its first digits and its length."""
+    text = str(n)
+    return text if len(text) <= 20 else f"{text[:12]}... ({len(text.lstrip('-'))} digits)"
+
+
+def _check_search(beam: int, nbest: int, limits: Limits) -> None:
+    if not 1 <= beam <= limits.max_beam:
+        raise RequestError(400, f"beam {_number(beam)}: must be between 1 and {limits.max_beam}")
+    if not 1 <= nbest <= beam:
+        raise RequestError(400, f"nbest {_number(nbest)}: must be between 1 and beam ({beam})")
+
+
+class RunEngine:
+    """A trained run's Translator (any beam and n-best; streams)."""
+
+    streams = True
+
+    def __init__(self, translator, description: dict):
+        self.translator, self.description = translator, description
+        self.default_beam = translator.config.decode.beam_size
+        self.batch_size = translator.config.decode.batch_size
+
+    def check(self, beam: int, nbest: int, limits: Limits) -> None:
+        _check_search(beam, nbest, limits)
+
+    def translate(self, lines: list[str], beam: int, nbest: int) -> list[list[dict]]:
+        return self.translator.translate_full(lines, beam=beam, nbest=nbest)
+
+
+class BundleEngine:
+    """An export bundle: the beam sizes it was exported with, the best hypothesis only."""
+
+    streams = False
+
+    def __init__(self, bundle, description: dict):
+        self.bundle, self.description = bundle, description
+        self.default_beam = bundle.decode["default_beam"]
+        self.batch_size = bundle.decode["batch_size"]
+
+    def check(self, beam: int, nbest: int, limits: Limits) -> None:
+        _check_search(beam, nbest, limits)
+        if beam not in self.bundle.beam_sizes:
+            raise RequestError(400, f"beam {beam}: this bundle decodes with beam sizes {self.bundle.beam_sizes}")
+        if nbest != 1:
+            raise RequestError(400, f"nbest {nbest}: an export bundle decodes the best hypothesis only")
+
+    def translate(self, lines: list[str], beam: int, nbest: int) -> list[list[dict]]:
         return self.bundle.translate_full(lines, beam=beam, nbest=nbest)
 
 
@@ -153,12 +198,11 @@ def load_engine(*, workdir: str | None = None, bundle: str | None = None, step=N
             raise UserError("--step/--best/--average-last/--set/--max-len/--batch-size apply to --workdir runs; "
                             "a bundle's decode settings were fixed at export")
         b = load_bundle(bundle)
-        return Engine(bundle=b, description=_bundle_description(b))
+        return BundleEngine(b, _bundle_description(b))
     from s2s_jax.inference.runs import load_run
 
     run = load_run(workdir, step=step, best=best, average_last=average_last)
-    translator = run.translator(overrides, max_len=max_len, batch_size=batch_size)
-    return Engine(translator=translator, description=_run_description(run))
+    return RunEngine(run.translator(overrides, max_len=max_len, batch_size=batch_size), _run_description(run))
 
 
 # -- dynamic batching -----------------------------------------------------------------------
@@ -286,7 +330,7 @@ class StreamingWorker(_Worker):
 
     MAX_DECODERS = 4  # idle decoders beyond this many (beam, nbest) settings are dropped
 
-    def __init__(self, engine: Engine, *, max_pending: int, chunk_steps: int = 4):
+    def __init__(self, engine: RunEngine, *, max_pending: int, chunk_steps: int = 4):
         self.chunk_steps = chunk_steps
         self._decoders: dict = {}
         super().__init__(engine, max_pending=max_pending)
@@ -356,7 +400,17 @@ class StreamingWorker(_Worker):
                         self._done(open_jobs.pop(job_id), job.results)
 
 
-# -- the HTTP app ---------------------------------------------------------------------------
+# -- reading requests -----------------------------------------------------------------------
+# Every body the server cannot use is a RequestError (4xx, one sentence), whatever its size,
+# shape or nesting: nothing a client sends reaches the worker unchecked or ends in a 500.
+
+def _describe(value) -> str:
+    """A short JSON rendering of a wrong value, for messages (never fails, whatever its depth)."""
+    try:
+        return json.dumps(value)[:40]
+    except (RecursionError, ValueError):
+        return type(value).__name__
+
 
 def _check_sentences(texts, limits: Limits, field: str) -> list[str]:
     if not isinstance(texts, list):
@@ -370,14 +424,184 @@ def _check_sentences(texts, limits: Limits, field: str) -> list[str]:
             raise RequestError(400, f"{field}[{i}] must be a string, got {type(t).__name__}")
         if len(t) > limits.max_chars:
             raise RequestError(413, f"{field}[{i}] has {len(t)} characters; at most {limits.max_chars} per sentence")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800"
+            raise RequestError(400, f"{field}[{i}] is not valid Unicode (a lone surrogate at character "
+                                    f"{e.start}); send text") from None
     return texts
 
 
 def _int_field(body: dict, name: str, default: int) -> int:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f"{name} must be an integer, got {json.dumps(value)[:40]}")
+        raise RequestError(400, f"{name} must be an integer, got {_describe(value)}")
     return value
+
+
+def _content_length(request) -> int | None:
+    length = request.headers.get("content-length")
+    return int(length) if length is not None and length.isascii() and length.isdigit() else None
+
+
+async def _read_body(request, max_bytes: int) -> bytes:
+    length = _content_length(request)
+    if length is not None and length > max_bytes:
+        raise RequestError(413, f"request body of {length} bytes; at most {max_bytes}")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise RequestError(413, f"request body over {max_bytes} bytes")
+    return bytes(raw)
+
+
+def _parse_json(raw: bytes):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(400, f"request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply; send a flat JSON object") from None
+    except ValueError as e:  # e.g. an integer longer than Python converts
+        raise RequestError(400, f"request body is not usable JSON ({str(e).splitlines()[0][:80]})") from None
+
+
+def _translate_request(body, limits: Limits, default_beam: int) -> tuple[list[str], int, int]:
+    """(lines, beam, nbest) of a POST /translate body."""
+    if not isinstance(body, dict):
+        raise RequestError(400, 'the body must be a JSON object such as {"text": ["a sentence"]}')
+    unknown = sorted(set(body) - {"text", "beam", "nbest"})
+    if unknown:
+        raise RequestError(400, f"unknown field {unknown[0]!r}; the fields are text, beam and nbest")
+    if "text" not in body:
+        raise RequestError(400, 'missing field "text" (a list of strings)')
+    lines = _check_sentences(body["text"], limits, "text")
+    return lines, _int_field(body, "beam", default_beam), _int_field(body, "nbest", 1)
+
+
+def _opennmt_request(body, limits: Limits) -> list[str]:
+    """The sentences of a POST /translator/translate body ([{"src": ..., "id": ...}, ...])."""
+    if not isinstance(body, list):
+        raise RequestError(400, 'the body must be a JSON list such as [{"src": "a sentence", "id": 100}]')
+    if not body:
+        raise RequestError(400, "the list is empty; send at least one {\"src\": ...} object")
+    lines = []
+    for i, item in enumerate(body):
+        if not isinstance(item, dict) or "src" not in item:
+            raise RequestError(400, f'item {i} must be an object with a "src" string')
+        unknown = sorted(set(item) - {"src", "id"})
+        if unknown:
+            raise RequestError(400, f"item {i}: unknown field {unknown[0]!r}; the fields are src and id")
+        if "id" in item and (isinstance(item["id"], bool) or not isinstance(item["id"], int)):
+            raise RequestError(400, f'item {i}: "id" must be an integer')
+        lines.append(item["src"])
+    return _check_sentences(lines, limits, "src")
+
+
+# -- the HTTP app ---------------------------------------------------------------------------
+
+class Server:
+    """What the handlers share: the engine, the limits, the API key and the worker (started and
+    stopped by the app's lifespan). The app holds it as `app.state.server`."""
+
+    def __init__(self, engine: Engine, *, limits: Limits, api_key: str | None, streaming: bool, chunk_steps: int):
+        self.engine, self.limits, self.streaming, self.chunk_steps = engine, limits, streaming, chunk_steps
+        self.key = api_key.encode("utf-8") if api_key else None
+        self.max_batch = limits.max_batch or 16 * engine.batch_size
+        self.worker: _Worker | None = None
+
+    def start(self) -> None:
+        if self.streaming:
+            self.worker = StreamingWorker(self.engine, max_pending=self.limits.max_pending,
+                                          chunk_steps=self.chunk_steps)
+        else:
+            self.worker = BatchingWorker(self.engine, max_batch=self.max_batch, max_pending=self.limits.max_pending)
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+    def authorize(self, request) -> None:
+        if self.key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8"), self.key):
+            raise RequestError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
+                               {"WWW-Authenticate": "Bearer"})
+
+    async def read_json(self, request):
+        """The request's JSON body (after the API key check)."""
+        self.authorize(request)
+        return _parse_json(await _read_body(request, self.limits.max_body_bytes))
+
+    async def decode(self, lines: list[str], beam: int, nbest: int) -> list[list[dict]]:
+        self.engine.check(beam, nbest, self.limits)
+        if self.worker is None:
+            raise RequestError(503, "the server is starting; retry shortly", {"Retry-After": "1"})
+        future = self.worker.submit(lines, beam, nbest)
+        try:
+            return await asyncio.wrap_future(future)
+        except Exception as e:  # noqa: BLE001
+            raise RequestError(500, f"decoding failed ({type(e).__name__}); see the server log") from None
+
+
+async def translate(request):
+    server: Server = request.app.state.server
+    lines, beam, nbest = _translate_request(await server.read_json(request), server.limits,
+                                            server.engine.default_beam)
+    results = await server.decode(lines, beam, nbest)
+    return _json({"translations": [
+        {"text": hyps[0]["text"], "score": hyps[0]["score"],
+         "nbest": [{"text": h["text"], "score": h["score"]} for h in hyps]} for hyps in results]})
+
+
+async def translator_translate(request):
+    """OpenNMT-py's onmt/bin/server.py route and format."""
+    server: Server = request.app.state.server
+    lines = _opennmt_request(await server.read_json(request), server.limits)
+    results = await server.decode(lines, server.engine.default_beam, 1)
+    return _json([[{"src": src, "tgt": hyps[0]["text"], "n_best": 1, "pred_score": hyps[0]["score"]}
+                   for src, hyps in zip(lines, results)]])
+
+
+async def health(request):
+    """Liveness: no API key needed."""
+    worker = request.app.state.server.worker
+    return _json({"status": "ok" if worker is not None else "starting",
+                  "pending": worker.pending if worker else 0, **(worker.stats if worker else {})})
+
+
+async def model(request):
+    server: Server = request.app.state.server
+    server.authorize(request)
+    return _json(dict(server.engine.description, batching="stream" if server.streaming else "merge",
+                      limits=dict(dataclasses.asdict(server.limits), max_batch=server.max_batch)))
+
+
+def _json(content, status: int = 200, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(content, status_code=status, headers=headers)
+
+
+async def _request_error(request, exc: RequestError):
+    return _json({"error": exc.message}, exc.status, exc.headers)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app):
+    server: Server = app.state.server
+    server.start()
+    try:
+        yield
+    finally:  # uvicorn has let in-flight requests finish; answer anything left, then stop
+        await asyncio.get_running_loop().run_in_executor(None, server.stop)
 
 
 def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None = None, batching: str = "auto",
@@ -385,158 +609,24 @@ def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None
     """The Starlette app (its lifespan starts and stops the worker). batching: "stream"
     (continuous batching across requests; runs only), "merge" (one decode call per group of
     waiting requests) or "auto" (stream for a run, merge for a bundle)."""
-    if batching not in ("auto", "stream", "merge"):
-        raise UserError(f"--batching {batching}: choose auto, stream or merge")
-    if batching == "stream" and engine.translator is None:
-        raise UserError("--batching stream needs --workdir (an export bundle decodes fixed batches: use merge)")
-    streaming = batching == "stream" or (batching == "auto" and engine.translator is not None)
-    import contextlib
-
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    max_batch = limits.max_batch or 16 * engine.batch_size
-    key = api_key.encode("utf-8") if api_key else None
-    state: dict = {}
-
-    def error(status: int, message: str, headers: dict | None = None):
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-    def authorize(request) -> None:
-        if key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8"), key):
-            raise RequestError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
-                               {"WWW-Authenticate": "Bearer"})
-
-    async def read_json(request):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            raise RequestError(413, f"request body of {length} bytes; at most {limits.max_body_bytes}")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limits.max_body_bytes:
-                raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RequestError(400, f"request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON") from None
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RequestError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-
-    async def decode(lines: list[str], beam: int, nbest: int) -> list[list[dict]]:
-        engine.check(beam, nbest, limits)
-        future = state["worker"].submit(lines, beam, nbest)
-        try:
-            return await asyncio.wrap_future(future)
-        except Exception as e:  # noqa: BLE001
-            raise RequestError(500, f"decoding failed ({type(e).__name__}); see the server log") from None
-
-    def handler(fn):
-        async def endpoint(request):
-            try:
-                if fn is not health:
-                    authorize(request)
-                return await fn(request)
-            except RequestError as e:
-                return error(e.status, e.message, e.headers)
-        return endpoint
-
-    async def translate(request):
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise RequestError(400, 'the body must be a JSON object such as {"text": ["a sentence"]}')
-        unknown = sorted(set(body) - {"text", "beam", "nbest"})
-        if unknown:
-            raise RequestError(400, f"unknown field {unknown[0]!r}; the fields are text, beam and nbest")
-        if "text" not in body:
-            raise RequestError(400, 'missing field "text" (a list of strings)')
-        lines = _check_sentences(body["text"], limits, "text")
-        beam = _int_field(body, "beam", engine.default_beam)
-        nbest = _int_field(body, "nbest", 1)
-        results = await decode(lines, beam, nbest)
-        return JSONResponse({"translations": [
-            {"text": hyps[0]["text"], "score": hyps[0]["score"],
-             "nbest": [{"text": h["text"], "score": h["score"]} for h in hyps]} for hyps in results]})
-
-    async def translator_translate(request):  # OpenNMT-py's onmt/bin/server.py route and format
-        body = await read_json(request)
-        if not isinstance(body, list):
-            raise RequestError(400, 'the body must be a JSON list such as [{"src": "a sentence", "id": 100}]')
-        if not body:
-            raise RequestError(400, "the list is empty; send at least one {\"src\": ...} object")
-        lines = []
-        for i, item in enumerate(body):
-            if not isinstance(item, dict) or "src" not in item:
-                raise RequestError(400, f'item {i} must be an object with a "src" string')
-            unknown = sorted(set(item) - {"src", "id"})
-            if unknown:
-                raise RequestError(400, f"item {i}: unknown field {unknown[0]!r}; the fields are src and id")
-            if "id" in item and (isinstance(item["id"], bool) or not isinstance(item["id"], int)):
-                raise RequestError(400, f'item {i}: "id" must be an integer')
-            lines.append(item["src"])
-        _check_sentences(lines, limits, "src")
-        beam = engine.default_beam
-        results = await decode(lines, beam, 1)
-        return JSONResponse([[{"src": src, "tgt": hyps[0]["text"], "n_best": 1, "pred_score": hyps[0]["score"]}
-                              for src, hyps in zip(lines, results)]])
-
-    async def health(request):
-        worker = state.get("worker")
-        return JSONResponse({"status": "ok" if worker is not None else "starting",
-                             "pending": worker.pending if worker else 0,
-                             **(worker.stats if worker else {})})
-
-    async def model(request):
-        return JSONResponse(dict(engine.description, batching="stream" if streaming else "merge",
-                                 limits=dict(dataclasses.asdict(limits), max_batch=max_batch)))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        if streaming:
-            state["worker"] = StreamingWorker(engine, max_pending=limits.max_pending, chunk_steps=chunk_steps)
-        else:
-            state["worker"] = BatchingWorker(engine, max_batch=max_batch, max_pending=limits.max_pending)
-        try:
-            yield
-        finally:  # uvicorn has let in-flight requests finish; answer anything left, then stop
-            await asyncio.get_running_loop().run_in_executor(None, state["worker"].close)
-
-    routes = [Route("/translate", handler(translate), methods=["POST"]),
-              Route("/translator/translate", handler(translator_translate), methods=["POST"]),
-              Route("/health", handler(health), methods=["GET"]),
-              Route("/model", handler(model), methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    if batching not in ("auto", "stream", "merge"):
+        raise UserError(f"--batching {batching}: choose auto, stream or merge")
+    if batching == "stream" and not engine.streams:
+        raise UserError("--batching stream needs --workdir (an export bundle decodes fixed batches: use merge)")
+    streaming = batching == "stream" or (batching == "auto" and engine.streams)
+    routes = [Route("/translate", translate, methods=["POST"]),
+              Route("/translator/translate", translator_translate, methods=["POST"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/model", model, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=_lifespan, exception_handlers={RequestError: _request_error})
+    app.state.server = Server(engine, limits=limits, api_key=api_key, streaming=streaming, chunk_steps=chunk_steps)
+    return app
 
 
 # -- command line ---------------------------------------------------------------------------
-
-def add_arguments(p) -> None:
-    d = Limits()
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' (default: the {API_KEY_ENV} environment variable)")
-    p.add_argument("--max-sentences", type=int, default=d.max_sentences, help="sentences per request")
-    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters per sentence")
-    p.add_argument("--max-pending", type=int, default=d.max_pending, help="sentences queued before 503")
-    p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help="sentences merged into one decode call (0: 16 x decode.batch_size)")
-    p.add_argument("--max-beam", type=int, default=d.max_beam, help="largest beam a request may ask for")
-    p.add_argument("--batching", choices=("auto", "stream", "merge"), default="auto",
-                   help="stream: sentences join the running decoder as slots free up (runs; the default); "
-                        "merge: one decode call per group of waiting requests (bundles)")
-    p.add_argument("--chunk-steps", type=int, default=4,
-                   help="stream batching: decoding steps between admissions of new sentences")
-    p.add_argument("--graceful-seconds", type=float, default=60.0,
-                   help="on SIGTERM, how long in-flight requests may take to finish")
-
 
 def run(args) -> int:
     import uvicorn

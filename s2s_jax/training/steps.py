@@ -8,6 +8,8 @@ exactly that of one device seeing the whole global batch.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -71,36 +73,43 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
         return _train_step(state, batch, model=model, config=config, axis_name=axis_name, frozen_rows=frozen_rows)
 
 
+def _grad_sums(params, micro: Batch, rows: jax.Array, step_key, *, model: Seq2Seq, config: Config):
+    """(gradient of the loss sum, metric sums) of one (micro-)batch."""
+    def f(p):
+        sums = loss_sums(p, micro, model=model, config=config, rng=step_key, row_ids=rows)
+        return sums["loss"], sums
+    return jax.grad(f, has_aux=True)(params)
+
+
+def _accumulated_grad_sums(params, batch: Batch, row_ids: jax.Array, step_key, *, model: Seq2Seq,
+                           config: Config):
+    """Gradient and metric sums of the batch; with train.grad_accum = A > 1 summed over A
+    micro-batches in a scan (sums of loss *sums*: the caller divides once by the total weight)."""
+    grad_sums = functools.partial(_grad_sums, params, step_key=step_key, model=model, config=config)
+    A, B = config.train.grad_accum, batch["source"].shape[0]
+    if A == 1:
+        return grad_sums(batch, row_ids)
+    if B % A:
+        raise ValueError(f"batch of {B} rows is not divisible by train.grad_accum={A}")
+    split = lambda x: x.reshape((A, B // A) + x.shape[1:])  # noqa: E731
+    micro = jax.tree.map(split, batch)
+
+    def body(acc, xs):
+        g, s = grad_sums(*xs)
+        return jax.tree.map(jnp.add, acc, (g, s)), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_sums, jax.tree.map(lambda x: x[0], micro),
+                                                         row_ids[: B // A]))
+    (grads, sums), _ = jax.lax.scan(body, zero, (micro, split(row_ids)))
+    return grads, sums
+
+
 def _train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Config,
                 axis_name: str | None = None, frozen_rows: dict | None = None):
     tc = config.train
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    B = batch["source"].shape[0]
-    row_ids = _row_ids(B, axis_name)
-
-    def grad_sums(micro, rows):
-        def f(params):
-            sums = loss_sums(params, micro, model=model, config=config, rng=step_key, row_ids=rows)
-            return sums["loss"], sums
-        return jax.grad(f, has_aux=True)(state.params)
-
-    A = tc.grad_accum
-    if A == 1:
-        grads, sums = grad_sums(batch, row_ids)
-    else:  # micro-batches: sum gradients of loss *sums*, divide once by the total weight
-        if B % A:
-            raise ValueError(f"batch of {B} rows is not divisible by train.grad_accum={A}")
-        split = lambda x: x.reshape((A, B // A) + x.shape[1:])  # noqa: E731
-        micro = jax.tree.map(split, batch)
-
-        def body(acc, xs):
-            g, s = grad_sums(*xs)
-            return jax.tree.map(jnp.add, acc, (g, s)), None
-
-        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_sums, jax.tree.map(lambda x: x[0], micro),
-                                                             row_ids[: B // A]))
-        (grads, sums), _ = jax.lax.scan(body, zero, (micro, split(row_ids)))
-
+    row_ids = _row_ids(batch["source"].shape[0], axis_name)
+    grads, sums = _accumulated_grad_sums(state.params, batch, row_ids, step_key, model=model, config=config)
     grads, sums = _psum((grads, sums), axis_name)
     if frozen_rows:
         grads = _hold_rows(frozen_rows, grads, 0.0)
