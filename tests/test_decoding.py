@@ -18,7 +18,7 @@ from s2s_jax.kernels import topk
 from s2s_jax.decoding import SearchSettings
 from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID
 
-KERNELS = kernels.resolve("auto")  # the kernel set of this backend
+KERNELS = kernels.select("auto")  # this machine's kernel set (the searches' token selections)
 
 
 def settings(max_len, **kwargs):
@@ -681,7 +681,7 @@ def test_chunked_top_extensions_equal_flat_top_k(ks):
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     log_probs = jnp.where(force[:, None, None] & (jnp.arange(V) != EOS_ID), -jnp.inf, log_probs)
     want_values, want_index = jax.lax.top_k((alive[:, :, None] + log_probs).reshape(B, K * V), C)
-    values, index = topk.top_extensions(alive, logits, force, EOS_ID, C, ks)
+    values, index = kernels.select(ks).top_extensions(alive, logits, force, EOS_ID, C)
     np.testing.assert_array_equal(index, want_index)
     np.testing.assert_array_equal(values, want_values)
     assert np.all(np.asarray(index)[[2, 4]][:, :K] % V == EOS_ID)  # forced: EOS of each beam first
@@ -697,7 +697,7 @@ def test_chunked_best_token_equals_argmax_of_log_softmax(ks):
     force = jnp.asarray([False, True, False, False, False, True, False, True])
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     log_probs = jnp.where(force[:, None] & (jnp.arange(V) != EOS_ID), -jnp.inf, log_probs)
-    token, best = topk.best_token(logits, force, EOS_ID, ks)
+    token, best = kernels.select(ks).best_token(logits, force, EOS_ID)
     np.testing.assert_array_equal(token, jnp.argmax(log_probs, axis=-1))
     np.testing.assert_array_equal(best, jnp.max(log_probs, axis=-1))
     assert int(token[3]) == 0 and int(token[1]) == EOS_ID and int(token[5]) == 0

@@ -80,7 +80,7 @@ def test_beam_size_one_equals_greedy(translator):
         return logits, new["state"], None
 
     limits = translator.max_len_for(lengths).astype(np.int32)
-    settings = decoding.SearchSettings(max_len=int(limits.max()), kernels=kernels.resolve("auto"), strategy="beam",
+    settings = decoding.SearchSettings(max_len=int(limits.max()), kernels=model.kernels, strategy="beam",
                                        beam_size=1, length_penalty=0.0, bos_id=BOS_ID, eos_id=EOS_ID)
     search = jax.jit(lambda state: decoding.search(step_fn, state, settings, batch_size=n, max_lengths=limits))
     out = jax.device_get(search(cache["state"]))
@@ -109,7 +109,7 @@ def test_beam_translation_equals_plain_beam_search_over_tiled_memory(translator)
         return logits, new, None
 
     limits = translator.max_len_for(lengths).astype(np.int32)
-    settings = decoding.SearchSettings(max_len=int(limits.max()), kernels=kernels.resolve("auto"), beam_size=3,
+    settings = decoding.SearchSettings(max_len=int(limits.max()), kernels=model.kernels, beam_size=3,
                                        nbest=2, length_penalty=dc.length_penalty, bos_id=BOS_ID, eos_id=EOS_ID)
     out = jax.device_get(jax.jit(lambda cache: decoding.search(step_fn, cache, settings, batch_size=n,
                                                                max_lengths=limits))(cache))
@@ -128,7 +128,7 @@ def test_decoder_step_with_memory_shared_by_beam_rows_equals_tiled_memory(attent
 
     cfg = ModelConfig(hidden_dim=32, source_embed_dim=16, target_embed_dim=16, encoder_layers=2,
                       decoder_layers=2, attention=attention, bridge="dense")
-    model = Seq2Seq(cfg, 11, 13)
+    model = Seq2Seq(cfg, 11, 13, kernels.select(cfg.kernels))
     B, K, S = 3, 4, 6
     rng = np.random.default_rng(0)
     source = rng.integers(3, 11, size=(B, S)).astype(np.int32)

@@ -17,9 +17,10 @@ knows nothing of the model); `inference/adapter.py` adapts a model to it.
 Every sentence's result is the same however it is batched (tests/test_decoding.py).
 
 Speed: the per-step work outside the step function is a few passes over the [rows, V] logits,
-so log-probs are never stored; greedy's argmax and beam's top-k are `kernels/topk.py`, from the
-settings' kernel set (on CPU chunk maxima first, searching only the chunks that can hold the
-answer; elsewhere the plain top_k / argmax; the same result, ties included). The search loop is
+so log-probs are never stored; greedy's argmax and beam's top-k are the `best_token` and
+`top_extensions` of the settings' KernelSet (the model's; kernels/topk.py: the cpu set takes
+chunk maxima first, searching only the chunks that can hold the answer; the portable set the
+plain top_k / argmax; the same result, ties included). The search loop is
 a `while_loop` that ends when every sentence has finished, on every backend: its trip count is
 data-dependent by nature.
 """

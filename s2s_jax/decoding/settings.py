@@ -22,8 +22,8 @@ class SearchSettings:
 
     max_len: T, the static bound on every output length (EOS included); per-sentence limits
       (`max_lengths`) are clipped to it.
-    kernels: the kernel set whose token selections (`kernels.topk.best_token`,
-      `top_extensions`) the strategies call; opaque here, passed through as given.
+    kernels: the `kernels.KernelSet` whose token selections (`best_token`, `top_extensions`)
+      the strategies call (the model's set).
     beam_size: K. nbest: N <= K, the finished hypotheses each sentence returns (beam only).
     length_penalty: GNMT alpha, 0 = off. coverage_penalty: GNMT beta, 0 = off (beam only;
       needs attention from the step function).

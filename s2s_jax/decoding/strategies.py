@@ -20,8 +20,9 @@ sentence stops when no live hypothesis remains, or when its N finished slots are
 live hypothesis can beat the worst of them even at its most favourable length (log-probs only
 fall as a hypothesis grows and the coverage penalty is never positive, so the bound is safe).
 
-The token selections are the kernel set's (`kernels/topk.py`: on CPU chunk maxima first; the
-same result, ties included); log-probs over [rows, V] are never stored.
+The token selections are the settings' kernel set's `best_token` and `top_extensions`
+(`kernels/topk.py`: the cpu set takes chunk maxima first, the portable set the plain top_k /
+argmax; the same result, ties included); log-probs over [rows, V] are never stored.
 """
 
 from __future__ import annotations
@@ -91,8 +92,7 @@ class Greedy:
     def advance(self, search: GreedyState, logits, attention, limits, source_mask):
         eos_id = self.settings.eos_id
         step = search.step  # [B]
-        token, token_log_prob = topk.best_token(logits, step >= limits - 1, eos_id,
-                                                self.settings.kernels)  # [B], [B]
+        token, token_log_prob = self.settings.kernels.best_token(logits, step >= limits - 1, eos_id)  # [B], [B]
         live = ~search.finished
         token = jnp.where(live, token, PAD_ID)
         at_step = jnp.arange(self.settings.max_len)[None, :] == step[:, None]  # [B, T]
@@ -177,9 +177,9 @@ class Beam:
         K, V, T = self.num_beams, self.vocab_size, self.settings.max_len
         step = state.step
         batch_size = step.shape[0]
-        log_probs, flat_index = topk.top_extensions(
+        log_probs, flat_index = self.settings.kernels.top_extensions(
             state.alive_log_probs, logits.reshape(batch_size, K, V), step >= limits - 1,
-            self.settings.eos_id, self.num_candidates, self.settings.kernels,
+            self.settings.eos_id, self.num_candidates,
         )  # [B, C]
         parent = flat_index // V  # [B, C]
         token = (flat_index % V).astype(jnp.int32)  # [B, C]

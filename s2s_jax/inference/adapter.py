@@ -89,7 +89,7 @@ class SingleModel:
 
     @property
     def kernels(self):
-        return kernels_lib.resolve(self.module.config.kernels)  # (where the program is built: see kernels.target)
+        return self.module.kernels
 
     @property
     def cache_key(self) -> tuple:

@@ -236,6 +236,10 @@ class RunContext:
         return {"data_state": self.train_iter.get_state(), **self.tracker.meta(),
                 "config": config_lib.to_dict(self.config), "vocab": self.vocab_ref}
 
+    def save_latest(self, step: int) -> None:
+        """Saves the live state as a latest-K checkpoint of `step` (once per step)."""
+        self.latest.save(step, self.parallel.get_state(self.state), self.meta())
+
 
 @dataclasses.dataclass(frozen=True)
 class _Begin:
@@ -481,7 +485,7 @@ def apply_verdict(run: RunContext, step: int, verdict: Verdict) -> bool:
     if verdict.stop:
         run.bar.write(f"early stopping at step {step}: no {tracker.metric} improvement in "
                       f"{tracker.bad_evals} evaluations (best {tracker.best})")
-        run.latest.save(step, run.parallel.get_state(run.state), run.meta())
+        run.save_latest(step)
     return verdict.stop
 
 
@@ -489,11 +493,11 @@ def save_periodic(run: RunContext, step: int, m: dict) -> None:
     """The checkpoint_every save. Not in the middle of a non-finite streak: keep the latest-K all
     good ones (a signal saves anyway: the run is leaving)."""
     if run.stop.received or int(m["nonfinite_run"]) == 0:
-        run.latest.save(step, run.parallel.get_state(run.state), run.meta())
+        run.save_latest(step)
 
 
 def save_on_signal(run: RunContext, step: int) -> None:
     """SIGTERM/SIGINT received: the step is finished; save it (once) and say so."""
-    run.latest.save(step, run.parallel.get_state(run.state), run.meta())
+    run.save_latest(step)
     run.ckpts.wait()
     run.bar.write(f"{run.stop.received}: checkpoint written at step {step}; exiting")
