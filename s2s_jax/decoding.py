@@ -11,10 +11,10 @@ e.g. the encoder memory once per sentence instead of once per beam).
 Every sentence's result is the same however it is batched.
 
 Speed: the per-step work outside the step function is a few passes over the [rows, V] logits,
-so log-probs are never stored; greedy's argmax and beam's top-k are `kernels/topk.py`, chosen by
-each search's `kernels` argument (model.kernels: on CPU chunk maxima first, searching only the
-chunks that can hold the answer; elsewhere the plain top_k / argmax; the same result, ties
-included). The search loop itself is a `while_loop` that ends when every sentence has finished,
+so log-probs are never stored; greedy's argmax and beam's top-k are the `best_token` and
+`top_extensions` of each search's `kernels` argument (the model's KernelSet, kernels/topk.py:
+the cpu set takes chunk maxima first, searching only the chunks that can hold the answer; the
+portable set the plain top_k / argmax; the same result, ties included). The search loop itself is a `while_loop` that ends when every sentence has finished,
 on every backend: its trip count is data-dependent by nature.
 
 Conventions shared by both searches:
@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from s2s_jax import kernels as kernels_lib
-from s2s_jax.kernels import topk
+from s2s_jax.kernels import KernelSet, topk
 from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID  # the one definition of the special ids
 
 # step_fn(tokens [N] int32 (the previous token of each row), cache (pytree, leading dim N on
@@ -62,7 +61,7 @@ def greedy_search(
     max_len: int,
     bos_id: int = BOS_ID,
     eos_id: int = EOS_ID,
-    kernels: str = "auto",
+    kernels: KernelSet,
 ) -> dict[str, jax.Array | None]:
     """Picks the most probable next token until every sentence has emitted EOS.
 
@@ -102,7 +101,7 @@ def beam_search(
     nbest: int = 1,
     bos_id: int = BOS_ID,
     eos_id: int = EOS_ID,
-    kernels: str = "auto",
+    kernels: KernelSet,
 ) -> dict[str, jax.Array | None]:
     """Beam search with GNMT length and coverage penalties (Wu et al. 2016, eq. 14).
 
@@ -180,7 +179,7 @@ def continuous_search(
     output_sizes: tuple[int, int | None] | None = None,
     bos_id: int = BOS_ID,
     eos_id: int = EOS_ID,
-    kernels: str = "auto",
+    kernels: KernelSet,
 ) -> dict[str, jax.Array | None]:
     """Greedy (beam_size 1) or beam search of a queue of Q sentences through P decoding slots.
 
@@ -413,7 +412,7 @@ class SlotPool:
     def __init__(self, make_step_fn, *, slots: int, queue: int, results: int, beam_size: int = 1, nbest: int = 1,
                  vocab_size: int, source_len: int | None, max_len: int, length_penalty: float = 0.0,
                  coverage_penalty: float = 0.0, refill: int | None = None, slot_context: bool = True,
-                 bos_id: int = BOS_ID, eos_id: int = EOS_ID, kernels: str = "auto"):
+                 bos_id: int = BOS_ID, eos_id: int = EOS_ID, kernels: KernelSet):
         refill = max(1, slots // 8) if refill is None else refill
         _check_sizes(slots=slots, queue=queue, results=results, max_len=max_len, beam_size=beam_size, nbest=nbest,
                      refill=refill)
@@ -520,7 +519,7 @@ class SlotPool:
 class _Greedy(_Search):
     num_beams = 1
 
-    def __init__(self, *, max_len, source_len, bos_id, eos_id, kernels="auto"):
+    def __init__(self, *, max_len, source_len, bos_id, eos_id, kernels: KernelSet):
         self.max_len, self.source_len, self.bos_id, self.eos_id = max_len, source_len, bos_id, eos_id
         self.kernels = kernels
 
@@ -539,8 +538,7 @@ class _Greedy(_Search):
 
     def advance(self, search, logits, attention, limits, source_mask):
         step = search["step"]  # [B]
-        token, token_log_prob = topk.best_token(logits, step >= limits - 1, self.eos_id,
-                                                  kernels_lib.resolve(self.kernels))  # [B], [B]
+        token, token_log_prob = self.kernels.best_token(logits, step >= limits - 1, self.eos_id)  # [B], [B]
         live = ~search["finished"]
         token = jnp.where(live, token, PAD_ID)
         at_step = jnp.arange(self.max_len)[None, :] == step[:, None]  # [B, T]
@@ -564,7 +562,7 @@ class _Greedy(_Search):
 
 class _Beam(_Search):
     def __init__(self, *, beam_size, nbest, vocab_size, max_len, source_len, length_penalty,
-                 coverage_penalty, bos_id, eos_id, kernels="auto"):
+                 coverage_penalty, bos_id, eos_id, kernels: KernelSet):
         self.kernels = kernels
         has_attention = source_len is not None
         if not has_attention and not _is_zero(coverage_penalty):
@@ -610,9 +608,9 @@ class _Beam(_Search):
         batch_size = step.shape[0]
         has_attention = self.source_len is not None
         # Every (parent beam, next token) extension, by the raw log-prob of the longer prefix.
-        candidate_log_probs, flat_index = topk.top_extensions(
+        candidate_log_probs, flat_index = self.kernels.top_extensions(
             state["alive_log_probs"], logits.reshape(batch_size, K, V), step >= limits - 1,
-            self.eos_id, self.num_candidates, kernels_lib.resolve(self.kernels),
+            self.eos_id, self.num_candidates,
         )  # [B, C]
         parent = flat_index // V  # [B, C]
         token = (flat_index % V).astype(jnp.int32)  # [B, C]

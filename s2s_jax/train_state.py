@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from s2s_jax import kernels
 from s2s_jax.config import Config, TrainConfig
 from s2s_jax.model import Seq2Seq
 
@@ -79,7 +80,9 @@ def build_optimizer(cfg: TrainConfig, *, clip: bool = True) -> optax.GradientTra
 
 
 def make_model(config: Config, source_vocab_size: int, target_vocab_size: int) -> Seq2Seq:
-    return Seq2Seq(config.model, source_vocab_size, target_vocab_size)
+    """The model, with its kernel set chosen here, once (model.kernels for this backend, or for
+    the platforms of a `kernels.target` in effect)."""
+    return Seq2Seq(config.model, source_vocab_size, target_vocab_size, kernels.select(config.model.kernels))
 
 
 def init_params(model: Seq2Seq, rng: jax.Array, source_len: int = 4, target_len: int = 4):

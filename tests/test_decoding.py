@@ -15,7 +15,11 @@ import pytest
 from s2s_jax import decoding
 from s2s_jax import kernels
 from s2s_jax.kernels import topk
-from s2s_jax.decoding import BOS_ID, EOS_ID, PAD_ID, beam_search, continuous_search, greedy_search
+from s2s_jax.decoding import BOS_ID, EOS_ID, PAD_ID
+
+KS = kernels.select("auto")  # this machine's kernel set (the searches' token selections)
+beam_search, continuous_search, greedy_search = (partial(f, kernels=KS) for f in (
+    decoding.beam_search, decoding.continuous_search, decoding.greedy_search))
 
 # ----------------------------------------------------------------------------------- stubs
 
@@ -567,7 +571,7 @@ def test_continuous_search_slot_context_equals_per_row_context(beam_size):
             np.testing.assert_array_equal(np.asarray(per_slot[key]), np.asarray(per_row[key]), err_msg=key)
     assert int(np.asarray(per_row["lengths"]).reshape(queue, -1)[:n, 0].min()) >= 1
     with pytest.raises(ValueError, match="slot_context"):
-        decoding._run_slots(decoding._Greedy(max_len=4, source_len=None, bos_id=BOS_ID, eos_id=EOS_ID),
+        decoding._run_slots(decoding._Greedy(max_len=4, source_len=None, bos_id=BOS_ID, eos_id=EOS_ID, kernels=KS),
                             step, state, context, slots=2, queue_size=2, num_sentences=2, limits=None,
                             source_lengths=None, source_len=None, max_len=4, refill=0, slot_context=True)
 
@@ -655,7 +659,7 @@ def test_chunked_top_extensions_equal_flat_top_k(ks):
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     log_probs = jnp.where(force[:, None, None] & (jnp.arange(V) != EOS_ID), -jnp.inf, log_probs)
     want_values, want_index = jax.lax.top_k((alive[:, :, None] + log_probs).reshape(B, K * V), C)
-    values, index = topk.top_extensions(alive, logits, force, EOS_ID, C, ks)
+    values, index = kernels.select(ks).top_extensions(alive, logits, force, EOS_ID, C)
     np.testing.assert_array_equal(index, want_index)
     np.testing.assert_array_equal(values, want_values)
     assert np.all(np.asarray(index)[[2, 4]][:, :K] % V == EOS_ID)  # forced: EOS of each beam first
@@ -671,7 +675,7 @@ def test_chunked_best_token_equals_argmax_of_log_softmax(ks):
     force = jnp.asarray([False, True, False, False, False, True, False, True])
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     log_probs = jnp.where(force[:, None] & (jnp.arange(V) != EOS_ID), -jnp.inf, log_probs)
-    token, best = topk.best_token(logits, force, EOS_ID, ks)
+    token, best = kernels.select(ks).best_token(logits, force, EOS_ID)
     np.testing.assert_array_equal(token, jnp.argmax(log_probs, axis=-1))
     np.testing.assert_array_equal(best, jnp.max(log_probs, axis=-1))
     assert int(token[3]) == 0 and int(token[1]) == EOS_ID and int(token[5]) == 0
@@ -700,7 +704,7 @@ def test_slot_pool_sentences_joining_while_it_runs_get_the_plain_search(beam_siz
     W, R = 3, 5  # a ring of 3 sentences waiting to start; results of 5 tickets in flight
     pool_ops = decoding.SlotPool(lambda: rnn_context_step(step), slots=4, queue=W, results=R, beam_size=beam_size,
                                  nbest=nbest, vocab_size=VOCAB, source_len=SOURCE, max_len=9, refill=1,
-                                 slot_context=False, **penalties)
+                                 slot_context=False, kernels=KS, **penalties)
     pool = pool_ops.empty(state, context)
     admit = jax.jit(pool_ops.admit)
     runs = {a: jax.jit(partial(pool_ops.run, steps=3, active=a)) for a in (2, 4)}

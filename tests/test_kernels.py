@@ -26,7 +26,7 @@ from s2s_jax.kernels import activations, dense as dense_kernel
 from s2s_jax.kernels import loss as loss_kernel
 from s2s_jax.model import Seq2Seq
 from s2s_jax.train_state import create_state
-from test_model import (SOURCE_LENGTHS, TARGET_LENGTHS, VOCAB, assert_close, fast_loss, init, make_batch,
+from test_model import (SOURCE_LENGTHS, TARGET_LENGTHS, VOCAB, assert_close, build, fast_loss, init, make_batch,
                         model_config, pad_batch)
 
 SETS = kernels.SETS
@@ -150,7 +150,7 @@ def test_chunked_loss_equals_unchunked(ks):
 def _loss_from(model, cfg, params, hidden, batch):
     kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
     sums = losses.sequence_loss(hidden, kernel, bias, batch["target_output"], steps.target_weights(batch),
-                                kernels=cfg.kernels)
+                                kernels=model.kernels)
     return sums["loss"] / sums["weight"]
 
 
@@ -177,7 +177,7 @@ def test_fused_decoder_equals_autodiff_scan(ks, att, layers, residual, dtype):
     w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 6)), jnp.float32)
 
     def run(cfg):
-        model = Seq2Seq(cfg, VOCAB, VOCAB)
+        model = build(cfg)
 
         def loss(params):
             hidden, weights = model.apply({"params": params}, batch["source"], batch["source_lengths"],
@@ -212,7 +212,7 @@ def test_fused_loss_of_an_all_padding_batch_is_zero(ks):
     targets = jnp.asarray(rng.integers(0, 11, (3, 70)), jnp.int32)
     for weight in (0.0, 1.0):
         f = jax.jit(jax.value_and_grad(lambda h, k, b: losses.sequence_loss(
-            h, k, b, targets, jnp.full((3, 70), weight), kernels=ks)["loss"], argnums=(0, 1, 2)))
+            h, k, b, targets, jnp.full((3, 70), weight), kernels=kernels.select(ks))["loss"], argnums=(0, 1, 2)))
         v, g = f(hidden, kernel, bias)
         if weight == 0.0:
             assert float(v) == 0.0 and all(float(jnp.abs(x).max()) == 0.0 for x in g)
@@ -241,7 +241,7 @@ def check_fused_loss_against_autodiff(T, lengths, eps=0.0, chunk=0, seed=0, dtyp
 
     def fused(hidden, kernel, bias):
         s = losses.sequence_loss(hidden, kernel, bias, targets, weights, label_smoothing=eps, chunk=chunk,
-                                 dtype=dt, kernels=ks)
+                                 dtype=dt, kernels=kernels.select(ks))
         return s["loss"], (s["nll"], s["correct"], s["weight"])
 
     (v0, aux0), g0 = jax.value_and_grad(plain, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, bias)
@@ -284,7 +284,7 @@ def test_fused_loss_matches_autodiff(ks, eps, chunk, dtype):
 @pytest.mark.parametrize("ks", SETS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_projection_gradients_equal_autodiff(ks, dtype):
-    """kernels.dense.matmul (rows flattened; cpu: hand-written backward) == autodiff of the plain
+    """KernelSet.matmul (rows flattened; cpu: hand-written backward) == autodiff of the plain
     einsum, for a time-major [T, B, D] input, in float32 and with bfloat16 compute."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(5, 3, 7)), jnp.float32)
@@ -296,7 +296,7 @@ def test_dense_projection_gradients_equal_autodiff(ks, dtype):
         return jnp.einsum("tbd,dg->tbg", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
     y0, vjp0 = jax.vjp(plain, x, w)
-    y1, vjp1 = jax.jit(lambda x, w: jax.vjp(lambda x, w: dense_kernel.matmul(x, w, dt, ks), x, w))(x, w)
+    y1, vjp1 = jax.jit(lambda x, w: jax.vjp(lambda x, w: kernels.select(ks).matmul(x, w, dt), x, w))(x, w)
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert y1.shape == (5, 3, 11) and y1.dtype == jnp.float32
     assert_close(y1, y0, tol)
@@ -322,7 +322,7 @@ def test_lstm_gate_grads_equal_autodiff_of_the_cell(ks):
 
     (_, c_new), vjp = jax.vjp(step, z, c_prev)
     dz0, dc_prev0 = vjp((dh, dc))
-    acts = activations.lstm_activations(z, ks)
+    acts = kernels.select(ks).lstm_activations(z)
     i, f, g, o = jnp.split(z, 4, axis=-1)
     plain = jnp.concatenate([jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)], -1)
     assert_close(acts, plain, 2e-7)
@@ -337,7 +337,7 @@ def _train_setup(ks, precision="auto", dtype="float32"):
     mcfg = model_config("lstm", "general", True, True, 0, bridge="dense", kernels=ks, dropout=0.1,
                         matmul_precision=precision, dtype=dtype)
     config = Config(model=mcfg, train=TrainConfig(learning_rate=1e-2, clip_norm=1.0))
-    model = Seq2Seq(mcfg, VOCAB, VOCAB)
+    model = build(mcfg)
     state = create_state(config, model)
     return config, model, state
 
@@ -417,6 +417,123 @@ def test_lowered_portable_train_step_has_static_control_flow_only():
     assert not all(_while_trip_counts_static(cpu))  # the loss's device-counted block loops
 
 
+def _cpu_set_constructs(hlo: str) -> list[str]:
+    """The cpu set's constructs found in a lowered module: a conditional, an optimisation
+    barrier, a while loop whose trip count is computed on the device."""
+    found = [c for c in ("stablehlo.case", "stablehlo.if", "optimization_barrier") if c in hlo]
+    return found + (["device-counted while"] if not all(_while_trip_counts_static(hlo)) else [])
+
+
+def test_model_built_with_the_portable_set_reaches_no_cpu_construct():
+    """On the CPU backend, with model.kernels naming the cpu set (explicitly, and by auto), a
+    model built with the portable set gives a train step with none of the cpu set's constructs:
+    the set given to the model once is the one everything downstream uses (the model, the loss,
+    the guard), with nothing re-resolved from the config."""
+    assert jax.default_backend() == "cpu"
+    for name in ("cpu", "auto"):
+        assert kernels.select(name).name == "cpu"
+        config, _, _ = _train_setup(name)
+        model = Seq2Seq(config.model, VOCAB, VOCAB, kernels.select("portable"))
+        state = create_state(config, model)
+        fn = jax.jit(functools.partial(steps.train_step, model=model, config=config))
+        hlo = fn.lower(state, make_batch()).as_text()
+        assert "stablehlo.while" in hlo  # the time scans
+        assert not _cpu_set_constructs(hlo), (name, _cpu_set_constructs(hlo))
+
+
+def _decoder_scan_probe(ks, fused: bool):
+    """KernelSet.decoder_scan called directly: a 1-layer input-feeding LSTM decoder with general
+    attention (the fused decoder, or with model.fused_decoder off the model's step, taped)."""
+    from s2s_jax.model.decoder import _step, _tape_names
+    cfg = model_config("lstm", "general", True, False, 0, decoder_layers=1, fused_decoder=fused)
+    T, B, S, H = 4, 2, 3, 8
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32)
+
+    W = {"layer0": r(2 * H, 4 * H), "layer0_bias": r(4 * H), "att_output_kernel": r(2 * H, H),
+         "att_key_kernel": r(H, H)}
+    gx0, memory, keys = r(T, B, 4 * H), r(B, S, H), r(B, S, H)
+    mask = jnp.asarray([[True, True, True], [True, True, False]])
+    state = {"layers": ((r(B, H), r(B, H)),), "feed": r(B, H)}
+
+    def f(W, gx0, memory, keys, state):
+        hidden, weights = ks.decoder_scan(cfg, W, gx0, state, memory, keys, mask, None,
+                                          step=functools.partial(_step, cfg, ks), tape_names=_tape_names(cfg))
+        return hidden.sum() + weights.sum()
+
+    return jax.grad(f, argnums=(0, 1, 2, 3, 4)), (W, gx0, memory, keys, state)
+
+
+def _kernel_set_probes(ks):
+    """{operation: (function, args)}: every operation of a KernelSet called with `ks` given
+    explicitly, differentiated where it has a hand-written backward pass."""
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    T, K, B, H, V = 5, 2, 3, 4, 11
+    mask = jnp.asarray(np.arange(T)[:, None, None, None] < np.array([5, 3, 2])[None, None, :, None])
+    mask = jnp.broadcast_to(mask, (T, K, B, 1))
+    y = jnp.asarray(rng.integers(0, V, (3, 70)), jnp.int32)
+    w = jnp.asarray(np.arange(70)[None] < np.array([70, 20, 0])[:, None], jnp.float32)
+    big_y, big_w = jnp.zeros((2, 3000), jnp.int32), jnp.ones((2, 3000), jnp.float32)
+
+    def recurrence(cell, G):
+        def f(xp, w_hh, b_hh, initial):
+            ys, _ = ks.recurrence(cell, jnp.float32, 1, xp, w_hh, b_hh, mask, initial)
+            return ys.sum()
+        initial = (r(K, B, H), r(K, B, H)) if cell == "lstm" else r(K, B, H)
+        return jax.grad(f, argnums=(0, 1, 3)), (r(T, K, B, G * H), r(K, H, G * H),
+                                                None if cell == "lstm" else r(K, G * H), initial)
+
+    def loss(chunk, h, y, w):
+        f = lambda h, k, b: ks.sequence_sums(h, k, b, y, w, label_smoothing=0.1, chunk=chunk)[0]  # noqa: E731
+        return jax.grad(f, argnums=(0, 1, 2)), (h, r(5, V), r(V))
+
+    def update(p):  # -> the new `old` tuple
+        return (jax.tree.map(lambda x: x * 0.5, p),)
+
+    return {
+        "matmul": (jax.grad(lambda x, w: ks.matmul(x, w, jnp.float32).sum(), argnums=(0, 1)), (r(5, 3, 7), r(7, V))),
+        "rows_transposed_product": (lambda x, g: ks.rows_transposed_product(x, g, jnp.bfloat16), (r(24, 40), r(24, 16))),
+        "lstm_activations": (ks.lstm_activations, (r(3, 4 * H),)),
+        "recurrence/lstm": recurrence("lstm", 4),
+        "recurrence/gru": recurrence("gru", 3),
+        "decoder_scan/fused": _decoder_scan_probe(ks, True),
+        "decoder_scan/taped": _decoder_scan_probe(ks, False),
+        "sequence_sums": loss(0, r(3, 70, 5), y, w),
+        "sequence_sums/chunked": loss(3, r(3, 70, 5), y, w),
+        "sequence_sums/many_rows": loss(0, r(2, 3000, 5), big_y, big_w),
+        "global_norm": (ks.global_norm, ({"a": r(3, 4), "b": r(5)},)),
+        "apply_if": (lambda keep, p: ks.apply_if(keep, update, (p,)), (jnp.asarray(True), {"a": r(3, 4)})),
+        "best_token": (lambda logits, force: ks.best_token(logits, force, 2), (r(8, 1024), jnp.zeros(8, bool))),
+        "top_extensions": (lambda alive, logits, force: ks.top_extensions(alive, logits, force, 2, 6),
+                           (r(6, 3), r(6, 3, 1024), jnp.zeros(6, bool))),
+    }
+
+
+def test_every_portable_operation_called_directly_reaches_no_cpu_construct():
+    """Each operation of the portable set, called with the set explicitly (no model, no config),
+    lowered on the CPU backend: no conditional, no optimisation barrier, no device-counted loop.
+    The same probes of the cpu set find its constructs where it has them (the probes reach
+    them), and every operation of a KernelSet has a probe."""
+    ops = {f.name for f in dataclasses.fields(kernels.KernelSet)} - {"name"}
+    lowered = {}
+    for name in SETS:
+        probes = _kernel_set_probes(kernels.select(name))
+        assert {p.split("/")[0] for p in probes} == ops
+        lowered[name] = {op: jax.jit(f).lower(*args).as_text() for op, (f, args) in probes.items()}
+    found = {op: _cpu_set_constructs(text) for op, text in lowered["portable"].items()}
+    assert not any(found.values()), found
+    cpu = {op: _cpu_set_constructs(text) for op, text in lowered["cpu"].items()}
+    for op in ("matmul", "rows_transposed_product", "sequence_sums", "sequence_sums/chunked", "apply_if",
+               "best_token", "top_extensions"):
+        assert cpu[op], (op, cpu)
+
+
 def test_float32_dots_carry_the_configured_precision():
     """model.matmul_precision reaches every dot of the train step (forward and the hand-written
     backward passes): auto = HIGHEST for float32 compute; default leaves XLA's choice;
@@ -470,7 +587,7 @@ def test_transposed_is_a_real_row_major_copy():
     np.testing.assert_array_equal(np.asarray(dense_kernel.transposed(x, jnp.bfloat16)),
                                   np.asarray(x.astype(jnp.bfloat16)).T)
     g = jnp.ones((24, 16), jnp.float32)
-    product = jax.jit(lambda x, g: dense_kernel.rows_transposed_product(x, g, jnp.bfloat16))
+    product = jax.jit(lambda x, g: kernels.select("cpu").rows_transposed_product(x, g, jnp.bfloat16))
     np.testing.assert_allclose(np.asarray(product(x, g)), np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)).T @ np.asarray(g),
                                rtol=1e-6, atol=1e-5)
     if _xla_keeps_plain_bfloat16_products():

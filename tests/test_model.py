@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import reference_model as ref
+from s2s_jax import kernels
 from s2s_jax.training import losses, steps
 from s2s_jax.config import ModelConfig, TrainConfig, load
 from s2s_jax.model import Seq2Seq
@@ -62,8 +63,13 @@ CASES = [(cell, att, feed, bi)
          for bi in (False, True)]
 
 
+def build(cfg, source_vocab=VOCAB, target_vocab=VOCAB):
+    """The model of a ModelConfig with the kernel set its `kernels` names (as make_model does)."""
+    return Seq2Seq(cfg, source_vocab, target_vocab, kernels.select(cfg.kernels))
+
+
 def init(cfg, seed=0, batch=None):
-    model = Seq2Seq(cfg, VOCAB, VOCAB)
+    model = build(cfg)
     batch = batch or make_batch()
     params = model.init(jax.random.key(seed), batch["source"], batch["source_lengths"],
                         batch["target_input"])["params"]
@@ -78,7 +84,7 @@ def fast_loss(model, cfg, params, batch, chunk=0):
     hidden, _ = model.apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
     kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
     sums = losses.sequence_loss(hidden, kernel, bias, batch["target_output"], steps.target_weights(batch),
-                                chunk=chunk, kernels=cfg.kernels)
+                                chunk=chunk, kernels=model.kernels)
     return sums["loss"] / sums["weight"]
 
 
@@ -160,7 +166,7 @@ def test_bfloat16_training_converges():
     tiny = load("experiments/configs/tiny.py")
     cfg = tiny.replace(model=dataclasses.replace(tiny.model, dtype="bfloat16", dropout=0.0),
                        train=TrainConfig(learning_rate=1e-2, clip_norm=5.0))
-    model = Seq2Seq(cfg.model, 20, 20)
+    model = build(cfg.model, 20, 20)
     state = create_state(cfg, model)
     step = jax.jit(functools.partial(steps.train_step, model=model, config=cfg))
     losses_seen = []
@@ -178,7 +184,7 @@ def test_bfloat16_close_to_float32():
     model, params = init(cfg)
     batch = make_batch()
     h32, _ = model.apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
-    m16 = Seq2Seq(dataclasses.replace(cfg, dtype="bfloat16"), VOCAB, VOCAB)
+    m16 = build(dataclasses.replace(cfg, dtype="bfloat16"))
     h16, w16 = m16.apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
     assert h16.dtype == jnp.float32 and w16.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(h16), np.asarray(h32), atol=5e-2)

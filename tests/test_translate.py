@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from s2s_jax import cli, decoding
+from s2s_jax import cli, decoding, kernels
 from s2s_jax.inference import translator as translator_lib
 from s2s_jax.inference import runs as runs_lib
 from s2s_jax.vocab import BOS_ID, EOS_ID
@@ -82,7 +82,7 @@ def test_beam_size_one_equals_greedy(translator):
     limits = translator.max_len_for(lengths).astype(np.int32)
     search = jax.jit(lambda state: decoding.beam_search(
         step_fn, state, batch_size=n, beam_size=1, max_lengths=limits, max_len=int(limits.max()),
-        length_penalty=0.0, bos_id=BOS_ID, eos_id=EOS_ID))
+        length_penalty=0.0, bos_id=BOS_ID, eos_id=EOS_ID, kernels=model.kernels))
     out = jax.device_get(search(cache["state"]))
     for r, g in enumerate(greedy):
         seq = out["tokens"][r, 0, :out["lengths"][r, 0]].tolist()
@@ -111,7 +111,7 @@ def test_beam_translation_equals_plain_beam_search_over_tiled_memory(translator)
     limits = translator.max_len_for(lengths).astype(np.int32)
     out = jax.device_get(jax.jit(lambda cache: decoding.beam_search(
         step_fn, cache, batch_size=n, beam_size=3, nbest=2, max_lengths=limits, max_len=int(limits.max()),
-        length_penalty=dc.length_penalty, bos_id=BOS_ID, eos_id=EOS_ID))(cache))
+        length_penalty=dc.length_penalty, bos_id=BOS_ID, eos_id=EOS_ID, kernels=model.kernels))(cache))
     for r, res in enumerate(got):
         for k in range(2):
             seq = out["tokens"][r, k, :out["lengths"][r, k]].tolist()
@@ -127,7 +127,7 @@ def test_decoder_step_with_memory_shared_by_beam_rows_equals_tiled_memory(attent
 
     cfg = ModelConfig(hidden_dim=32, source_embed_dim=16, target_embed_dim=16, encoder_layers=2,
                       decoder_layers=2, attention=attention, bridge="dense")
-    model = Seq2Seq(cfg, 11, 13)
+    model = Seq2Seq(cfg, 11, 13, kernels.select(cfg.kernels))
     B, K, S = 3, 4, 6
     rng = np.random.default_rng(0)
     source = rng.integers(3, 11, size=(B, S)).astype(np.int32)

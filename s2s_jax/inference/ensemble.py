@@ -41,6 +41,10 @@ class Ensemble:
         return tuple(m.config for m in self.members)
 
     @property
+    def kernels(self):  # decoding's token selections: the first member's kernel set
+        return self.members[0].kernels
+
+    @property
     def source_vocab_size(self) -> int:
         return self.members[0].source_vocab_size
 

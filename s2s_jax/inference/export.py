@@ -69,7 +69,6 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
     import jax.numpy as jnp
     from jax import export
 
-    from s2s_jax import kernels as kernels_lib
     from s2s_jax.inference.translator import decode_fixed_batch, encode as encode_batch
 
     B, S, T = export.symbolic_shape("batch, source_len, max_len")
@@ -95,16 +94,13 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
         return {k: out[k][:, 0] for k in keys}  # drop the n-best axis (n-best = 1)
 
     programs = {}
-    # model.kernels=auto resolves for the target platforms, not this machine: a bundle lowered on
-    # a CPU for cuda gets the portable kernels (cpu only when every platform is cpu)
-    with kernels_lib.target(platforms):
-        exported = export.export(jax.jit(encode), platforms=platforms)(params_avals, source, lengths)
-        programs["encode"] = exported.serialize()
-        for beam in [1, *beams]:
-            name = "greedy" if beam == 1 else f"beam_{beam}"
-            fn = jax.jit(functools.partial(decode, beam=beam))
-            exported = export.export(fn, platforms=platforms)(params_avals, source, lengths, carrier)
-            programs[name] = exported.serialize()
+    exported = export.export(jax.jit(encode), platforms=platforms)(params_avals, source, lengths)
+    programs["encode"] = exported.serialize()
+    for beam in [1, *beams]:
+        name = "greedy" if beam == 1 else f"beam_{beam}"
+        fn = jax.jit(functools.partial(decode, beam=beam))
+        exported = export.export(fn, platforms=platforms)(params_avals, source, lengths, carrier)
+        programs[name] = exported.serialize()
     return programs
 
 
@@ -277,12 +273,17 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
     from safetensors.numpy import save_file
 
     from s2s_jax import config as config_lib
+    from s2s_jax import kernels as kernels_lib
 
+    # The model is built for the target platforms, not this machine: with model.kernels=auto a
+    # bundle lowered on a CPU for cuda gets the portable kernels (cpu only when every platform is cpu)
+    for_platforms = kernels_lib.target(tuple(platforms))
     ensemble = None
     if isinstance(workdir, (list, tuple)):
         from s2s_jax.inference.ensemble import load_ensemble_translator
 
-        translator = load_ensemble_translator(list(workdir), weights=weights, **choice.kwargs())
+        with for_platforms:
+            translator = load_ensemble_translator(list(workdir), weights=weights, **choice.kwargs())
         config, model, source_vocab, target_vocab = (translator.config, translator.model, translator.source_vocab,
                                                      translator.target_vocab)
         params = {f"member_{i}": p for i, p in enumerate(translator.params)}
@@ -292,7 +293,8 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
     else:
         from s2s_jax.inference.runs import load_run
 
-        run = load_run(workdir, **choice.kwargs())
+        with for_platforms:
+            run = load_run(workdir, **choice.kwargs())
         config, model, params, source_vocab, target_vocab, ck = (run.config, run.model, run.params, run.source_vocab,
                                                                  run.target_vocab, run.checkpoint)
     if beams is None:

@@ -72,7 +72,7 @@ class StreamingDecoder:
                 make_step_fn, slots=slots_, queue=2 * slots_, results=8 * slots_, beam_size=beam, nbest=nbest,
                 vocab_size=model.target_vocab_size, source_len=source_len_ if want_attention else None,
                 max_len=self.max_len, length_penalty=dc.length_penalty, coverage_penalty=dc.coverage_penalty,
-                slot_context=True, kernels=config.model.kernels)
+                slot_context=True, kernels=model.kernels)
 
             def admit(params, pool_state, count, source, source_lengths, limits):
                 cache = pad_cache(encode(params, source, source_lengths, model=model), source_len_)

@@ -119,7 +119,7 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
         max_lengths=max_lengths, max_len=max_len, length_penalty=dc.length_penalty,
         coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths, nbest=nbest,
         slot_context=True, output_sizes=(model.target_vocab_size, cache["mask"].shape[1] if want_attention else None),
-        bos_id=BOS_ID, eos_id=EOS_ID, kernels=config.model.kernels)
+        bos_id=BOS_ID, eos_id=EOS_ID, kernels=model.kernels)
 
 
 def model_step_fn(model: Seq2Seq, params, *, table=None, attention: bool = True):
@@ -164,11 +164,11 @@ def decode_fixed_batch(params, source, source_lengths, *, model: Seq2Seq, config
     B = source.shape[0]
     if beam_size == 1:
         return decoding.greedy_search(step_fn, cache, batch_size=B, max_lengths=max_lengths, max_len=max_len,
-                                      bos_id=BOS_ID, eos_id=EOS_ID, kernels=config.model.kernels)
+                                      bos_id=BOS_ID, eos_id=EOS_ID, kernels=model.kernels)
     return decoding.beam_search(step_fn, cache, batch_size=B, beam_size=beam_size, max_lengths=max_lengths,
                                 max_len=max_len, length_penalty=dc.length_penalty,
                                 coverage_penalty=dc.coverage_penalty, source_lengths=source_lengths,
-                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID, kernels=config.model.kernels)
+                                nbest=nbest, bos_id=BOS_ID, eos_id=EOS_ID, kernels=model.kernels)
 
 
 def score_batch(params, source, source_lengths, target_input, target_output, target_mask, *, model: Seq2Seq):

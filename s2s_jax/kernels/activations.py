@@ -11,24 +11,31 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def lstm_activations(z: Array, kernels: str = "cpu") -> Array:
-    """Pre-activations [..., 4H] (gate order i f g o) -> [σ(i) σ(f) tanh(g) σ(o)].
-
-    One full-width elementwise op selecting per column, instead of four slices and a concatenate:
-    inside a scan each separate kernel costs a launch per step (both sets).
-
-    cpu: σ(x) = (1 + tanh(x/2)) / 2, so each element takes one tanh (XLA:CPU's vectorised rational
+def lstm_activations_one_tanh(z: Array) -> Array:
+    """cpu: pre-activations [..., 4H] (gate order i f g o) -> [σ(i) σ(f) tanh(g) σ(o)], with
+    σ(x) = (1 + tanh(x/2)) / 2, so each element takes one tanh (XLA:CPU's vectorised rational
     approximation) instead of a tanh and an exp plus a division for every column: two kernels
     per layer-step become one (docs/speed.md). Equal to jax.nn.sigmoid within 2e-7.
-    portable: jax.nn.sigmoid, which GPU/TPU backends lower to their own fast logistic.
+
+    One full-width elementwise op selecting per column, instead of four slices and a concatenate:
+    inside a scan each separate kernel costs a launch per step (both forms).
     """
-    H = z.shape[-1] // 4
-    col = jnp.arange(4 * H)
-    is_g = (col >= 2 * H) & (col < 3 * H)
-    if kernels != "cpu":
-        return jnp.where(is_g, jnp.tanh(z), jax.nn.sigmoid(z))
+    is_g = _is_g(z)
     t = jnp.tanh(jnp.where(is_g, z, 0.5 * z))
     return jnp.where(is_g, t, 0.5 * t + 0.5)
+
+
+def lstm_activations_sigmoid(z: Array) -> Array:
+    """portable: the same gates with jax.nn.sigmoid, which GPU/TPU backends lower to their own
+    fast logistic; one full-width select, as `lstm_activations_one_tanh`."""
+    return jnp.where(_is_g(z), jnp.tanh(z), jax.nn.sigmoid(z))
+
+
+def _is_g(z: Array) -> Array:
+    """[4H] bool: the g gate's columns of pre-activations z [..., 4H]."""
+    H = z.shape[-1] // 4
+    col = jnp.arange(4 * H)
+    return (col >= 2 * H) & (col < 3 * H)
 
 
 def lstm_gate_grads(acts: Array, c_new: Array, c_prev: Array, dh: Array, dc: Array) -> tuple[Array, Array]:

@@ -32,13 +32,18 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def matmul(x: Array, w: Array, dtype, kernels: str = "cpu") -> Array:
-    """x [..., D] @ w [D, G] with inputs in the compute dtype and a float32 result; leading axes
-    are flattened into rows."""
+def matmul_kept_transposes(x: Array, w: Array, dtype) -> Array:
+    """cpu: x [..., D] @ w [D, G] with inputs in the compute dtype and a float32 result; leading
+    axes are flattened into rows; the backward pass is `dense`'s (module doc)."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    name = jnp.dtype(dtype).name
-    y = dense(x2, w, name) if kernels == "cpu" else _plain(x2, w, name)
+    y = dense(x.reshape(-1, x.shape[-1]), w, jnp.dtype(dtype).name)
+    return y.reshape(lead + (w.shape[-1],))
+
+
+def matmul_autodiff(x: Array, w: Array, dtype) -> Array:
+    """portable: the same product, plain, differentiated by JAX."""
+    lead = x.shape[:-1]
+    y = _plain(x.reshape(-1, x.shape[-1]), w, jnp.dtype(dtype).name)
     return y.reshape(lead + (w.shape[-1],))
 
 
@@ -65,15 +70,17 @@ def _dense_fwd(x, w, dtype):
     return dense(x, w, dtype), (x, w)
 
 
-def rows_transposed_product(x: Array, dy: Array, dtype, kernels: str = "cpu") -> Array:
-    """xᵀ [D, N] @ dy [N, G] in `dtype` with a float32 result: a weight gradient summed over rows.
-
-    cpu: a real transposed copy of x (`transposed`, module doc);
-    portable: the contraction over x's row axis, as XLA likes it."""
+def rows_transposed_product_copied(x: Array, dy: Array, dtype) -> Array:
+    """cpu: xᵀ [D, N] @ dy [N, G] in `dtype` with a float32 result (a weight gradient summed over
+    rows), through a real transposed copy of x (`transposed`, module doc)."""
     dt = jnp.dtype(dtype)
-    if kernels != "cpu":
-        return jnp.einsum("nd,ng->dg", x.astype(dt), dy.astype(dt), preferred_element_type=jnp.float32)
     return jnp.matmul(transposed(x, dt), dy.astype(dt), preferred_element_type=jnp.float32)
+
+
+def rows_transposed_product_einsum(x: Array, dy: Array, dtype) -> Array:
+    """portable: the same product as the contraction over x's row axis, as XLA likes it."""
+    dt = jnp.dtype(dtype)
+    return jnp.einsum("nd,ng->dg", x.astype(dt), dy.astype(dt), preferred_element_type=jnp.float32)
 
 
 def _dense_bwd(dtype, res, dy):
@@ -81,7 +88,7 @@ def _dense_bwd(dtype, res, dy):
     dt = jnp.dtype(dtype)
     dy = dy.astype(dt)
     dx = jnp.matmul(dy, transposed(w, dt), preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), rows_transposed_product(x, dy, dt).astype(w.dtype)
+    return dx.astype(x.dtype), rows_transposed_product_copied(x, dy, dt).astype(w.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)

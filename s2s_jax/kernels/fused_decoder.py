@@ -4,7 +4,8 @@ For the common configuration — LSTM layers, Luong `dot`/`general` attention, i
 the whole teacher-forced decoder (every layer and the attention, one step per target position)
 is one `custom_vjp` function, as the encoder's recurrence is (kernels/recurrence.py). Both
 kernel sets use it (every loop has the static trip count T); the set changes only the gate
-nonlinearity. `model.fused_decoder=false` turns it off (the generic scan, autodiff).
+nonlinearity. `model.fused_decoder=false` turns it off: `decoder_scan` (a set's decoder scan)
+then runs the model's generic step through deferred_scan, differentiated by JAX.
 
 Why: autodiff of the scanned step saved ~30 per-step residuals (each gate, the pieces of each
 nonlinearity's derivative, the softmax, the concatenations), each one a stacked [T, B, ·] buffer
@@ -35,7 +36,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from s2s_jax.kernels.activations import lstm_activations, lstm_gate_grads
+from s2s_jax.kernels import deferred_scan
+from s2s_jax.kernels.activations import lstm_gate_grads
 from s2s_jax.kernels.deferred_scan import plain_dot, weight_grad
 from s2s_jax.kernels.recurrence import previous_steps
 
@@ -50,12 +52,41 @@ def supported(cfg) -> bool:
     return cfg.fused_decoder and cfg.input_feeding and cfg.cell == "lstm" and cfg.attention in ("dot", "general")
 
 
-def decode(cfg, kernel_set: str, W: dict, gx0: Array, state, memory: Array, keys: Array, mask: Array,
+def decoder_scan(activations, cfg, W: dict, gx0: Array, state, memory: Array, keys: Array, mask: Array,
+                 masks: dict | None, *, step, tape_names):
+    """The input-feeding decoder's teacher-forced scan, as a kernel set gives it
+    (KernelSet.decoder_scan binds `activations`, the set's LSTM gate nonlinearity).
+
+    Where `supported(cfg)` (model.fused_decoder on, LSTM, dot/general attention): `decode`, the
+    hand-derived backward pass. Otherwise the model's own step through `deferred_scan.scan`:
+    step(W, dot, gx_t, state, step_masks) -> (hidden, state, weights) is one step of all layers
+    and the attention (model/decoder.py `_step`); the arrays named in `tape_names` are the ones
+    it only multiplies by (their gradients are formed after the loop).
+    Arguments as `decode`'s. Returns time-major (hidden [T, B, H], weights [T, B, S] or None).
+    """
+    if supported(cfg):
+        return decode(cfg, activations, W, gx0, state, memory, keys, mask, masks)
+    W = dict(W, memory=memory, keys=keys)
+    taped = {k: v for k, v in W.items() if k in tape_names}
+    params = {k: v for k, v in W.items() if k not in taped}
+
+    def body(tape, params, fixed, carry, gx, step_masks):
+        if step_masks is not None:
+            step_masks = dict(step_masks, between=list(step_masks["between"]))
+        hidden, carry, weights = step({**tape.weights, **params, **fixed}, tape.dot, gx, carry, step_masks)
+        return carry, (hidden, weights)
+
+    _, ys = deferred_scan.scan(body, taped, params, {"mask": mask}, state, gx0, masks, unroll=cfg.unroll)
+    return ys
+
+
+def decode(cfg, activations, W: dict, gx0: Array, state, memory: Array, keys: Array, mask: Array,
            masks: dict | None):
     """Teacher-forced decoding. W: Decoder._prepared()'s arrays (fused `layer{i}` kernels,
     `layer{i}_bias`, `att_output_kernel`); gx0 [T, B, 4H]: layer 0's projected embeddings with
     its bias; state: {"layers": ((h, c), ...), "feed": [B, H]}; memory, keys [B, S, H];
-    mask [B, S]; masks: the time-major dropout masks (Decoder.__call__) or None.
+    mask [B, S]; masks: the time-major dropout masks (Decoder.__call__) or None;
+    activations: the kernel set's LSTM gate nonlinearity (kernels/activations.py).
     Returns (attentional hidden [T, B, H], attention weights [T, B, S]), float32.
     """
     L = cfg.decoder_layers
@@ -64,7 +95,7 @@ def decode(cfg, kernel_set: str, W: dict, gx0: Array, state, memory: Array, keys
     if masks is not None:
         masks = {"between": masks["between"], "output": masks["output"],
                  "attention": masks["attention"][:, :, 0, :]}  # [T, B, S]
-    static = (L, bool(cfg.residual), jnp.dtype(cfg.dtype).name, int(cfg.unroll), kernel_set)
+    static = (L, bool(cfg.residual), jnp.dtype(cfg.dtype).name, int(cfg.unroll), activations)
     return _decode(static, gx0, kernels, biases, W["att_output_kernel"], keys, memory, mask, masks,
                    (tuple(state["layers"]), state["feed"]))
 
@@ -74,7 +105,7 @@ def _mm(spec, x, w, dtype):
 
 
 def _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, initial, save: bool):
-    L, residual, dtype, unroll, kernel_set = static
+    L, residual, dtype, unroll, activations = static
     dtype = jnp.dtype(dtype)
 
     def body(carry, xs):
@@ -85,7 +116,7 @@ def _forward(static, gx0, kernels, biases, w_out, keys, memory, mask, masks, ini
             h, c = layers[l]
             both = jnp.concatenate([feed if l == 0 else inp, h], -1)
             z = (gx if l == 0 else biases[l - 1]) + _mm("ni,ig->ng", both, kernels[l], dtype)
-            acts = lstm_activations(z, kernel_set)
+            acts = activations(z)
             i, f, g, o = jnp.split(acts, 4, axis=-1)
             c_new = f * c + i * g
             h_new = o * jnp.tanh(c_new)

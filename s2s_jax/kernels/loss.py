@@ -13,11 +13,11 @@ re-read and transposed by the backward pass (on the 2-core CPU the projection+lo
 ~1.5× to ~1.0× the cost of its three matmuls). `chunk` > 0 runs it `chunk` time steps at a time
 in a scan, so [B, T, V] never exists at once (large vocabularies; both sets).
 
-How the rows are taken, per kernel set:
-- cpu (`_compacted`): only the rows with weight > 0, gathered to the front and scored a block at
+How the rows are taken, per kernel set (a `Rows`, which the set module builds):
+- cpu (`compacted_rows`): only the rows with weight > 0, gathered to the front and scored a block at
   a time by two `fori_loop`s whose trip counts are counted on the device, so padding costs
   nothing (docs/speed.md).
-- portable (`_static_rows`): all rows, in blocks of at most PORTABLE_ROWS taken by a scan with a
+- portable (`static_rows`): all rows, in blocks of at most PORTABLE_ROWS taken by a scan with a
   static trip count (one block, no loop, for batches up to that size). A device-counted trip
   count would make XLA:GPU copy the loop predicate to the host every iteration; with
   length-bucketed batches padding is a small share of the rows.
@@ -25,24 +25,43 @@ How the rows are taken, per kernel set:
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from s2s_jax.kernels.dense import rows_transposed_product, transposed
+from s2s_jax.kernels.dense import transposed
 
 Array = jax.Array
 
 PORTABLE_ROWS = 4096  # portable: rows per block ([4096, 32k] float32 logits are 512 MB)
 
 
-def _score(h, kernel, bias, y, w, eps: float, dtype, with_grad: bool, kernels: str = "cpu", kernel_t=None):
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """How a kernel set takes the loss's rows (kernels/cpu.py, kernels/portable.py build one).
+
+    blocks: `compacted_rows` or `static_rows` (all B·T rows at once, chunk = 0);
+    weight_product: the kernel gradient hᵀ·g of a block (dense.rows_transposed_product_*);
+    fold_bias: in float32, fold the bias into h and the kernel (`_blocks`);
+    transposed_kernel: d_h multiplies a row-major kernelᵀ made once by `dense.transposed` (else
+    the plain `.T`, which the dot takes as a layout)."""
+
+    blocks: Callable
+    weight_product: Callable
+    fold_bias: bool
+    transposed_kernel: bool
+
+
+def _score(h, kernel, bias, y, w, eps: float, dtype, with_grad: bool, product, kernel_t):
     """One block of rows: h [N, H], y [N], w [N] -> sums [4] (loss, nll, correct, weight)
     and, with_grad, the gradients of sums[0] w.r.t. h [N, H], kernel [H, V] and bias [V].
     bias None: it is folded into h and kernel (`_blocks`), and its gradient is None here.
     kernel_t: the cpu set's row-major kernelᵀ [V, H] in `dtype`, made once for all blocks
-    (`dense.transposed`: a bfloat16 product with a transposed operand leaves XLA:CPU's YNN path)."""
+    (`dense.transposed`: a bfloat16 product with a transposed operand leaves XLA:CPU's YNN path),
+    else None. product: the set's `Rows.weight_product`."""
     dtype = jnp.dtype(dtype)
     logits = jnp.matmul(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
     if bias is not None:
@@ -67,7 +86,7 @@ def _score(h, kernel, bias, y, w, eps: float, dtype, with_grad: bool, kernels: s
         g = g - (eps / V) * w[:, None]
     gd = g.astype(dtype)
     d_h = jnp.matmul(gd, kernel.astype(dtype).T if kernel_t is None else kernel_t, preferred_element_type=jnp.float32)
-    d_kernel = rows_transposed_product(h, gd, dtype, kernels)  # cpu: on the YNN path
+    d_kernel = product(h, gd, dtype)  # cpu: on the YNN path
     return sums, d_h, d_kernel, None if bias is None else g.sum(0)
 
 
@@ -75,7 +94,7 @@ BIG_ROWS = 256   # rows per block until at most three small blocks of real rows 
 SMALL_ROWS = 64  # rows per block for the remainder
 
 
-def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad, kernel_t=None):
+def compacted_rows(h, kernel, bias, y, w, eps, dtype, with_grad, product, kernel_t):
     """cpu: _score over only the rows with weight > 0, gathered to the front, a block at a time.
 
     Padding is a quarter or more of a bucketed batch's target positions, and the output
@@ -106,7 +125,7 @@ def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad, kernel_t=None):
 
     def block(start, R):
         rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start, R)  # noqa: E731
-        return _score(rows(hp), kernel, bias, rows(yp), rows(wp), eps, dtype, with_grad, "cpu", kernel_t)
+        return _score(rows(hp), kernel, bias, rows(yp), rows(wp), eps, dtype, with_grad, product, kernel_t)
 
     def remaining_blocks(add, acc):
         """Blocks 1 .. n_big - 1 (big), then the small ones: acc = add(acc, start, R)."""
@@ -128,22 +147,22 @@ def _compacted(h, kernel, bias, y, w, eps, dtype, with_grad, kernel_t=None):
     return sums, jnp.take(d_h[:N], jnp.argsort(perm), axis=0), d_kernel, d_bias  # original row order
 
 
-def _static_rows(h, kernel, bias, y, w, eps, dtype, with_grad):
+def static_rows(h, kernel, bias, y, w, eps, dtype, with_grad, product, kernel_t):
     """portable: _score over all N rows in ceil(N / PORTABLE_ROWS) equal blocks (static trip count;
     the last block padded with weight-0 rows), one block and no loop when N <= PORTABLE_ROWS."""
     N, H = h.shape
     if N <= PORTABLE_ROWS:
-        return _score(h, kernel, bias, y, w, eps, dtype, with_grad, "portable")
+        return _score(h, kernel, bias, y, w, eps, dtype, with_grad, product, kernel_t)
     n = -(-N // PORTABLE_ROWS)
     R = -(-N // n)
     pad = n * R - N
     blocks = tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((n, R) + a.shape[1:]) for a in (h, y, w))
     if not with_grad:
-        return jax.lax.map(lambda a: _score(a[0], kernel, bias, a[1], a[2], eps, dtype, False, "portable"),
+        return jax.lax.map(lambda a: _score(a[0], kernel, bias, a[1], a[2], eps, dtype, False, product, kernel_t),
                            blocks).sum(0)
 
     def body(acc, a):
-        sums, d_h, d_kernel, d_bias = _score(a[0], kernel, bias, a[1], a[2], eps, dtype, True, "portable")
+        sums, d_h, d_kernel, d_bias = _score(a[0], kernel, bias, a[1], a[2], eps, dtype, True, product, kernel_t)
         return (acc[0] + sums, acc[1] + d_kernel, None if bias is None else acc[2] + d_bias), d_h
 
     zeros = (jnp.zeros(4, jnp.float32), jnp.zeros(kernel.shape, jnp.float32),
@@ -152,7 +171,7 @@ def _static_rows(h, kernel, bias, y, w, eps, dtype, with_grad):
     return sums, d_h.reshape(n * R, H)[:N], d_kernel, d_bias
 
 
-def _blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, kernels):
+def _blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, rows: Rows):
     """h [B, T, H] etc. -> sums [4] and, with_grad, the gradients w.r.t. h, kernel and bias.
 
     In float32 the bias is folded into the products: h gets a column of ones and the kernel the
@@ -160,31 +179,31 @@ def _blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, kernels):
     is row H of the kernel gradient instead of a column sum of each block's [rows, V] gradient
     (a pass over the logits less each way, although a contraction of 257 runs a little slower
     than 256 in the logits product; docs/speed.md). cpu set
-    only: on GPUs/TPUs a contraction of H + 1 breaks the matmul units' tile alignment, and the
+    only (`Rows.fold_bias`): on GPUs/TPUs a contraction of H + 1 breaks the matmul units' tile alignment, and the
     bias add fuses into the logits' consumers. With a bfloat16 compute dtype the bias stays a
     float32 add (folding would round it to bfloat16).
     """
-    if jnp.dtype(dtype) != jnp.float32 or kernels != "cpu":
-        return _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, kernels)
+    if jnp.dtype(dtype) != jnp.float32 or not rows.fold_bias:
+        return _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, rows)
     B, T, H = h.shape
     h = jnp.concatenate([h, jnp.ones((B, T, 1), h.dtype)], -1)
     kernel = jnp.concatenate([kernel, bias[None].astype(kernel.dtype)], 0)
-    out = _unfolded_blocks(h, kernel, None, y, w, eps, dtype, chunk, with_grad, kernels)
+    out = _unfolded_blocks(h, kernel, None, y, w, eps, dtype, chunk, with_grad, rows)
     if not with_grad:
         return out
     sums, d_h, d_kernel, _ = out
     return sums, d_h[..., :H], d_kernel[:H], d_kernel[H].astype(bias.dtype)
 
 
-def _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, kernels):
+def _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, rows: Rows):
     """`chunk` time steps per block (0 = all at once, padding rows skipped); bias None when it
     is folded into h and kernel."""
     B, T, H = h.shape
     # cpu: the row-major kernelᵀ for every block's d_h, made once per step (_score)
-    kernel_t = transposed(kernel, dtype) if with_grad and kernels == "cpu" else None
+    kernel_t = transposed(kernel, dtype) if with_grad and rows.transposed_kernel else None
     if chunk <= 0 or chunk >= T:
         flat = (h.reshape(B * T, H), kernel, bias, y.reshape(-1), w.reshape(-1), eps, dtype, with_grad)
-        out = _compacted(*flat, kernel_t) if kernels == "cpu" else _static_rows(*flat)
+        out = rows.blocks(*flat, rows.weight_product, kernel_t)
         if not with_grad:
             return out
         sums, d_h, d_kernel, d_bias = out
@@ -199,10 +218,12 @@ def _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, kernel
 
     xs = (split(h), split(y), split(w))
     if not with_grad:
-        return jax.lax.map(lambda a: _score(a[0], kernel, bias, a[1], a[2], eps, dtype, False, kernels), xs).sum(0)
+        return jax.lax.map(lambda a: _score(a[0], kernel, bias, a[1], a[2], eps, dtype, False, rows.weight_product,
+                                            None), xs).sum(0)
 
     def body(acc, a):
-        sums, d_h, d_kernel, d_bias = _score(a[0], kernel, bias, a[1], a[2], eps, dtype, True, kernels, kernel_t)
+        sums, d_h, d_kernel, d_bias = _score(a[0], kernel, bias, a[1], a[2], eps, dtype, True, rows.weight_product,
+                                             kernel_t)
         return (acc[0] + sums, acc[1] + d_kernel, None if bias is None else acc[2] + d_bias), d_h
 
     zeros = (jnp.zeros(4, jnp.float32), jnp.zeros(kernel.shape, jnp.float32),
@@ -214,16 +235,16 @@ def _unfolded_blocks(h, kernel, bias, y, w, eps, dtype, chunk, with_grad, kernel
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _fused_loss(h, kernel, bias, y, w, eps, dtype, chunk, kernels):
-    return _blocks(h, kernel, bias, y, w, eps, dtype, chunk, False, kernels)
+def _fused_loss(h, kernel, bias, y, w, eps, dtype, chunk, rows):
+    return _blocks(h, kernel, bias, y, w, eps, dtype, chunk, False, rows)
 
 
-def _fused_fwd(h, kernel, bias, y, w, eps, dtype, chunk, kernels):
-    sums, d_h, d_kernel, d_bias = _blocks(h, kernel, bias, y, w, eps, dtype, chunk, True, kernels)
+def _fused_fwd(h, kernel, bias, y, w, eps, dtype, chunk, rows):
+    sums, d_h, d_kernel, d_bias = _blocks(h, kernel, bias, y, w, eps, dtype, chunk, True, rows)
     return sums, (d_h, d_kernel, d_bias, jnp.zeros((0,), h.dtype), jnp.zeros((0,), kernel.dtype))  # dtype tags
 
 
-def _fused_bwd(eps, dtype, chunk, kernels, res, ct):
+def _fused_bwd(eps, dtype, chunk, rows, res, ct):
     # Only sums[0] (the training loss) carries a gradient; nll/correct/weight are metrics.
     d_h, d_kernel, d_bias, h_tag, k_tag = res
     c = ct[0]
@@ -233,9 +254,10 @@ def _fused_bwd(eps, dtype, chunk, kernels, res, ct):
 _fused_loss.defvjp(_fused_fwd, _fused_bwd)
 
 
-def sequence_sums(hidden: Array, kernel: Array, bias: Array, targets: Array, weights: Array, *,
-                  label_smoothing: float = 0.0, chunk: int = 0, dtype=jnp.float32, kernels: str = "cpu") -> Array:
+def sequence_sums(rows: Rows, hidden: Array, kernel: Array, bias: Array, targets: Array, weights: Array, *,
+                  label_smoothing: float = 0.0, chunk: int = 0, dtype=jnp.float32) -> Array:
     """sums [4] (loss, nll, correct, weight) of hidden [B, T, H] projected by kernel [H, V] + bias
-    [V] against targets [B, T] with weights [B, T] (float32); differentiable through sums[0]."""
+    [V] against targets [B, T] with weights [B, T] (float32); differentiable through sums[0].
+    rows: the kernel set's `Rows` (KernelSet.sequence_sums binds it)."""
     return _fused_loss(hidden, kernel, bias, targets, weights.astype(jnp.float32), float(label_smoothing),
-                       jnp.dtype(dtype).name, int(chunk), kernels)
+                       jnp.dtype(dtype).name, int(chunk), rows)

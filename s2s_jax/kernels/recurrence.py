@@ -12,7 +12,7 @@ the forward saves three arrays per step (the post-activation gates, the cell, th
 the backward loop is one elementwise kernel plus the one truly sequential matmul dz_t·W_hhᵀ, and
 the recurrent kernel's gradient is formed after the loop as one matmul over time × batch. Every
 loop has the static trip count T. The kernel set only changes the gate nonlinearity
-(activations.lstm_activations). tests/test_kernels.py checks values and gradients against the
+(kernels/activations.py). tests/test_kernels.py checks values and gradients against the
 plain reference.
 """
 
@@ -23,7 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from s2s_jax.kernels.activations import lstm_activations, lstm_gate_grads
+from s2s_jax.kernels.activations import lstm_gate_grads
 
 Array = jax.Array
 
@@ -41,9 +41,10 @@ def previous_steps(seq: Array, first: Array) -> Array:
     return jnp.concatenate([first[None], seq[:-1]], 0)
 
 
-def _lstm_step(gx, gh, h, c, m, kernels):
-    """-> new (h, c) after the mask, post-activation gates [i f g o]."""
-    acts = lstm_activations(gx + gh, kernels)
+def _lstm_step(gx, gh, h, c, m, activations):
+    """-> new (h, c) after the mask, post-activation gates [i f g o] (activations: the set's
+    gate nonlinearity)."""
+    acts = activations(gx + gh)
     i, f, g, o = jnp.split(acts, 4, axis=-1)
     c_new = f * c + i * g
     h_new = o * jnp.tanh(c_new)
@@ -60,13 +61,13 @@ def _gru_step(gx, gh, h, m):
     return jnp.where(m, h_new, h), jnp.concatenate([r, u, n], -1)
 
 
-def _recurrence_forward(cell, dtype, unroll, kernels, xp, w_hh, b_hh, mask, initial, save: bool):
+def _recurrence_forward(cell, dtype, unroll, activations, xp, w_hh, b_hh, mask, initial, save: bool):
     """Runs the scan; with `save`, also returns the per-step residuals of the backward pass."""
     def body(carry, inp):
         gx, m = inp
         if cell == "lstm":
             h, c = carry
-            h, c, acts = _lstm_step(gx, _dot(h, w_hh, dtype), h, c, m, kernels)
+            h, c, acts = _lstm_step(gx, _dot(h, w_hh, dtype), h, c, m, activations)
             return (h, c), ((h, c, acts) if save else h)
         h = carry
         gh = _dot(h, w_hh, dtype) + b_hh[:, None, :]
@@ -77,18 +78,18 @@ def _recurrence_forward(cell, dtype, unroll, kernels, xp, w_hh, b_hh, mask, init
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _recurrence(cell, dtype, unroll, kernels, xp, w_hh, b_hh, mask, initial):
-    final, hs = _recurrence_forward(cell, jnp.dtype(dtype), unroll, kernels, xp, w_hh, b_hh, mask, initial, False)
+def _recurrence(cell, dtype, unroll, activations, xp, w_hh, b_hh, mask, initial):
+    final, hs = _recurrence_forward(cell, jnp.dtype(dtype), unroll, activations, xp, w_hh, b_hh, mask, initial, False)
     return jnp.where(mask, hs, 0.0), final
 
 
-def _recurrence_fwd(cell, dtype, unroll, kernels, xp, w_hh, b_hh, mask, initial):
-    final, saved = _recurrence_forward(cell, jnp.dtype(dtype), unroll, kernels, xp, w_hh, b_hh, mask, initial, True)
+def _recurrence_fwd(cell, dtype, unroll, activations, xp, w_hh, b_hh, mask, initial):
+    final, saved = _recurrence_forward(cell, jnp.dtype(dtype), unroll, activations, xp, w_hh, b_hh, mask, initial, True)
     hs = saved[0]
     return (jnp.where(mask, hs, 0.0), final), (saved, w_hh, b_hh, mask, initial)
 
 
-def _recurrence_bwd(cell, dtype, unroll, kernels, res, ct):
+def _recurrence_bwd(cell, dtype, unroll, activations, res, ct):
     saved, w_hh, b_hh, mask, initial = res
     dtype = jnp.dtype(dtype)
     d_ys, d_final = ct
@@ -138,11 +139,10 @@ def _recurrence_bwd(cell, dtype, unroll, kernels, res, ct):
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-
-
-def recurrence(cell: str, dtype, unroll: int, kernels: str, xp: Array, w_hh: Array, b_hh, mask: Array, initial):
+def recurrence(activations, cell: str, dtype, unroll: int, xp: Array, w_hh: Array, b_hh, mask: Array, initial):
     """The scan over time-major projected inputs xp [T, K, B, G·H] (bias included), recurrent
     kernels w_hh [K, H, G·H] (GRU: b_hh [K, G·H], else None), mask [T, K, B, 1] (True at real
     steps), initial carry ([K, B, H] or its (h, c) pair) -> (outputs [T, K, B, H], zero at masked
-    steps; final carry)."""
-    return _recurrence(cell, jnp.dtype(dtype).name, int(unroll), kernels, xp, w_hh, b_hh, mask, initial)
+    steps; final carry). activations: the LSTM gate nonlinearity (kernels/activations.py), bound
+    by the kernel set (KernelSet.recurrence takes the rest)."""
+    return _recurrence(cell, jnp.dtype(dtype).name, int(unroll), activations, xp, w_hh, b_hh, mask, initial)

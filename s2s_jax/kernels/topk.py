@@ -47,27 +47,26 @@ def _first_index(mask):
     return (-jnp.max(jnp.where(mask, -positions, -jnp.inf), axis=-1)).astype(jnp.int32)
 
 
-def best_token(logits, force, eos_id, kernels: str = "cpu"):
-    """logits [B, V], force [B] (only EOS allowed) -> (token [B] int32, log-prob [B]): the
+def best_token_chunked(logits, force, eos_id):
+    """cpu: logits [B, V], force [B] (only EOS allowed) -> (token [B] int32, log-prob [B]): the
     first maximum of the (masked) log_softmax, as jnp.argmax of it gives, but without XLA's
     CPU argmax reduction (slow) and without storing [B, V] log-probs.
 
-    With V cut into chunks (see `top_extensions`): log-probs are monotone in the logit, so
-    the best value is that of the row maximum, the first token reaching it lies in the first
-    chunk whose maximum reaches it, and only that chunk is searched."""
+    With V cut into chunks (see `top_extensions_chunked`): log-probs are monotone in the logit,
+    so the best value is that of the row maximum, the first token reaching it lies in the first
+    chunk whose maximum reaches it, and only that chunk is searched. A V too small for chunks:
+    the first maximum as a float max reduction (`_first_index`)."""
     B, V = logits.shape
     logits = logits.astype(jnp.float32)
-    chunk = _chunk_size(V, 1) if kernels == "cpu" else None
+    chunk = _chunk_size(V, 1)
     if chunk is None:
         top, lse = _normaliser(logits)
         log_probs = _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
-        if kernels != "cpu":
-            return jnp.argmax(log_probs, axis=-1).astype(jnp.int32), jnp.max(log_probs, axis=-1)
         best = jnp.max(log_probs, axis=-1)
         return _first_index(log_probs == best[:, None]), best
     n_chunks = V // chunk
     chunked = logits.reshape(B, n_chunks, chunk)  # every pass reads this one shape
-    chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, n]; see top_extensions
+    chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, n]; see top_extensions_chunked
     top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, 1]
     lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
     best = ((top - top) - lse)[:, 0]
@@ -81,6 +80,16 @@ def best_token(logits, force, eos_id, kernels: str = "cpu"):
     return jnp.where(force, forced_token, token), jnp.where(force, eos_log_prob, best)
 
 
+def best_token_plain(logits, force, eos_id):
+    """portable: `best_token_chunked`'s result as jnp.argmax of the masked log_softmax (GPUs'
+    and TPUs' argmax is fast; no barrier to block fusion)."""
+    B, V = logits.shape
+    logits = logits.astype(jnp.float32)
+    top, lse = _normaliser(logits)
+    log_probs = _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
+    return jnp.argmax(log_probs, axis=-1).astype(jnp.int32), jnp.max(log_probs, axis=-1)
+
+
 # Logit rows are cut into chunks of one of these sizes (in order of preference) to pick tokens.
 _CHUNK_SIZES = (64, 80, 100, 50, 128, 125, 40, 32)
 
@@ -91,8 +100,8 @@ def _chunk_size(vocab_size: int, num_candidates: int) -> int | None:
                 None)
 
 
-def top_extensions(alive_log_probs, logits, force, eos_id, num_candidates, kernels: str = "cpu"):
-    """The C best one-token extensions of K live hypotheses.
+def top_extensions_chunked(alive_log_probs, logits, force, eos_id, num_candidates):
+    """cpu: the C best one-token extensions of K live hypotheses.
 
     alive_log_probs [B, K], logits [B, K, V], force [B] (only EOS allowed) -> (values [B, C],
     flat index [B, C] = k * V + token) of the C largest alive_log_probs[b, k] + log_softmax(
@@ -109,12 +118,10 @@ def top_extensions(alive_log_probs, logits, force, eos_id, num_candidates, kerne
     """
     B, K, V = logits.shape
     logits = logits.astype(jnp.float32)
-    force = force[:, None]  # [B, 1]
-    chunk = _chunk_size(V, num_candidates) if kernels == "cpu" else None
+    chunk = _chunk_size(V, num_candidates)
     if chunk is None:
-        top, lse = _normaliser(logits)  # [B, K, 1]
-        values = alive_log_probs[:, :, None] + _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
-        return lax.top_k(values.reshape(B, K * V), num_candidates)
+        return _flat_top_k(alive_log_probs, logits, force[:, None], eos_id, num_candidates)
+    force = force[:, None]  # [B, 1]
     n_chunks = V // chunk
     # Every pass reads the logits in one [B, K, n, chunk] shape, so XLA stores them once. The
     # barrier keeps the chunk maxima a pass of their own: otherwise XLA takes the row maximum
@@ -147,3 +154,18 @@ def top_extensions(alive_log_probs, logits, force, eos_id, num_candidates, kerne
     flat_ids = (beam[..., None] * V + token_ids).reshape(B, -1)
     best, at = lax.top_k(values, num_candidates)
     return best, jnp.take_along_axis(flat_ids, at, axis=1)
+
+
+def top_extensions_plain(alive_log_probs, logits, force, eos_id, num_candidates):
+    """portable: `top_extensions_chunked`'s result as lax.top_k over the flat [B, K·V] values
+    (GPUs' and TPUs' top-k is fast; no barrier to block fusion)."""
+    return _flat_top_k(alive_log_probs, logits.astype(jnp.float32), force[:, None], eos_id, num_candidates)
+
+
+def _flat_top_k(alive_log_probs, logits, force, eos_id, num_candidates):
+    """lax.top_k over alive_log_probs [B, K] + the masked log_softmax of float32 logits [B, K, V]
+    (force [B, 1])."""
+    B, K, V = logits.shape
+    top, lse = _normaliser(logits)  # [B, K, 1]
+    values = alive_log_probs[:, :, None] + _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
+    return lax.top_k(values.reshape(B, K * V), num_candidates)

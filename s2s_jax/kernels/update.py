@@ -21,17 +21,17 @@ def global_norm(tree) -> Array:
     return jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(tree)))
 
 
-def apply_if(keep: Array, update: Callable[..., Any], old: tuple, kernels: str = "cpu"):
-    """update(*old) where `keep` (a scalar bool) holds, else `old` unchanged (bitwise).
+def apply_if_cond(keep: Array, update: Callable[..., Any], old: tuple):
+    """cpu: update(*old) where `keep` (a scalar bool) holds, else `old` unchanged (bitwise), as a
+    `lax.cond`, so the update runs only when kept: one fused pass per parameter, where selecting
+    between new and old values after the fact costs three more passes over every parameter and
+    optimizer slot on CPU (docs/speed.md)."""
+    return jax.lax.cond(keep, update, lambda *o: o, *old)
 
-    cpu: a `lax.cond`, so the update runs only when kept: one fused pass per parameter, where
-    selecting between new and old values after the fact costs three more passes over every
-    parameter and optimizer slot on CPU (docs/speed.md).
-    portable: the update always runs and a select keeps the old values: on XLA:GPU a `cond`
-    copies its predicate to the host and blocks once per step; the select fuses into the
-    optimizer's elementwise pass there.
-    """
-    if kernels == "cpu":
-        return jax.lax.cond(keep, update, lambda *o: o, *old)
+
+def apply_if_select(keep: Array, update: Callable[..., Any], old: tuple):
+    """portable: the same, but the update always runs and a select keeps the old values: on
+    XLA:GPU a `cond` copies its predicate to the host and blocks once per step; the select fuses
+    into the optimizer's elementwise pass there."""
     new = update(*old)
     return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, tuple(old))

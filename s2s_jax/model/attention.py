@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s2s_jax.kernels import KernelSet
 from s2s_jax.kernels.deferred_scan import plain_dot
-from s2s_jax.kernels.dense import matmul
 from s2s_jax.kernels.fused_decoder import NEG_INF  # noqa: F401  (one definition, re-exported)
 
 Array = jax.Array
@@ -40,11 +40,11 @@ class AttentionParams(nn.Module):
         return p
 
 
-def project_keys(params: dict, kind: str, memory: Array, dtype, kernels: str = "cpu") -> Array:
+def project_keys(params: dict, kind: str, memory: Array, dtype, ks: KernelSet) -> Array:
     """memory [B, S, H] -> keys [B, S, H]; done once per batch, outside any scan."""
     if kind == "dot":
         return memory.astype(jnp.float32)
-    return matmul(memory, params["key_kernel"], dtype, kernels)
+    return ks.matmul(memory, params["key_kernel"], dtype)
 
 
 def attend(params: dict, kind: str, query: Array, keys: Array, memory: Array, mask: Array, dtype,

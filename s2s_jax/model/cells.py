@@ -21,9 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2s_jax.kernels.activations import lstm_activations
-from s2s_jax.kernels.dense import matmul
-from s2s_jax.kernels.recurrence import recurrence
+from s2s_jax.kernels import KernelSet
 
 Array = jax.Array
 
@@ -88,8 +86,9 @@ def carry_hidden(cell: str, carry) -> Array:
     return carry[0] if cell == "lstm" else carry
 
 
-def cell_update(cell: str, gates_x: Array, gates_h: Array, carry, kernels: str = "cpu") -> tuple[Any, Array]:
-    """One step given the input-side and hidden-side gate pre-activations (float32).
+def cell_update(cell: str, gates_x: Array, gates_h: Array, carry, ks: KernelSet) -> tuple[Any, Array]:
+    """One step given the input-side and hidden-side gate pre-activations (float32); ks: the
+    model's kernel set (its LSTM gate nonlinearity).
 
     LSTM: gates_x + gates_h are the fused [i f g o] pre-activations.
     GRU: kept apart because the candidate uses r * (h W_hn + b_hn).
@@ -97,7 +96,7 @@ def cell_update(cell: str, gates_x: Array, gates_h: Array, carry, kernels: str =
     """
     if cell == "lstm":
         _, c = carry
-        i, f, g, o = jnp.split(lstm_activations(gates_x + gates_h, kernels), 4, axis=-1)
+        i, f, g, o = jnp.split(ks.lstm_activations(gates_x + gates_h), 4, axis=-1)
         c = f * c + i * g
         h = o * jnp.tanh(c)
         return (h, c), h
@@ -116,8 +115,8 @@ def select_carry(mask: Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, old)
 
 
-def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, initial=None, dtype=jnp.float32,
-              unroll: int = 1, kernels: str = "cpu"):
+def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, ks: KernelSet, initial=None,
+              dtype=jnp.float32, unroll: int = 1):
     """A (bi)directional recurrent layer over time-major x [T, B, D] with right padding.
 
     Direction 1 (if present) reads each sequence backwards, in the same scan as direction 0
@@ -130,12 +129,13 @@ def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, initial=None
     strided copy that XLA fuses into its neighbours; reversing within lengths was a gather
     (take_along_axis) on the projection, the outputs and both their cotangents (~1.7 % of a
     bench_cpu step, in-process A/B).
+    The projection and the scan are the kernel set's (`ks.matmul`, `ks.recurrence`).
     Returns outputs [T, B, K·H] (zero at padded steps; direction 0 first) and the final carry
     (per direction, stacked [K, B, H]; the state at each column's last real step).
     """
     K, H, G = params["recurrent_kernel"].shape
     T, B, D = x.shape
-    xp = matmul(x, params["input_kernel"].reshape(D, K * G), dtype, kernels).reshape(T, B, K, G) + params["bias"]
+    xp = ks.matmul(x, params["input_kernel"].reshape(D, K * G), dtype).reshape(T, B, K, G) + params["bias"]
     mask = (jnp.arange(T)[:, None] < lengths[None, :])[:, None, :, None]  # [T, 1, B, 1]
     if K == 1:
         xp = xp[:, None, :, 0]  # [T, 1, B, G]
@@ -144,7 +144,7 @@ def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, initial=None
         mask = jnp.concatenate([mask, jnp.flip(mask, 0)], axis=1)  # [T, 2, B, 1]
     if initial is None:
         initial = initial_carry(cell, xp[0, :, :, :H])  # [K, B, H]
-    ys, final = recurrence(cell, dtype, unroll, kernels, xp, params["recurrent_kernel"],
-                           params.get("recurrent_bias"), mask, initial)  # [T, K, B, H]
+    ys, final = ks.recurrence(cell, dtype, unroll, xp, params["recurrent_kernel"],
+                              params.get("recurrent_bias"), mask, initial)  # [T, K, B, H]
     outs = [ys[:, 0]] if K == 1 else [ys[:, 0], jnp.flip(ys[:, 1], 0)]
     return jnp.concatenate(outs, axis=-1), final

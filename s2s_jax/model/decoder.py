@@ -1,10 +1,11 @@
 """Stacked LSTM/GRU decoder with Luong/Bahdanau attention and optional input feeding.
 
 Two training paths, one set of parameters:
-- input feeding on: one `lax.scan` whose body runs every layer and the attention for one step
-  (the previous attentional state feeds layer 1, so attention cannot leave the scan). The
-  embedding part of layer 1's input projection is still hoisted out, and each LSTM layer's
-  input and recurrent matmuls are fused into one.
+- input feeding on: one scan whose body runs every layer and the attention for one step
+  (the previous attentional state feeds layer 1, so attention cannot leave the scan): the
+  kernel set's `decoder_scan` (the fused decoder where model.fused_decoder allows it, else
+  `_step` through the taped scan). The embedding part of layer 1's input projection is still
+  hoisted out, and each LSTM layer's input and recurrent matmuls are fused into one.
 - input feeding off: each layer is a hoisted scan (as in the encoder), then attention runs for
   all target positions at once, outside any scan.
 `step` is the single-step body used by decoding; it computes the same function.
@@ -12,15 +13,15 @@ Two training paths, one set of parameters:
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import kernels as kernels_lib
 from s2s_jax.config import ModelConfig
-from s2s_jax.kernels import deferred_scan as deferred, fused_decoder
+from s2s_jax.kernels import KernelSet
 from s2s_jax.kernels.deferred_scan import plain_dot
-from s2s_jax.kernels.dense import matmul
 from s2s_jax.model.attention import AttentionParams, attend, project_keys
 from s2s_jax.model.cells import RecurrentParams, carry_hidden, cell_update, row_dropout_mask, run_layer
 
@@ -29,6 +30,7 @@ Array = jax.Array
 
 class Decoder(nn.Module):
     config: ModelConfig
+    kernels: KernelSet
 
     def setup(self):
         cfg = self.config
@@ -77,8 +79,7 @@ class Decoder(nn.Module):
         cfg = self.config
         if cfg.attention == "none":
             return memory
-        return project_keys(self.attention(), cfg.attention, memory, jnp.dtype(cfg.dtype),
-                            kernels_lib.resolve(cfg.kernels))
+        return project_keys(self.attention(), cfg.attention, memory, jnp.dtype(cfg.dtype), self.kernels)
 
     def initial_state(self, carries, memory):
         return {"layers": tuple(carries), "feed": jnp.zeros_like(memory[:, 0, :], dtype=jnp.float32)}
@@ -91,7 +92,7 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        ks = kernels_lib.resolve(cfg.kernels)
+        ks = self.kernels
         T, B, _ = embedded.shape
         H, L, S = cfg.hidden_dim, cfg.decoder_layers, memory.shape[1]
         train = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0)
@@ -110,36 +111,18 @@ class Decoder(nn.Module):
         W = self._prepared()
         layers = [layer() for layer in self.layers] if not cfg.input_feeding else None
 
-        if cfg.input_feeding:
-            gx0 = matmul(embedded, W.pop("w_emb"), dtype, ks) + W["layer0_bias"]  # [T, B, G·H]
-            if fused_decoder.supported(cfg):  # LSTM + dot/general: the hand-derived backward pass
-                hidden, weights = fused_decoder.decode(cfg, ks, W, gx0, state, memory, keys, mask, masks)
-                return jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(weights, 0, 1)
-            W.update(memory=memory, keys=keys)
-            # Products with loop-invariant arrays go through the tape, so their gradients are
-            # formed after the loop (kernels/deferred_scan.py); the rest is differentiated as usual.
-            taped = {k: v for k, v in W.items() if k in _tape_names(cfg)}
-            params = {k: v for k, v in W.items() if k not in taped}
-
-            def step(tape, params, fixed, carry, gx, step_masks):
-                if step_masks is not None:
-                    step_masks = dict(step_masks, between=list(step_masks["between"]))
-                hidden, carry, weights = _step(cfg, {**tape.weights, **params, **fixed}, tape.dot, gx, carry,
-                                               step_masks)
-                return carry, (hidden, weights)
-
-            _, (hidden, weights) = deferred.scan(step, taped, params, {"mask": mask}, state, gx0, masks,
-                                                 unroll=cfg.unroll)
-            hidden = jnp.swapaxes(hidden, 0, 1)
-            weights = None if weights is None else jnp.swapaxes(weights, 0, 1)
-            return hidden, weights
+        if cfg.input_feeding:  # the kernel set's decoder scan (fused, or this step taped)
+            gx0 = ks.matmul(embedded, W.pop("w_emb"), dtype) + W["layer0_bias"]  # [T, B, G·H]
+            hidden, weights = ks.decoder_scan(cfg, W, gx0, state, memory, keys, mask, masks,
+                                              step=functools.partial(_step, cfg, ks), tape_names=_tape_names(cfg))
+            return jnp.swapaxes(hidden, 0, 1), None if weights is None else jnp.swapaxes(weights, 0, 1)
 
         # No input feeding: hoisted per-layer scans, then attention over all steps at once.
         lengths = jnp.full((B,), T, jnp.int32)  # right padding: later steps never affect earlier ones
         x = embedded  # time-major through the layers
         for i, layer in enumerate(layers):
             carry = jax.tree.map(lambda a: a[None], state["layers"][i])
-            y, _ = run_layer(layer, cfg.cell, x, lengths, initial=carry, dtype=dtype, unroll=cfg.unroll, kernels=ks)
+            y, _ = run_layer(layer, cfg.cell, x, lengths, ks=ks, initial=carry, dtype=dtype, unroll=cfg.unroll)
             if cfg.residual and i > 0:
                 y = y + x
             if train and i + 1 < L:
@@ -168,8 +151,8 @@ class Decoder(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         W = self._prepared()
         w_emb = W.pop("w_emb")
-        ks = kernels_lib.resolve(cfg.kernels)
-        gx0 = projected if projected is not None else matmul(embedded, w_emb, dtype, ks) + W["layer0_bias"]
+        ks = self.kernels
+        gx0 = projected if projected is not None else ks.matmul(embedded, w_emb, dtype) + W["layer0_bias"]
         dot = plain_dot
         rows, entries = gx0.shape[0], memory.shape[0]
         if entries != rows and cfg.attention != "none":
@@ -182,7 +165,7 @@ class Decoder(nn.Module):
             else:
                 dot = _grouped_attention_dot(group)
         W.update(memory=memory, keys=keys, mask=mask)
-        return _step(cfg, W, dot, gx0, state, None)
+        return _step(cfg, ks, W, dot, gx0, state, None)
 
 
 def _attention_params(W: dict) -> dict:
@@ -199,8 +182,8 @@ def _tape_names(cfg: ModelConfig) -> set[str]:
     return names
 
 
-def _step(cfg: ModelConfig, W: dict, dot, gx0: Array, state, masks):
-    """One step of all layers + attention.
+def _step(cfg: ModelConfig, ks: KernelSet, W: dict, dot, gx0: Array, state, masks):
+    """One step of all layers + attention (ks: the model's kernel set).
 
     W: the arrays by name — per layer i `layer{i}_bias` and, LSTM, the fused `layer{i}` =
     [[W_side]; [W_hh]] or, GRU, `layer{i}_side` (absent without a side input), `layer{i}_hh`,
@@ -211,7 +194,6 @@ def _step(cfg: ModelConfig, W: dict, dot, gx0: Array, state, masks):
     Returns (attentional hidden [N, H], new state, attention weights [N, S] or None).
     """
     dtype = jnp.dtype(cfg.dtype)
-    ks = kernels_lib.resolve(cfg.kernels)
     new_carries = []
     inp = None
     L = cfg.decoder_layers
@@ -269,5 +251,4 @@ def input_projection_table(decoder: Decoder, embedding: Array) -> Array:
     multiplying [N, E] embeddings each step. Call it on a bound decoder (inside `apply`).
     """
     W = decoder._prepared()
-    return matmul(embedding, W["w_emb"], jnp.dtype(decoder.config.dtype),
-                  kernels_lib.resolve(decoder.config.kernels)) + W["layer0_bias"]
+    return decoder.kernels.matmul(embedding, W["w_emb"], jnp.dtype(decoder.config.dtype)) + W["layer0_bias"]

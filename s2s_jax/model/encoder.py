@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import kernels as kernels_lib
 from s2s_jax.config import ModelConfig
+from s2s_jax.kernels import KernelSet
 from s2s_jax.model.cells import RecurrentParams, row_dropout_mask, run_layer
 
 Array = jax.Array
@@ -29,6 +29,7 @@ class Encoder(nn.Module):
     """
 
     config: ModelConfig
+    kernels: KernelSet
 
     def setup(self):
         cfg = self.config
@@ -49,13 +50,12 @@ class Encoder(nn.Module):
         key = self.make_rng("dropout") if train else None
         x = embedded
         finals = []
-        kernels = kernels_lib.resolve(cfg.kernels)
         for i, layer in enumerate(self.layers):
             if train:  # on the embeddings (i = 0) and between layers; drawn per row, [B, S, D]
                 keep = row_dropout_mask(jax.random.fold_in(key, i), cfg.dropout, row_ids,
                                         (x.shape[0], x.shape[2]))
                 x = x * jnp.swapaxes(keep, 0, 1)
-            y, final = run_layer(layer(), cfg.cell, x, lengths, dtype=dtype, unroll=cfg.unroll, kernels=kernels)
+            y, final = run_layer(layer(), cfg.cell, x, lengths, ks=self.kernels, dtype=dtype, unroll=cfg.unroll)
             x = y + x if (cfg.residual and i > 0) else y
             finals.append(merge_directions(cfg.cell, final))
         x = jnp.swapaxes(x, 0, 1)  # [B, S, H]

@@ -1,10 +1,13 @@
 """The encoder-decoder: embeddings, encoder, bridge, decoder, output projection.
 
-    model = Seq2Seq(config.model, source_vocab_size, target_vocab_size)
+    model = Seq2Seq(config.model, source_vocab_size, target_vocab_size, kernels.select(config.model.kernels))
     params = model.init(rngs, source, source_lengths, target_input)["params"]
     hidden, weights = model.apply({"params": params}, source, source_lengths, target_input,
                                   deterministic=False, rngs={"dropout": key})
     kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
+
+The kernel set (s2s_jax/kernels/) is chosen once, where the model is built
+(train_state.make_model); every submodule and the train step use `model.kernels`.
 
 The forward pass stops at the attentional hidden states [B, T, H]: the output projection and
 the loss run outside the decoder scan, chunked over time (`training/losses.py`), so [B, T, V] logits never
@@ -18,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax.config import ModelConfig
-from s2s_jax import kernels as kernels_lib
-from s2s_jax.kernels.dense import matmul
+from s2s_jax.kernels import KernelSet
 from s2s_jax.model.cells import initial_carry, row_dropout_mask
 from s2s_jax.model.decoder import Decoder
 from s2s_jax.model.encoder import Encoder
@@ -31,6 +33,7 @@ class Seq2Seq(nn.Module):
     config: ModelConfig
     source_vocab_size: int
     target_vocab_size: int
+    kernels: KernelSet
 
     def setup(self):
         cfg = self.config
@@ -40,8 +43,8 @@ class Seq2Seq(nn.Module):
         if not cfg.share_embeddings:
             self.source_embedding = self.param("source_embedding", emb_init,
                                                (self.source_vocab_size, cfg.source_embed_dim))
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = Encoder(cfg, self.kernels)
+        self.decoder = Decoder(cfg, self.kernels)
         H = cfg.hidden_dim
         if cfg.bridge == "dense":
             init = nn.initializers.lecun_uniform()
@@ -73,17 +76,17 @@ class Seq2Seq(nn.Module):
         if cfg.bridge == "last":
             return list(src)
         dtype = jnp.dtype(cfg.dtype)
-        ks = kernels_lib.resolve(cfg.kernels)
+        ks = self.kernels
         out = []
         for i, carry in enumerate(src):
             if cfg.cell == "lstm":
                 h, c = carry
                 j = 2 * i
-                h = jnp.tanh(matmul(h, self.bridge_kernel[j], dtype, ks) + self.bridge_bias[j])
-                c = matmul(c, self.bridge_kernel[j + 1], dtype, ks) + self.bridge_bias[j + 1]
+                h = jnp.tanh(ks.matmul(h, self.bridge_kernel[j], dtype) + self.bridge_bias[j])
+                c = ks.matmul(c, self.bridge_kernel[j + 1], dtype) + self.bridge_bias[j + 1]
                 out.append((h, c))
             else:
-                out.append(jnp.tanh(matmul(carry, self.bridge_kernel[i], dtype, ks) + self.bridge_bias[i]))
+                out.append(jnp.tanh(ks.matmul(carry, self.bridge_kernel[i], dtype) + self.bridge_bias[i]))
         return out
 
     def encode(self, source: Array, source_lengths: Array, deterministic: bool = True,
@@ -116,7 +119,7 @@ class Seq2Seq(nn.Module):
 
     def logits(self, hidden: Array) -> Array:
         kernel, bias = self.output_weights()
-        return matmul(hidden, kernel, jnp.dtype(self.config.dtype), kernels_lib.resolve(self.config.kernels)) + bias
+        return self.kernels.matmul(hidden, kernel, jnp.dtype(self.config.dtype)) + bias
 
     def decode_step(self, tokens: Array, cache: dict):
         """tokens [N] (previous output) -> (logits [N, V] float32, new cache, weights [N, S] | None)."""

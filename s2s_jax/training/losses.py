@@ -4,8 +4,8 @@ Every function returns *sums* and the weight they were summed over, never means,
 gradient accumulation and data-parallel reduction divide once, by the true token count.
 
 `sequence_loss` projects the decoder's hidden states to the vocabulary and scores them in one
-custom-VJP function that forms the gradients in its forward pass (kernels/loss.py, per kernel
-set).
+custom-VJP function that forms the gradients in its forward pass (kernels/loss.py: the given
+kernel set's `sequence_sums`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import kernels as kernels_lib
-from s2s_jax.kernels import loss as loss_kernel
+from s2s_jax.kernels import KernelSet
 
 Array = jax.Array
 
@@ -34,15 +33,15 @@ def token_losses(logits: Array, targets: Array, label_smoothing: float = 0.0):
 
 
 def sequence_loss(hidden: Array, kernel: Array, bias: Array, targets: Array, weights: Array, *,
-                  label_smoothing: float = 0.0, chunk: int = 0, dtype=jnp.float32,
-                  kernels: str = "auto") -> dict[str, Array]:
+                  kernels: KernelSet, label_smoothing: float = 0.0, chunk: int = 0,
+                  dtype=jnp.float32) -> dict[str, Array]:
     """Projects hidden [B, T, H] to the vocabulary and scores targets [B, T] with weights [B, T].
 
     chunk > 0: `chunk` time steps at a time inside a scan, so the [B, T, V] logits (and their
-    gradient) never exist at once. kernels: model.kernels (auto | cpu | portable; kernels/loss.py).
+    gradient) never exist at once. kernels: the model's kernel set (`model.kernels`).
     Returns sums: loss, nll, correct, weight (float32 scalars). Differentiable w.r.t. hidden,
     kernel and bias through `loss` only (the rest are metrics).
     """
-    sums = loss_kernel.sequence_sums(hidden, kernel, bias, targets, weights, label_smoothing=label_smoothing,
-                                     chunk=chunk, dtype=dtype, kernels=kernels_lib.resolve(kernels))
+    sums = kernels.sequence_sums(hidden, kernel, bias, targets, weights, label_smoothing=label_smoothing,
+                                 chunk=chunk, dtype=dtype)
     return {"loss": sums[0], "nll": sums[1], "correct": sums[2], "weight": sums[3]}

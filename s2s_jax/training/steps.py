@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from s2s_jax import kernels as kernels_lib
 from s2s_jax.training import losses
 from s2s_jax.config import Config
-from s2s_jax.kernels.update import apply_if, global_norm
 from s2s_jax.model import Seq2Seq
 from s2s_jax.train_state import TrainState, build_optimizer, learning_rate_fn
 
@@ -45,7 +44,7 @@ def loss_sums(params, batch: Batch, *, model: Seq2Seq, config: Config, rng=None,
     return losses.sequence_loss(
         hidden, kernel, bias, batch["target_output"], target_weights(batch),
         label_smoothing=config.train.label_smoothing if train else 0.0,
-        chunk=config.model.loss_chunk, dtype=jnp.dtype(config.model.dtype), kernels=config.model.kernels)
+        chunk=config.model.loss_chunk, dtype=jnp.dtype(config.model.dtype), kernels=model.kernels)
 
 
 def _psum(tree, axis_name):
@@ -115,7 +114,7 @@ def _train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Conf
     if frozen_rows:
         grads = _hold_rows(frozen_rows, grads, 0.0)
     weight = jnp.maximum(sums["weight"], 1.0)
-    grad_norm = global_norm(grads) / weight  # the mean gradient's global norm
+    grad_norm = model.kernels.global_norm(grads) / weight  # the mean gradient's global norm
     # mean and clip_by_global_norm(train.clip_norm) as one scalar, fused into the optimizer's pass
     scale = 1.0 / weight
     if tc.clip_norm > 0:
@@ -124,7 +123,7 @@ def _train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Conf
     # Non-finite guard: a step with a non-finite loss, gradient or learning rate is skipped (the
     # state is untouched but for the counters). A finite loss and gradient give a finite clipped
     # Adam or SGD direction, so these three scalars decide before any update is computed
-    # (kernels/update.py: a cond on CPU, a select in the portable set).
+    # (the model's kernel set, kernels/update.py: a cond in the cpu set, a select in the portable one).
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
 
     def update(params, opt_state, ema):
@@ -140,8 +139,7 @@ def _train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Conf
         params = new_params
         return params, opt_state, ema
 
-    params, opt_state, ema = apply_if(finite, update, (state.params, state.opt_state, state.ema_params),
-                                      kernels_lib.resolve(config.model.kernels))
+    params, opt_state, ema = model.kernels.apply_if(finite, update, (state.params, state.opt_state, state.ema_params))
     new_state = state.replace(
         step=state.step + 1,
         params=params,
