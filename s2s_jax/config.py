@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from s2s_jax import kernels as kernel_sets
+
 
 class UserError(Exception):
     """A problem the user caused and can fix (bad path, bad value, misaligned files...).
@@ -33,6 +35,10 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A user-caused configuration problem; the message names the field and the fix."""
+
+
+# model.kernels: "auto" or a kernel set's name (s2s_jax/kernels/: a new set adds its name to SETS)
+KernelSetName = Literal[("auto",) + kernel_sets.SETS]
 
 
 # What an evaluation computes (training.trainer.evaluate: metrics.scalars_from_sums and
@@ -189,7 +195,7 @@ class ModelConfig:
     # non-finite guard, optimisation barriers steering the dot emitter), "portable" (static
     # control flow only: no data-dependent loop, no `cond`, no barrier; for GPUs and TPUs), or
     # "auto" (cpu on the CPU backend, portable elsewhere). Both compute the same function.
-    kernels: Literal["auto", "cpu", "portable"] = "auto"
+    kernels: KernelSetName = "auto"
     # The hand-derived backward pass of the input-feeding LSTM decoder (dot/general attention);
     # false = the generic decoder scan differentiated by JAX (same function, more kernels).
     fused_decoder: bool = True

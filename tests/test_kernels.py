@@ -45,6 +45,21 @@ def test_auto_resolves_per_backend():
         kernels.resolve("fast")
 
 
+def test_select_gives_one_hashable_set_per_name_built_where_the_model_is():
+    """select returns the set object (the same one each time, hashable, with its name); the
+    model takes it once, chosen for the `target` in effect where it is built (export)."""
+    from s2s_jax.train_state import make_model
+    cpu, portable = kernels.select("cpu"), kernels.select("portable")
+    assert (cpu.name, portable.name) == ("cpu", "portable") and cpu != portable
+    assert kernels.select("auto", "cuda") is portable and kernels.select("auto") is cpu
+    assert len({cpu, portable, kernels.select("auto", "cpu")}) == 2
+    config = Config(model=model_config("lstm", "general", True, True))
+    assert make_model(config, VOCAB, VOCAB).kernels is cpu
+    with kernels.target(("cuda",)):
+        model = make_model(config, VOCAB, VOCAB)
+    assert model.kernels is portable
+
+
 # Every cell x attention/input-feeding x direction combination: 28 programs per kernel set, so
 # the default run checks a covering subset per set (every value of every factor, every
 # attention/feeding pair) and the full product runs with the slow tests (CI runs them).

@@ -43,8 +43,9 @@ flax or the model: model, losses, steps and decoding call in.
 
 Adding a set (say a Pallas one for GPUs) is one new module, ``kernels/pallas.py``, defining
 ``SET = KernelSet(name="pallas", ...)`` from the implementation modules and its own kernels
-(reuse any operation of the other sets as it is), plus its name in ``SETS`` below (which
-``model.kernels`` accepts). Nothing in the model, the steps or decoding changes.
+(reuse any operation of the other sets as it is), plus its name in ``SETS`` below (the
+config's model.kernels choices are read from it; `resolve` says which set ``auto`` picks).
+Nothing in the model, the steps, decoding or the config changes.
 """
 
 from __future__ import annotations

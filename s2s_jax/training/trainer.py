@@ -251,10 +251,15 @@ class _Begin:
     init: warm_start.InitFrom | None
 
 
-def prepare_run(config: Config, workdir: str, *, resume: bool, stop: StopSignal, progress: bool = True) -> RunContext:
-    """Sets up one run start (config and workdir already checked: `checked_config`): distributed
-    init, warm start, data, config write, embeddings, restore-or-init, the tamper check, the
-    jitted step functions, the metric writer and the progress bar."""
+def prepare_run(config: Config, workdir: str, *, resume: bool | None = None, stop: StopSignal | None = None,
+                progress: bool = True) -> RunContext:
+    """Sets up one run start: distributed init, warm start, data, config write, embeddings,
+    restore-or-init, the tamper check, the jitted step functions, the metric writer and the
+    progress bar. `resume` None: the config and workdir are checked here first (`checked_config`);
+    `stop` None: a StopSignal with no handler installed (train_and_evaluate installs one)."""
+    if resume is None:
+        config, resume = checked_config(config, workdir)
+    stop = stop if stop is not None else StopSignal()
     maybe_initialize_distributed(config)
     tc = config.train
     parallel = Parallel(tc.parallel)
