@@ -164,9 +164,17 @@ def vocab_reference(workdir: str) -> dict:
         for name in sorted(os.listdir(vdir)):
             path = os.path.join(vdir, name)
             if os.path.isfile(path) and not name.startswith("."):
-                with open(path, "rb") as f:
-                    files[name] = hashlib.sha256(f.read()).hexdigest()
+                files[name] = file_digest(path)
     return {"dir": VOCAB_DIR, "files": files}
+
+
+def file_digest(path: str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (vocabularies, bundle files, corpus files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # -- checkpoints ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 
 from s2s_jax import rundir
 from s2s_jax.data.errors import DataError
-from s2s_jax.data.sources import make_source, sha256_file, split_roles
+from s2s_jax.data.sources import make_source, split_roles
 from s2s_jax.vocab import VOCAB_JSON
 
 # Bump when the prepared layout or the tokenisation changes: old caches are then rebuilt.
@@ -37,7 +37,7 @@ def vocab_from_dir(d) -> str | None:
 
 def folder_digest(folder: str) -> dict:
     """{file name: sha256} of a folder's files (hidden ones left out)."""
-    return {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
+    return {n: rundir.file_digest(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
             if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))}
 
 

@@ -9,7 +9,6 @@ errors) and describes, as a picklable tuple (`reader`), how a worker reads a sha
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import itertools
 import logging
@@ -21,6 +20,7 @@ import numpy as np
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.text import as_text, check_aligned, check_file, empty_line_error, scan_lines
 from s2s_jax.data.workers import worker_cache
+from s2s_jax.rundir import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,6 @@ def split_roles(d) -> dict[str, str]:
     if not d.train_split:
         raise DataError("data.train_split is empty; set it to the training split's name, e.g. train")
     return {r: s for r, s in roles.items() if s}
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class TextFolderSource:
@@ -68,7 +60,7 @@ class TextFolderSource:
         for role in self.roles:
             for path in self.paths(role):
                 check_file(path)
-                out[os.path.basename(path)] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+                out[os.path.basename(path)] = {"size": os.path.getsize(path), "sha256": file_digest(path)}
         return {"kind": "text", "files": out}
 
     def name(self) -> str:

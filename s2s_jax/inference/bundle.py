@@ -31,7 +31,6 @@ it came from (tests/test_export.py checks it); it is only slower.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Mapping, Sequence
@@ -39,7 +38,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from s2s_jax.config import UserError
-from s2s_jax.rundir import CONFIG_FILE, VOCAB_DIR  # a bundle names its config and vocabulary as a run does
+from s2s_jax.rundir import CONFIG_FILE, VOCAB_DIR, file_digest  # a bundle names its config and vocabulary as a run does
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
 from s2s_jax.vocab import VOCAB_JSON, VocabError, input_normalization, normalize, vocab_from_json
 
@@ -90,14 +89,6 @@ def _vocab(desc: dict, directory: str):
 
 
 # -- the bundle -----------------------------------------------------------------------------
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _read_manifest(path: str) -> dict:
     if not os.path.isdir(path):

@@ -243,7 +243,7 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
 
     workdir: a run, or a list of runs: an ensemble bundle (`inference.ensemble`; parameters
     stored as member_<i>/..., programs that combine the members, manifest["ensemble"])."""
-    from s2s_jax.inference.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_FILE, PROGRAM_DIR, file_digest,
+    from s2s_jax.inference.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_FILE, PROGRAM_DIR,
                                           flatten_params, unflatten_params)
     from s2s_jax.inference.lengths import LENGTH_MULTIPLE
 
@@ -355,7 +355,7 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
             for n in names:
                 full = os.path.join(root, n)
                 rel = os.path.relpath(full, tmp).replace(os.sep, "/")
-                files[rel] = {"bytes": os.path.getsize(full), "sha256": file_digest(full)}
+                files[rel] = {"bytes": os.path.getsize(full), "sha256": rundir.file_digest(full)}
         manifest["files"] = dict(sorted(files.items()))
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
