@@ -422,12 +422,16 @@ def _export_check(ctx, cfg, model, params) -> dict:
     import numpy as np
     from jax import export as jax_export
 
-    from s2s_jax import benchmark
+    from s2s_jax import benchmark, kernels
     from s2s_jax.inference import export as export_lib
+    from s2s_jax.inference.adapter import SingleModel
+    from s2s_jax.train_state import make_model
 
     accel, cpu = ctx["accel"], ctx["cpu"]
     platform = accelerator_platform(accel)
     platforms = tuple(dict.fromkeys(("cpu", platform, "cuda")))  # the bundle's cpu + cuda at least
+    with kernels.target(platforms):  # as export_bundle: the kernel set for the bundle's platforms
+        model = SingleModel(make_model(cfg, model.source_vocab_size, model.target_vocab_size))
     avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     serialized = True
     try:
