@@ -19,10 +19,12 @@ from s2s_jax.config import Config
 from s2s_jax.model import Seq2Seq
 from s2s_jax.train_state import TrainState, build_optimizer, learning_rate_fn
 
-Batch = dict[str, jax.Array]
+# The model's inputs of one batch on the device: data.batch.MODEL_FIELDS (data.batch.model_inputs),
+# not a second batch definition.
+ModelInputs = dict[str, jax.Array]
 
 
-def target_weights(batch: Batch) -> jax.Array:
+def target_weights(batch: ModelInputs) -> jax.Array:
     """[B, T] float32: 1 at real target positions (including EOS), 0 at padding."""
     T = batch["target_output"].shape[1]
     return (jnp.arange(T)[None, :] < batch["target_lengths"][:, None]).astype(jnp.float32)
@@ -34,7 +36,7 @@ def _row_ids(batch_rows: int, axis_name) -> jax.Array:
     return base + jnp.arange(batch_rows)
 
 
-def loss_sums(params, batch: Batch, *, model: Seq2Seq, config: Config, rng=None, row_ids=None):
+def loss_sums(params, batch: ModelInputs, *, model: Seq2Seq, config: Config, rng=None, row_ids=None):
     """Sums over the batch's real target tokens: loss, nll, correct, weight."""
     train = rng is not None
     hidden, _ = model.apply({"params": params}, batch["source"], batch["source_lengths"],
@@ -60,7 +62,7 @@ def _hold_rows(rows: dict, new: dict, old) -> dict:
     return out
 
 
-def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Config,
+def train_step(state: TrainState, batch: ModelInputs, *, model: Seq2Seq, config: Config,
                axis_name: str | None = None, frozen_rows: dict | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from a (local shard of a) batch. Returns (new state, metric sums).
 
@@ -73,7 +75,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Confi
         return _train_step(state, batch, model=model, config=config, axis_name=axis_name, frozen_rows=frozen_rows)
 
 
-def _grad_sums(params, micro: Batch, rows: jax.Array, step_key, *, model: Seq2Seq, config: Config):
+def _grad_sums(params, micro: ModelInputs, rows: jax.Array, step_key, *, model: Seq2Seq, config: Config):
     """(gradient of the loss sum, metric sums) of one (micro-)batch."""
     def f(p):
         sums = loss_sums(p, micro, model=model, config=config, rng=step_key, row_ids=rows)
@@ -81,7 +83,7 @@ def _grad_sums(params, micro: Batch, rows: jax.Array, step_key, *, model: Seq2Se
     return jax.grad(f, has_aux=True)(params)
 
 
-def _accumulated_grad_sums(params, batch: Batch, row_ids: jax.Array, step_key, *, model: Seq2Seq,
+def _accumulated_grad_sums(params, batch: ModelInputs, row_ids: jax.Array, step_key, *, model: Seq2Seq,
                            config: Config):
     """Gradient and metric sums of the batch; with train.grad_accum = A > 1 summed over A
     micro-batches in a scan (sums of loss *sums*: the caller divides once by the total weight)."""
@@ -104,7 +106,7 @@ def _accumulated_grad_sums(params, batch: Batch, row_ids: jax.Array, step_key, *
     return grads, sums
 
 
-def _train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Config,
+def _train_step(state: TrainState, batch: ModelInputs, *, model: Seq2Seq, config: Config,
                 axis_name: str | None = None, frozen_rows: dict | None = None):
     tc = config.train
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -154,7 +156,7 @@ def _train_step(state: TrainState, batch: Batch, *, model: Seq2Seq, config: Conf
     return new_state, metrics
 
 
-def eval_step(params, batch: Batch, *, model: Seq2Seq, config: Config,
+def eval_step(params, batch: ModelInputs, *, model: Seq2Seq, config: Config,
               axis_name: str | None = None) -> dict[str, jax.Array]:
     """Metric sums (loss, nll, correct, weight) of a batch, deterministic."""
     with kernels_lib.precision_scope(config.model):
