@@ -213,6 +213,28 @@ class ModelConfig:
     # Keep the rows loaded from those files bitwise fixed during training (rows not found in the
     # files still train). With tie_output the frozen target rows are output-projection rows too.
     freeze_embeddings: bool = False
+    # -- recipe parts of the strongest small-data RNN systems (docs/model.md; all off by default) --
+    # Layer normalisation inside every recurrent cell, encoder and decoder (Ba et al. 2016;
+    # Marian --layer-normalization, nmtpy, Nematus): the input pre-activations x·W_ih and the
+    # recurrent ones h·W_hh are each normalised (gain only, eps 1e-5; the cell's biases added
+    # after). "per_gate": each gate's H units on their own (Nematus's block-wise layer norm);
+    # "whole": the G·H pre-activations at once (one statistic per vector). "off": none.
+    layer_norm: Literal["off", "per_gate", "whole"] = "off"
+    # Dropout on the source and target embeddings, per element (nmtpy's dropout_emb), on top of
+    # model.dropout; training only, drawn per row like every mask (batch-split invariant).
+    embedding_dropout: float = probability(0.0)
+    # Dropout on the attentional output (the decoder's hidden state before the output
+    # projection; nmtpy's dropout_out), on top of model.dropout.
+    output_dropout: float = probability(0.0)
+    # Variational recurrent dropout (Gal & Ghahramani 2016; Marian --dropout-rnn on the state):
+    # one mask per sequence and layer, the same at every time step, on h_{t-1} where it enters
+    # h·W_hh (encoder and decoder). The carry itself is not dropped.
+    recurrent_dropout: float = probability(0.0)
+    # Word dropout (Marian --dropout-src / --dropout-trg, Nematus dropout_source/target): each
+    # source token's (decoder input token's) whole embedding is zeroed with this probability and
+    # the kept ones scaled by 1/(1-p), one draw per token.
+    source_word_dropout: float = probability(0.0)
+    target_word_dropout: float = probability(0.0)
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,43 @@ def gru_step(x, h, w_ih, b, w_hh, b_hh):
 def cell_step(cell, p, k, x, state):
     """Direction k's weights of layer p applied to x [B, D] with state (h, c) or h."""
     w_ih, b, w_hh = p["input_kernel"][:, k, :], p["bias"][k], p["recurrent_kernel"][k]
+    if "input_norm_scale" in p:  # model.layer_norm (section below)
+        return normed_cell_step(cell, p, k, x, state)
     if cell == "lstm":
         return lstm_step(x, state[0], state[1], w_ih, b, w_hh)
     return gru_step(x, state, w_ih, b, w_hh, p["recurrent_bias"][k])
+
+
+# -- layer normalisation inside the cells (model.layer_norm) --------------------------------------
+#   LN(z) per block: z viewed as g blocks of n = G·H/g units (g = G "per_gate", 1 "whole"),
+#   (z - mean) / sqrt(var + 1e-5) * gain, gain [g, n];  no shift (the cell's biases follow):
+#   LSTM  gates = LN_x(x W_ih) + b + LN_h(h W_hh)
+#   GRU   gx = LN_x(x W_ih) + b;  gh = LN_h(h W_hh) + b_hh;  then the GRU equations above
+
+def layer_norm(z, gain):
+    g, n = gain.shape
+    blocks = z.reshape(z.shape[0], g, n)
+    mean = blocks.mean(-1, keepdims=True)
+    var = ((blocks - mean) ** 2).mean(-1, keepdims=True)
+    return ((blocks - mean) / jnp.sqrt(var + 1e-5) * gain).reshape(z.shape)
+
+
+def normed_cell_step(cell, p, k, x, state):
+    w_ih, b, w_hh = p["input_kernel"][:, k, :], p["bias"][k], p["recurrent_kernel"][k]
+    gx = layer_norm(dot(x, w_ih), p["input_norm_scale"][k]) + b
+    h = state[0] if cell == "lstm" else state
+    gh = layer_norm(dot(h, w_hh), p["recurrent_norm_scale"][k])
+    H = h.shape[-1]
+    if cell == "lstm":
+        gates = gx + gh
+        i, f, g, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
+        c = jax.nn.sigmoid(f) * state[1] + jax.nn.sigmoid(i) * jnp.tanh(g)
+        return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    gh = gh + p["recurrent_bias"][k]
+    r = jax.nn.sigmoid(gx[:, :H] + gh[:, :H])
+    z = jax.nn.sigmoid(gx[:, H:2 * H] + gh[:, H:2 * H])
+    n = jnp.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
+    return (1 - z) * n + z * h
 
 
 def hidden_of(cell, state):

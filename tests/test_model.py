@@ -190,3 +190,50 @@ def test_bfloat16_close_to_float32():
     np.testing.assert_allclose(np.asarray(h16), np.asarray(h32), atol=5e-2)
 
 
+
+
+# -- recipe dropouts (model.embedding_dropout, output_dropout, recurrent_dropout, word dropout) --
+
+RECIPE_DROPOUTS = dict(embedding_dropout=0.2, output_dropout=0.2, recurrent_dropout=0.3, source_word_dropout=0.2,
+                       target_word_dropout=0.2)
+
+
+@pytest.mark.parametrize("cell,att,feed", [("lstm", "general", True), ("gru", "mlp", False)])
+def test_recipe_dropouts_independent_of_batch_split_and_repeatable(cell, att, feed):
+    """Every recipe dropout on: masks are drawn per row from the step key, so half batches give
+    the full batch's rows, the same key gives the same output bit for bit (bit-exact resume), and
+    they change the output."""
+    cfg = model_config(cell, att, feed, True, 1, layer_norm="per_gate", **RECIPE_DROPOUTS)
+    model, params = init(cfg)
+    batch = make_batch(source_lengths=np.array([5, 2, 4, 6], np.int32), target_lengths=np.array([4, 1, 3, 5], np.int32))
+    apply = jax.jit(lambda src, sl, tin, rows, key: model.apply(
+        {"params": params}, src, sl, tin, deterministic=False, row_ids=rows, rngs={"dropout": key})[0])
+
+    def run(rows, key=jax.random.key(3)):
+        sl = slice(rows[0], rows[-1] + 1)
+        return apply(batch["source"][sl], batch["source_lengths"][sl], batch["target_input"][sl], jnp.asarray(rows), key)
+
+    full = run([0, 1, 2, 3])
+    assert_close(jnp.concatenate([run([0, 1]), run([2, 3])]), full, tol=1e-6)
+    np.testing.assert_array_equal(np.asarray(run([0, 1, 2, 3])), np.asarray(full))
+    det, _ = model.apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
+    assert not np.allclose(full, det)
+    assert not np.allclose(run([0, 1, 2, 3], jax.random.key(4)), full)
+
+
+def test_word_dropout_zeroes_whole_tokens():
+    """Word dropout: each token's embedding is either zero or scaled by 1/(1-p) as a whole, about
+    p of them zero; embedding_dropout drops single elements."""
+    cfg = model_config("lstm", "general", True, True, 0, source_word_dropout=0.5)
+    model, params = init(cfg)
+    emb = jnp.asarray(np.random.default_rng(0).normal(size=(40, 8, 8)) + 3.0, jnp.float32)  # [T, B, E], no zeros
+    noisy = np.asarray(model.apply({"params": params}, emb, jnp.arange(8), 0.5, False, method=Seq2Seq._embedding_noise,
+                                   rngs={"dropout": jax.random.key(0)}))
+    zero = np.all(noisy == 0.0, axis=-1)  # [T, B]
+    np.testing.assert_allclose(noisy[~zero], 2.0 * np.asarray(emb)[~zero], rtol=1e-6)
+    assert 0.35 < zero.mean() < 0.65
+    elems = dataclasses.replace(cfg, source_word_dropout=0.0, embedding_dropout=0.5)
+    noisy = np.asarray(build(elems).apply({"params": params}, emb, jnp.arange(8), 0.0, False,
+                                          method=Seq2Seq._embedding_noise, rngs={"dropout": jax.random.key(0)}))
+    assert 0.35 < (noisy == 0.0).mean() < 0.65
+    assert np.any((noisy == 0.0).any(-1) & ~(noisy == 0.0).all(-1))  # some tokens only partly dropped

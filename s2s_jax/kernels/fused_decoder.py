@@ -49,7 +49,8 @@ Array = jax.Array
 
 def supported(cfg) -> bool:
     """Whether `decode` handles this ModelConfig (else the decoder's generic scan does)."""
-    return cfg.fused_decoder and cfg.input_feeding and cfg.cell == "lstm" and cfg.attention in ("dot", "general")
+    return (cfg.fused_decoder and cfg.input_feeding and cfg.cell == "lstm" and cfg.attention in ("dot", "general")
+            and cfg.layer_norm == "off" and cfg.recurrent_dropout == 0)  # those two: the generic scan
 
 
 def decoder_scan(activations, cfg, W: dict, gx0: Array, state, memory: Array, keys: Array, mask: Array,

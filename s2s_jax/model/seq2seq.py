@@ -93,6 +93,7 @@ class Seq2Seq(nn.Module):
                row_ids: Array | None = None) -> dict:
         """source [B, S] int32 -> decoding cache: memory/keys [B, S, H], mask [B, S], state."""
         emb = jnp.take(self._source_table(), source.T, axis=0)  # time-major [S, B, E]
+        emb = self._embedding_noise(emb, row_ids, self.config.source_word_dropout, deterministic)
         memory, finals = self.encoder(emb, source_lengths, row_ids, deterministic=deterministic)
         mask = jnp.arange(source.shape[1])[None, :] < source_lengths[:, None]
         keys = self.decoder.project_keys(memory)
@@ -114,8 +115,24 @@ class Seq2Seq(nn.Module):
             key = self.make_rng("dropout")
             T, _, E = emb.shape
             emb = emb * jnp.swapaxes(row_dropout_mask(key, self.config.dropout, row_ids, (T, E)), 0, 1)
+        emb = self._embedding_noise(emb, row_ids, self.config.target_word_dropout, deterministic)
         return self.decoder(emb, cache["state"], cache["memory"], cache["keys"], cache["mask"],
                             row_ids, deterministic=deterministic)
+
+    def _embedding_noise(self, emb: Array, row_ids: Array | None, word_rate: float, deterministic: bool) -> Array:
+        """model.embedding_dropout (per element) and word dropout at `word_rate` (a token's whole
+        embedding zeroed, the rest scaled by 1/(1-rate)) on time-major embeddings [T, B, E];
+        masks per row (batch-split invariant). Unchanged (no rng drawn) when both are off."""
+        rate = self.config.embedding_dropout
+        if deterministic or (rate == 0 and word_rate == 0):
+            return emb
+        key = self.make_rng("dropout")
+        T, _, E = emb.shape
+        if rate > 0:
+            emb = emb * jnp.swapaxes(row_dropout_mask(jax.random.fold_in(key, 0), rate, row_ids, (T, E)), 0, 1)
+        if word_rate > 0:
+            emb = emb * jnp.swapaxes(row_dropout_mask(jax.random.fold_in(key, 1), word_rate, row_ids, (T, 1)), 0, 1)
+        return emb
 
     def logits(self, hidden: Array) -> Array:
         kernel, bias = self.output_weights()
