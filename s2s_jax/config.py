@@ -220,6 +220,13 @@ class ModelConfig:
     # after). "per_gate": each gate's H units on their own (Nematus's block-wise layer norm);
     # "whole": the G·H pre-activations at once (one statistic per vector). "off": none.
     layer_norm: Literal["off", "per_gate", "whole"] = "off"
+    # The decoder: "stacked" (Luong/Bahdanau: model.decoder_layers layers, then attention, with or
+    # without input feeding) or "conditional" (Nematus/nmtpy's conditional GRU, cGRU, with
+    # model.cell=gru; a conditional LSTM with lstm): a transition on the previous target
+    # embedding, attention with its state as the query, a second transition on the context, and
+    # the deep output tanh(W_c [context; state] + W_y embedding + b). Needs one decoder layer,
+    # model.input_feeding=false and an attention type (mlp as Nematus/nmtpy).
+    decoder_type: Literal["stacked", "conditional"] = "stacked"
     # Dropout on the source and target embeddings, per element (nmtpy's dropout_emb), on top of
     # model.dropout; training only, drawn per row like every mask (batch-split invariant).
     embedding_dropout: float = probability(0.0)
@@ -434,6 +441,8 @@ def _check_model(config: Config) -> None:
         raise ConfigError("model.share_embeddings=True needs data.joint_vocab=True (one vocabulary)")
     if m.input_feeding and m.attention == "none":
         raise ConfigError("model.input_feeding=True needs an attention type (model.attention != 'none')")
+    if m.decoder_type == "conditional":
+        _check_conditional_decoder(m)
     if m.attention == "none" and m.attention_dropout > 0:
         raise ConfigError(f"model.attention_dropout={m.attention_dropout}: has no effect with model.attention='none'; "
                           "set it to 0 or choose an attention type")
@@ -448,6 +457,18 @@ def _check_model(config: Config) -> None:
         field_ = "model.source_embeddings" if m.source_embeddings else "model.target_embeddings"
         raise ConfigError(f"{field_} and train.init_from both set the embeddings; drop one "
                           "(the embeddings of the run in train.init_from are already trained)")
+
+
+def _check_conditional_decoder(m: ModelConfig) -> None:
+    if m.attention == "none":
+        raise ConfigError("model.decoder_type='conditional' attends between its two transitions: set "
+                          "model.attention (mlp as Nematus/nmtpy, or dot/general)")
+    if m.input_feeding:
+        raise ConfigError("model.decoder_type='conditional' has no input feeding (its second transition reads "
+                          "the context): set model.input_feeding=false")
+    if m.decoder_layers != 1:
+        raise ConfigError(f"model.decoder_layers={m.decoder_layers}: model.decoder_type='conditional' is one "
+                          "conditional layer (two transitions); set model.decoder_layers=1")
 
 
 def _check_train(config: Config) -> None:

@@ -184,6 +184,8 @@ def attend(cfg, p, q, memory, mask):
 def forward(cfg, params, source, source_lengths, target_input):
     """Teacher forcing -> (hidden [B, T, H], logits [B, T, V], weights [B, T, S] or None).
     Only positions t < target length are meaningful (later ones never affect them)."""
+    if cfg.decoder_type == "conditional":
+        return conditional_forward(cfg, params, source, source_lengths, target_input)
     B, S = source.shape
     memory, finals = encode(cfg, params, source, source_lengths)
     mask = jnp.arange(S)[None, :] < source_lengths[:, None]
@@ -213,6 +215,32 @@ def forward(cfg, params, source, source_lengths, target_input):
     logits = dot(hidden, kernel) + params["output_bias"]
     weights = jnp.stack(all_weights, axis=1) if all_weights else None
     return hidden, logits, weights
+
+
+# -- the conditional GRU decoder (model.decoder_type="conditional") --------------------------------
+#   s' = cell(y_{t-1}, s);  a = attention weights of query s';  c = Σ_s a_s m_s
+#   s  = cell(c, s');  hidden = tanh([c; s] W_c + y_{t-1} W_y + b_y)
+
+def conditional_forward(cfg, params, source, source_lengths, target_input):
+    B, S = source.shape
+    memory, finals = encode(cfg, params, source, source_lengths)
+    mask = jnp.arange(S)[None, :] < source_lengths[:, None]
+    state = bridge(cfg, params, finals, B)[0]
+    dec = params["decoder"]
+    hiddens, all_weights = [], []
+    for t in range(target_input.shape[1]):
+        y = params["target_embedding"][target_input[:, t]]
+        state = cell_step(cfg.cell, dec["layer_0"], 0, y, state)
+        _, w = attend(cfg, dec["attention"], hidden_of(cfg.cell, state), memory, mask)
+        context = jnp.einsum("bs,bsh->bh", w, memory, precision=HIGH)
+        state = cell_step(cfg.cell, dec["layer_1"], 0, context, state)
+        both = jnp.concatenate([context, hidden_of(cfg.cell, state)], -1)
+        hiddens.append(jnp.tanh(dot(both, dec["attention"]["output_kernel"]) + dot(y, dec["embedding_output_kernel"])
+                                + dec["embedding_output_bias"]))
+        all_weights.append(w)
+    hidden = jnp.stack(hiddens, axis=1)
+    kernel = params["target_embedding"].T if cfg.tie_output else params["output_kernel"]
+    return hidden, dot(hidden, kernel) + params["output_bias"], jnp.stack(all_weights, axis=1)
 
 
 def loss(logits, batch):

@@ -354,8 +354,9 @@ def test_lstm_gate_grads_equal_autodiff_of_the_cell(ks):
 # -- the train step: guard, precision, lowered programs -------------------------------------
 
 def _train_setup(ks, precision="auto", dtype="float32", **model_fields):
-    mcfg = model_config("lstm", "general", True, True, 0, bridge="dense", kernels=ks, dropout=0.1,
-                        matmul_precision=precision, dtype=dtype, **model_fields)
+    fields = dict(cell="lstm", attention="general", input_feeding=True, bidirectional=True, bridge="dense",
+                  kernels=ks, dropout=0.1, matmul_precision=precision, dtype=dtype, **model_fields)
+    mcfg = model_config(*(fields.pop(k) for k in ("cell", "attention", "input_feeding", "bidirectional")), 0, **fields)
     config = Config(model=mcfg, train=TrainConfig(learning_rate=1e-2, clip_norm=1.0))
     model = build(mcfg)
     state = create_state(config, model)
@@ -733,12 +734,7 @@ def test_recurrence_with_state_dropout_and_layer_norm_matches_plain_loop(ks, cel
 
 def _recipe_gradient(ks, **fields):
     """The loss and gradient of one training batch (dropout drawn from a fixed step key)."""
-    case = {"cell": "lstm", "attention": "general", "feeding": True, **fields}
-    mcfg = model_config(case.pop("cell"), case.pop("attention"), case.pop("feeding"), True, 0, bridge="dense",
-                        kernels=ks, dropout=0.1, **{**RECIPE, **case})
-    config = Config(model=mcfg, train=TrainConfig(learning_rate=1e-2, clip_norm=1.0))
-    model = build(mcfg)
-    state = create_state(config, model)
+    config, model, state = _train_setup(ks, **{**RECIPE, **fields})
     batch = make_batch(seed=1)
 
     def loss(params):
@@ -750,8 +746,9 @@ def _recipe_gradient(ks, **fields):
     return jax.jit(jax.value_and_grad(loss))(state.params)
 
 
-@pytest.mark.parametrize("fields", [{}, {"cell": "gru", "feeding": False, "attention": "mlp"}],
-                         ids=["lstm-feeding", "gru-mlp"])
+@pytest.mark.parametrize("fields", [{}, {"cell": "gru", "input_feeding": False, "attention": "mlp"},
+                                    {"cell": "gru", "input_feeding": False, "attention": "mlp", "decoder_type": "conditional",
+                                     "decoder_layers": 1}], ids=["lstm-feeding", "gru-mlp", "cgru"])
 def test_both_sets_give_the_same_gradient_with_the_recipe_parts(fields):
     """Layer norm and every recipe dropout on: cpu and portable draw the same masks from the same
     step key and compute the same loss and gradient, within 1e-5; the dropouts change the loss."""
@@ -765,4 +762,43 @@ def test_both_sets_give_the_same_gradient_with_the_recipe_parts(fields):
 def test_lowered_portable_train_step_with_the_recipe_parts_has_static_control_flow_only():
     """Layer norm and the recipe dropouts add no conditional, barrier or device-counted loop."""
     portable = _lowered_train_step("portable", **RECIPE)
+    assert "stablehlo.while" in portable and not _cpu_set_constructs(portable)
+
+
+# -- the conditional decoder (model.decoder_type="conditional"): docs/model.md ----------------
+
+CONDITIONAL_CASES = [("gru", "mlp", "off", True), ("gru", "general", "per_gate", False), ("lstm", "dot", "whole", True),
+                     ("gru", "dot", "off", False)]
+
+
+@pytest.mark.parametrize("ks,case", [pytest.param(ks, case, id=f"{ks}-" + "-".join(map(str, case)),
+                                                  marks=() if (j + (ks == "portable")) % 2 == 0 else pytest.mark.slow)
+                                     for ks in SETS for j, case in enumerate(CONDITIONAL_CASES)])
+def test_conditional_decoder_matches_reference(ks, case):
+    """cGRU (and the conditional LSTM), with and without layer norm: outputs and gradients against
+    ref.conditional_forward, both sets."""
+    cell, att, ln, bi = case
+    i = CONDITIONAL_CASES.index(case)
+    check_against_reference(model_config(cell, att, False, bi, i, kernels=ks, matmul_precision="highest",
+                                         layer_norm=ln, decoder_type="conditional", decoder_layers=1), i)
+
+
+@pytest.mark.parametrize("ks", SETS)
+def test_conditional_decoder_padding_invariance(ks):
+    cfg = model_config("gru", "mlp", False, True, 1, kernels=ks, decoder_type="conditional", decoder_layers=1)
+    model, params = init(cfg)
+    batch = make_batch()
+    apply = jax.jit(model.apply)
+    h0, w0 = apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
+    padded = pad_batch(batch, 3, 2)
+    h1, w1 = apply({"params": params}, padded["source"], padded["source_lengths"], padded["target_input"])
+    for b in range(len(SOURCE_LENGTHS)):
+        T, S = int(TARGET_LENGTHS[b]), int(SOURCE_LENGTHS[b])
+        assert_close(h1[b, :T], h0[b, :T], tol=1e-6)
+        assert_close(w1[b, :T, :S], w0[b, :T, :S], tol=1e-6)
+
+
+def test_lowered_portable_conditional_train_step_has_static_control_flow_only():
+    portable = _lowered_train_step("portable", **RECIPE, decoder_type="conditional", input_feeding=False,
+                                   decoder_layers=1, cell="gru")
     assert "stablehlo.while" in portable and not _cpu_set_constructs(portable)

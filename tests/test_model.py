@@ -237,3 +237,21 @@ def test_word_dropout_zeroes_whole_tokens():
                                           method=Seq2Seq._embedding_noise, rngs={"dropout": jax.random.key(0)}))
     assert 0.35 < (noisy == 0.0).mean() < 0.65
     assert np.any((noisy == 0.0).any(-1) & ~(noisy == 0.0).all(-1))  # some tokens only partly dropped
+
+
+@pytest.mark.parametrize("cell,att", [("gru", "mlp"), ("gru", "general")])
+def test_conditional_step_decoding_equals_teacher_forcing(cell, att):
+    """decode_step (one token at a time, the path beam search takes) == the teacher-forced scan,
+    with layer norm; and the recipe dropouts stay batch-split invariant."""
+    cfg = model_config(cell, att, False, True, 2, bridge="dense", decoder_type="conditional", decoder_layers=1,
+                       layer_norm="whole")
+    model, params = init(cfg)
+    batch = make_batch()
+    hidden, weights = model.apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
+    expected = model.apply({"params": params}, hidden, method=Seq2Seq.logits)
+    cache = model.apply({"params": params}, batch["source"], batch["source_lengths"], method=Seq2Seq.encode)
+    step = jax.jit(lambda tok, cache: model.apply({"params": params}, tok, cache, method=Seq2Seq.decode_step))
+    for t in range(batch["target_input"].shape[1]):
+        logits, cache, w = step(batch["target_input"][:, t], cache)
+        assert_close(logits, expected[:, t], tol=1e-5, what=f"step {t}")
+        assert_close(w, weights[:, t], tol=1e-6)

@@ -99,27 +99,14 @@ class Decoder(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         ks = self.kernels
         T, B, _ = embedded.shape
-        H, L, S = cfg.hidden_dim, cfg.decoder_layers, memory.shape[1]
-        train = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0 or cfg.output_dropout > 0
-                                       or cfg.recurrent_dropout > 0)
-        masks = None
-        if train:  # all dropout masks drawn up front (per row, time-major): no RNG in the scan
-            rng = self.make_rng("dropout")
-            k1, k2, k3 = jax.random.split(rng, 3)
-
-            def draw(key, rate, shape):  # [B, T, ...] -> [T, B, ...]
-                return jnp.swapaxes(row_dropout_mask(key, rate, row_ids, shape), 0, 1)
-
-            masks = {"between": draw(k1, cfg.dropout, (T, max(L - 1, 1), H)).transpose(0, 2, 1, 3),
-                     "output": draw(k2, cfg.dropout, (T, H))}
-            if cfg.attention != "none":
-                masks["attention"] = draw(k3, cfg.attention_dropout, (T, 1, S))
-            masks = _recipe_masks(cfg, masks, rng, row_ids, T)
+        L, S = cfg.decoder_layers, memory.shape[1]
+        masks = self._training_masks(T, S, row_ids, deterministic)
+        train = masks is not None
         W = self._prepared()
         layers = [layer() for layer in self.layers] if not cfg.input_feeding else None
 
         if cfg.input_feeding:  # the kernel set's decoder scan (fused, or this step taped)
-            gx0 = _project_embedding(cfg, ks, embedded, W.pop("w_emb"), W)  # [T, B, G·H]
+            gx0 = project_embedding(cfg, ks, embedded, W.pop("w_emb"), W)  # [T, B, G·H]
             hidden, weights = ks.decoder_scan(cfg, W, gx0, state, memory, keys, mask, masks,
                                               step=functools.partial(_step, cfg, ks), tape_names=_tape_names(cfg))
             return jnp.swapaxes(hidden, 0, 1), None if weights is None else jnp.swapaxes(weights, 0, 1)
@@ -130,7 +117,7 @@ class Decoder(nn.Module):
         for i, layer in enumerate(layers):
             carry = jax.tree.map(lambda a: a[None], state["layers"][i])
             y, _ = run_layer(layer, cfg.cell, x, lengths, ks=ks, initial=carry, dtype=dtype, unroll=cfg.unroll,
-                             state_mask=masks["recurrent"][0, i][None] if masks and "recurrent" in masks else None)
+                             state_mask=masks["recurrent"][0, i][None] if train and "recurrent" in masks else None)
             if cfg.residual and i > 0:
                 y = y + x
             if train and i + 1 < L:
@@ -144,6 +131,32 @@ class Decoder(nn.Module):
         if train:
             x = x * jnp.swapaxes(masks["output"], 0, 1)
         return x, weights
+
+    def _training_masks(self, T: int, S: int, row_ids: Array | None, deterministic: bool) -> dict | None:
+        """The time-major dropout masks of a teacher-forced call, all drawn up front (per row, so
+        batch-split invariant; no RNG in the scan): "between" [T, L', B, H], "output" [T, B, H],
+        "attention" [T, B, 1, S] (with attention), and `recipe_masks`'; None when not training."""
+        cfg = self.config
+        H, L = cfg.hidden_dim, cfg.decoder_layers
+        train = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0 or cfg.output_dropout > 0
+                                       or cfg.recurrent_dropout > 0)
+        if not train:
+            return None
+        rng = self.make_rng("dropout")
+        k1, k2, k3 = jax.random.split(rng, 3)
+
+        def draw(key, rate, shape):  # [B, T, ...] -> [T, B, ...]
+            return jnp.swapaxes(row_dropout_mask(key, rate, row_ids, shape), 0, 1)
+
+        masks = {"between": draw(k1, cfg.dropout, (T, max(L - 1, 1), H)).transpose(0, 2, 1, 3),
+                 "output": draw(k2, cfg.dropout, (T, H))}
+        if cfg.attention != "none":
+            masks["attention"] = draw(k3, cfg.attention_dropout, (T, 1, S))
+        return recipe_masks(cfg, masks, rng, row_ids, T)
+
+    def _one_step(self, W: dict, dot, gx0: Array, state):
+        """The decoding step's body (`_step`; the conditional decoder overrides it)."""
+        return _step(self.config, self.kernels, W, dot, gx0, state, None)
 
     def step(self, embedded: Array | None, state, memory: Array, keys: Array, mask: Array,
              projected: Array | None = None):
@@ -160,7 +173,7 @@ class Decoder(nn.Module):
         W = self._prepared()
         w_emb = W.pop("w_emb")
         ks = self.kernels
-        gx0 = projected if projected is not None else _project_embedding(cfg, ks, embedded, w_emb, W)
+        gx0 = projected if projected is not None else project_embedding(cfg, ks, embedded, w_emb, W)
         dot = plain_dot
         rows, entries = gx0.shape[0], memory.shape[0]
         if entries != rows and cfg.attention != "none":
@@ -173,7 +186,7 @@ class Decoder(nn.Module):
             else:
                 dot = _grouped_attention_dot(group)
         W.update(memory=memory, keys=keys, mask=mask)
-        return _step(cfg, ks, W, dot, gx0, state, None)
+        return self._one_step(W, dot, gx0, state)
 
 
 def _attention_params(W: dict) -> dict:
@@ -213,7 +226,7 @@ def _step(cfg: ModelConfig, ks: KernelSet, W: dict, dot, gx0: Array, state, mask
         if masks is not None and "recurrent" in masks:  # model.recurrent_dropout: on h entering h·W_hh
             h = h * masks["recurrent"][i]
         if cfg.layer_norm != "off":
-            gx, gh = _normed_preactivations(cfg, W, dot, i, gx0 if i == 0 else None, side, h)
+            gx, gh = normed_preactivations(cfg, W, dot, i, gx0 if i == 0 else None, side, h)
         elif cfg.cell == "lstm":  # one matmul: [side_input, h] @ [[W_side]; [W_hh]]
             both = h if side is None else jnp.concatenate([side, h], axis=-1)
             gx = gx + dot(f"layer{i}", "ni,ig->ng", both, W[f"layer{i}"], dtype)
@@ -263,20 +276,20 @@ def input_projection_table(decoder: Decoder, embedding: Array) -> Array:
     multiplying [N, E] embeddings each step. Call it on a bound decoder (inside `apply`).
     """
     W = decoder._prepared()
-    return _project_embedding(decoder.config, decoder.kernels, embedding, W["w_emb"], W)
+    return project_embedding(decoder.config, decoder.kernels, embedding, W["w_emb"], W)
 
 
 # -- recipe parts: layer normalisation, output and recurrent dropout (docs/model.md) ---------------
 
-def _project_embedding(cfg: ModelConfig, ks: KernelSet, embedded: Array, w_emb: Array, W: dict) -> Array:
+def project_embedding(cfg: ModelConfig, ks: KernelSet, embedded: Array, w_emb: Array, W: dict) -> Array:
     """Layer 1's input pre-activation from the embeddings [..., E] -> [..., G·H]: with its bias,
-    or, with model.layer_norm, without it (the bias follows the normalisation, in the step)."""
-    if cfg.layer_norm != "off":
+    or, with model.layer_norm or the conditional decoder, without it (the step adds it)."""
+    if cfg.layer_norm != "off" or cfg.decoder_type == "conditional":
         return ks.matmul(embedded, w_emb, jnp.dtype(cfg.dtype))
     return ks.matmul(embedded, w_emb, jnp.dtype(cfg.dtype)) + W["layer0_bias"]
 
 
-def _normed_preactivations(cfg: ModelConfig, W: dict, dot, i: int, gx0: Array | None, side: Array | None,
+def normed_preactivations(cfg: ModelConfig, W: dict, dot, i: int, gx0: Array | None, side: Array | None,
                            h: Array) -> tuple[Array, Array]:
     """model.layer_norm: layer i's (LN(x·W_ih) + b, LN(h·W_hh) [+ b_hh for GRU]), x = [embedding;
     side] for layer 0 (gx0: the embedding's part, no bias) and the layer below's output above."""
@@ -290,11 +303,12 @@ def _normed_preactivations(cfg: ModelConfig, W: dict, dot, i: int, gx0: Array | 
     return gx, (gh + W[f"layer{i}_b_hh"] if cfg.cell == "gru" else gh)
 
 
-def _recipe_masks(cfg: ModelConfig, masks: dict, rng: Array, row_ids: Array, T: int) -> dict:
+def recipe_masks(cfg: ModelConfig, masks: dict, rng: Array, row_ids: Array, T: int) -> dict:
     """Adds the masks of model.output_dropout (multiplied into "output", [T, B, H]) and
     model.recurrent_dropout ("recurrent" [T, L, B, H]: one mask per sequence and layer, the same
     at every step) to the decoder's time-major dropout masks; unchanged when both are off."""
-    H, L = cfg.hidden_dim, cfg.decoder_layers
+    H = cfg.hidden_dim
+    L = 2 if cfg.decoder_type == "conditional" else cfg.decoder_layers  # conditional: its two transitions
     if cfg.output_dropout > 0:
         extra = row_dropout_mask(jax.random.fold_in(rng, 3), cfg.output_dropout, row_ids, (T, H))
         masks = dict(masks, output=masks["output"] * jnp.swapaxes(extra, 0, 1))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from s2s_jax.config import ModelConfig
 from s2s_jax.kernels import KernelSet
 from s2s_jax.model.cells import initial_carry, row_dropout_mask
+from s2s_jax.model.conditional import ConditionalDecoder
 from s2s_jax.model.decoder import Decoder
 from s2s_jax.model.encoder import Encoder
 
@@ -44,7 +45,7 @@ class Seq2Seq(nn.Module):
             self.source_embedding = self.param("source_embedding", emb_init,
                                                (self.source_vocab_size, cfg.source_embed_dim))
         self.encoder = Encoder(cfg, self.kernels)
-        self.decoder = Decoder(cfg, self.kernels)
+        self.decoder = (ConditionalDecoder if cfg.decoder_type == "conditional" else Decoder)(cfg, self.kernels)
         H = cfg.hidden_dim
         if cfg.bridge == "dense":
             init = nn.initializers.lecun_uniform()
