@@ -1,4 +1,4 @@
-"""The only argument parser: `python -m s2s_jax {train,translate,eval,serve,prepare,benchmark,export}`.
+"""The only argument parser: `python -m s2s_jax {train,translate,eval,serve,prepare,benchmark,export,shortlist}`.
 
 Also the `s2s-jax` console script (pyproject.toml).
 
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--best", type=int, default=None, metavar="K", help="the K best checkpoints (best/)")
     p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
 
+    p = sub.add_parser("shortlist", help="build a run's vocabulary shortlist (decode.shortlist) from its training data")
+    _shortlist_args(p)
+
     p = sub.add_parser("serve", help="HTTP translation server with dynamic batching (see inference/server.py)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--workdir", help="a trained run")
@@ -106,6 +109,17 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--average-last", type=int, default=None, metavar="K",
                    help="average the parameters of the last K checkpoints")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.FIELD=VALUE")
+
+
+def _shortlist_args(p: argparse.ArgumentParser) -> None:
+    from s2s_jax.inference.shortlist import DEFAULT_TOP_K, ITERATIONS
+
+    p.add_argument("--workdir", required=True, help="the trained run; writes WORKDIR/shortlist.npz")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help="target pieces kept per source piece, best first (decode.shortlist_top_k uses at most "
+                        f"this many; default {DEFAULT_TOP_K})")
+    p.add_argument("--iterations", type=int, default=ITERATIONS,
+                   help=f"IBM Model 1 EM rounds (default {ITERATIONS})")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -374,6 +388,13 @@ def _cmd_average(args) -> int:
     return 0
 
 
+def _cmd_shortlist(args) -> int:
+    from s2s_jax.inference.shortlist import build_for_run
+
+    print(json.dumps(build_for_run(args.workdir, top_k=args.top_k, iterations=args.iterations)))
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from s2s_jax.inference import server
 
@@ -393,7 +414,7 @@ def _cmd_benchmark(args) -> int:
 
 
 COMMANDS = {"average": _cmd_average, "train": _cmd_train, "prepare": _cmd_prepare, "translate": _cmd_translate, "eval": _cmd_eval,
-            "serve": _cmd_serve, "benchmark": _cmd_benchmark, "export": _cmd_export}
+            "serve": _cmd_serve, "benchmark": _cmd_benchmark, "export": _cmd_export, "shortlist": _cmd_shortlist}
 
 
 def main(argv: list[str] | None = None) -> int:

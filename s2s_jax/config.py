@@ -293,6 +293,14 @@ class DecodeConfig:
     # Compute dtype of translation's matmuls: "model" = the run's model.dtype; "bfloat16" is
     # ~1.5x faster on CPUs with AVX512-BF16 but may change some outputs (docs/results.md).
     dtype: Literal["model", "float32", "bfloat16"] = "model"
+    # Vocabulary shortlist (docs/speed.md): score only the target pieces that a batch's source
+    # pieces plausibly translate to, not all V. Needs the run's shortlist.npz, built once with
+    # `s2s-jax shortlist --workdir RUN`. Per batch of decode.batch_size sentences the candidates
+    # are the special ids, the shortlist_frequent most frequent target pieces and the
+    # shortlist_top_k best translations (IBM Model 1) of every source piece in the batch.
+    shortlist: bool = False
+    shortlist_top_k: int = positive(50, "at most the --top-k the shortlist was built with, 100 by default")
+    shortlist_frequent: int = non_negative(500)
 
 
 @dataclass(frozen=True)

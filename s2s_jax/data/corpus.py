@@ -295,6 +295,15 @@ class Data:
         plan = [(b, local_rows(i, self.process_index, self.process_count)) for b, i in eval_plan(bucket, self.rows)]
         return list(grain_batches(plan, Materialize(sp.source, self.shapes), prefetch=self.d.prefetch))
 
+    def training_ids(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(source ids, target ids) of every training pair in corpus order, before the length
+        filter (no BOS/EOS): what corpus statistics such as the decoding shortlist are built from."""
+        sp = self._splits["train"]
+        getitems = getattr(sp.source, "__getitems__", None)
+        records = getitems(list(range(len(sp)))) if getitems else sp.source[:len(sp)]
+        return ([np.asarray(r["source"], np.int32) for r in records],
+                [np.asarray(r["target"], np.int32) for r in records])
+
     def eval_examples(self, split: str, limit: int | None = None) -> list[tuple[str, str]]:
         """Normalised (source_text, target_text) pairs of `split` in corpus order (all processes
         get all of them), for BLEU / exact match; index i matches batch "index" i."""

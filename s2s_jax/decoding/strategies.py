@@ -53,9 +53,14 @@ class Strategy(Protocol):
     def fresh(self, n: int):
         """Search state of n new slots (every leaf has leading dim n)."""
 
-    def advance(self, search, logits, attention, limits, source_mask):
+    def advance(self, search, logits, attention, limits, source_mask, vocab_ids=None):
         """One step: logits [n*K, V], attention [n*K, S] or None, limits [n], source_mask
-        [n, 1, S] or None -> (search, parent [n, K] int (rows to follow) or None, stopped [n] bool)."""
+        [n, 1, S] or None -> (search, parent [n, K] int (rows to follow) or None, stopped [n] bool).
+
+        vocab_ids [V] int32 or None: the vocabulary id of each logit column (a shortlist: the
+        logits cover only those ids, ascending, each special id at its own column); selected
+        columns are mapped to vocabulary ids at once, so the state holds vocabulary ids.
+        None: column = vocabulary id."""
 
     def result(self, search) -> dict:
         """Per-slot results (leading dim n) in the searches' output layout (see `search`)."""
@@ -89,10 +94,11 @@ class Greedy:
             attention=attention,
         )
 
-    def advance(self, search: GreedyState, logits, attention, limits, source_mask):
+    def advance(self, search: GreedyState, logits, attention, limits, source_mask, vocab_ids=None):
         eos_id = self.settings.eos_id
         step = search.step  # [B]
         token, token_log_prob = self.settings.kernels.best_token(logits, step >= limits - 1, eos_id)  # [B], [B]
+        token = to_vocab_ids(token, vocab_ids)
         live = ~search.finished
         token = jnp.where(live, token, PAD_ID)
         at_step = jnp.arange(self.settings.max_len)[None, :] == step[:, None]  # [B, T]
@@ -162,18 +168,19 @@ class Beam:
             finished_attention=jnp.zeros((n, N, T, S), jnp.float32) if has_attention else None,
         )
 
-    def advance(self, state: BeamState, logits, attention, limits, source_mask):
+    def advance(self, state: BeamState, logits, attention, limits, source_mask, vocab_ids=None):
         step = state.step  # [B]
-        candidates = self._extend(state, logits, attention, limits)
+        candidates = self._extend(state, logits, attention, limits, vocab_ids)
         finished = self._finish(state, candidates, source_mask)
         alive_log_probs, alive_parent, alive = self._keep_alive(candidates)
         done = self._stop(state, alive_log_probs, finished, limits)
         new_state = BeamState(step=step + 1, **finished, **alive, done=done)
         return new_state, alive_parent, done
 
-    def _extend(self, state: BeamState, logits, attention, limits) -> _Candidates:
+    def _extend(self, state: BeamState, logits, attention, limits, vocab_ids=None) -> _Candidates:
         """Every (parent beam, next token) extension, by the raw log-prob of the longer prefix:
-        the C best of them with their prefixes (and attention, coverage)."""
+        the C best of them with their prefixes (and attention, coverage); tokens as vocabulary
+        ids (`vocab_ids`: see `Strategy.advance`)."""
         K, V, T = self.num_beams, self.vocab_size, self.settings.max_len
         step = state.step
         batch_size = step.shape[0]
@@ -182,7 +189,7 @@ class Beam:
             self.settings.eos_id, self.num_candidates,
         )  # [B, C]
         parent = flat_index // V  # [B, C]
-        token = (flat_index % V).astype(jnp.int32)  # [B, C]
+        token = to_vocab_ids((flat_index % V).astype(jnp.int32), vocab_ids)  # [B, C]
         at_step = jnp.arange(T)[None, None, :] == step[:, None, None]  # [B, 1, T]
         tokens = jnp.where(at_step, token[:, :, None], gather_beams(state.alive_tokens, parent))
         candidate_attention = coverage = None
@@ -267,6 +274,12 @@ class Beam:
             "log_probs": jnp.where(flags, state.finished_log_probs, NEG_INF),
             "attention": attention,
         }
+
+
+def to_vocab_ids(columns, vocab_ids):
+    """Logit columns (int32, any shape) -> vocabulary ids: vocab_ids[columns] (None: unchanged).
+    The special ids sit at their own columns of a shortlist, so EOS tests agree either way."""
+    return columns if vocab_ids is None else jnp.take(vocab_ids, columns, axis=0)
 
 
 def gnmt_length_penalty(length, alpha):
