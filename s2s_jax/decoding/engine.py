@@ -42,7 +42,7 @@ class StepFn(Protocol):
     """The model as plain decoding sees it.
 
     tokens [N] int32 (the previous token of each row), cache (pytree, leading dim N on every
-    leaf) -> (logits [N, V] (unnormalised), new cache (same structure), attention [N, S] (the
+    leaf) -> (logits [N, V] (unnormalised; [N, W] over the positions of a search's vocab_ids), new cache (same structure), attention [N, S] (the
     weights used for this step, zero on padded source positions) or None).
     """
 
@@ -114,12 +114,14 @@ def placed(engine: Engine, queue: Queue) -> Loop:
     return Loop(slots=slots, step=jnp.zeros((), jnp.int32), head=queue.tail)
 
 
-def run(engine: Engine, step_fn: ContextStepFn, loop: Loop, queue: Queue, *, steps, first: int = 0) -> Loop:
+def run(engine: Engine, step_fn: ContextStepFn, loop: Loop, queue: Queue, *, steps, first: int = 0,
+        vocab_ids=None) -> Loop:
     """Starts up to `first` waiting sentences, then runs the loop (see the module docstring)
-    for at most `steps` passes."""
+    for at most `steps` passes. vocab_ids [W] int32: the vocabulary id of each position of the
+    step function's logits (a shortlist; see `strategies`), or None (position = id)."""
     loop = start(engine, queue, loop, first)
     return lax.while_loop(functools.partial(_running, engine, queue, steps),
-                          functools.partial(_one_pass, engine, step_fn, queue), loop)
+                          functools.partial(_one_pass, engine, step_fn, queue, vocab_ids), loop)
 
 
 def _running(engine: Engine, queue: Queue, steps, loop: Loop):
@@ -127,9 +129,9 @@ def _running(engine: Engine, queue: Queue, steps, loop: Loop):
     return (loop.step < steps) & (busy | (loop.head < queue.tail))
 
 
-def _one_pass(engine: Engine, step_fn: ContextStepFn, queue: Queue, loop: Loop) -> Loop:
+def _one_pass(engine: Engine, step_fn: ContextStepFn, queue: Queue, vocab_ids, loop: Loop) -> Loop:
     loop = start(engine, queue, loop, min(engine.refill, loop.slots.sentence.shape[0]))
-    loop, stopped = step(engine, step_fn, loop)
+    loop, stopped = step(engine, step_fn, loop, vocab_ids)
     return retire(engine, loop, stopped)
 
 
@@ -177,16 +179,17 @@ def _put_slots(slot_ids, take, values, entries):
     return values.at[slot_ids].set(entries[take], mode="drop")
 
 
-def step(engine: Engine, step_fn: ContextStepFn, loop: Loop) -> tuple[Loop, jax.Array]:
+def step(engine: Engine, step_fn: ContextStepFn, loop: Loop, vocab_ids=None) -> tuple[Loop, jax.Array]:
     """One decoding step of every slot (step_fn on all P*K rows; rows follow their beams)
-    -> (loop, stopped [P] bool)."""
+    -> (loop, stopped [P] bool). vocab_ids: as `run`."""
     strategy, slots = engine.strategy, loop.slots
     P, K = slots.sentence.shape[0], strategy.num_beams
     source_mask = None
     if strategy.source_len is not None:  # [P, 1, S]
         source_mask = jnp.arange(strategy.source_len)[None, None, :] < slots.source_lengths[:, None, None]
     logits, rows, attention = step_fn(slots.search.last.reshape(P * K), slots.rows, slots.context)
-    search, parent, stopped = strategy.advance(slots.search, logits, attention, slots.limits, source_mask)
+    search, parent, stopped = strategy.advance(slots.search, logits, attention, slots.limits, source_mask,
+                                               vocab_ids)
     if parent is not None:
         follow = (jnp.arange(P)[:, None] * K + parent).reshape(-1)
         rows = jax.tree.map(lambda leaf: leaf[follow], rows)

@@ -32,7 +32,8 @@ from s2s_jax.decoding.strategies import make_strategy
 
 
 def search(step_fn: StepFn, cache: Any, settings: SearchSettings, *, batch_size: int,
-           max_lengths: jax.Array | None, source_lengths: jax.Array | None = None) -> dict:
+           max_lengths: jax.Array | None, source_lengths: jax.Array | None = None,
+           vocab_ids: jax.Array | None = None) -> dict:
     """Plain decoding of B sentences: a pool of B slots, every sentence started at once and run
     to completion (the loop ends when every sentence has stopped).
 
@@ -42,6 +43,9 @@ def search(step_fn: StepFn, cache: Any, settings: SearchSettings, *, batch_size:
     batch_size: B. max_lengths: [B] int, the most tokens (EOS included) sentence b may have;
       None = `settings.max_len`. source_lengths: [B] int, real source positions per sentence
       (coverage penalty); None = all S positions are real.
+    vocab_ids: [W] int32, the vocabulary id of each position of step_fn's logits [N, W] (a
+      shortlist: sorted ascending, special ids 0..3 at their own positions); the results hold
+      vocabulary ids. None: position = id (W may be any size, e.g. V + k copy ids).
     Returns the results of the module docstring.
     """
     check_sizes(batch_size=batch_size)
@@ -55,7 +59,7 @@ def search(step_fn: StepFn, cache: Any, settings: SearchSettings, *, batch_size:
                   source_lengths=_source_lengths(source_lengths, batch_size, source_len),
                   tail=jnp.asarray(batch_size, jnp.int32))
     loop = engine_lib.run(engine, functools.partial(_without_context, step_fn), engine_lib.placed(engine, queue),
-                          queue, steps=settings.max_len)
+                          queue, steps=settings.max_len, vocab_ids=vocab_ids)
     return engine.strategy.result(loop.slots.search)
 
 
@@ -66,7 +70,8 @@ def _without_context(step_fn: StepFn, tokens, rows, context):
 def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings: SearchSettings, *,
                       num_sentences: jax.Array | int, slots: int, max_lengths: jax.Array | None,
                       source_lengths: jax.Array | None = None, refill: int | None = None,
-                      slot_context: bool = False, output_sizes: tuple[int, int | None] | None = None) -> dict:
+                      slot_context: bool = False, output_sizes: tuple[int, int | None] | None = None,
+                      vocab_ids: jax.Array | None = None) -> dict:
     """Decodes a queue of Q sentences through P slots, refilling a slot with the next queue
     sentence at the step its sentence finishes (continuous batching).
 
@@ -88,7 +93,7 @@ def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings
     output_sizes: (V, S or None), the sizes step_fn's logits [N, V] and attention [N, S] (None:
       it gives no attention) will have, when the caller knows them; saves tracing step_fn once
       more to find them.
-    max_lengths, source_lengths: as `search`, leading dim Q.
+    max_lengths, source_lengths: as `search`, leading dim Q. vocab_ids: as `search`.
     """
     leaves = jax.tree.leaves(state)
     if not leaves:
@@ -108,7 +113,8 @@ def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings
     loop = Loop(slots=engine_lib.empty_slots(engine, slots, state, context), step=jnp.zeros((), jnp.int32),
                 head=jnp.zeros((), jnp.int32), results=results, done=done)
     # Every sentence finishes within max_len steps of starting; the step bound is a guard.
-    loop = engine_lib.run(engine, step_fn, loop, queue, steps=(queue_size + 1) * settings.max_len, first=slots)
+    loop = engine_lib.run(engine, step_fn, loop, queue, steps=(queue_size + 1) * settings.max_len, first=slots,
+                          vocab_ids=vocab_ids)
     return loop.results
 
 
