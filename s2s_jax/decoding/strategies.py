@@ -195,6 +195,9 @@ class Beam:
         K, T, settings = self.num_beams, self.settings.max_len, self.settings
         step = state.step
         batch_size, width = step.shape[0], logits.shape[-1]
+        if width != self.vocab_size:
+            raise ValueError(f"the step function's logits have {width} positions, but the search was made for "
+                             f"{self.vocab_size} (make_strategy's vocab_size; output_sizes)")
         force = step >= limits - 1
         step_attention = None if self.source_len is None else attention.astype(jnp.float32).reshape(batch_size, K, -1)
         alive, step_penalty = state.alive_log_probs, None
