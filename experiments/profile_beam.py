@@ -204,7 +204,7 @@ def pass_parts(translator, sources, beam: int, iters: int) -> tuple[dict, dict]:
     results, done = engine_lib.empty_results(engine)
     loop = Loop(slots=slots, step=jnp.zeros((), jnp.int32), head=jnp.asarray(P, jnp.int32), results=results,
                 done=done)
-    one_pass = jax.jit(lambda lp: engine_lib._one_pass(engine, step_fn, queue, None, lp))
+    one_pass = jax.jit(lambda lp: engine_lib._one_pass(engine, step_fn, queue, lp))
     seconds["engine pass (start + step + advance + reorder + retire)"] = median_time(one_pass, loop, iters=iters)
     shapes = {"P": P, "K": K, "rows": P * K, "S": S, "V": int(logits.shape[-1]), "max_len": max_len,
               "input_table": table is not None, "compute_dtype": str(model.config.dtype)

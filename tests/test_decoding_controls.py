@@ -239,13 +239,14 @@ def test_controls_beam_one_equals_greedy_and_continuous_equals_plain():
 def test_vocab_ids_search_equals_full_search_without_the_other_tokens(beam_size):
     """Logits over a shortlist (vocab_ids) decode as the full vocabulary with the other tokens'
     logits at -inf; results hold vocabulary ids, and bans work in id space."""
-    ids = np.array([0, 1, 2, 3, 5, 6], np.int32)  # token 4 (b) is not a candidate
+    ids = np.array([0, 1, 2, 3, 5, 6, -1, -1], np.int32)  # token 4 (b) is not a candidate; -1: padding
     table = REPEAT_CHAIN
     masked = np.full_like(table, -np.inf)
-    masked[:, ids] = table[:, ids]
+    masked[:, ids[ids >= 0]] = table[:, ids[ids >= 0]]
     controls = dict(min_length=2, block_ngram_repeat=2)
     full_step = markov_step(masked)
-    short_step = lambda tokens, cache: (jnp.asarray(table)[tokens][:, ids], cache, None)
+    padded = np.concatenate([table, np.full((7, 1), -np.inf, np.float32)], axis=1)  # column 7: padding's -inf
+    short_step = lambda tokens, cache: (jnp.asarray(padded)[tokens][:, np.where(ids >= 0, ids, 7)], cache, None)
     kwargs = dict(batch_size=1, max_lengths=jnp.array([7]))
     full = decoding.search(full_step, dummy_cache(1), settings(7, beam_size=beam_size, **controls), **kwargs)
     short = decoding.search(short_step, dummy_cache(1), settings(7, beam_size=beam_size, **controls),

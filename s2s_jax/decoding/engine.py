@@ -42,7 +42,7 @@ class StepFn(Protocol):
     """The model as plain decoding sees it.
 
     tokens [N] int32 (the previous token of each row), cache (pytree, leading dim N on every
-    leaf) -> (logits [N, V] (unnormalised; [N, W] over the positions of a search's vocab_ids), new cache (same structure), attention [N, S] (the
+    leaf) -> (logits [N, V] (unnormalised), new cache (same structure), attention [N, S] (the
     weights used for this step, zero on padded source positions) or None).
     """
 
@@ -71,12 +71,15 @@ class Engine:
     refill: most idle slots started per step (the rest wait a step); 0 = never refill (plain
       decoding: every sentence starts before the loop and its result stays in its slot).
     slot_context: the context has one entry per slot (leading dim P), not per row (P*K).
+    vocab_ids: [V] int32 or None, the vocabulary id of each logit column when the step
+      function scores a shortlist of the vocabulary (`Strategy.advance`); None: all of it.
     """
 
     strategy: Strategy
     num_results: Any
     refill: int
     slot_context: bool = False
+    vocab_ids: Any = None
 
     def __post_init__(self):
         if self.slot_context and not self.refill:
@@ -114,14 +117,12 @@ def placed(engine: Engine, queue: Queue) -> Loop:
     return Loop(slots=slots, step=jnp.zeros((), jnp.int32), head=queue.tail)
 
 
-def run(engine: Engine, step_fn: ContextStepFn, loop: Loop, queue: Queue, *, steps, first: int = 0,
-        vocab_ids=None) -> Loop:
+def run(engine: Engine, step_fn: ContextStepFn, loop: Loop, queue: Queue, *, steps, first: int = 0) -> Loop:
     """Starts up to `first` waiting sentences, then runs the loop (see the module docstring)
-    for at most `steps` passes. vocab_ids [W] int32: the vocabulary id of each position of the
-    step function's logits (a shortlist; see `strategies`), or None (position = id)."""
+    for at most `steps` passes."""
     loop = start(engine, queue, loop, first)
     return lax.while_loop(functools.partial(_running, engine, queue, steps),
-                          functools.partial(_one_pass, engine, step_fn, queue, vocab_ids), loop)
+                          functools.partial(_one_pass, engine, step_fn, queue), loop)
 
 
 def _running(engine: Engine, queue: Queue, steps, loop: Loop):
@@ -129,9 +130,9 @@ def _running(engine: Engine, queue: Queue, steps, loop: Loop):
     return (loop.step < steps) & (busy | (loop.head < queue.tail))
 
 
-def _one_pass(engine: Engine, step_fn: ContextStepFn, queue: Queue, vocab_ids, loop: Loop) -> Loop:
+def _one_pass(engine: Engine, step_fn: ContextStepFn, queue: Queue, loop: Loop) -> Loop:
     loop = start(engine, queue, loop, min(engine.refill, loop.slots.sentence.shape[0]))
-    loop, stopped = step(engine, step_fn, loop, vocab_ids)
+    loop, stopped = step(engine, step_fn, loop)
     return retire(engine, loop, stopped)
 
 
@@ -179,9 +180,9 @@ def _put_slots(slot_ids, take, values, entries):
     return values.at[slot_ids].set(entries[take], mode="drop")
 
 
-def step(engine: Engine, step_fn: ContextStepFn, loop: Loop, vocab_ids=None) -> tuple[Loop, jax.Array]:
+def step(engine: Engine, step_fn: ContextStepFn, loop: Loop) -> tuple[Loop, jax.Array]:
     """One decoding step of every slot (step_fn on all P*K rows; rows follow their beams)
-    -> (loop, stopped [P] bool). vocab_ids: as `run`."""
+    -> (loop, stopped [P] bool)."""
     strategy, slots = engine.strategy, loop.slots
     P, K = slots.sentence.shape[0], strategy.num_beams
     source_mask = None
@@ -189,7 +190,7 @@ def step(engine: Engine, step_fn: ContextStepFn, loop: Loop, vocab_ids=None) -> 
         source_mask = jnp.arange(strategy.source_len)[None, None, :] < slots.source_lengths[:, None, None]
     logits, rows, attention = step_fn(slots.search.last.reshape(P * K), slots.rows, slots.context)
     search, parent, stopped = strategy.advance(slots.search, logits, attention, slots.limits, source_mask,
-                                               vocab_ids)
+                                               engine.vocab_ids)
     if parent is not None:
         follow = (jnp.arange(P)[:, None] * K + parent).reshape(-1)
         rows = jax.tree.map(lambda leaf: leaf[follow], rows)

@@ -72,18 +72,17 @@ class SlotPool:
                      tail=ring.tail + jnp.asarray(count, jnp.int32))
         return pool.replace(ring=ring)
 
-    def run(self, pool: PoolState, step_args, *, steps: int, active: int, vocab_ids=None):
+    def run(self, pool: PoolState, step_args, *, steps: int, active: int):
         """Decodes the first `active` slots (static) for up to `steps` steps (stopping early when
         nothing is busy or waiting). Returns (pool, done [R] bool: ticket % R of the sentences
         that finished, results in the search's output layout with leading dim R (valid where
         done), {"busy": slots busy, "last_busy": highest busy slot (-1: none), "waiting":
-        admitted sentences not yet started}). vocab_ids: as `searches.search`."""
+        admitted sentences not yet started})."""
         engine, A = self.engine, active
         results, done = engine_lib.empty_results(engine)
         loop = Loop(slots=_first_slots(pool.slots, A, engine), step=jnp.zeros((), jnp.int32), head=pool.head,
                     results=results, done=done)
-        loop = engine_lib.run(engine, self.make_step_fn(*step_args), loop, pool.ring, steps=steps, first=A,
-                              vocab_ids=vocab_ids)
+        loop = engine_lib.run(engine, self.make_step_fn(*step_args), loop, pool.ring, steps=steps, first=A)
         # Slots started in this run got their state and context here: all of the first A go back.
         slots = jax.tree.map(_write_prefix, pool.slots, loop.slots)
         busy = loop.slots.sentence < engine.num_results

@@ -32,8 +32,7 @@ from s2s_jax.decoding.strategies import make_strategy
 
 
 def search(step_fn: StepFn, cache: Any, settings: SearchSettings, *, batch_size: int,
-           max_lengths: jax.Array | None, source_lengths: jax.Array | None = None,
-           vocab_ids: jax.Array | None = None) -> dict:
+           max_lengths: jax.Array | None, source_lengths: jax.Array | None = None, vocab_ids=None) -> dict:
     """Plain decoding of B sentences: a pool of B slots, every sentence started at once and run
     to completion (the loop ends when every sentence has stopped).
 
@@ -43,9 +42,6 @@ def search(step_fn: StepFn, cache: Any, settings: SearchSettings, *, batch_size:
     batch_size: B. max_lengths: [B] int, the most tokens (EOS included) sentence b may have;
       None = `settings.max_len`. source_lengths: [B] int, real source positions per sentence
       (coverage penalty); None = all S positions are real.
-    vocab_ids: [W] int32, the vocabulary id of each position of step_fn's logits [N, W] (a
-      shortlist: sorted ascending, special ids 0..3 at their own positions); the results hold
-      vocabulary ids. None: position = id (W may be any size, e.g. V + k copy ids).
     Returns the results of the module docstring.
     """
     check_sizes(batch_size=batch_size)
@@ -54,12 +50,12 @@ def search(step_fn: StepFn, cache: Any, settings: SearchSettings, *, batch_size:
     vocab_size, source_len = engine_lib.probe(step_fn, jnp.full((rows,), settings.bos_id, jnp.int32),
                                               _abstract_rows(cache, rows))
     engine = Engine(make_strategy(settings, vocab_size=vocab_size, source_len=source_len),
-                    num_results=batch_size, refill=0)
+                    num_results=batch_size, refill=0, vocab_ids=vocab_ids)
     queue = Queue(state=cache, context=None, limits=limits,
                   source_lengths=_source_lengths(source_lengths, batch_size, source_len),
                   tail=jnp.asarray(batch_size, jnp.int32))
     loop = engine_lib.run(engine, functools.partial(_without_context, step_fn), engine_lib.placed(engine, queue),
-                          queue, steps=settings.max_len, vocab_ids=vocab_ids)
+                          queue, steps=settings.max_len)
     return engine.strategy.result(loop.slots.search)
 
 
@@ -71,7 +67,7 @@ def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings
                       num_sentences: jax.Array | int, slots: int, max_lengths: jax.Array | None,
                       source_lengths: jax.Array | None = None, refill: int | None = None,
                       slot_context: bool = False, output_sizes: tuple[int, int | None] | None = None,
-                      vocab_ids: jax.Array | None = None) -> dict:
+                      vocab_ids=None) -> dict:
     """Decodes a queue of Q sentences through P slots, refilling a slot with the next queue
     sentence at the step its sentence finishes (continuous batching).
 
@@ -105,7 +101,7 @@ def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings
         output_sizes = _probe_context_step(step_fn, state, context, settings, slots=slots, slot_context=slot_context)
     vocab_size, source_len = output_sizes
     engine = Engine(make_strategy(settings, vocab_size=vocab_size, source_len=source_len),
-                    num_results=queue_size, refill=refill, slot_context=slot_context)
+                    num_results=queue_size, refill=refill, slot_context=slot_context, vocab_ids=vocab_ids)
     queue = Queue(state=state, context=context, limits=length_limits(max_lengths, queue_size, settings.max_len),
                   source_lengths=_source_lengths(source_lengths, queue_size, source_len),
                   tail=jnp.minimum(jnp.asarray(num_sentences, jnp.int32), queue_size))
@@ -113,8 +109,7 @@ def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings
     loop = Loop(slots=engine_lib.empty_slots(engine, slots, state, context), step=jnp.zeros((), jnp.int32),
                 head=jnp.zeros((), jnp.int32), results=results, done=done)
     # Every sentence finishes within max_len steps of starting; the step bound is a guard.
-    loop = engine_lib.run(engine, step_fn, loop, queue, steps=(queue_size + 1) * settings.max_len, first=slots,
-                          vocab_ids=vocab_ids)
+    loop = engine_lib.run(engine, step_fn, loop, queue, steps=(queue_size + 1) * settings.max_len, first=slots)
     return loop.results
 
 

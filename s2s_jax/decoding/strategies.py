@@ -108,7 +108,7 @@ class Greedy:
         force = step >= limits - 1
         banned = banned_positions(self.settings, search.tokens, step, force, vocab_ids, logits.shape[-1])
         token, token_log_prob = self.settings.kernels.best_token(logits, force, eos_id, banned=banned)  # [B], [B]
-        token = vocab_id(token, vocab_ids)
+        token = to_vocab_ids(token, vocab_ids)
         live = ~search.finished
         token = jnp.where(live, token, PAD_ID)
         at_step = jnp.arange(self.settings.max_len)[None, :] == step[:, None]  # [B, T]
@@ -211,7 +211,7 @@ class Beam:
             banned=None if banned is None else banned.reshape(batch_size, K, -1),
         )  # [B, C]
         parent = flat_index // width  # [B, C]
-        token = vocab_id((flat_index % width).astype(jnp.int32), vocab_ids)  # [B, C]
+        token = to_vocab_ids((flat_index % width).astype(jnp.int32), vocab_ids)  # [B, C]
         ranking = log_probs
         if step_penalty is not None:
             log_probs = log_probs - jnp.take_along_axis(step_penalty, parent, axis=1)
@@ -337,18 +337,19 @@ def coverage_penalty(coverage, source_mask, beta, kind: str = "wu"):
     return gnmt_coverage_penalty(coverage, source_mask, beta)
 
 
-def vocab_id(position, vocab_ids):
+def to_vocab_ids(position, vocab_ids):
     """Selected logit positions -> vocabulary ids (vocab_ids [W], or None: the same)."""
     return position if vocab_ids is None else jnp.asarray(vocab_ids, jnp.int32)[position]
 
 
 def positions_of(ids, vocab_ids, width: int):
     """Vocabulary ids (-1: none) -> positions in the logits' last axis (width: not there / none).
-    vocab_ids [W] sorted ascending, or None (position = id)."""
+    vocab_ids [W]: ascending ids, then -1 padding (`shortlist.padded_ids`); None: position = id."""
     if vocab_ids is None:
         return jnp.where((ids >= 0) & (ids < width), ids, width)
     vocab_ids = jnp.asarray(vocab_ids, jnp.int32)
-    at = jnp.minimum(jnp.searchsorted(vocab_ids, ids), vocab_ids.shape[0] - 1)
+    ascending = jnp.where(vocab_ids < 0, jnp.iinfo(jnp.int32).max, vocab_ids)  # padding sorts last
+    at = jnp.minimum(jnp.searchsorted(ascending, ids), vocab_ids.shape[0] - 1)
     return jnp.where((ids >= 0) & (vocab_ids[at] == ids), at, width).astype(jnp.int32)
 
 
