@@ -189,6 +189,30 @@ def test_greedy_over_a_superset_of_its_tokens_picks_the_same_tokens(random_model
         assert y["scores"][0] >= x["scores"][0] - 1e-5
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_shortlist_of_every_possible_token_equals_full_decoding(random_model, beam):
+    """A model that can only emit some ids (the others' bias -1e9: probability exactly 0 in
+    float32) decodes the same over those ids as over the whole vocabulary: beam search maps
+    each chosen column to its id (here no column but the special ones is its own id)."""
+    config, model, params, vocab = random_model
+    V = vocab.vocab_size
+    allowed = np.array([0, 1, 2, 3] + list(range(9, V, 5)), np.int32)
+    bias = np.full((V,), -1e9, np.float32)
+    bias[allowed] = np.asarray(params["output_bias"])[allowed]
+    params = dict(params, output_bias=bias)
+    table = np.tile(allowed, (V, 1))
+    config = _config(config, shortlist_top_k=len(allowed), shortlist_frequent=0)
+    full = Translator(config, SingleModel(model), params, vocab, vocab)
+    short = Translator(config, SingleModel(model), params, vocab, vocab,
+                       shortlist=Shortlist(table, np.arange(V, dtype=np.int32), {}))
+    a, b = full.translate_ids(SOURCES, beam=beam), short.translate_ids(SOURCES, beam=beam)
+    assert short.last_stats["candidates"] == len(allowed) < V
+    assert any(len(r["tokens"][0]) > 2 for r in a)
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"] and set(x["tokens"][0]) <= set(allowed.tolist())
+        np.testing.assert_allclose(x["scores"], y["scores"], rtol=1e-5, atol=1e-5)
+
+
 # -- a run: build, decode, validate, export --------------------------------------------------------
 
 @pytest.fixture(scope="module")
