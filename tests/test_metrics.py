@@ -294,3 +294,40 @@ def test_eval_cli_misaligned_reference_exits_2_before_loading_anything(tmp_path)
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}/test.src has 4 lines but {tmp_path}/test.ref1 "
                                                 "has 1; parallel files must be line-aligned (line N of one "
                                                 "translates line N of the other)"]
+
+
+# ------------------------------------------------------------------ end to end (slow: trains)
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="../shared/data/dialogsum not found")
+def test_summarisation_run_validates_and_evaluates_by_rouge_without_being_told(tmp_path):
+    """dialogsum.py on 300 dialogues with a toy model: validation and `eval` score ROUGE."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, n in (("train", 300), ("valid", 12), ("test", 12)):
+        for suffix in ("src", "tgt") + (("ref1", "ref2") if split == "test" else ()):
+            lines = _lines(DIALOGSUM / f"{split}.{suffix}")[:n]
+            (corpus / f"{split}.{suffix}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    workdir = tmp_path / "run"
+    sets = [f"data.dir={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=400",
+            "data.max_source_length=64", "data.truncate_source=64", "data.max_target_length=24",
+            "data.truncate_target=24", "data.batch_tokens=640", "data.max_buckets=2", "model.dtype=float32",
+            "model.source_embed_dim=16", "model.target_embed_dim=16", "model.hidden_dim=16",
+            "model.encoder_layers=1", "model.decoder_layers=1", "train.steps=4", "train.eval_every=2",
+            "train.checkpoint_every=4", "train.eval_sentences=12", "decode.beam_size=1", "decode.max_len_b=6"]
+    proc = run_cli("train", "--config", "experiments/configs/dialogsum.py", "--workdir", str(workdir), "--no-progress",
+                   *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "truncated" in proc.stderr
+    evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert {"rouge1", "rouge2", "rougeL", "rougeLsum", "rouge_signature"} <= set(evals[-1])
+    assert "bleu" not in evals[-1] and "rouge_settings" not in evals[-1]
+    assert evals[-1]["best"] == max(r["rougeL"] for r in evals)
+    proc = run_cli("eval", "--workdir", str(workdir), "--beam", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    assert record["references"] == 3 and record["rouge_signature"].startswith("nrefs:3|")
+    assert record["sentences"] == 12 and "bleu" not in record and "rouge1" in record["first_reference"]
+    assert record["rougeL"] >= record["first_reference"]["rougeL"]
