@@ -109,6 +109,42 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--average-last", type=int, default=None, metavar="K",
                    help="average the parameters of the last K checkpoints")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.FIELD=VALUE")
+    controls = p.add_argument_group("decoding controls (each sets a decode.* field; docs/decoding.md)")
+    for flag, field, kind, text in _DECODE_CONTROLS:
+        extra = {"nargs": "+"} if field == "ignore_when_blocking" else ({"nargs": 0} if kind is bool else {"type": kind})
+        controls.add_argument(flag, dest="overrides", action=_DecodeField, field=field, default=[], help=text, **extra)
+
+
+# Decoding controls on the command line: flag, decode field, value type, help.
+_DECODE_CONTROLS = (
+    ("--min-length", "min_length", int, "fewest output tokens before EOS (greedy and beam)"),
+    ("--block-ngram-repeat", "block_ngram_repeat", int, "no hypothesis repeats an N-gram (0: off)"),
+    ("--ignore-when-blocking", "ignore_when_blocking", str,
+     "target pieces whose N-grams may repeat (with --block-ngram-repeat)"),
+    ("--length-penalty", "length_penalty_type", str, "ranking of finished beam hypotheses: wu, avg or none"),
+    ("--alpha", "length_penalty", float, "GNMT length penalty alpha (with --length-penalty wu)"),
+    ("--coverage-penalty", "coverage_penalty_type", str, "coverage penalty: wu or summary (with --beta)"),
+    ("--beta", "coverage_penalty", float, "coverage penalty weight (0: off; beam search)"),
+    ("--stepwise-penalty", "stepwise_penalty", bool, "also apply the coverage penalty at every beam step"),
+    ("--max-len-ratio", "max_len_a", float, "maximum output length = RATIO * source length + decode.max_len_b"),
+)
+
+
+class _DecodeField(argparse.Action):
+    """Appends `decode.FIELD=VALUE` to the --set overrides (so every decode command takes it)."""
+
+    def __init__(self, *args, field: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.field = field
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.nargs == 0:
+            value = "True"
+        elif isinstance(values, list):
+            value = repr(tuple(values))
+        else:
+            value = repr(values) if isinstance(values, str) else str(values)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), f"decode.{self.field}={value}"])
 
 
 def _shortlist_args(p: argparse.ArgumentParser) -> None:

@@ -285,8 +285,25 @@ class TrainConfig:
 class DecodeConfig:
     beam_size: int = positive(1, "1 is greedy search")
     length_penalty: float = non_negative(0.6)  # GNMT alpha; 0 = none
-    coverage_penalty: float = non_negative(0.0)  # GNMT beta; 0 = none
-    max_len_a: float = non_negative(1.5)  # maximum output length = a * source_length + b
+    coverage_penalty: float = non_negative(0.0)  # beta; 0 = none (beam search; decoding.SearchSettings)
+    # Ranking of finished hypotheses (beam): "wu" log-prob / ((5 + |Y|) / 6) ** alpha (GNMT),
+    # "avg" log-prob / |Y| (alpha unused), "none" the log-prob (as OpenNMT-py's -length_penalty).
+    length_penalty_type: Literal["wu", "avg", "none"] = "wu"
+    # "wu": + beta * sum log(min(coverage, 1)) (GNMT: punishes source words left unattended);
+    # "summary": - beta * sum (max(coverage, 1) - 1) (punishes attending a word twice; summaries).
+    coverage_penalty_type: Literal["wu", "summary"] = "wu"
+    # Also rank each step's extensions with the coverage penalty of the coverage so far
+    # (OpenNMT-py's -stepwise_penalty); needs coverage_penalty > 0.
+    stepwise_penalty: bool = False
+    # Fewest output tokens before EOS (EOS is masked until then; greedy and beam). A sentence
+    # whose length limit (max_len_a * source_length + max_len_b) comes first ends there.
+    min_length: int = non_negative(0)
+    # N > 0: no hypothesis repeats an N-gram (greedy and beam; OpenNMT-py's -block_ngram_repeat),
+    # except N-grams holding one of the target pieces of ignore_when_blocking, e.g. (".", ",").
+    block_ngram_repeat: int = non_negative(0)
+    ignore_when_blocking: tuple = ()
+    # Maximum output length = a * source_length + b (a is the ratio to the source length).
+    max_len_a: float = non_negative(1.5)
     max_len_b: int = non_negative(10)
     batch_size: int = positive(128)  # sentences decoded at once (continuous-batching slots); also the encode batch
     nbest: int = positive(1, "1 writes the best hypothesis only")
@@ -506,6 +523,24 @@ def _check_decode(c: DecodeConfig) -> None:
     if c.max_len_a == 0 and c.max_len_b == 0:
         raise ConfigError("decode.max_len_a=0 and decode.max_len_b=0 allow no output token: set the maximum output "
                           "length a * source_length + b, e.g. decode.max_len_a=1.5, decode.max_len_b=10")
+    if c.max_len_a == 0 and c.min_length >= c.max_len_b:
+        raise ConfigError(f"decode.min_length={c.min_length} must be below the maximum output length "
+                          f"decode.max_len_b={c.max_len_b} (EOS included): lower decode.min_length or raise "
+                          "decode.max_len_b (or use decode.max_len_a)")
+    _check_decode_controls(c)
+
+
+def _check_decode_controls(c: DecodeConfig) -> None:
+    if c.stepwise_penalty and c.coverage_penalty == 0:
+        raise ConfigError("decode.stepwise_penalty=True has no effect with decode.coverage_penalty=0: set "
+                          "decode.coverage_penalty > 0 (e.g. 0.2) or leave decode.stepwise_penalty=False")
+    if c.ignore_when_blocking and not c.block_ngram_repeat:
+        raise ConfigError("decode.ignore_when_blocking has no effect with decode.block_ngram_repeat=0: set "
+                          "decode.block_ngram_repeat (e.g. 3) or leave decode.ignore_when_blocking empty")
+    if not isinstance(c.ignore_when_blocking, (tuple, list)) or not all(
+            isinstance(p, str) and p for p in c.ignore_when_blocking):
+        raise ConfigError(f"decode.ignore_when_blocking={c.ignore_when_blocking!r}: must be a tuple of target "
+                          "pieces (strings), e.g. (\".\", \",\")")
 
 
 def validate(config: Config) -> Config:

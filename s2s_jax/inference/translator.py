@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from s2s_jax import decoding
-from s2s_jax.config import Config
+from s2s_jax.config import Config, UserError
 from s2s_jax.inference.adapter import CONTEXT_KEYS, DecodingModel, SingleModel
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
 from s2s_jax.vocab import BOS_ID, EOS_ID, input_normalization, normalize
@@ -78,13 +78,34 @@ def encode_into(params, source, source_lengths, queue, start, *, model: Decoding
 
 
 def search_settings(config: Config, model: DecodingModel, *, beam_size: int, nbest: int,
-                    max_len) -> decoding.SearchSettings:
+                    max_len, ignore_ids: tuple = ()) -> decoding.SearchSettings:
     """The run's decode settings as decoding's SearchSettings (greedy when beam_size is 1), with
-    the model's kernel set."""
+    the model's kernel set. ignore_ids: the target ids of decode.ignore_when_blocking
+    (`ignore_ids`). decode.min_length is capped at max_len - 1: a sentence's length limit wins."""
     dc = config.decode
-    return decoding.SearchSettings(max_len=max_len, kernels=model.kernels,
-                                   beam_size=beam_size, nbest=nbest, length_penalty=dc.length_penalty,
-                                   coverage_penalty=dc.coverage_penalty, bos_id=BOS_ID, eos_id=EOS_ID)
+    min_length = dc.min_length
+    if isinstance(max_len, (int, np.integer)):
+        min_length = min(min_length, int(max_len) - 1)
+    return decoding.SearchSettings(
+        max_len=max_len, kernels=model.kernels, beam_size=beam_size, nbest=nbest,
+        length_penalty=dc.length_penalty, coverage_penalty=dc.coverage_penalty, bos_id=BOS_ID, eos_id=EOS_ID,
+        length_penalty_type=dc.length_penalty_type, coverage_penalty_type=dc.coverage_penalty_type,
+        stepwise_penalty=dc.stepwise_penalty and beam_size > 1, min_length=min_length,
+        block_ngram_repeat=dc.block_ngram_repeat, ignore_ids=tuple(ignore_ids))
+
+
+def blocking_ignore_ids(config: Config, target_vocab) -> tuple[int, ...]:
+    """decode.ignore_when_blocking's target pieces -> their ids (a UserError names a piece the
+    target vocabulary lacks)."""
+    pieces = tuple(config.decode.ignore_when_blocking)
+    if not pieces:
+        return ()
+    ids = {piece: i for i, piece in enumerate(target_vocab.pieces(range(target_vocab.vocab_size)))}
+    missing = [p for p in pieces if p not in ids]
+    if missing:
+        raise UserError(f"decode.ignore_when_blocking: {missing[0]!r} is not a piece of the target vocabulary; "
+                        "use pieces as `translate --format jsonl` prints them (e.g. '▁.' or '.')")
+    return tuple(ids[p] for p in pieces)
 
 
 def wants_attention(config: Config, beam_size: int) -> bool:
@@ -93,7 +114,8 @@ def wants_attention(config: Config, beam_size: int) -> bool:
 
 
 def decode(params, cache, source_lengths, max_lengths, num_sentences, vocab_ids=None, *, model: DecodingModel,
-           config: Config, beam_size: int, nbest: int, max_len: int, slots: int, attention: bool) -> dict:
+           config: Config, beam_size: int, nbest: int, max_len: int, slots: int, attention: bool,
+           ignore_ids: tuple = ()) -> dict:
     """Greedy (beam_size=1) or beam search of a queue of encoded sentences; un-jitted (see `Translator`).
 
     cache: `encode`'s output for the queue (leading dim Q, in queue order); source_lengths, max_lengths [Q] (most output tokens, EOS included);
@@ -114,7 +136,8 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, vocab_ids=
     if _use_input_table(cache["mask"].shape[0], beam_size, max_len, model.target_vocab_size):
         table = model.projection_table(params)
     step_fn = model.step_fn(params, table=table, attention=want_attention, vocab_ids=vocab_ids)
-    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len)
+    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len,
+                               ignore_ids=ignore_ids)
     columns = model.target_vocab_size if vocab_ids is None else vocab_ids.shape[0]
     return decoding.continuous_search(
         step_fn, cache["state"], context, settings, num_sentences=num_sentences, slots=slots,
@@ -123,7 +146,7 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, vocab_ids=
 
 
 def decode_fixed_batch(params, source, source_lengths, *, model: DecodingModel, config: Config,
-                       beam_size: int = 1, nbest: int = 1, max_len: int) -> dict:
+                       beam_size: int = 1, nbest: int = 1, max_len: int, ignore_ids: tuple = ()) -> dict:
     """Greedy (beam_size=1) or beam search of one fixed batch (source [B, S]); max_len static.
     What the export programs run. Returns decoding's dict (tokens [B, (nbest,) max_len],
     lengths, scores, attention)."""
@@ -133,7 +156,8 @@ def decode_fixed_batch(params, source, source_lengths, *, model: DecodingModel, 
     max_lengths = jnp.minimum(
         jnp.floor(dc.max_len_a * source_lengths + dc.max_len_b).astype(jnp.int32), max_len)
     max_lengths = jnp.maximum(max_lengths, 1)
-    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len)
+    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len,
+                               ignore_ids=ignore_ids)
     return decoding.search(step_fn, cache, settings, batch_size=source.shape[0], max_lengths=max_lengths,
                            source_lengths=source_lengths)
 
@@ -181,6 +205,7 @@ class Translator:
         self.shortlist = shortlist
         self._normalization = input_normalization(config.data)
         self.checkpoint: dict | None = None  # set by runs.Run.translator
+        self.ignore_ids = blocking_ignore_ids(config, target_vocab)  # decode.ignore_when_blocking
         self.last_stats: dict = {}
 
     def _jitted(self, *key):
@@ -195,7 +220,8 @@ class Translator:
             else:
                 beam, nbest, max_len, _, attention, slots, _, _ = key
                 fn = jax.jit(functools.partial(decode, model=m, config=self.config, beam_size=beam, nbest=nbest,
-                                               max_len=max_len, slots=slots, attention=attention))
+                                               max_len=max_len, slots=slots, attention=attention,
+                                               ignore_ids=self.ignore_ids))
             _DECODERS[full_key] = fn
         return _DECODERS[full_key]
 
