@@ -354,8 +354,8 @@ def test_lstm_gate_grads_equal_autodiff_of_the_cell(ks):
 # -- the train step: guard, precision, lowered programs -------------------------------------
 
 def _train_setup(ks, precision="auto", dtype="float32", **model_fields):
-    fields = dict(cell="lstm", attention="general", input_feeding=True, bidirectional=True, bridge="dense",
-                  kernels=ks, dropout=0.1, matmul_precision=precision, dtype=dtype, **model_fields)
+    fields = {**dict(cell="lstm", attention="general", input_feeding=True, bidirectional=True, bridge="dense",
+                     kernels=ks, dropout=0.1, matmul_precision=precision, dtype=dtype), **model_fields}
     mcfg = model_config(*(fields.pop(k) for k in ("cell", "attention", "input_feeding", "bidirectional")), 0, **fields)
     config = Config(model=mcfg, train=TrainConfig(learning_rate=1e-2, clip_norm=1.0))
     model = build(mcfg)

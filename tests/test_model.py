@@ -18,6 +18,7 @@ from s2s_jax import kernels
 from s2s_jax.training import losses, steps
 from s2s_jax.config import ModelConfig, TrainConfig, load
 from s2s_jax.model import Seq2Seq
+from s2s_jax.model.decoder import input_projection_table
 from s2s_jax.train_state import create_state
 
 VOCAB = 13
@@ -255,3 +256,10 @@ def test_conditional_step_decoding_equals_teacher_forcing(cell, att):
         logits, cache, w = step(batch["target_input"][:, t], cache)
         assert_close(logits, expected[:, t], tol=1e-5, what=f"step {t}")
         assert_close(w, weights[:, t], tol=1e-6)
+    # the inference adapter's path: rows of the projected-embedding table instead of embeddings
+    table = model.apply({"params": params}, method=lambda m: input_projection_table(m.decoder, m.target_embedding))
+    cache = model.apply({"params": params}, batch["source"], batch["source_lengths"], method=Seq2Seq.encode)
+    tok = batch["target_input"][:, 0]
+    h, _, _ = model.apply({"params": params}, None, cache["state"], cache["memory"], cache["keys"], cache["mask"],
+                          table[tok], method=lambda m, *a: m.decoder.step(*a))
+    assert_close(model.apply({"params": params}, h, method=Seq2Seq.logits), expected[:, 0], tol=1e-5)
