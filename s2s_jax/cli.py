@@ -81,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP translation server with dynamic batching (see inference/server.py)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--workdir", help="a trained run")
+    which.add_argument("--workdir", action="append",
+                       help="a trained run; give several (same vocabularies) to serve their ensemble")
     which.add_argument("--bundle", help="an export bundle directory")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...",
+                   help="ensemble weights, one per --workdir (default: equal)")
     _decode_args(p)
     _serve_args(p)
     p = sub.add_parser("benchmark", help="training throughput, compile time and FLOP utilisation (JSON)")
