@@ -122,8 +122,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="sentences merged into one decode call (0: 16 x decode.batch_size)")
     p.add_argument("--max-beam", type=int, default=d.max_beam, help="largest beam a request may ask for")
     p.add_argument("--batching", choices=("auto", "stream", "merge"), default="auto",
-                   help="stream: sentences join the running decoder as slots free up (runs; the default); "
-                        "merge: one decode call per group of waiting requests (bundles)")
+                   help="stream: sentences join the running decoder as slots free up (the default); "
+                        "merge: one decode call per group of waiting requests (what auto picks for a bundle "
+                        "of format version 1, which has no step programs)")
     p.add_argument("--chunk-steps", type=int, default=4,
                    help="stream batching: decoding steps between admissions of new sentences")
     p.add_argument("--graceful-seconds", type=float, default=60.0,

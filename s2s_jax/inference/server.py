@@ -2,6 +2,7 @@
 
     s2s-jax serve --workdir runs/m30k [--best] [--host 127.0.0.1] [--port 8080] [--api-key KEY]
     s2s-jax serve --bundle bundles/m30k
+    s2s-jax serve --workdir runs/a --workdir runs/b [--weights 0.6,0.4]      # an ensemble
 
 Routes (JSON in, JSON out):
 
@@ -21,17 +22,20 @@ accepting, lets in-flight requests finish, then runs the app's shutdown.
 Structure: the route handlers are module-level functions; what they share (engine, limits, API
 key, worker) is one `Server` object, `app.state.server`, started and stopped by the app's
 lifespan; a `RequestError` raised anywhere in a handler becomes its `{"error": ...}` response.
-The engine is a `RunEngine` (a run's Translator) or a `BundleEngine` (an export bundle), both
-the `Engine` protocol. The command line's options are defined in cli.py; `run(args)` is the verb.
+The engine is a `RunEngine` (a Translator: a run's, an ensemble's (`inference/ensemble.py`) or
+an export bundle's, whose exported encoder and decoder step the same search drives,
+`Bundle.translator`) or a `BundleEngine` (a bundle of format version 1, which has only
+fixed-batch programs), both the `Engine` protocol. The command line's options are defined in
+cli.py; `run(args)` is the verb.
 
 Dynamic batching: one worker thread owns the model (the Translator is not thread-safe).
-For a run (`--batching stream`, the default) the worker keeps a continuous-batching decoder
-running (`inference/streaming.py`): each request's sentences join it as decoding slots free
-up, whatever else is being decoded, and a request is answered when its last sentence
-finishes; the decoder never idles at the end of a batch and a new request never waits for
-one. For a bundle (`--batching merge`) the worker takes, whenever it is free, every queued
-request with the same (beam, nbest), up to `--max-batch` sentences, and decodes them in one
-call. Either way each request gets its own sentences back, in its order, and a sentence's
+By default (`--batching stream`) the worker keeps a continuous-batching decoder running
+(`inference/streaming.py`): each request's sentences join it as decoding slots free up,
+whatever else is being decoded, and a request is answered when its last sentence finishes;
+the decoder never idles at the end of a batch and a new request never waits for one. With
+`--batching merge` (and for format-1 bundles) the worker takes, whenever it is free, every
+queued request with the same (beam, nbest), up to `--max-batch` sentences, and decodes them in
+one call. Either way each request gets its own sentences back, in its order, and a sentence's
 translation does not depend on what it was batched with (tests/test_server.py).
 
 Limits: at most `--max-sentences` per request and `--max-chars` per sentence (413), at most
@@ -358,7 +362,7 @@ class BatchingWorker(_Worker):
 class StreamingWorker(_Worker):
     """Continuous batching across requests (`inference.streaming.StreamingDecoder`): each
     request's sentences join the running decoder of its (beam, nbest) as slots free up, and a
-    request is answered as soon as its last sentence finishes. Runs only (not bundles)."""
+    request is answered as soon as its last sentence finishes. Any `RunEngine`."""
 
     MAX_DECODERS = 4  # idle decoders beyond this many (beam, nbest) settings are dropped
 
@@ -639,15 +643,19 @@ async def _lifespan(app):
 def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None = None, batching: str = "auto",
                chunk_steps: int = 4):
     """The Starlette app (its lifespan starts and stops the worker). batching: "stream"
-    (continuous batching across requests; runs only), "merge" (one decode call per group of
-    waiting requests) or "auto" (stream for a run, merge for a bundle)."""
+    (continuous batching across requests), "merge" (one decode call per group of waiting
+    requests) or "auto" (stream, except for a format-1 bundle, which has no step programs)."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     if batching not in ("auto", "stream", "merge"):
         raise UserError(f"--batching {batching}: choose auto, stream or merge")
     if batching == "stream" and not engine.streams:
-        raise UserError("--batching stream needs --workdir (an export bundle decodes fixed batches: use merge)")
+        raise UserError("--batching stream: this bundle (format version 1) has no step programs; re-export it "
+                        "with `python -m s2s_jax export`, or serve it with --batching merge")
+    if batching == "auto" and not engine.streams:
+        log.warning("this bundle (format version 1) has no step programs: serving it with one decode call per "
+                    "group of requests (--batching merge, slower); re-export it for continuous batching")
     streaming = batching == "stream" or (batching == "auto" and engine.streams)
     routes = [Route("/translate", translate, methods=["POST"]),
               Route("/translator/translate", translator_translate, methods=["POST"]),
