@@ -187,3 +187,17 @@ def loss(logits, batch):
     nll = -jnp.take_along_axis(logp, batch["target_output"][..., None], axis=-1)[..., 0]
     real = jnp.arange(logits.shape[1])[None, :] < batch["target_lengths"][:, None]
     return jnp.where(real, nll, 0.0).sum() / real.sum()
+
+
+def shortlist_logits(cfg, params, hidden, vocab_ids):
+    """The output projection over a shortlist, plainly: each candidate column c is the full
+    projection's column vocab_ids[c] (a loop over candidates); padding (-1) is -inf.
+    hidden [N, H], vocab_ids [C] -> [N, C]."""
+    kernel = params["target_embedding"].T if cfg.tie_output else params["output_kernel"]
+    columns = []
+    for v in [int(i) for i in vocab_ids]:
+        if v < 0:
+            columns.append(jnp.full((hidden.shape[0],), -jnp.inf))
+        else:
+            columns.append(dot(hidden, kernel[:, v]) + params["output_bias"][v])
+    return jnp.stack(columns, axis=1)
