@@ -344,8 +344,11 @@ class ExportedModel:
     def projection_table(self, params):
         return self.bundle.program("projection_table")(params)
 
-    def step_fn(self, params, *, table=None, attention: bool = True):
+    def step_fn(self, params, *, table=None, attention: bool = True, vocab_ids=None):
         import functools
+
+        if vocab_ids is not None:
+            raise BundleError("a bundle's step programs score the whole target vocabulary (no shortlist)")
 
         if table is None:
             return functools.partial(_exported_step, self.bundle.program("step"), params, attention)
