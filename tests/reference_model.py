@@ -128,8 +128,10 @@ def bridge(cfg, params, finals, B):
     return out
 
 
-def attend(cfg, p, q, memory, mask):
-    """q [B, H], memory [B, S, H], mask [B, S] -> (attentional hidden [B, H], weights [B, S])."""
+def attend(cfg, p, q, memory, mask, coverage=None):
+    """q [B, H], memory [B, S, H], mask [B, S] -> (attentional hidden [B, H], weights [B, S]).
+    coverage [B, S] (model.coverage): c_s = the earlier steps' weights summed, scored as
+    + w_c c_s (dot, general) or inside the tanh as + w_c c_s (mlp, w_c a vector)."""
     if cfg.attention == "dot":
         scores = jnp.einsum("bh,bsh->bs", q, memory, precision=HIGH)
     elif cfg.attention == "general":
@@ -137,8 +139,13 @@ def attend(cfg, p, q, memory, mask):
         scores = jnp.einsum("bh,bsh->bs", q, keys, precision=HIGH)
     else:
         keys = jnp.einsum("bsh,hk->bsk", memory, p["key_kernel"], precision=HIGH)
-        feat = jnp.tanh((dot(q, p["query_kernel"]) + p["bias"])[:, None, :] + keys)
+        pre = (dot(q, p["query_kernel"]) + p["bias"])[:, None, :] + keys
+        if coverage is not None:
+            pre = pre + coverage[:, :, None] * p["coverage_weight"][None, None, :]
+        feat = jnp.tanh(pre)
         scores = jnp.einsum("bsh,h->bs", feat, p["v"][:, 0], precision=HIGH)
+    if coverage is not None and cfg.attention != "mlp":
+        scores = scores + p["coverage_weight"][0] * coverage
     biggest = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True)
     e = jnp.where(mask, jnp.exp(scores - biggest), 0.0)
     weights = e / e.sum(-1, keepdims=True)
@@ -155,6 +162,7 @@ def forward(cfg, params, source, source_lengths, target_input):
     mask = jnp.arange(S)[None, :] < source_lengths[:, None]
     state = bridge(cfg, params, finals, B)
     feed = jnp.zeros((B, cfg.hidden_dim), jnp.float32)
+    coverage = jnp.zeros((B, S), jnp.float32)  # model.coverage: Σ of the earlier steps' weights
     hiddens, all_weights = [], []
     for t in range(target_input.shape[1]):
         x = params["target_embedding"][target_input[:, t]]
@@ -170,7 +178,9 @@ def forward(cfg, params, source, source_lengths, target_input):
             x = y
         state = new_state
         if cfg.attention != "none":
-            x, w = attend(cfg, params["decoder"]["attention"], x, memory, mask)
+            x, w = attend(cfg, params["decoder"]["attention"], x, memory, mask,
+                          coverage if cfg.coverage else None)
+            coverage = coverage + w
             all_weights.append(w)
         feed = x
         hiddens.append(x)
@@ -187,3 +197,17 @@ def loss(logits, batch):
     nll = -jnp.take_along_axis(logp, batch["target_output"][..., None], axis=-1)[..., 0]
     real = jnp.arange(logits.shape[1])[None, :] < batch["target_lengths"][:, None]
     return jnp.where(real, nll, 0.0).sum() / real.sum()
+
+
+# -- coverage loss (model.coverage) -------------------------------------------------------------
+def coverage_loss(weights, batch):
+    """Σ over real target steps t and source positions i of min(a_t,i, c_t,i), c_t = Σ_{t'<t} a_t'
+    (a Python loop over t)."""
+    B, T, S = weights.shape
+    real = jnp.arange(T)[None, :] < batch["target_lengths"][:, None]
+    c = jnp.zeros((B, S), jnp.float32)
+    total = 0.0
+    for t in range(T):
+        total = total + jnp.where(real[:, t], jnp.minimum(weights[:, t], c).sum(-1), 0.0).sum()
+        c = c + weights[:, t]
+    return total

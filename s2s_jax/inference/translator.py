@@ -58,6 +58,8 @@ def pad_cache(cache: dict, length: int) -> dict:
     out = dict(cache)
     for k in CONTEXT_KEYS:  # (per member for an ensemble)
         out[k] = jax.tree.map(pad_one, cache[k])
+    if isinstance(cache.get("state"), dict) and "coverage" in cache["state"]:  # model.coverage: [B, S] state
+        out["state"] = dict(cache["state"], coverage=pad_one(cache["state"]["coverage"]))
     return out
 
 

@@ -45,3 +45,17 @@ def sequence_loss(hidden: Array, kernel: Array, bias: Array, targets: Array, wei
     sums = kernels.sequence_sums(hidden, kernel, bias, targets, weights, label_smoothing=label_smoothing,
                                  chunk=chunk, dtype=dtype)
     return {"loss": sums[0], "nll": sums[1], "correct": sums[2], "weight": sums[3]}
+
+
+# -- coverage (model.coverage) ----------------------------------------------------------------
+def coverage_loss_sum(weights: Array, target_weights: Array) -> Array:
+    """Σ_t w_t Σ_i min(a_{t,i}, c_{t,i}) with c_t = Σ_{t'<t} a_{t'} (See et al., 2017, eq. 12).
+
+    weights [B, T, S]: the attention weights (0 at padded source positions, so those add
+    nothing); target_weights [B, T]: 1 at real target positions, 0 at padding. Returns a float32
+    scalar (a sum, like every loss term here; train.coverage_loss_weight scales it).
+    """
+    a = weights.astype(jnp.float32)
+    c = jnp.cumsum(a, axis=1)
+    c = jnp.concatenate([jnp.zeros_like(c[:, :1]), c[:, :-1]], axis=1)  # exclusive: c_0 = 0
+    return (jnp.minimum(a, c).sum(-1) * target_weights).sum()
