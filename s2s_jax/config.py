@@ -100,7 +100,9 @@ class DataConfig:
     # line-aligned `{split}.{lang}` files) or "tfds" (a TFDS catalogue dataset name).
     source: Literal["task", "text", "tfds"] = "task"
     # Built-in task name (source="task").
-    task: Literal["copy", "reverse", "sort", "addition", "dates"] = "dates"
+    # copy_names: sentences with rare names -> a template holding them (test names unseen in
+    # training); with data.spm_model_type="word" a task gets a word vocabulary (vocab.WordVocab).
+    task: Literal["copy", "reverse", "sort", "addition", "dates", "copy_names"] = "dates"
     task_train_size: int = positive(50_000)  # examples generated for training (seeded, no download)
     task_eval_size: int = positive(1_000)  # held-out examples (disjoint seed stream)
     task_seed: int = non_negative(1234)

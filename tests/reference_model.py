@@ -211,3 +211,51 @@ def coverage_loss(weights, batch):
         total = total + jnp.where(real[:, t], jnp.minimum(weights[:, t], c).sum(-1), 0.0).sum()
         c = c + weights[:, t]
     return total
+
+
+# -- copy attention (model.copy_attention) --------------------------------------------------------
+UNK = 3
+
+
+def copy_forward(cfg, params, source_ext, source_lengths, target_input, V):
+    """Teacher forcing with copy attention: source_ext holds extended ids (>= V: unknown words,
+    embedded as UNK). Returns (logits [B, T, V], copy weights [B, T, S], gate [B, T], weights)."""
+    source = jnp.where(source_ext >= V, UNK, source_ext)
+    hidden, logits, weights = forward(cfg, params, source, source_lengths, target_input)
+    memory, _ = encode(cfg, params, source, source_lengths)
+    mask = jnp.arange(source.shape[1])[None, :] < source_lengths[:, None]
+    copy_ws, gates = [], []
+    for t in range(target_input.shape[1]):
+        h = hidden[:, t]
+        a = weights[:, t]
+        if cfg.copy_attention_separate:
+            _, a = attend(cfg, params["copy_attention"], h, memory, mask)
+        context = jnp.einsum("bs,bsh->bh", a, memory, precision=HIGH)
+        emb = params["target_embedding"][target_input[:, t]]
+        x = jnp.concatenate([h, context, emb], -1)
+        gates.append(jax.nn.sigmoid(dot(x, params["copy_gate_kernel"])[:, 0] + params["copy_gate_bias"][0]))
+        copy_ws.append(a)
+    return logits, jnp.stack(copy_ws, 1), jnp.stack(gates, 1), weights
+
+
+def copy_loss(logits, copy_weights, gate, batch, V, force_copy=False):
+    """Mean over real target positions of -log p(y), p(y) = (1 - g) p_vocab(y) [unless y is an
+    unknown word found in the source, or force_copy and y is in the source] + g Σ_{i: x_i = y} a_i,
+    written with Python loops over rows, steps and source positions."""
+    B, T, _ = logits.shape
+    probs = jax.nn.softmax(logits, axis=-1)
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(int(batch["target_lengths"][b])):
+            y, y_ext = int(batch["target_output"][b, t]), int(batch["target_ext"][b, t])
+            copy = 0.0
+            found = False
+            for i in range(int(batch["source_lengths"][b])):
+                if int(batch["source_ext"][b, i]) == y_ext:
+                    copy = copy + copy_weights[b, t, i]
+                    found = True
+            g = gate[b, t]
+            vocab_part = 0.0 if (y_ext >= V or (force_copy and found)) else (1 - g) * probs[b, t, y]
+            total = total - jnp.log(vocab_part + g * copy)
+            count += 1
+    return total / count

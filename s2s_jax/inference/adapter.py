@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from s2s_jax import kernels as kernels_lib
 from s2s_jax.decoding import ContextStepFn
 from s2s_jax.model import Seq2Seq
+from s2s_jax.model.seq2seq import in_vocabulary
 from s2s_jax.model.decoder import input_projection_table
 
 CONTEXT_KEYS = ("memory", "keys", "mask")  # the encoder cache entries that are the step's context
@@ -149,6 +150,8 @@ def _decode_step(model: Seq2Seq, tokens, table, state, context):
     if table is None:
         logits, cache, weights = model.decode_step(tokens, dict(context, state=state))
         return logits, cache["state"], weights
+    if model.config.copy_attention:  # copied unknown words (ids >= V) go back in as UNK
+        tokens = in_vocabulary(tokens, model.target_vocab_size)
     hidden, state, weights = model.decoder.step(None, state, context["memory"], context["keys"], context["mask"],
                                                 projected=jnp.take(table, tokens, axis=0))
-    return model.logits(hidden), state, weights
+    return model.step_output(hidden, weights, tokens, state, context), state, weights

@@ -225,7 +225,7 @@ def _step(cfg: ModelConfig, ks: KernelSet, W: dict, dot, gx0: Array, state, mask
         inp = out
     weights = None
     hidden = inp
-    new_state = {"layers": tuple(new_carries)}
+    new_state = dict(state, layers=tuple(new_carries))  # other entries (copy's source_ext) ride along
     if cfg.attention != "none":
         hidden, weights = attend(_attention_params(W), cfg.attention, inp, W["keys"], W["memory"], W["mask"],
                                  dtype, None if masks is None else masks.get("attention"), dot=dot,

@@ -153,9 +153,12 @@ def evaluate(config: Config, params, data, translator: Translator, eval_fn, para
     result = metrics_lib.scalars_from_sums(jax.device_get(sums)) if sums is not None else {}
     examples = data.eval_examples(split, limit=limit)
     if examples:
-        sources = [data.source_vocab.encode(s) for s, _ in examples]
-        hyps = translator.translate_ids(sources, beam=1)
-        texts = [data.target_vocab.decode(h["tokens"][0]) for h in hyps]
+        if config.model.copy_attention:  # text in and out: copied unknown words come back as source words
+            texts = [h[0]["text"] for h in translator.translate_full([s for s, _ in examples], beam=1)]
+        else:
+            sources = [data.source_vocab.encode(s) for s, _ in examples]
+            hyps = translator.translate_ids(sources, beam=1)
+            texts = [data.target_vocab.decode(h["tokens"][0]) for h in hyps]
         refs = [t for _, t in examples]
         result.update(metrics_lib.corpus_scores(texts, refs))
         result["samples"] = [{"source": s, "reference": r, "hypothesis": h}
