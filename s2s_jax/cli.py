@@ -1,4 +1,4 @@
-"""The only argument parser: `python -m s2s_jax {train,translate,eval,serve,prepare,benchmark,export}`.
+"""The only argument parser: `python -m s2s_jax {train,translate,eval,serve,prepare,benchmark,export,shortlist}`.
 
 Also the `s2s-jax` console script (pyproject.toml).
 
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     for name, help_ in (("translate", "translate lines from --input (default stdin, streamed) to stdout"),
-                        ("eval", "translate a test set and score it (sacreBLEU, chrF, exact match)")):
+                        ("eval", "translate a test set and score it: sacreBLEU, lowercased Moses-tokenised BLEU and chrF for "
+                                 "a translation run, ROUGE for a summarisation run (data.task_kind); exact match")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--workdir", required=True, action="append",
                        help="the trained run; give several (same vocabularies) to decode with their ensemble")
@@ -68,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--split", default=None, help="split of the run's corpus to score (default: data.test_split)")
             p.add_argument("--src", default=None, metavar="FILE", help="score this source file (with --ref) instead")
-            p.add_argument("--ref", default=None, metavar="FILE", help="reference translations of --src")
+            p.add_argument("--ref", default=None, metavar="FILE", action="append",
+                           help="reference of --src, line-aligned; give it several times for several references "
+                                "(the first is the primary one). A text split's {split}.ref* files are found "
+                                "without it")
             p.add_argument("--data-dir", default=None, help="override data.dir (text corpora)")
 
     p = sub.add_parser("average", help="write a run whose checkpoint averages checkpoints of another run")
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--steps", default=None, metavar="A,B,C", help="these checkpoint steps")
     which.add_argument("--best", type=int, default=None, metavar="K", help="the K best checkpoints (best/)")
     p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
+
+    p = sub.add_parser("shortlist", help="build a run's vocabulary shortlist (decode.shortlist) from its training data")
+    _shortlist_args(p)
 
     p = sub.add_parser("serve", help="HTTP translation server with dynamic batching (see inference/server.py)")
     which = p.add_mutually_exclusive_group(required=True)
@@ -102,6 +109,53 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--average-last", type=int, default=None, metavar="K",
                    help="average the parameters of the last K checkpoints")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.FIELD=VALUE")
+    controls = p.add_argument_group("decoding controls (each sets a decode.* field; docs/decoding.md)")
+    for flag, field, kind, text in _DECODE_CONTROLS:
+        extra = {"nargs": "+"} if field == "ignore_when_blocking" else ({"nargs": 0} if kind is bool else {"type": kind})
+        controls.add_argument(flag, dest="overrides", action=_DecodeField, field=field, default=[], help=text, **extra)
+
+
+# Decoding controls on the command line: flag, decode field, value type, help.
+_DECODE_CONTROLS = (
+    ("--min-length", "min_length", int, "fewest output tokens before EOS (greedy and beam)"),
+    ("--block-ngram-repeat", "block_ngram_repeat", int, "no hypothesis repeats an N-gram (0: off)"),
+    ("--ignore-when-blocking", "ignore_when_blocking", str,
+     "target pieces whose N-grams may repeat (with --block-ngram-repeat)"),
+    ("--length-penalty", "length_penalty_type", str, "ranking of finished beam hypotheses: wu, avg or none"),
+    ("--alpha", "length_penalty", float, "GNMT length penalty alpha (with --length-penalty wu)"),
+    ("--coverage-penalty", "coverage_penalty_type", str, "coverage penalty: wu or summary (with --beta)"),
+    ("--beta", "coverage_penalty", float, "coverage penalty weight (0: off; beam search)"),
+    ("--stepwise-penalty", "stepwise_penalty", bool, "also apply the coverage penalty at every beam step"),
+    ("--max-len-ratio", "max_len_a", float, "maximum output length = RATIO * source length + decode.max_len_b"),
+)
+
+
+class _DecodeField(argparse.Action):
+    """Appends `decode.FIELD=VALUE` to the --set overrides (so every decode command takes it)."""
+
+    def __init__(self, *args, field: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.field = field
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.nargs == 0:
+            value = "True"
+        elif isinstance(values, list):
+            value = repr(tuple(values))
+        else:
+            value = repr(values) if isinstance(values, str) else str(values)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), f"decode.{self.field}={value}"])
+
+
+def _shortlist_args(p: argparse.ArgumentParser) -> None:
+    from s2s_jax.inference.shortlist import DEFAULT_TOP_K, ITERATIONS
+
+    p.add_argument("--workdir", required=True, help="the trained run; writes WORKDIR/shortlist.npz")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help="target pieces kept per source piece, best first (decode.shortlist_top_k uses at most "
+                        f"this many; default {DEFAULT_TOP_K})")
+    p.add_argument("--iterations", type=int, default=ITERATIONS,
+                   help=f"IBM Model 1 EM rounds (default {ITERATIONS})")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -175,7 +229,8 @@ def _cmd_train(args) -> int:
     from s2s_jax.training import train_and_evaluate
 
     result = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
-    keys = ("loss", "perplexity", "exact_match", "bleu", "chrf")
+    keys = ("loss", "perplexity", "exact_match", "bleu", "bleu_lc_tok", "chrf", "rouge1", "rouge2", "rougeL",
+            "rougeLsum")
     print(json.dumps({k: round(result[k], 4) for k in keys if k in result}))
     return 0
 
@@ -333,20 +388,27 @@ def _cmd_translate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from s2s_jax.inference.evaluate import evaluate
+    from s2s_jax import rundir
+    from s2s_jax.inference.evaluate import evaluate, test_set
 
     if args.beam is not None and args.beam < 1:
         raise UserError(f"--beam {args.beam}: must be at least 1 (1 is greedy search)")
     if args.src is not None and not os.path.isfile(args.src):
         raise UserError(f"--src {args.src}: no such file")
-    if args.ref is not None and not os.path.isfile(args.ref):
-        raise UserError(f"--ref {args.ref}: no such file")
+    for ref in args.ref or []:
+        if not os.path.isfile(ref):
+            raise UserError(f"--ref {ref}: no such file")
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise UserError(f"--data-dir {args.data_dir}: no such folder")
+    rundir.require_run(args.workdir[0])
+    # the test set (its files read and checked for alignment) before any checkpoint is loaded
+    test = test_set(rundir.read_config(args.workdir[0]), args.workdir[0], split=args.split, src_file=args.src,
+                    ref_file=args.ref, data_dir=args.data_dir)
     translator = _load_translator(args)
     checkpoint = ("best" if args.best else f"average-last-{args.average_last}" if args.average_last
                   else args.step if args.step is not None else "latest")
     tag = f"_ensemble{len(args.workdir)}" if len(args.workdir) > 1 else ""
-    result = evaluate(translator, args.workdir[0], split=args.split, src_file=args.src, ref_file=args.ref,
-                      data_dir=args.data_dir, beam=args.beam, checkpoint=checkpoint, tag=tag)
+    result = evaluate(translator, args.workdir[0], beam=args.beam, checkpoint=checkpoint, tag=tag, test=test)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
@@ -361,6 +423,13 @@ def _cmd_average(args) -> int:
         except ValueError:
             raise UserError(f"--steps {args.steps}: give checkpoint steps as integers, e.g. --steps 2000,2500,3000") from None
     print(json.dumps(average_run(args.workdir, args.out, last=args.last, steps=steps, best=args.best)))
+    return 0
+
+
+def _cmd_shortlist(args) -> int:
+    from s2s_jax.inference.shortlist import build_for_run
+
+    print(json.dumps(build_for_run(args.workdir, top_k=args.top_k, iterations=args.iterations)))
     return 0
 
 
@@ -383,7 +452,7 @@ def _cmd_benchmark(args) -> int:
 
 
 COMMANDS = {"average": _cmd_average, "train": _cmd_train, "prepare": _cmd_prepare, "translate": _cmd_translate, "eval": _cmd_eval,
-            "serve": _cmd_serve, "benchmark": _cmd_benchmark, "export": _cmd_export}
+            "serve": _cmd_serve, "benchmark": _cmd_benchmark, "export": _cmd_export, "shortlist": _cmd_shortlist}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,12 @@ KernelSetName = Literal[("auto",) + kernel_sets.SETS]
 # What an evaluation computes (training.trainer.evaluate: metrics.scalars_from_sums and
 # metrics.corpus_scores) and which direction is better: the choices of train.best_metric.
 EVAL_METRICS = {"loss": "min", "nll": "min", "perplexity": "min", "accuracy": "max",
-                "exact_match": "max", "bleu": "max", "chrf": "max"}
+                "exact_match": "max", "bleu": "max", "chrf": "max", "bleu_lc_tok": "max",
+                "rouge1": "max", "rouge2": "max", "rougeL": "max", "rougeLsum": "max"}
+# The corpus scores each data.task_kind adds to those every evaluation has (loss, nll,
+# perplexity, accuracy, exact_match), and the one auto picks as train.best_metric (first).
+KIND_METRICS = {"translation": ("bleu", "bleu_lc_tok", "chrf"),
+                "summarization": ("rougeL", "rouge1", "rouge2", "rougeLsum")}
 
 
 # A field's own rules are declared where the field is: its choices as a `Literal[...]` type (or,
@@ -106,6 +111,12 @@ class DataConfig:
     task_train_size: int = positive(50_000)  # examples generated for training (seeded, no download)
     task_eval_size: int = positive(1_000)  # held-out examples (disjoint seed stream)
     task_seed: int = non_negative(1234)
+    # What the corpus is, which decides what evaluation scores (docs/data.md "Scoring"):
+    # "translation": sacreBLEU (cased, detokenised) with its signature, BLEU on lowercased
+    # Moses-tokenised text (bleu_lc_tok, the Multi30k papers' protocol) and chrF;
+    # "summarization": ROUGE-1/2/L/Lsum F1 (rouge-score, Porter stemming; the best of several
+    # references per sentence), and `eval` also scores a text split's `{split}.ref*` files.
+    task_kind: Literal["translation", "summarization"] = "translation"
     # Text folder (source="text"): dir/{split}.{src_lang}, dir/{split}.{tgt_lang}.
     dir: str = ""
     # TFDS dataset (source="tfds"), e.g. "wmt14_translate/de-en".
@@ -143,6 +154,13 @@ class DataConfig:
     # Length filter (in tokens, without BOS/EOS): longer pairs are dropped and counted.
     max_source_length: int = positive(64)
     max_target_length: int = positive(64)
+    # Truncation (in pieces, without BOS/EOS; 0 = off), before the length filter, as
+    # OpenNMT-py's src_seq_length_trunc / tgt_seq_length_trunc: a longer source (target) keeps
+    # its first truncate_source (truncate_target) pieces, in training, validation and `eval`
+    # (the target keeps its EOS); how many pairs were cut is counted per split
+    # (Data.stats["truncated"], the training start line). Each must be <= its max_*_length.
+    truncate_source: int = non_negative(0)
+    truncate_target: int = non_negative(0)
     # Largest fraction of the training pairs the length filter may drop; more stops the run
     # before training (the message says how many). Raise it (1.0 = any) to accept the loss.
     max_dropped_fraction: float = checked(0.01, _Rule(
@@ -267,7 +285,8 @@ class TrainConfig:
     checkpoint_every: int = positive(500)
     keep_checkpoints: int = positive(3)  # latest K
     keep_best: int = non_negative(1)  # best M by best_metric
-    # auto (bleu for text, exact_match for tasks) | one of EVAL_METRICS
+    # auto (exact_match for built-in tasks, else bleu for data.task_kind=translation, rougeL for
+    # summarization) | one of EVAL_METRICS that the task kind computes (KIND_METRICS)
     best_metric: str = choice("auto", *EVAL_METRICS, default="auto", refuse=_not_computed)
     early_stopping_patience: int = non_negative(0)  # evaluations without improvement; 0 = off
     max_nonfinite: int = positive(5)  # consecutive non-finite steps before the run stops
@@ -288,14 +307,39 @@ class TrainConfig:
 class DecodeConfig:
     beam_size: int = positive(1, "1 is greedy search")
     length_penalty: float = non_negative(0.6)  # GNMT alpha; 0 = none
-    coverage_penalty: float = non_negative(0.0)  # GNMT beta; 0 = none
-    max_len_a: float = non_negative(1.5)  # maximum output length = a * source_length + b
+    coverage_penalty: float = non_negative(0.0)  # beta; 0 = none (beam search; decoding.SearchSettings)
+    # Ranking of finished hypotheses (beam): "wu" log-prob / ((5 + |Y|) / 6) ** alpha (GNMT),
+    # "avg" log-prob / |Y| (alpha unused), "none" the log-prob (as OpenNMT-py's -length_penalty).
+    length_penalty_type: Literal["wu", "avg", "none"] = "wu"
+    # "wu": + beta * sum log(min(coverage, 1)) (GNMT: punishes source words left unattended);
+    # "summary": - beta * sum (max(coverage, 1) - 1) (punishes attending a word twice; summaries).
+    coverage_penalty_type: Literal["wu", "summary"] = "wu"
+    # Also rank each step's extensions with the coverage penalty of the coverage so far
+    # (OpenNMT-py's -stepwise_penalty); needs coverage_penalty > 0.
+    stepwise_penalty: bool = False
+    # Fewest output tokens before EOS (EOS is masked until then; greedy and beam). A sentence
+    # whose length limit (max_len_a * source_length + max_len_b) comes first ends there.
+    min_length: int = non_negative(0)
+    # N > 0: no hypothesis repeats an N-gram (greedy and beam; OpenNMT-py's -block_ngram_repeat),
+    # except N-grams holding one of the target pieces of ignore_when_blocking, e.g. (".", ",").
+    block_ngram_repeat: int = non_negative(0)
+    ignore_when_blocking: tuple = ()
+    # Maximum output length = a * source_length + b (a is the ratio to the source length).
+    max_len_a: float = non_negative(1.5)
     max_len_b: int = non_negative(10)
     batch_size: int = positive(128)  # sentences decoded at once (continuous-batching slots); also the encode batch
     nbest: int = positive(1, "1 writes the best hypothesis only")
     # Compute dtype of translation's matmuls: "model" = the run's model.dtype; "bfloat16" is
     # ~1.5x faster on CPUs with AVX512-BF16 but may change some outputs (docs/results.md).
     dtype: Literal["model", "float32", "bfloat16"] = "model"
+    # Vocabulary shortlist (docs/speed.md): score only the target pieces that a batch's source
+    # pieces plausibly translate to, not all V. Needs the run's shortlist.npz, built once with
+    # `s2s-jax shortlist --workdir RUN`. Per batch of decode.batch_size sentences the candidates
+    # are the special ids, the shortlist_frequent most frequent target pieces and the
+    # shortlist_top_k best translations (IBM Model 1) of every source piece in the batch.
+    shortlist: bool = False
+    shortlist_top_k: int = positive(50, "at most the --top-k the shortlist was built with, 100 by default")
+    shortlist_frequent: int = non_negative(500)
 
 
 @dataclass(frozen=True)
@@ -334,10 +378,11 @@ def choices(cls, name: str) -> tuple[str, ...]:
 
 
 def best_metric_and_mode(config: "Config") -> tuple[str, str]:
-    """(train.best_metric resolved, "min" | "max"): auto is exact_match for tasks, else bleu."""
+    """(train.best_metric resolved, "min" | "max"): auto is exact_match for tasks, else the first
+    of KIND_METRICS[data.task_kind] (bleu, rougeL)."""
     metric = config.train.best_metric
     if metric == "auto":
-        metric = "exact_match" if config.data.source == "task" else "bleu"
+        metric = "exact_match" if config.data.source == "task" else KIND_METRICS[config.data.task_kind][0]
     return metric, EVAL_METRICS[metric]
 
 
@@ -405,6 +450,12 @@ def _check_data(d: DataConfig) -> None:
         for b in d.buckets
     ):
         raise ConfigError(f"data.buckets={d.buckets!r}: expected a list of (source_length, target_length) pairs of positive integers")
+    for side in ("source", "target"):
+        cut, limit = getattr(d, f"truncate_{side}"), getattr(d, f"max_{side}_length")
+        if cut > limit:
+            raise ConfigError(f"data.truncate_{side}={cut} is above data.max_{side}_length={limit}: the length "
+                              f"filter would still drop the truncated pairs; raise data.max_{side}_length to "
+                              f"{cut} (or lower data.truncate_{side})")
     if d.buckets:
         shown = [list(b) for b in d.buckets]
         big = (max(s for s, _ in d.buckets), max(t for _, t in d.buckets))
@@ -465,6 +516,9 @@ def _check_copy_and_coverage(config: Config) -> None:
     if m.copy_attention and d.source != "task" and not d.joint_vocab:
         raise ConfigError("model.copy_attention=True copies source ids into the output, so source and target need "
                           "one vocabulary: set data.joint_vocab=True (or model.copy_attention=False)")
+    if m.copy_attention and config.decode.shortlist:
+        raise ConfigError("decode.shortlist=True scores a shortlist of the vocabulary, but model.copy_attention=True "
+                          "decodes over the whole extended vocabulary: set decode.shortlist=False")
     if (m.copy_attention_separate or m.force_copy) and not m.copy_attention:
         name = "copy_attention_separate" if m.copy_attention_separate else "force_copy"
         raise ConfigError(f"model.{name}=True has no effect without model.copy_attention=True")
@@ -494,6 +548,12 @@ def _check_train(config: Config) -> None:
     if d.batch_tokens == 0 and d.batch_size % t.grad_accum:
         raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by train.grad_accum={t.grad_accum} "
                           "(the micro-batches split the batch): make it a multiple")
+    metric = t.best_metric
+    other = [k for k, names in KIND_METRICS.items() if metric in names and k != d.task_kind]
+    if other:
+        raise ConfigError(f"train.best_metric={metric!r} is computed for data.task_kind={other[0]!r}, not "
+                          f"{d.task_kind!r}: choose one of auto, {', '.join(KIND_METRICS[d.task_kind])}, loss, "
+                          f"perplexity, accuracy, exact_match (or set data.task_kind={other[0]})")
     if t.init_optimizer and not t.init_from:
         raise ConfigError("train.init_optimizer=True has no effect without train.init_from (train --init-from RUN)")
     if t.num_processes > 0 and not -1 <= t.process_id < t.num_processes:
@@ -508,6 +568,24 @@ def _check_decode(c: DecodeConfig) -> None:
     if c.max_len_a == 0 and c.max_len_b == 0:
         raise ConfigError("decode.max_len_a=0 and decode.max_len_b=0 allow no output token: set the maximum output "
                           "length a * source_length + b, e.g. decode.max_len_a=1.5, decode.max_len_b=10")
+    if c.max_len_a == 0 and c.min_length >= c.max_len_b:
+        raise ConfigError(f"decode.min_length={c.min_length} must be below the maximum output length "
+                          f"decode.max_len_b={c.max_len_b} (EOS included): lower decode.min_length or raise "
+                          "decode.max_len_b (or use decode.max_len_a)")
+    _check_decode_controls(c)
+
+
+def _check_decode_controls(c: DecodeConfig) -> None:
+    if c.stepwise_penalty and c.coverage_penalty == 0:
+        raise ConfigError("decode.stepwise_penalty=True has no effect with decode.coverage_penalty=0: set "
+                          "decode.coverage_penalty > 0 (e.g. 0.2) or leave decode.stepwise_penalty=False")
+    if c.ignore_when_blocking and not c.block_ngram_repeat:
+        raise ConfigError("decode.ignore_when_blocking has no effect with decode.block_ngram_repeat=0: set "
+                          "decode.block_ngram_repeat (e.g. 3) or leave decode.ignore_when_blocking empty")
+    if not isinstance(c.ignore_when_blocking, (tuple, list)) or not all(
+            isinstance(p, str) and p for p in c.ignore_when_blocking):
+        raise ConfigError(f"decode.ignore_when_blocking={c.ignore_when_blocking!r}: must be a tuple of target "
+                          "pieces (strings), e.g. (\".\", \",\")")
 
 
 def validate(config: Config) -> Config:

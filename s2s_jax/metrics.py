@@ -1,5 +1,6 @@
 """Metric writers (process 0 only): JSON lines, TensorBoard (tensorboardX), the progress bar,
-curve plots, and corpus scores (sacreBLEU with its signature, chrF, exact match)."""
+curve plots, and corpus scores: sacreBLEU with its signature, chrF, BLEU on lowercased Moses-tokenised
+text (bleu_lc_tok), ROUGE (rouge-score), exact match."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 import os
 import sys
 import time
-from typing import Iterable
+import re
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -22,17 +24,120 @@ def scalars_from_sums(sums: dict) -> dict[str, float]:
     return out
 
 
-def corpus_scores(hypotheses: list[str], references: list[str]) -> dict:
-    """sacreBLEU (default 13a tokenizer, cased) and chrF, with their signatures; exact match."""
+# What the scores below are, recorded beside them (the eval JSON, metrics.jsonl).
+BLEU_LC_TOK_PROTOCOL = ("lowercased, then sacremoses MosesPunctNormalizer(lang) + MosesTokenizer(lang, "
+                        "escape=True, aggressive_dash_splits=False) as the official Multi30k "
+                        "scripts/task1-tokenize.sh; BLEU of the tokens by sacreBLEU tokenize='none' "
+                        "(= multi-bleu.perl)")
+ROUGE_SETTINGS = {"types": ["rouge1", "rouge2", "rougeL", "rougeLsum"], "measure": "F1 x 100, mean over sentences",
+                  "use_stemmer": True, "tokenizer": "rouge-score default (lowercase, [a-z0-9]+ tokens)",
+                  "multiple_references": "per sentence and type the maximum over the references "
+                                         "(rouge_scorer.RougeScorer.score_multi)",
+                  "rougeLsum_sentences": "split after . ! ? followed by whitespace, joined by newlines",
+                  "text": "detokenised, as users read it"}
+# Languages whose Moses nonbreaking prefixes sacremoses knows are many; a target "language" that
+# is not one (e.g. a summarisation corpus's "tgt" suffix) is tokenised with English rules.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def package_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def moses_lang(lang: str | None) -> str:
+    """`lang` if sacremoses has nonbreaking prefixes for it, else "en"."""
+    from sacremoses.corpus import NonbreakingPrefixes
+
+    return lang if lang in set(NonbreakingPrefixes().available_langs.values()) else "en"
+
+
+def lc_moses_tokenize(lines: Sequence[str], lang: str) -> list[str]:
+    """Lowercased, punctuation-normalised, Moses-tokenised (escaped) lines, as the official
+    Multi30k `tok/*.lc.norm.tok.*` files (scripts/task1-tokenize.sh: lowercase.perl |
+    normalize-punctuation.perl -l L | tokenizer.perl -l L). Reproduces tok/test.de from test.de
+    on all 1,000 lines (tests/test_metrics.py)."""
+    from sacremoses import MosesPunctNormalizer, MosesTokenizer
+
+    normalizer, tokenizer = MosesPunctNormalizer(lang=lang), MosesTokenizer(lang=lang)
+    return [tokenizer.tokenize(normalizer.normalize(line.lower()), escape=True, return_str=True).strip()
+            for line in lines]
+
+
+def bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]], lang: str) -> dict:
+    """sacreBLEU (cased, detokenised, 13a) and chrF with their signatures, and "bleu_lc_tok": BLEU
+    on lowercased Moses-tokenised text (the Multi30k literature's protocol, BLEU_LC_TOK_PROTOCOL).
+    `references`: one or more reference streams, each aligned with `hypotheses`."""
     import sacrebleu
 
-    bleu = sacrebleu.BLEU()
-    chrf = sacrebleu.CHRF()
-    b = bleu.corpus_score(hypotheses, [references])
-    c = chrf.corpus_score(hypotheses, [references])
-    exact = float(np.mean([h == r for h, r in zip(hypotheses, references)])) if references else 0.0
-    return {"bleu": b.score, "chrf": c.score, "exact_match": exact,
-            "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
+    streams = [list(r) for r in references]
+    out = {"bleu": bleu.corpus_score(list(hypotheses), streams).score,
+           "chrf": chrf.corpus_score(list(hypotheses), streams).score,
+           "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+    lang = moses_lang(lang)
+    tok_bleu = sacrebleu.BLEU(tokenize="none", force=True)
+    out["bleu_lc_tok"] = tok_bleu.corpus_score(lc_moses_tokenize(hypotheses, lang),
+                                               [lc_moses_tokenize(r, lang) for r in streams]).score
+    out["bleu_lc_tok_signature"] = (f"{tok_bleu.get_signature()}|moses:{lang}|"
+                                    f"sacremoses:{package_version('sacremoses')}")
+    out["bleu_lc_tok_protocol"] = BLEU_LC_TOK_PROTOCOL
+    return out
+
+
+def _sentences(text: str) -> str:
+    """One sentence a line: what rouge-score's rougeLsum expects."""
+    return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+def rouge_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """ROUGE-1/2/L/Lsum F1 (x 100, mean over sentences) by Google's rouge-score with Porter
+    stemming; with several reference streams each sentence takes, per ROUGE type, the best
+    reference (RougeScorer.score_multi). The settings and the package version go with them."""
+    from rouge_score import rouge_scorer
+
+    types = ROUGE_SETTINGS["types"]
+    scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
+    totals = dict.fromkeys(types, 0.0)
+    for i, hyp in enumerate(hypotheses):
+        scores = scorer.score_multi([_sentences(r[i]) for r in references], _sentences(hyp))
+        for t in types:
+            totals[t] += scores[t].fmeasure
+    n = max(len(hypotheses), 1)
+    out = {t: 100.0 * v / n for t, v in totals.items()}
+    version = package_version("rouge-score")
+    out["rouge_signature"] = f"nrefs:{len(references)}|multi:max|stem:porter|lsum:split|rouge-score:{version}"
+    out["rouge_settings"] = dict(ROUGE_SETTINGS, package=f"rouge-score {version}", references=len(references))
+    return out
+
+
+# Long descriptions of a protocol, for the eval JSON; a validation record keeps the signatures only.
+VERBOSE_KEYS = ("rouge_settings", "bleu_lc_tok_protocol")
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[str],
+                  extra_references: Sequence[Sequence[str]] = (), *, kind: str = "translation",
+                  lang: str | None = None) -> dict:
+    """The scores of data.task_kind `kind` and exact match (against any reference).
+
+    translation: sacreBLEU and chrF (cased, detokenised, with their signatures) and
+    bleu_lc_tok (lowercased Moses-tokenised BLEU, the Multi30k papers' protocol; `lang` = the
+    target language for Moses' rules); summarization: ROUGE-1/2/L/Lsum (rouge_scores).
+    `extra_references`: more reference streams aligned with `hypotheses` (e.g. test.ref1).
+    """
+    streams = [list(references)] + [list(r) for r in extra_references]
+    for k, r in enumerate(streams[1:], 1):
+        if len(r) != len(hypotheses):
+            raise ValueError(f"reference stream {k} has {len(r)} lines for {len(hypotheses)} hypotheses")
+    exact = (float(np.mean([any(h == r[i] for r in streams) for i, h in enumerate(hypotheses)]))
+             if hypotheses else 0.0)
+    out = {"exact_match": exact, "references": len(streams)}
+    if kind == "summarization":
+        out.update(rouge_scores(hypotheses, streams))
+    else:
+        out.update(bleu_scores(hypotheses, streams, lang or "en"))
+    return out
 
 
 class MetricWriter:
@@ -180,7 +285,8 @@ def plot_curves(workdir: str, records: Iterable[dict] | None = None) -> str | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    score_keys = [k for k in ("bleu", "chrf", "exact_match") if any(k in r for r in evals)]
+    score_keys = [k for k in ("bleu", "bleu_lc_tok", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
+                  if any(k in r for r in evals)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     if train:

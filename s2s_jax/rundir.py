@@ -7,6 +7,8 @@
       best/<step>/           best-M checkpoints by train.best_metric
       corrupt/               unreadable checkpoints moved aside by the trainer
       average.json           in a run written by `average`: where its parameters came from
+      shortlist.npz          the decoding shortlist (`s2s-jax shortlist`; inference/shortlist.py);
+                             also the name of the shortlist in an export bundle
       metrics.jsonl, ...     logs (metrics.py), eval_*.json (inference/evaluate.py)
 
 What lives here: the layout names; `check_new_or_resumable` (the trainer's check of --workdir);
@@ -41,6 +43,7 @@ VOCAB_DIR = "vocab"  # also the vocabulary folder of an export bundle and of a p
 CHECKPOINT_DIRS = {"latest": "checkpoints", "best": "best"}  # which -> folder of Orbax steps
 CORRUPT_DIR = "corrupt"
 AVERAGE_JSON = "average.json"
+SHORTLIST_FILE = "shortlist.npz"  # a run's (and a bundle's) decoding shortlist
 
 
 def config_path(workdir: str) -> str:
@@ -49,6 +52,11 @@ def config_path(workdir: str) -> str:
 
 def vocab_dir(workdir: str) -> str:
     return os.path.join(workdir, VOCAB_DIR)
+
+
+def shortlist_path(workdir: str) -> str:
+    """The decoding shortlist of a run or an export bundle."""
+    return os.path.join(workdir, SHORTLIST_FILE)
 
 
 def checkpoint_dir(workdir: str, which: str = "latest") -> str:

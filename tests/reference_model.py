@@ -199,6 +199,20 @@ def loss(logits, batch):
     return jnp.where(real, nll, 0.0).sum() / real.sum()
 
 
+def shortlist_logits(cfg, params, hidden, vocab_ids):
+    """The output projection over a shortlist, plainly: each candidate column c is the full
+    projection's column vocab_ids[c] (a loop over candidates); padding (-1) is -inf.
+    hidden [N, H], vocab_ids [C] -> [N, C]."""
+    kernel = params["target_embedding"].T if cfg.tie_output else params["output_kernel"]
+    columns = []
+    for v in [int(i) for i in vocab_ids]:
+        if v < 0:
+            columns.append(jnp.full((hidden.shape[0],), -jnp.inf))
+        else:
+            columns.append(dot(hidden, kernel[:, v]) + params["output_bias"][v])
+    return jnp.stack(columns, axis=1)
+
+
 # -- coverage loss (model.coverage) -------------------------------------------------------------
 def coverage_loss(weights, batch):
     """Σ over real target steps t and source positions i of min(a_t,i, c_t,i), c_t = Σ_{t'<t} a_t'

@@ -109,7 +109,8 @@ def test_every_best_metric_choice_is_computed_by_evaluation():
     from s2s_jax import metrics
 
     computed = set(metrics.scalars_from_sums({"loss": 2.0, "nll": 2.0, "correct": 1.0, "weight": 4.0}))
-    computed |= set(metrics.corpus_scores(["a b"], ["a b"]))
+    for kind in config_lib.KIND_METRICS:
+        computed |= set(metrics.corpus_scores(["a b"], ["a b"], kind=kind))
     assert set(config_lib.EVAL_METRICS) <= computed
     assert config_lib.best_metric_and_mode(Config()) == ("exact_match", "max")
     text = Config(data=dataclasses.replace(Config().data, source="text", dir="/c"))

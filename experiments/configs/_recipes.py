@@ -77,3 +77,24 @@ def text_translation(name: str, src_lang: str, tgt_lang: str, max_length: int) -
                                   checkpoint_every=500, best_metric="bleu"),
         decode=DecodeConfig(beam_size=5, length_penalty=0.6),
     )
+
+
+def text_summarization(name: str, max_source_length: int, max_target_length: int) -> Config:
+    """`text_translation` turned to summarisation (a `{split}.src` -> `{split}.tgt` folder):
+    scored by ROUGE (data.task_kind="summarization", train.best_metric="rougeL"), sources cut
+    to `max_source_length` pieces and targets to `max_target_length` (data.truncate_*: truncated
+    and counted, not dropped), batches of 8000 tokens (rows x max(S, T + 1): ~20 rows in the
+    400-piece bucket), outputs of at most `max_target_length` pieces whatever the source length.
+
+    The vocabulary stays one joint SentencePiece model: copy attention needs the source and
+    target ids to be the same pieces.
+    """
+    base = text_translation(name, src_lang="src", tgt_lang="tgt", max_length=max_source_length)
+    return dataclasses.replace(
+        base,
+        data=dataclasses.replace(base.data, task_kind="summarization", max_target_length=max_target_length,
+                                 truncate_source=max_source_length, truncate_target=max_target_length,
+                                 batch_tokens=8000, max_buckets=12),
+        train=dataclasses.replace(base.train, best_metric="rougeL", early_stopping_patience=4),
+        decode=dataclasses.replace(base.decode, max_len_a=0.0, max_len_b=max_target_length + 1),
+    )

@@ -9,6 +9,8 @@ Public API (the trainer, CLI and export are written against these names):
     Data.train_batches(state=None)    infinite iterator with get_state() -> {"epoch", "batch"}
     Data.eval_batches(split, limit)   list of Batch dicts (fixed bucket shapes, "index")
     Data.eval_examples(split, limit)  [(source_text, target_text)] in corpus order
+    Data.truncated                    {split: {"source", "target": pairs cut by data.truncate_*}}
+    truncate_sources(data_config, ids) sources cut to data.truncate_source (decoding)
     Batch, MODEL_FIELDS, model_inputs the batch's fields and the ones the model gets
     normalize(text, form)             the text normalisation used everywhere
     prepare(config) -> folder | None  prepare (cached) without building a loader
@@ -24,11 +26,11 @@ This package never imports TensorFlow or JAX.
 from __future__ import annotations
 
 from s2s_jax.data.batch import FIELDS, MODEL_FIELDS, Batch, model_inputs
-from s2s_jax.data.corpus import Data, build_data
+from s2s_jax.data.corpus import Data, build_data, truncate_sources
 from s2s_jax.data.errors import DataError
 from s2s_jax.data.preprocess import prepare
 from s2s_jax.data.throughput import loader_throughput
 from s2s_jax.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CharVocab, normalize
 
 __all__ = ["DataError", "build_data", "Data", "Batch", "FIELDS", "MODEL_FIELDS", "model_inputs", "normalize",
-           "prepare", "loader_throughput", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID", "CharVocab"]
+           "prepare", "loader_throughput", "truncate_sources", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID", "CharVocab"]

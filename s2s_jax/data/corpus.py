@@ -29,6 +29,13 @@ from s2s_jax.vocab import CharVocab, WordVocab
 log = logging.getLogger(__name__)
 
 
+def truncate_sources(data_config, sources):
+    """Token-id sources cut to data.truncate_source pieces (0 = whole): what a model trained
+    with truncation reads when validation and `eval` decode."""
+    limit = data_config.truncate_source or None
+    return [list(ids)[:limit] for ids in sources]
+
+
 class _Split:
     """One split: a random-access record source plus token lengths (corpus order)."""
 
@@ -38,6 +45,42 @@ class _Split:
 
     def __len__(self) -> int:
         return len(self.src_len)
+
+    def truncated(self, max_source: int, max_target: int) -> tuple["_Split", dict]:
+        """This split with sources longer than `max_source` pieces cut to it (targets to
+        `max_target`; 0 = no limit), and {"source": pairs cut, "target": pairs cut}."""
+        limits = (max_source or None, max_target or None)
+        counts = {"source": int(np.sum(self.src_len > max_source)) if max_source else 0,
+                  "target": int(np.sum(self.tgt_len > max_target)) if max_target else 0}
+        if not any(counts.values()):
+            return self, counts
+        return _Split(self.name, _Truncated(self.source, *limits), np.minimum(self.src_len, limits[0] or 1 << 62),
+                      np.minimum(self.tgt_len, limits[1] or 1 << 62)), counts
+
+
+class _Truncated:
+    """A random-access record source whose "source" / "target" ids are cut to their first
+    `max_source` / `max_target` pieces (None: whole); the texts stay whole (references are
+    scored in full). Picklable, for Grain workers."""
+
+    def __init__(self, records, max_source: int | None, max_target: int | None):
+        self.records, self.max_source, self.max_target = records, max_source, max_target
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _cut(self, record: dict) -> dict:
+        return dict(record, source=record["source"][:self.max_source], target=record["target"][:self.max_target])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._cut(r) for r in self.records[i]]
+        return self._cut(self.records[i])
+
+    def __getitems__(self, ids):
+        getitems = getattr(self.records, "__getitems__", None)
+        records = getitems(ids) if getitems else [self.records[i] for i in ids]
+        return [self._cut(r) for r in records]
 
 
 def task_vocab(d, train_pairs):
@@ -73,6 +116,14 @@ class Data:
         self.prepared_dir = prepared_dir
         self.process_index, self.process_count = process_index, process_count
         self.batch_multiple = batch_multiple
+        # data.truncate_source / truncate_target: every split cut before the length filter
+        self.truncated = {}  # {split name: {"source": pairs cut, "target": pairs cut}}
+        for role, sp in list(splits.items()):
+            splits[role], counts = sp.truncated(d.truncate_source, d.truncate_target)
+            if any(counts.values()):
+                self.truncated[sp.name] = counts
+                log.info("data: %s: truncated %d sources to %d pieces and %d targets to %d pieces", sp.name,
+                         counts["source"], d.truncate_source, counts["target"], d.truncate_target)
         self._splits = splits
         self._prepare_stats = prepare_stats
         self._planned = False
@@ -165,6 +216,8 @@ class Data:
             "auto_buckets": not d.buckets,
             "bucket_rows": list(self._rows),  # global rows per bucket
             "bucket_examples": [int(x) for x in bucket_examples],
+            # data.truncate_source / truncate_target: {split: {"source": pairs cut, "target": pairs cut}}
+            "truncated_pairs": self.truncated,
             "train_batches_per_epoch": n_batches,
             # real / padded positions of an epoch's batches (filler rows included)
             "padding_efficiency": {k: round(v, 4) for k, v in efficiency.items()},
@@ -186,8 +239,10 @@ class Data:
         """One line for the training start: buckets and padding efficiency of the batch plan."""
         eff = self.stats["padding_efficiency"]
         kind = "auto " if self.stats["auto_buckets"] else ""
+        cut = self.truncated.get(self._splits["train"].name)
+        cut = f", truncated {cut['source']} sources / {cut['target']} targets" if cut else ""
         return (f"{len(self.shapes)} {kind}buckets, {self.stats['train_batches_per_epoch']} batches/epoch, padding "
-                f"efficiency (real/padded positions) source {eff['source']:.3f}, target {eff['target']:.3f}")
+                f"efficiency (real/padded positions) source {eff['source']:.3f}, target {eff['target']:.3f}{cut}")
 
     # ------------------------------------------------------------------ splits
 
@@ -250,6 +305,15 @@ class Data:
     def _copy_vocab(self):
         """The vocabulary of copy attention's extended ids (batches then carry COPY_FIELDS), or None."""
         return self.source_vocab if self.config.model.copy_attention else None
+
+    def training_ids(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(source ids, target ids) of every training pair in corpus order, before the length
+        filter (no BOS/EOS): what corpus statistics such as the decoding shortlist are built from."""
+        sp = self._splits["train"]
+        getitems = getattr(sp.source, "__getitems__", None)
+        records = getitems(list(range(len(sp)))) if getitems else sp.source[:len(sp)]
+        return ([np.asarray(r["source"], np.int32) for r in records],
+                [np.asarray(r["target"], np.int32) for r in records])
 
     def eval_examples(self, split: str, limit: int | None = None) -> list[tuple[str, str]]:
         """Normalised (source_text, target_text) pairs of `split` in corpus order (all processes

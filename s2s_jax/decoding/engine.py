@@ -71,12 +71,15 @@ class Engine:
     refill: most idle slots started per step (the rest wait a step); 0 = never refill (plain
       decoding: every sentence starts before the loop and its result stays in its slot).
     slot_context: the context has one entry per slot (leading dim P), not per row (P*K).
+    vocab_ids: [V] int32 or None, the vocabulary id of each logit column when the step
+      function scores a shortlist of the vocabulary (`Strategy.advance`); None: all of it.
     """
 
     strategy: Strategy
     num_results: Any
     refill: int
     slot_context: bool = False
+    vocab_ids: Any = None
 
     def __post_init__(self):
         if self.slot_context and not self.refill:
@@ -186,7 +189,8 @@ def step(engine: Engine, step_fn: ContextStepFn, loop: Loop) -> tuple[Loop, jax.
     if strategy.source_len is not None:  # [P, 1, S]
         source_mask = jnp.arange(strategy.source_len)[None, None, :] < slots.source_lengths[:, None, None]
     logits, rows, attention = step_fn(slots.search.last.reshape(P * K), slots.rows, slots.context)
-    search, parent, stopped = strategy.advance(slots.search, logits, attention, slots.limits, source_mask)
+    search, parent, stopped = strategy.advance(slots.search, logits, attention, slots.limits, source_mask,
+                                               engine.vocab_ids)
     if parent is not None:
         follow = (jnp.arange(P)[:, None] * K + parent).reshape(-1)
         rows = jax.tree.map(lambda leaf: leaf[follow], rows)

@@ -32,7 +32,7 @@ from s2s_jax.decoding.strategies import make_strategy
 
 
 def search(step_fn: StepFn, cache: Any, settings: SearchSettings, *, batch_size: int,
-           max_lengths: jax.Array | None, source_lengths: jax.Array | None = None) -> dict:
+           max_lengths: jax.Array | None, source_lengths: jax.Array | None = None, vocab_ids=None) -> dict:
     """Plain decoding of B sentences: a pool of B slots, every sentence started at once and run
     to completion (the loop ends when every sentence has stopped).
 
@@ -50,7 +50,7 @@ def search(step_fn: StepFn, cache: Any, settings: SearchSettings, *, batch_size:
     vocab_size, source_len = engine_lib.probe(step_fn, jnp.full((rows,), settings.bos_id, jnp.int32),
                                               _abstract_rows(cache, rows))
     engine = Engine(make_strategy(settings, vocab_size=vocab_size, source_len=source_len),
-                    num_results=batch_size, refill=0)
+                    num_results=batch_size, refill=0, vocab_ids=vocab_ids)
     queue = Queue(state=cache, context=None, limits=limits,
                   source_lengths=_source_lengths(source_lengths, batch_size, source_len),
                   tail=jnp.asarray(batch_size, jnp.int32))
@@ -66,7 +66,8 @@ def _without_context(step_fn: StepFn, tokens, rows, context):
 def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings: SearchSettings, *,
                       num_sentences: jax.Array | int, slots: int, max_lengths: jax.Array | None,
                       source_lengths: jax.Array | None = None, refill: int | None = None,
-                      slot_context: bool = False, output_sizes: tuple[int, int | None] | None = None) -> dict:
+                      slot_context: bool = False, output_sizes: tuple[int, int | None] | None = None,
+                      vocab_ids=None) -> dict:
     """Decodes a queue of Q sentences through P slots, refilling a slot with the next queue
     sentence at the step its sentence finishes (continuous batching).
 
@@ -88,7 +89,7 @@ def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings
     output_sizes: (V, S or None), the sizes step_fn's logits [N, V] and attention [N, S] (None:
       it gives no attention) will have, when the caller knows them; saves tracing step_fn once
       more to find them.
-    max_lengths, source_lengths: as `search`, leading dim Q.
+    max_lengths, source_lengths: as `search`, leading dim Q. vocab_ids: as `search`.
     """
     leaves = jax.tree.leaves(state)
     if not leaves:
@@ -100,7 +101,7 @@ def continuous_search(step_fn: ContextStepFn, state: Any, context: Any, settings
         output_sizes = _probe_context_step(step_fn, state, context, settings, slots=slots, slot_context=slot_context)
     vocab_size, source_len = output_sizes
     engine = Engine(make_strategy(settings, vocab_size=vocab_size, source_len=source_len),
-                    num_results=queue_size, refill=refill, slot_context=slot_context)
+                    num_results=queue_size, refill=refill, slot_context=slot_context, vocab_ids=vocab_ids)
     queue = Queue(state=state, context=context, limits=length_limits(max_lengths, queue_size, settings.max_len),
                   source_lengths=_source_lengths(source_lengths, queue_size, source_len),
                   tail=jnp.minimum(jnp.asarray(num_sentences, jnp.int32), queue_size))

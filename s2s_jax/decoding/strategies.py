@@ -23,6 +23,18 @@ fall as a hypothesis grows and the coverage penalty is never positive, so the bo
 The token selections are the settings' kernel set's `best_token` and `top_extensions`
 (`kernels/topk.py`: the cpu set takes chunk maxima first, the portable set the plain top_k /
 argmax; the same result, ties included); log-probs over [rows, V] are never stored.
+
+Controls (`SearchSettings`): `length_penalty_type` "avg" divides by |Y| instead, "none" not at
+all; `coverage_penalty_type` "summary" adds -beta * sum_i (max(c_i, 1) - 1) instead;
+`stepwise_penalty` also ranks each step's extensions by log-prob + the coverage penalty of the
+coverage so far; `min_length` and `block_ngram_repeat` ban tokens (log-prob -inf after the
+softmax, through the selections' `banned` positions) in greedy and beam search alike.
+
+The logits' last axis need not be the vocabulary: `advance` takes `vocab_ids` [W] int32 (the
+vocabulary id of each logit position, sorted ascending, with the special ids 0..3 at their own
+positions: a shortlist), and maps the selected positions to vocabulary ids at once, so search
+states hold vocabulary ids; None means position = id (any width W: e.g. V + k extended ids of a
+copy distribution). The token bans are computed in id space and mapped to positions.
 """
 
 from __future__ import annotations
@@ -53,9 +65,10 @@ class Strategy(Protocol):
     def fresh(self, n: int):
         """Search state of n new slots (every leaf has leading dim n)."""
 
-    def advance(self, search, logits, attention, limits, source_mask):
-        """One step: logits [n*K, V], attention [n*K, S] or None, limits [n], source_mask
-        [n, 1, S] or None -> (search, parent [n, K] int (rows to follow) or None, stopped [n] bool)."""
+    def advance(self, search, logits, attention, limits, source_mask, vocab_ids=None):
+        """One step: logits [n*K, W], attention [n*K, S] or None, limits [n], source_mask
+        [n, 1, S] or None, vocab_ids [W] int32 or None (position = id) -> (search, parent [n, K]
+        int (rows to follow) or None, stopped [n] bool)."""
 
     def result(self, search) -> dict:
         """Per-slot results (leading dim n) in the searches' output layout (see `search`)."""
@@ -89,10 +102,13 @@ class Greedy:
             attention=attention,
         )
 
-    def advance(self, search: GreedyState, logits, attention, limits, source_mask):
+    def advance(self, search: GreedyState, logits, attention, limits, source_mask, vocab_ids=None):
         eos_id = self.settings.eos_id
         step = search.step  # [B]
-        token, token_log_prob = self.settings.kernels.best_token(logits, step >= limits - 1, eos_id)  # [B], [B]
+        force = step >= limits - 1
+        banned = banned_positions(self.settings, search.tokens, step, force, vocab_ids, logits.shape[-1])
+        token, token_log_prob = self.settings.kernels.best_token(logits, force, eos_id, banned=banned)  # [B], [B]
+        token = to_vocab_ids(token, vocab_ids)
         live = ~search.finished
         token = jnp.where(live, token, PAD_ID)
         at_step = jnp.arange(self.settings.max_len)[None, :] == step[:, None]  # [B, T]
@@ -125,6 +141,7 @@ class _Candidates(NamedTuple):
     tokens: jax.Array  # [B, C, T] the whole prefix
     attention: jax.Array | None  # [B, C, T, S]
     coverage: jax.Array | None  # [B, C, S]
+    ranking: jax.Array  # [B, C] what the beam keeps the best of: log_probs (+ the stepwise penalty)
 
 
 class Beam:
@@ -162,37 +179,58 @@ class Beam:
             finished_attention=jnp.zeros((n, N, T, S), jnp.float32) if has_attention else None,
         )
 
-    def advance(self, state: BeamState, logits, attention, limits, source_mask):
+    def advance(self, state: BeamState, logits, attention, limits, source_mask, vocab_ids=None):
         step = state.step  # [B]
-        candidates = self._extend(state, logits, attention, limits)
+        candidates = self._extend(state, logits, attention, limits, source_mask, vocab_ids)
         finished = self._finish(state, candidates, source_mask)
         alive_log_probs, alive_parent, alive = self._keep_alive(candidates)
         done = self._stop(state, alive_log_probs, finished, limits)
         new_state = BeamState(step=step + 1, **finished, **alive, done=done)
         return new_state, alive_parent, done
 
-    def _extend(self, state: BeamState, logits, attention, limits) -> _Candidates:
-        """Every (parent beam, next token) extension, by the raw log-prob of the longer prefix:
-        the C best of them with their prefixes (and attention, coverage)."""
-        K, V, T = self.num_beams, self.vocab_size, self.settings.max_len
+    def _extend(self, state: BeamState, logits, attention, limits, source_mask, vocab_ids) -> _Candidates:
+        """Every (parent beam, next token) extension, by the raw log-prob of the longer prefix
+        (with stepwise_penalty: ranked by it plus the parent's coverage penalty): the C best of
+        them with their prefixes (and attention, coverage)."""
+        K, T, settings = self.num_beams, self.settings.max_len, self.settings
         step = state.step
-        batch_size = step.shape[0]
-        log_probs, flat_index = self.settings.kernels.top_extensions(
-            state.alive_log_probs, logits.reshape(batch_size, K, V), step >= limits - 1,
-            self.settings.eos_id, self.num_candidates,
+        batch_size, width = step.shape[0], logits.shape[-1]
+        if width != self.vocab_size:
+            raise ValueError(f"the step function's logits have {width} positions, but the search was made for "
+                             f"{self.vocab_size} (make_strategy's vocab_size; output_sizes)")
+        force = step >= limits - 1
+        step_attention = None if self.source_len is None else attention.astype(jnp.float32).reshape(batch_size, K, -1)
+        alive, step_penalty = state.alive_log_probs, None
+        if settings.stepwise_penalty:  # [B, K]: the penalty of each parent's coverage, this step included
+            step_penalty = self._coverage_penalty(state.alive_coverage + step_attention, source_mask)
+            alive = alive + step_penalty
+        banned = banned_positions(settings, state.alive_tokens.reshape(batch_size * K, T), jnp.repeat(step, K),
+                                  jnp.repeat(force, K), vocab_ids, width)
+        log_probs, flat_index = settings.kernels.top_extensions(
+            alive, logits.reshape(batch_size, K, width), force, settings.eos_id, self.num_candidates,
+            banned=None if banned is None else banned.reshape(batch_size, K, -1),
         )  # [B, C]
-        parent = flat_index // V  # [B, C]
-        token = (flat_index % V).astype(jnp.int32)  # [B, C]
+        parent = flat_index // width  # [B, C]
+        token = to_vocab_ids((flat_index % width).astype(jnp.int32), vocab_ids)  # [B, C]
+        ranking = log_probs
+        if step_penalty is not None:
+            log_probs = log_probs - jnp.take_along_axis(step_penalty, parent, axis=1)
         at_step = jnp.arange(T)[None, None, :] == step[:, None, None]  # [B, 1, T]
         tokens = jnp.where(at_step, token[:, :, None], gather_beams(state.alive_tokens, parent))
         candidate_attention = coverage = None
         if self.source_len is not None:
-            step_attention = attention.astype(jnp.float32).reshape(batch_size, K, -1)
             step_attention = gather_beams(step_attention, parent)  # [B, C, S]
             candidate_attention = jnp.where(at_step[..., None], step_attention[:, :, None, :],
                                             gather_beams(state.alive_attention, parent))
             coverage = gather_beams(state.alive_coverage, parent) + step_attention
-        return _Candidates(log_probs, parent, token, tokens, candidate_attention, coverage)
+        return _Candidates(log_probs, parent, token, tokens, candidate_attention, coverage, ranking)
+
+    def _coverage_penalty(self, coverage, source_mask):
+        settings = self.settings
+        return coverage_penalty(coverage, source_mask, settings.coverage_penalty, settings.coverage_penalty_type)
+
+    def _length_penalty(self, length):
+        return length_penalty(length, self.settings.length_penalty, self.settings.length_penalty_type)
 
     def _finish(self, state: BeamState, candidates: _Candidates, source_mask) -> dict:
         """The n-best merged with the candidates that finish now -> BeamState's finished_* fields.
@@ -207,9 +245,9 @@ class Beam:
             & jnp.isfinite(candidates.log_probs)
             & ~state.done[:, None]
         )
-        scores = candidates.log_probs / gnmt_length_penalty(step + 1, self.settings.length_penalty)[:, None]
+        scores = candidates.log_probs / self._length_penalty(step + 1)[:, None]
         if self.source_len is not None:
-            scores = scores + gnmt_coverage_penalty(candidates.coverage, source_mask, self.settings.coverage_penalty)
+            scores = scores + self._coverage_penalty(candidates.coverage, source_mask)
         scores = jnp.where(newly_finished, scores, NEG_INF)
         merged_flags = jnp.concatenate([state.finished_flags, newly_finished], axis=1)
         merged_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
@@ -229,7 +267,10 @@ class Beam:
         """The K most probable candidates without EOS stay alive -> (alive_log_probs [B, K],
         their parents [B, K], BeamState's other alive fields)."""
         is_eos = candidates.token == self.settings.eos_id
-        alive_log_probs, pick = lax.top_k(jnp.where(is_eos, NEG_INF, candidates.log_probs), self.num_beams)
+        alive_log_probs, pick = lax.top_k(jnp.where(is_eos, NEG_INF, candidates.ranking), self.num_beams)
+        if candidates.ranking is not candidates.log_probs:  # stepwise penalty: keep the raw sums
+            alive_log_probs = jnp.where(jnp.isfinite(alive_log_probs),
+                                        jnp.take_along_axis(candidates.log_probs, pick, axis=1), NEG_INF)
         alive = {
             "alive_log_probs": alive_log_probs,
             "last": jnp.take_along_axis(candidates.token, pick, axis=1),
@@ -244,13 +285,11 @@ class Beam:
 
         Best score a live hypothesis could still reach: its log-prob can only fall, and the
         length penalty is monotone in length, so the best case is at one end of the lengths it
-        may still finish at (step+2 .. limit); with alpha >= 0 that is the limit."""
-        alpha = self.settings.length_penalty
-        best_alive = alive_log_probs[:, 0]
-        bound = jnp.maximum(
-            best_alive / gnmt_length_penalty(state.step + 2, alpha),
-            best_alive / gnmt_length_penalty(limits, alpha),
-        )
+        may still finish at (step+2 .. limit); with alpha >= 0 that is the limit. (min_length
+        only narrows those lengths, and every coverage penalty is <= 0, so the bound holds.)"""
+        best_alive = jnp.max(alive_log_probs, axis=1)  # (sorted by the stepwise ranking, not by it)
+        bound = jnp.maximum(best_alive / self._length_penalty(state.step + 2),
+                            best_alive / self._length_penalty(limits))
         nbest_full = finished["finished_flags"][:, -1]
         cannot_improve = nbest_full & (finished["finished_scores"][:, -1] >= bound)
         return state.done | ~jnp.isfinite(best_alive) | cannot_improve
@@ -274,10 +313,79 @@ def gnmt_length_penalty(length, alpha):
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
+def length_penalty(length, alpha, kind: str = "wu"):
+    """What a finished hypothesis's log-prob is divided by: "wu" GNMT's ((5 + |Y|) / 6) ** alpha,
+    "avg" |Y|, "none" 1."""
+    if kind == "avg":
+        return jnp.asarray(length, jnp.float32)
+    if kind == "none":
+        return jnp.ones_like(jnp.asarray(length, jnp.float32))
+    return gnmt_length_penalty(length, alpha)
+
+
 def gnmt_coverage_penalty(coverage, source_mask, beta):
     """beta * sum over real source words of log(min(coverage, 1)); coverage [..., S]."""
     log_coverage = jnp.log(jnp.clip(coverage, MIN_COVERAGE, 1.0))
     return beta * jnp.sum(jnp.where(source_mask, log_coverage, 0.0), axis=-1)
+
+
+def coverage_penalty(coverage, source_mask, beta, kind: str = "wu"):
+    """The coverage term added to a hypothesis's score (<= 0 for beta >= 0): "wu" as
+    `gnmt_coverage_penalty`; "summary" -beta * sum over real source words of (max(coverage, 1) - 1)."""
+    if kind == "summary":
+        return -beta * jnp.sum(jnp.where(source_mask, jnp.maximum(coverage, 1.0) - 1.0, 0.0), axis=-1)
+    return gnmt_coverage_penalty(coverage, source_mask, beta)
+
+
+def to_vocab_ids(position, vocab_ids):
+    """Selected logit positions -> vocabulary ids (vocab_ids [W], or None: the same)."""
+    return position if vocab_ids is None else jnp.asarray(vocab_ids, jnp.int32)[position]
+
+
+def positions_of(ids, vocab_ids, width: int):
+    """Vocabulary ids (-1: none) -> positions in the logits' last axis (width: not there / none).
+    vocab_ids [W]: ascending ids, then -1 padding (`shortlist.padded_ids`); None: position = id."""
+    if vocab_ids is None:
+        return jnp.where((ids >= 0) & (ids < width), ids, width)
+    vocab_ids = jnp.asarray(vocab_ids, jnp.int32)
+    ascending = jnp.where(vocab_ids < 0, jnp.iinfo(jnp.int32).max, vocab_ids)  # padding sorts last
+    at = jnp.minimum(jnp.searchsorted(ascending, ids), vocab_ids.shape[0] - 1)
+    return jnp.where((ids >= 0) & (vocab_ids[at] == ids), at, width).astype(jnp.int32)
+
+
+def banned_positions(settings: SearchSettings, history, step, force, vocab_ids, width: int):
+    """The logit positions each row may not take this step -> [R, M] int32 (width: none), or
+    None when nothing is ever banned. history [R, T]: the row's tokens so far (vocabulary ids),
+    step [R]: how many, force [R]: only EOS allowed (the length limit wins over min_length)."""
+    if not settings.masks_tokens:
+        return None
+    banned = []
+    if settings.min_length:
+        early = (step < settings.min_length) & ~force
+        banned.append(jnp.where(early, settings.eos_id, -1)[:, None])
+    if settings.block_ngram_repeat:
+        banned.append(ngram_repeats(history, step, settings.block_ngram_repeat, settings.ignore_ids, settings.bos_id))
+    return positions_of(jnp.concatenate(banned, axis=1).astype(jnp.int32), vocab_ids, width)
+
+
+def ngram_repeats(history, step, n: int, ignore_ids, bos_id):
+    """Tokens that would repeat an n-gram -> [R, J] ids (-1: none), as OpenNMT-py blocks them.
+
+    The sequence is BOS + history[:step]; token w is banned when (its last n-1 tokens, w) is
+    an n-gram that already occurs in it and holds no token of ignore_ids."""
+    R, T = history.shape
+    sequence = jnp.concatenate([jnp.full((R, 1), bos_id, history.dtype), history], axis=1)  # [R, T+1]
+    J = T + 2 - n  # n-gram starts 0 .. T+1-n
+    if J <= 0:
+        return jnp.full((R, 1), -1, jnp.int32)
+    windows = jnp.stack([sequence[:, m:m + J] for m in range(n)], axis=-1)  # [R, J, n]
+    length = step + 1  # [R] tokens in the sequence
+    suffix = jnp.take_along_axis(sequence, jnp.clip(length[:, None] - (n - 1) + jnp.arange(n - 1), 0, T), axis=1)
+    repeats = jnp.all(windows[:, :, :n - 1] == suffix[:, None, :], axis=-1)  # [R, J]
+    repeats &= jnp.arange(J)[None, :] <= (length - n)[:, None]  # the n-gram lies within the sequence
+    if ignore_ids:
+        repeats &= ~jnp.any(jnp.isin(windows, jnp.asarray(ignore_ids, windows.dtype)), axis=-1)
+    return jnp.where(repeats, windows[:, :, n - 1], -1).astype(jnp.int32)
 
 
 def gather_beams(values, index):

@@ -55,10 +55,11 @@ class DecodingModel(Protocol):
     def projection_table(self, params) -> Any:
         """Layer 1's input projection of every target token ([V, G·H]; one per member)."""
 
-    def step_fn(self, params, *, table=None, attention: bool = True) -> ContextStepFn:
+    def step_fn(self, params, *, table=None, attention: bool = True, vocab_ids=None) -> ContextStepFn:
         """The model as decoding's context step function. table: `projection_table`'s output,
         gathered instead of multiplying the embeddings (None: from the embeddings);
-        attention=False returns None for the weights."""
+        attention=False returns None for the weights; vocab_ids [C] int32 (-1: padding): logits
+        [N, C] of those target ids only (a shortlist; padding -inf), None: all V."""
 
     def score_log_probs(self, params, source, source_lengths, target_input) -> jax.Array:
         """Teacher forcing: [B, T, V] float32 log-probabilities of the next token."""
@@ -108,8 +109,11 @@ class SingleModel:
     def projection_table(self, params):
         return self.module.apply({"params": params}, method=_input_projection_table)
 
-    def step_fn(self, params, *, table=None, attention: bool = True) -> ContextStepFn:
-        return _Step(self.module, {"params": params}, table, attention)
+    def step_fn(self, params, *, table=None, attention: bool = True, vocab_ids=None) -> ContextStepFn:
+        output = None  # the shortlist's output weights, gathered once per call, outside the step loop
+        if vocab_ids is not None:
+            output = self.module.apply({"params": params}, vocab_ids, method=Seq2Seq.candidate_output_weights)
+        return _Step(self.module, {"params": params}, table, attention, output)
 
     def score_log_probs(self, params, source, source_lengths, target_input):
         hidden, _ = self.module.apply({"params": params}, source, source_lengths, target_input)
@@ -125,18 +129,19 @@ class SingleModel:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Step:
-    """`SingleModel.step_fn`: (tokens [N], state, context) -> (logits [N, V], new state,
-    weights [N, S] or None)."""
+    """`SingleModel.step_fn`: (tokens [N], state, context) -> (logits [N, V] (or [N, C] for a
+    shortlist), new state, weights [N, S] or None)."""
 
     module: Seq2Seq
     variables: dict
     table: Any
     attention: bool
+    output: Any = None  # None, or a shortlist's (kernel [H, C], bias [C])
 
     def __call__(self, tokens, state, context):
         with kernels_lib.precision_scope(self.module.config):
             logits, new_state, weights = self.module.apply(self.variables, tokens, self.table, state, context,
-                                                           method=_decode_step)
+                                                           self.output, method=_decode_step)
         return logits, new_state, weights if self.attention else None
 
 
@@ -144,14 +149,19 @@ def _input_projection_table(model: Seq2Seq):
     return input_projection_table(model.decoder, model.target_embedding)
 
 
-def _decode_step(model: Seq2Seq, tokens, table, state, context):
+def _decode_step(model: Seq2Seq, tokens, table, state, context, output=None):
     """`Seq2Seq.decode_step` on per-slot context, with layer 1's projected input gathered from
-    `table` (None: from the embeddings) -> (logits [N, V], new state, weights [N, S] | None)."""
-    if table is None:
+    `table` (None: from the embeddings) and the output projection `output` (a shortlist's
+    (kernel, bias); None: the whole vocabulary) -> (logits [N, V | C], new state, weights [N, S] | None)."""
+    if table is None and output is None:
         logits, cache, weights = model.decode_step(tokens, dict(context, state=state))
         return logits, cache["state"], weights
     if model.config.copy_attention:  # copied unknown words (ids >= V) go back in as UNK
         tokens = in_vocabulary(tokens, model.target_vocab_size)
-    hidden, state, weights = model.decoder.step(None, state, context["memory"], context["keys"], context["mask"],
-                                                projected=jnp.take(table, tokens, axis=0))
-    return model.step_output(hidden, weights, tokens, state, context), state, weights
+    embedded = jnp.take(model.target_embedding, tokens, axis=0) if table is None else None
+    projected = None if table is None else jnp.take(table, tokens, axis=0)
+    hidden, state, weights = model.decoder.step(embedded, state, context["memory"], context["keys"], context["mask"],
+                                                projected=projected)
+    if model.config.copy_attention:  # the extended distribution [N, V + S] (over the whole vocabulary)
+        return model.step_output(hidden, weights, tokens, state, context), state, weights
+    return (model.logits(hidden) if output is None else model.project(hidden, *output)), state, weights

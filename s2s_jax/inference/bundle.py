@@ -18,6 +18,8 @@ Bundle layout (format version 1; `s2s_jax export` writes it, see inference/expor
     vocab/vocab.json       {"source": desc, "target": desc}; desc is {"kind": "char", "itos": [...]}
                            or {"kind": "sentencepiece", "model": FILE, "vocab_size": V}
     vocab/*.model          SentencePiece model(s), when the run used them
+    shortlist.npz          the run's vocabulary shortlist, when it had one (`Bundle.shortlist`;
+                           inference/shortlist.py; the exported programs score the whole vocabulary)
     programs/*.jaxexport   serialized `jax.export` programs (see `Bundle.program`):
                            encode, greedy and beam_<K> (one per exported beam size K)
     MODEL.md               model card: architecture, data, scores, tensor names, programs
@@ -88,6 +90,19 @@ def _vocab(desc: dict, directory: str):
         raise BundleError(f"{e}; re-export the bundle with this s2s_jax version") from None
 
 
+def _shortlist(path: str):
+    """The bundle's vocabulary shortlist (shortlist.npz), or None when it has none."""
+    from s2s_jax.inference.shortlist import ShortlistError, load
+    from s2s_jax.rundir import shortlist_path
+
+    if not os.path.isfile(shortlist_path(path)):
+        return None
+    try:
+        return load(shortlist_path(path))
+    except ShortlistError as e:
+        raise BundleError(f"{e}; or re-export the bundle") from None
+
+
 # -- the bundle -----------------------------------------------------------------------------
 
 def _read_manifest(path: str) -> dict:
@@ -151,6 +166,7 @@ class Bundle:
         except Exception as e:  # noqa: BLE001 - any unreadable part means the bundle is damaged
             raise BundleError(f"{path}: cannot read the bundle ({type(e).__name__}: {str(e)[:200]}); "
                               f"re-export it with `python -m s2s_jax export`") from None
+        self.shortlist = _shortlist(path)  # inference/shortlist.Shortlist or None
         self.flat_params = dict(sorted(flat.items()))
         self.params = unflatten_params(self.flat_params)
         self.decode = manifest["decode"]

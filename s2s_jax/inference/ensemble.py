@@ -69,10 +69,12 @@ class Ensemble:
     def projection_table(self, params) -> list:
         return [m.projection_table(p) for m, p in zip(self.members, params)]
 
-    def step_fn(self, params, *, table=None, attention: bool = True):
-        """The ensemble as one context step function (see `combine_steps`)."""
+    def step_fn(self, params, *, table=None, attention: bool = True, vocab_ids=None):
+        """The ensemble as one context step function (see `combine_steps`); vocab_ids: a
+        shortlist every member scores (`adapter.DecodingModel.step_fn`)."""
         tables = table if table is not None else [None] * len(self.members)
-        steps = [m.step_fn(p, table=t, attention=attention) for m, p, t in zip(self.members, params, tables)]
+        steps = [m.step_fn(p, table=t, attention=attention, vocab_ids=vocab_ids)
+                 for m, p, t in zip(self.members, params, tables)]
         return combine_steps(steps, self.weights)
 
     def score_log_probs(self, params, source, source_lengths, target_input):
@@ -136,6 +138,7 @@ def load_ensemble_translator(workdirs: Sequence[str], *, weights: Sequence[float
     """A Translator decoding with the ensemble of the runs (each loaded as `runs.load_run`)."""
     from s2s_jax.inference.adapter import SingleModel
     from s2s_jax.inference.runs import load_run
+    from s2s_jax.inference.shortlist import for_decoding
     from s2s_jax.inference.translator import Translator, decode_overrides
     from s2s_jax.vocab import input_normalization
 
@@ -160,7 +163,10 @@ def load_ensemble_translator(workdirs: Sequence[str], *, weights: Sequence[float
     if config.decode.dtype not in ("model", first.config.model.dtype):
         raise UserError("decode.dtype: an ensemble decodes in its members' model.dtype; leave decode.dtype=model")
     ensemble = Ensemble(tuple(SingleModel(r.model) for r in runs), tuple(float(w) for w in weights))
-    translator = Translator(config, ensemble, [r.params for r in runs], first.source_vocab, first.target_vocab)
+    # The members share the vocabularies, so the first run's shortlist serves them all.
+    shortlist = for_decoding(first.workdir, config, first.source_vocab.vocab_size, first.target_vocab.vocab_size)
+    translator = Translator(config, ensemble, [r.params for r in runs], first.source_vocab, first.target_vocab,
+                            shortlist=shortlist)
     translator.checkpoint = {"which": "ensemble", "members": [dict(r.checkpoint, workdir=os.path.abspath(r.workdir))
                                                               for r in runs], "weights": list(ensemble.weights)}
     return translator

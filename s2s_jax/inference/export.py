@@ -7,7 +7,7 @@
 
 The bundle (layout and loader: `bundle.py`, beside this writer) holds the parameters as safetensors under
 flat names (the Flax parameter path joined by "/", e.g. "decoder/layer_0/input_kernel"), the
-run's config.json, its vocabulary files, a MODEL.md card, and serialized `jax.export` programs
+run's config.json, its vocabulary files (and its decoding shortlist, shortlist.npz, when it has one), a MODEL.md card, and serialized `jax.export` programs
 (encode, greedy decode, beam decode) lowered for the CPU and CUDA platforms. The programs are
 polymorphic in the batch size B, the source length S and the output-length bound T, and take
 the parameters as an input (they embed no weights), so one bundle serves any input shape.
@@ -313,6 +313,8 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
         with open(rundir.config_path(tmp), "w", encoding="utf-8") as f:
             f.write(config_lib.to_json(config))
         vocab_desc = _vocab_files(workdir, rundir.vocab_dir(tmp), source_vocab, target_vocab)
+        if os.path.isfile(rundir.shortlist_path(workdir)):  # the decoding shortlist travels with the vocabulary
+            shutil.copyfile(rundir.shortlist_path(workdir), rundir.shortlist_path(tmp))
 
         os.makedirs(os.path.join(tmp, PROGRAM_DIR))
         programs = {}

@@ -42,10 +42,13 @@ class Run:
         """A Translator of this run, with `decode.field=value` overrides (and --max-len /
         --batch-size); its `checkpoint` says which parameters it decodes with."""
         from s2s_jax.inference.adapter import SingleModel
+        from s2s_jax.inference.shortlist import for_decoding
         from s2s_jax.inference.translator import Translator, decode_overrides
 
         config = decode_overrides(self.config, overrides, max_len=max_len, batch_size=batch_size)
-        translator = Translator(config, SingleModel(self.model), self.params, self.source_vocab, self.target_vocab)
+        shortlist = for_decoding(self.workdir, config, self.source_vocab.vocab_size, self.target_vocab.vocab_size)
+        translator = Translator(config, SingleModel(self.model), self.params, self.source_vocab, self.target_vocab,
+                                shortlist=shortlist)
         translator.checkpoint = self.checkpoint
         return translator
 
@@ -118,6 +121,8 @@ def average_run(workdir: str, out: str, *, last: int | None = None, steps=None, 
     with rundir.atomic_folder(out, replace=True) as tmp:  # replace: `out` is missing or empty (checked above)
         shutil.copyfile(rundir.config_path(workdir), rundir.config_path(tmp))
         shutil.copytree(rundir.vocab_dir(workdir), rundir.vocab_dir(tmp))
+        if os.path.isfile(rundir.shortlist_path(workdir)):  # the same vocabularies: the same shortlist
+            shutil.copyfile(rundir.shortlist_path(workdir), rundir.shortlist_path(tmp))
         writer = Checkpoints(tmp, keep=1, keep_best=0, async_save=False)
         try:
             writer.save(int(step), state, dict(meta, averaged=record))

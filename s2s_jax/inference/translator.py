@@ -15,6 +15,9 @@ Speed on CPU comes from doing little work and compiling few programs:
   reorders (only the small decoder state follows the beams), and attention weights are produced
   only when asked for (plots) or needed (coverage penalty).
 * Each sentence stops at `decode.max_len_a * source_length + decode.max_len_b` tokens.
+* With a vocabulary shortlist (`decode.shortlist`, `inference/shortlist.py`), a queue is one
+  batch of sentences, and its decode program scores only the union of their candidate target
+  pieces (padded to a few static sizes, one program each) instead of the whole vocabulary.
 * All queues are dispatched before any result is fetched, so host work overlaps device work.
 
 Text in = text as trained: `translate` normalises every line exactly as prepare normalised the
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from s2s_jax import decoding
-from s2s_jax.config import Config
+from s2s_jax.config import Config, UserError
 from s2s_jax.inference.adapter import CONTEXT_KEYS, DecodingModel, SingleModel
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
 from s2s_jax.vocab import BOS_ID, EOS_ID, decode_extended, extended_ids, input_normalization, normalize
@@ -77,13 +80,34 @@ def encode_into(params, source, source_lengths, queue, start, *, model: Decoding
 
 
 def search_settings(config: Config, model: DecodingModel, *, beam_size: int, nbest: int,
-                    max_len) -> decoding.SearchSettings:
+                    max_len, ignore_ids: tuple = ()) -> decoding.SearchSettings:
     """The run's decode settings as decoding's SearchSettings (greedy when beam_size is 1), with
-    the model's kernel set."""
+    the model's kernel set. ignore_ids: the target ids of decode.ignore_when_blocking
+    (`ignore_ids`). decode.min_length is capped at max_len - 1: a sentence's length limit wins."""
     dc = config.decode
-    return decoding.SearchSettings(max_len=max_len, kernels=model.kernels,
-                                   beam_size=beam_size, nbest=nbest, length_penalty=dc.length_penalty,
-                                   coverage_penalty=dc.coverage_penalty, bos_id=BOS_ID, eos_id=EOS_ID)
+    min_length = dc.min_length
+    if isinstance(max_len, (int, np.integer)):
+        min_length = min(min_length, int(max_len) - 1)
+    return decoding.SearchSettings(
+        max_len=max_len, kernels=model.kernels, beam_size=beam_size, nbest=nbest,
+        length_penalty=dc.length_penalty, coverage_penalty=dc.coverage_penalty, bos_id=BOS_ID, eos_id=EOS_ID,
+        length_penalty_type=dc.length_penalty_type, coverage_penalty_type=dc.coverage_penalty_type,
+        stepwise_penalty=dc.stepwise_penalty and beam_size > 1, min_length=min_length,
+        block_ngram_repeat=dc.block_ngram_repeat, ignore_ids=tuple(ignore_ids))
+
+
+def blocking_ignore_ids(config: Config, target_vocab) -> tuple[int, ...]:
+    """decode.ignore_when_blocking's target pieces -> their ids (a UserError names a piece the
+    target vocabulary lacks)."""
+    pieces = tuple(config.decode.ignore_when_blocking)
+    if not pieces:
+        return ()
+    ids = {piece: i for i, piece in enumerate(target_vocab.pieces(range(target_vocab.vocab_size)))}
+    missing = [p for p in pieces if p not in ids]
+    if missing:
+        raise UserError(f"decode.ignore_when_blocking: {missing[0]!r} is not a piece of the target vocabulary; "
+                        "use pieces as `translate --format jsonl` prints them (e.g. '▁.' or '.')")
+    return tuple(ids[p] for p in pieces)
 
 
 def wants_attention(config: Config, beam_size: int) -> bool:
@@ -91,14 +115,16 @@ def wants_attention(config: Config, beam_size: int) -> bool:
     return beam_size > 1 and config.decode.coverage_penalty != 0
 
 
-def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: DecodingModel, config: Config,
-           beam_size: int, nbest: int, max_len: int, slots: int, attention: bool) -> dict:
+def decode(params, cache, source_lengths, max_lengths, num_sentences, vocab_ids=None, *, model: DecodingModel,
+           config: Config, beam_size: int, nbest: int, max_len: int, slots: int, attention: bool,
+           ignore_ids: tuple = ()) -> dict:
     """Greedy (beam_size=1) or beam search of a queue of encoded sentences; un-jitted (see `Translator`).
 
     cache: `encode`'s output for the queue (leading dim Q, in queue order); source_lengths, max_lengths [Q] (most output tokens, EOS included);
     num_sentences: how many queue entries are real; max_len: static bound on all lengths;
-    slots: sentences decoded at once. Returns decoding's dict: tokens [Q, (N,) T], lengths,
-    scores, attention [Q, (N,) T, S] or None.
+    slots: sentences decoded at once; vocab_ids: None, or a shortlist's candidate target ids [C]
+    (ascending, -1 padding; `shortlist.padded_ids`) the only ones scored.
+    Returns decoding's dict: tokens [Q, (N,) T], lengths, scores, attention [Q, (N,) T, S] or None.
     """
     # Memory, keys and mask are the same for every beam of a sentence: the search keeps them
     # out of the state it reorders each step, once per slot (the decoder's attention reads each
@@ -111,23 +137,24 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, *, model: 
     table = None
     if _use_input_table(cache["mask"].shape[0], beam_size, max_len, model.target_vocab_size):
         table = model.projection_table(params)
-    step_fn = model.step_fn(params, table=table, attention=want_attention)
-    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len)
+    step_fn = model.step_fn(params, table=table, attention=want_attention, vocab_ids=vocab_ids)
+    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len,
+                               ignore_ids=ignore_ids)
+    columns = output_size(config, model, cache["mask"].shape[1]) if vocab_ids is None else vocab_ids.shape[0]
     return decoding.continuous_search(
         step_fn, cache["state"], context, settings, num_sentences=num_sentences, slots=slots,
         max_lengths=max_lengths, source_lengths=source_lengths, slot_context=True,
-        output_sizes=(output_size(config, model, cache["mask"].shape[1]),
-                      cache["mask"].shape[1] if want_attention else None))
+        output_sizes=(columns, cache["mask"].shape[1] if want_attention else None), vocab_ids=vocab_ids)
 
 
 def output_size(config: Config, model: DecodingModel, source_len: int) -> int:
-    """The size of a step's scores: the target vocabulary, + the source positions with copy
-    attention (extended ids V + k, one per distinct unknown source word at most)."""
+    """The size of a step's scores over the whole vocabulary: the target vocabulary, + the source
+    positions with copy attention (extended ids V + k, one per distinct unknown source word at most)."""
     return model.target_vocab_size + (source_len if config.model.copy_attention else 0)
 
 
 def decode_fixed_batch(params, source, source_lengths, *, model: DecodingModel, config: Config,
-                       beam_size: int = 1, nbest: int = 1, max_len: int) -> dict:
+                       beam_size: int = 1, nbest: int = 1, max_len: int, ignore_ids: tuple = ()) -> dict:
     """Greedy (beam_size=1) or beam search of one fixed batch (source [B, S]); max_len static.
     What the export programs run. Returns decoding's dict (tokens [B, (nbest,) max_len],
     lengths, scores, attention)."""
@@ -137,7 +164,8 @@ def decode_fixed_batch(params, source, source_lengths, *, model: DecodingModel, 
     max_lengths = jnp.minimum(
         jnp.floor(dc.max_len_a * source_lengths + dc.max_len_b).astype(jnp.int32), max_len)
     max_lengths = jnp.maximum(max_lengths, 1)
-    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len)
+    settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len,
+                               ignore_ids=ignore_ids)
     return decoding.search(step_fn, cache, settings, batch_size=source.shape[0], max_lengths=max_lengths,
                            source_lengths=source_lengths)
 
@@ -166,10 +194,15 @@ class Translator:
     """Translates token ids or text with fixed params. Not thread-safe.
 
     After each call, `last_stats` holds {"sentences", "tokens", "queues", "encoder_shapes"} of it
-    (tokens: output tokens of the best hypotheses, EOS excluded).
+    (tokens: output tokens of the best hypotheses, EOS excluded; with a shortlist also
+    "candidates": the mean candidate count of a queue, before padding).
+
+    shortlist: a `shortlist.Shortlist` to decode with (`decode.shortlist_top_k` / `_frequent`
+    candidates per batch), or None: the whole vocabulary. The loaders (`runs.Run.translator`,
+    the ensemble's) pass the run's when decode.shortlist is on.
     """
 
-    def __init__(self, config: Config, model: DecodingModel, params, source_vocab, target_vocab):
+    def __init__(self, config: Config, model: DecodingModel, params, source_vocab, target_vocab, shortlist=None):
         self.config = config
         if config.decode.dtype != "model":
             model = model.with_dtype(config.decode.dtype)  # compute dtype only; params stay
@@ -177,23 +210,27 @@ class Translator:
         self.params = params
         self.source_vocab = source_vocab
         self.target_vocab = target_vocab
+        self.shortlist = shortlist
         self._normalization = input_normalization(config.data)
         self._copy = config.model.copy_attention  # text in/out through extended ids (vocab.extended_ids)
         self.checkpoint: dict | None = None  # set by runs.Run.translator
+        self.ignore_ids = blocking_ignore_ids(config, target_vocab)  # decode.ignore_when_blocking
         self.last_stats: dict = {}
 
     def _jitted(self, *key):
         """jit of encode_into (key ("encode", queue_shape): queue_shape (Q, S_all) starts a new
-        queue, None adds to one) or decode (key (beam, nbest, max_len, S, attention, slots, Q))."""
+        queue, None adds to one) or decode (key (beam, nbest, max_len, S, attention, slots, Q, C));
+        C: the shortlist's padded candidate count, or None (the whole vocabulary)."""
         m = self.model
         full_key = (m.cache_key, self.config.decode) + key
         if full_key not in _DECODERS:
             if key[0] == "encode":  # the queue (argument 3) is updated in place
                 fn = jax.jit(functools.partial(encode_into, model=m, queue_shape=key[1]), donate_argnums=3)
             else:
-                beam, nbest, max_len, _, attention, slots, _ = key
+                beam, nbest, max_len, _, attention, slots, _, _ = key
                 fn = jax.jit(functools.partial(decode, model=m, config=self.config, beam_size=beam, nbest=nbest,
-                                               max_len=max_len, slots=slots, attention=attention))
+                                               max_len=max_len, slots=slots, attention=attention,
+                                               ignore_ids=self.ignore_ids))
             _DECODERS[full_key] = fn
         return _DECODERS[full_key]
 
@@ -224,9 +261,11 @@ class Translator:
         # source positions cost only a little attention work.
         S_all = round_up(int(lengths.max()), LENGTH_MULTIPLE) if n else LENGTH_MULTIPLE
         max_len = int(self.max_len_for(S_all))
-        pending, shapes = [], set()
-        for queue_start in range(0, n, rows * QUEUE_BATCHES):
-            queue = order[queue_start:queue_start + rows * QUEUE_BATCHES]
+        pending, shapes, candidates = [], set(), []
+        # A shortlist is the union of a queue's candidates: one batch per queue keeps it small.
+        queue_rows = rows * (1 if self.shortlist is not None else QUEUE_BATCHES)
+        for queue_start in range(0, n, queue_rows):
+            queue = order[queue_start:queue_start + queue_rows]
             batches = 1 << max(-(-len(queue) // rows) - 1, 0).bit_length()  # power of two
             Q = rows * batches
             src_len = np.ones((Q,), np.int32)  # dummy entries: never decoded
@@ -245,8 +284,10 @@ class Translator:
                 shapes.add(S)
                 encode_fn = self._jitted("encode", (Q, S_all) if cache is None else None)
                 cache = encode_fn(self.params, src, src_len[start:start + rows], cache, np.int32(start))
-            decode_fn = self._jitted(beam, nbest, max_len, S_all, attention, rows, Q)
-            pending.append((queue, decode_fn(self.params, cache, src_len, limits, np.int32(len(queue)))))
+            vocab_ids = self._vocab_ids([sources[i] for i in queue], candidates)
+            decode_fn = self._jitted(beam, nbest, max_len, S_all, attention, rows, Q,
+                                     None if vocab_ids is None else len(vocab_ids))
+            pending.append((queue, decode_fn(self.params, cache, src_len, limits, np.int32(len(queue)), vocab_ids)))
         results: list[dict | None] = [None] * n
         n_tokens = 0
         for idx, out in pending:
@@ -266,7 +307,21 @@ class Translator:
                 results[i] = res
         self.last_stats = {"sentences": n, "tokens": n_tokens, "queues": len(pending),
                            "encoder_shapes": len(shapes)}
+        if candidates:
+            self.last_stats["candidates"] = float(np.mean(candidates))
         return results
+
+    def _vocab_ids(self, sources, counts: list):
+        """The shortlist's padded candidate ids [C] for a queue's sources (None without a
+        shortlist); appends the unpadded count to `counts`."""
+        if self.shortlist is None:
+            return None
+        from s2s_jax.inference.shortlist import padded_ids
+
+        dc = self.config.decode
+        ids = self.shortlist.candidates(sources, top_k=dc.shortlist_top_k, frequent=dc.shortlist_frequent)
+        counts.append(len(ids))
+        return padded_ids(ids, self.model.target_vocab_size)
 
     def normalize(self, line: str) -> str:
         """A line as prepare normalised the training data (blank lines become "")."""

@@ -13,6 +13,11 @@ float max reduction, which vectorises on XLA:CPU where an int argmax does not.
 portable: the plain forms (lax.top_k over the flat values, jnp.argmax): no barrier, which would
 block fusion on GPUs/TPUs, whose top-k and argmax are fast.
 Both give the same tokens and values (tests/test_decoding.py, tests/test_kernels.py).
+
+`banned` (optional, both selections): [..., M] int32 positions in the logits' last axis whose
+log-prob is set to -inf *after* normalisation (as OpenNMT-py masks log-probs for min_length and
+n-gram blocking: the other tokens keep their probabilities); a position >= the axis size means
+none. None (the default) leaves the selections exactly as without it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ def _log_probs(logits, top, lse, force, token_ids, eos_id):
     return jnp.where(force[..., None] & (token_ids != eos_id), NEG_INF, log_probs)
 
 
+def ban(values, banned):
+    """values [..., V] with the positions banned [..., M] (a position >= V: none) set to -inf."""
+    if banned is None:
+        return values
+    V, M = values.shape[-1], banned.shape[-1]
+    flat, positions = values.reshape(-1, V), banned.reshape(-1, M)
+    rows = jnp.arange(flat.shape[0])[:, None]
+    return flat.at[rows, positions].set(NEG_INF, mode="drop").reshape(values.shape)
+
+
 def _first_index(mask):
     """mask [..., V] bool -> [...] int32, the first True position (V if none). A float max
     reduction (exact for V < 2**24) vectorises on CPU where an int argmin/argmax does not."""
@@ -47,7 +62,7 @@ def _first_index(mask):
     return (-jnp.max(jnp.where(mask, -positions, -jnp.inf), axis=-1)).astype(jnp.int32)
 
 
-def best_token_chunked(logits, force, eos_id):
+def best_token_chunked(logits, force, eos_id, banned=None):
     """cpu: logits [B, V], force [B] (only EOS allowed) -> (token [B] int32, log-prob [B]): the
     first maximum of the (masked) log_softmax, as jnp.argmax of it gives, but without XLA's
     CPU argmax reduction (slow) and without storing [B, V] log-probs.
@@ -61,15 +76,21 @@ def best_token_chunked(logits, force, eos_id):
     chunk = _chunk_size(V, 1)
     if chunk is None:
         top, lse = _normaliser(logits)
-        log_probs = _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
+        log_probs = ban(_log_probs(logits, top, lse, force, jnp.arange(V), eos_id), banned)
         best = jnp.max(log_probs, axis=-1)
         return _first_index(log_probs == best[:, None]), best
     n_chunks = V // chunk
-    chunked = logits.reshape(B, n_chunks, chunk)  # every pass reads this one shape
-    chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, n]; see top_extensions_chunked
-    top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, 1]
-    lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
-    best = ((top - top) - lse)[:, 0]
+    if banned is None:
+        chunked = logits.reshape(B, n_chunks, chunk)  # every pass reads this one shape
+        chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, n]; see top_extensions_chunked
+        top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, 1]
+        lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
+        best = ((top - top) - lse)[:, 0]
+    else:  # normalised over every token, searched over the allowed ones
+        top, lse = _normaliser(logits)
+        chunked = ban(logits, banned).reshape(B, n_chunks, chunk)
+        chunk_logits = jnp.max(chunked, axis=-1)
+        best = ((jnp.max(chunk_logits, axis=-1, keepdims=True) - top) - lse)[:, 0]
     first_chunk = _first_index(((chunk_logits - top) - lse) == best[:, None])  # [B]
     picked = jnp.take_along_axis(chunked, first_chunk[:, None, None], axis=1)[:, 0]
     token = first_chunk * chunk + _first_index(((picked - top) - lse) == best[:, None])
@@ -80,13 +101,13 @@ def best_token_chunked(logits, force, eos_id):
     return jnp.where(force, forced_token, token), jnp.where(force, eos_log_prob, best)
 
 
-def best_token_plain(logits, force, eos_id):
+def best_token_plain(logits, force, eos_id, banned=None):
     """portable: `best_token_chunked`'s result as jnp.argmax of the masked log_softmax (GPUs'
     and TPUs' argmax is fast; no barrier to block fusion)."""
     B, V = logits.shape
     logits = logits.astype(jnp.float32)
     top, lse = _normaliser(logits)
-    log_probs = _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
+    log_probs = ban(_log_probs(logits, top, lse, force, jnp.arange(V), eos_id), banned)
     return jnp.argmax(log_probs, axis=-1).astype(jnp.int32), jnp.max(log_probs, axis=-1)
 
 
@@ -100,7 +121,7 @@ def _chunk_size(vocab_size: int, num_candidates: int) -> int | None:
                 None)
 
 
-def top_extensions_chunked(alive_log_probs, logits, force, eos_id, num_candidates):
+def top_extensions_chunked(alive_log_probs, logits, force, eos_id, num_candidates, banned=None):
     """cpu: the C best one-token extensions of K live hypotheses.
 
     alive_log_probs [B, K], logits [B, K, V], force [B] (only EOS allowed) -> (values [B, C],
@@ -120,16 +141,21 @@ def top_extensions_chunked(alive_log_probs, logits, force, eos_id, num_candidate
     logits = logits.astype(jnp.float32)
     chunk = _chunk_size(V, num_candidates)
     if chunk is None:
-        return _flat_top_k(alive_log_probs, logits, force[:, None], eos_id, num_candidates)
+        return _flat_top_k(alive_log_probs, logits, force[:, None], eos_id, num_candidates, banned)
     force = force[:, None]  # [B, 1]
     n_chunks = V // chunk
-    # Every pass reads the logits in one [B, K, n, chunk] shape, so XLA stores them once. The
-    # barrier keeps the chunk maxima a pass of their own: otherwise XLA takes the row maximum
-    # straight from the logits and the chunk maxima again in a second pass.
-    chunked = logits.reshape(B, K, n_chunks, chunk)
-    chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, K, n]
-    top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, K, 1], the row maximum
-    lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
+    if banned is None:
+        # Every pass reads the logits in one [B, K, n, chunk] shape, so XLA stores them once. The
+        # barrier keeps the chunk maxima a pass of their own: otherwise XLA takes the row maximum
+        # straight from the logits and the chunk maxima again in a second pass.
+        chunked = logits.reshape(B, K, n_chunks, chunk)
+        chunk_logits = lax.optimization_barrier(jnp.max(chunked, axis=-1))  # [B, K, n]
+        top = jnp.max(chunk_logits, axis=-1, keepdims=True)  # [B, K, 1], the row maximum
+        lse = jnp.log(jnp.sum(jnp.exp(chunked - top[..., None]), axis=(-2, -1)))[..., None]
+    else:  # normalised over every token; banned ones are -inf logits in the chunks searched
+        top, lse = _normaliser(logits)
+        chunked = ban(logits, banned).reshape(B, K, n_chunks, chunk)
+        chunk_logits = jnp.max(chunked, axis=-1)
 
     def extended(x, alive, top, lse):  # alive + log-prob, unmasked; monotone non-decreasing in x
         return alive + ((x - top) - lse)
@@ -156,16 +182,16 @@ def top_extensions_chunked(alive_log_probs, logits, force, eos_id, num_candidate
     return best, jnp.take_along_axis(flat_ids, at, axis=1)
 
 
-def top_extensions_plain(alive_log_probs, logits, force, eos_id, num_candidates):
+def top_extensions_plain(alive_log_probs, logits, force, eos_id, num_candidates, banned=None):
     """portable: `top_extensions_chunked`'s result as lax.top_k over the flat [B, K·V] values
     (GPUs' and TPUs' top-k is fast; no barrier to block fusion)."""
-    return _flat_top_k(alive_log_probs, logits.astype(jnp.float32), force[:, None], eos_id, num_candidates)
+    return _flat_top_k(alive_log_probs, logits.astype(jnp.float32), force[:, None], eos_id, num_candidates, banned)
 
 
-def _flat_top_k(alive_log_probs, logits, force, eos_id, num_candidates):
+def _flat_top_k(alive_log_probs, logits, force, eos_id, num_candidates, banned=None):
     """lax.top_k over alive_log_probs [B, K] + the masked log_softmax of float32 logits [B, K, V]
     (force [B, 1])."""
     B, K, V = logits.shape
     top, lse = _normaliser(logits)  # [B, K, 1]
-    values = alive_log_probs[:, :, None] + _log_probs(logits, top, lse, force, jnp.arange(V), eos_id)
+    values = alive_log_probs[:, :, None] + ban(_log_probs(logits, top, lse, force, jnp.arange(V), eos_id), banned)
     return lax.top_k(values.reshape(B, K * V), num_candidates)

@@ -189,9 +189,24 @@ class Seq2Seq(nn.Module):
         dist = dist.at[jnp.arange(N)[:, None], source_ext].add(gate[:, None] * copy_weights)
         return jnp.log(jnp.maximum(dist, jnp.finfo(jnp.float32).tiny))
 
-    def logits(self, hidden: Array) -> Array:
-        kernel, bias = self.output_weights()
+    def candidate_output_weights(self, vocab_ids: Array) -> tuple[Array, Array]:
+        """The output projection restricted to a shortlist: vocab_ids [C] int32 (-1: padding)
+        -> (kernel [H, C], bias [C]), the columns of `output_weights` (rows of the embedding
+        when tied) for those ids; padding gets bias -inf, so its logit is -inf."""
+        valid = vocab_ids >= 0
+        ids = jnp.where(valid, vocab_ids, 0)
+        if self.config.tie_output:
+            kernel = jnp.take(self.target_embedding, ids, axis=0).T
+        else:
+            kernel = jnp.take(self.output_kernel, ids, axis=1)
+        return kernel, jnp.where(valid, jnp.take(self.output_bias, ids), -jnp.inf)
+
+    def project(self, hidden: Array, kernel: Array, bias: Array) -> Array:
+        """hidden [..., H] -> logits [..., C] = hidden @ kernel [H, C] + bias [C] (compute dtype, float32 out)."""
         return self.kernels.matmul(hidden, kernel, jnp.dtype(self.config.dtype)) + bias
+
+    def logits(self, hidden: Array) -> Array:
+        return self.project(hidden, *self.output_weights())
 
     def decode_step(self, tokens: Array, cache: dict):
         """tokens [N] (previous output) -> (logits [N, V] float32, new cache, weights [N, S] | None).

@@ -9,8 +9,8 @@ to small named parts, as t5x's trainer and Flax's train_and_evaluate do:
 - `check_nonfinite`: steps with a non-finite loss, gradient or update are skipped inside the
   step; `max_nonfinite` of them in a row stop the run (exit code 2) without saving, so the last
   good checkpoint stays the latest;
-- `run_eval` every `eval_every` (loss, perplexity, greedy decoding scored by exact match,
-  sacreBLEU and chrF), where `EvalTracker.update` decides a new best, a plateau step down of the
+- `run_eval` every `eval_every` (loss, perplexity, greedy decoding scored by exact match and
+  the scores of data.task_kind: sacreBLEU, lowercased Moses-tokenised BLEU and chrF, or ROUGE), where `EvalTracker.update` decides a new best, a plateau step down of the
   learning rate and early stopping on `best_metric`, and `apply_verdict` applies them;
 - `save_periodic` (asynchronous) every `checkpoint_every`;
 - `StopSignal`: on SIGTERM/SIGINT the loop finishes the step, saves (`save_on_signal`) and returns.
@@ -41,7 +41,7 @@ from s2s_jax import config as config_lib
 from s2s_jax import metrics as metrics_lib
 from s2s_jax.checkpoint import Checkpoints
 from s2s_jax.config import Config, UserError
-from s2s_jax.data import Data, build_data, model_inputs
+from s2s_jax.data import Data, build_data, model_inputs, truncate_sources
 from s2s_jax.inference.adapter import SingleModel
 from s2s_jax.inference.translator import Translator
 from s2s_jax.model import Seq2Seq
@@ -153,14 +153,17 @@ def evaluate(config: Config, params, data, translator: Translator, eval_fn, para
     result = metrics_lib.scalars_from_sums(jax.device_get(sums)) if sums is not None else {}
     examples = data.eval_examples(split, limit=limit)
     if examples:
-        if config.model.copy_attention:  # text in and out: copied unknown words come back as source words
-            texts = [h[0]["text"] for h in translator.translate_full([s for s, _ in examples], beam=1)]
+        sources = truncate_sources(config.data, [data.source_vocab.encode(s) for s, _ in examples])
+        if config.model.copy_attention:  # extended ids in; copied unknown words come back as source words
+            sources, words = translator.extended_lines([s for s, _ in examples], sources)
+            hyps = translator.translate_ids(sources, beam=1)
+            texts = [translator.hypotheses(h, (src, w))[0]["text"] for h, src, w in zip(hyps, sources, words)]
         else:
-            sources = [data.source_vocab.encode(s) for s, _ in examples]
             hyps = translator.translate_ids(sources, beam=1)
             texts = [data.target_vocab.decode(h["tokens"][0]) for h in hyps]
         refs = [t for _, t in examples]
-        result.update(metrics_lib.corpus_scores(texts, refs))
+        scores = metrics_lib.corpus_scores(texts, refs, kind=config.data.task_kind, lang=config.data.tgt_lang)
+        result.update({k: v for k, v in scores.items() if k not in metrics_lib.VERBOSE_KEYS})
         result["samples"] = [{"source": s, "reference": r, "hypothesis": h}
                              for (s, r), h in list(zip(examples, texts))[:3]]
     return result
@@ -472,8 +475,8 @@ def run_eval(run: RunContext, step: int) -> tuple[dict, Verdict]:
     verdict = tracker.update(result.get(tracker.metric))
     samples = result.pop("samples", [])
     run.writer.write("eval", step, dict(result, best=tracker.best, bad_evals=tracker.bad_evals))
-    shown = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "perplexity", "exact_match", "bleu", "chrf")
-                      if k in result)
+    shown = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "perplexity", "exact_match", "bleu", "bleu_lc_tok",
+                                                          "chrf", "rouge1", "rouge2", "rougeL") if k in result)
     run.bar.write(f"[eval step {step}] {shown}")
     for s in samples[:2]:
         run.bar.write(f"  {s['source']!r} -> {s['hypothesis']!r} (ref {s['reference']!r})")
