@@ -137,6 +137,7 @@ def test_decoding_step_gives_the_extended_distribution(sep):
     no vocabulary part anyway); copied unknown words fed back are embedded as UNK."""
     cfg = model_config("lstm", "mlp", True, True, 1, copy_attention=True, copy_attention_separate=sep)
     batch = copy_batch()
+    batch["target_input"][0, 1] = ref.UNK  # row 0 feeds its copied unknown word (V + 1) back: as UNK
     model, params = init(cfg, batch={k: batch[k] for k in ("source", "source_lengths", "target_input")})
     v = {"params": params}
     logits, cw, gate, _ = ref.copy_forward(cfg, params, batch["source_ext"], batch["source_lengths"],
@@ -144,7 +145,7 @@ def test_decoding_step_gives_the_extended_distribution(sep):
     cache = model.apply(v, batch["source_ext"], batch["source_lengths"], method=Seq2Seq.encode)
     S = batch["source"].shape[1]
     tokens_in = batch["target_input"].copy()
-    tokens_in[0, 1] = batch["target_ext"][0, 0]  # an extended id fed back: the same as UNK
+    tokens_in[0, 1] = batch["target_ext"][0, 0]  # the extended id itself: embedded as UNK
     for t in range(3):
         logp, cache, _ = model.apply(v, jnp.asarray(tokens_in[:, t]), cache, method=Seq2Seq.decode_step)
         assert logp.shape == (3, V + S)
