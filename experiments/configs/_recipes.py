@@ -84,7 +84,8 @@ def text_summarization(name: str, max_source_length: int, max_target_length: int
     scored by ROUGE (data.task_kind="summarization", train.best_metric="rougeL"), sources cut
     to `max_source_length` pieces and targets to `max_target_length` (data.truncate_*: truncated
     and counted, not dropped), batches of 8000 tokens (rows x max(S, T + 1): ~20 rows in the
-    400-piece bucket), outputs of at most `max_target_length` pieces whatever the source length.
+    400-piece bucket), outputs of at most `max_target_length` pieces whatever the source length
+    and without a repeated trigram.
 
     The vocabulary stays one joint SentencePiece model: copy attention needs the source and
     target ids to be the same pieces.
@@ -96,5 +97,8 @@ def text_summarization(name: str, max_source_length: int, max_target_length: int
                                  truncate_source=max_source_length, truncate_target=max_target_length,
                                  batch_tokens=8000, max_buckets=12),
         train=dataclasses.replace(base.train, best_metric="rougeL", early_stopping_patience=4),
-        decode=dataclasses.replace(base.decode, max_len_a=0.0, max_len_b=max_target_length + 1),
+        # no repeated trigram in an output, greedy (validation) and beam alike: OpenNMT-py's
+        # summarisation recipe (-block_ngram_repeat 3); decode.min_length stays the experiment's
+        decode=dataclasses.replace(base.decode, max_len_a=0.0, max_len_b=max_target_length + 1,
+                                   block_ngram_repeat=3),
     )

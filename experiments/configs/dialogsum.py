@@ -42,6 +42,6 @@ def get_config() -> Config:
         model=dataclasses.replace(base.model, dtype="bfloat16"),
         # 500 validation dialogues, one reference each (valid has no ref* files)
         train=dataclasses.replace(base.train, steps=4000, eval_sentences=500),
-        # Beam 5; block_ngram_repeat / min_length (issue 26's decoding controls) go here once they land.
+        # beam 5, no repeated trigram (the recipe); decode.min_length is left at 0 until measured
         decode=base.decode,
     )
