@@ -320,6 +320,8 @@ def _write_results(out, lines, results, *, nbest: int, fmt: str, translator) -> 
                 record["hypotheses"].append({"text": h["text"], "score": round(float(h["score"]), 6),
                                              "tokens": h["tokens"],
                                              "attention": [[round(float(w), 5) for w in row] for row in h["attention"]]})
+                if "copied" in h:  # copy attention: the output tokens copied from the source, and from where
+                    record["hypotheses"][-1]["copied"] = h["copied"]
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     elif nbest == 1:
         out.writelines(hyps[0]["text"] + "\n" for hyps in results)
