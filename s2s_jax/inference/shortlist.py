@@ -241,6 +241,9 @@ def for_decoding(directory: str, config, source_vocab_size: int, target_vocab_si
     dc = config.decode
     if not dc.shortlist:
         return None
+    if config.model.copy_attention:
+        raise ShortlistError("decode.shortlist=true: a model.copy_attention model scores the whole vocabulary and "
+                             "the source's words at every step; leave decode.shortlist=false")
     path = rundir.shortlist_path(directory)
     if not os.path.isfile(path):
         raise ShortlistError(f"decode.shortlist=true: {workdir_flag} {directory} has no {rundir.SHORTLIST_FILE}; "
