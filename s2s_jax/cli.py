@@ -159,6 +159,7 @@ def _shortlist_args(p: argparse.ArgumentParser) -> None:
                         f"this many; default {DEFAULT_TOP_K})")
     p.add_argument("--iterations", type=int, default=ITERATIONS,
                    help=f"IBM Model 1 EM rounds (default {ITERATIONS})")
+    p.add_argument("--data-dir", default=None, help="override data.dir (text corpora moved since training)")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -319,6 +320,8 @@ def _write_results(out, lines, results, *, nbest: int, fmt: str, translator) -> 
                 record["hypotheses"].append({"text": h["text"], "score": round(float(h["score"]), 6),
                                              "tokens": h["tokens"],
                                              "attention": [[round(float(w), 5) for w in row] for row in h["attention"]]})
+                if "copied" in h:  # copy attention: the output tokens copied from the source, and from where
+                    record["hypotheses"][-1]["copied"] = h["copied"]
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     elif nbest == 1:
         out.writelines(hyps[0]["text"] + "\n" for hyps in results)
@@ -431,7 +434,8 @@ def _cmd_average(args) -> int:
 def _cmd_shortlist(args) -> int:
     from s2s_jax.inference.shortlist import build_for_run
 
-    print(json.dumps(build_for_run(args.workdir, top_k=args.top_k, iterations=args.iterations)))
+    print(json.dumps(build_for_run(args.workdir, top_k=args.top_k, iterations=args.iterations,
+                                   data_dir=args.data_dir)))
     return 0
 
 
