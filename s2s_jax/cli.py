@@ -159,6 +159,7 @@ def _shortlist_args(p: argparse.ArgumentParser) -> None:
                         f"this many; default {DEFAULT_TOP_K})")
     p.add_argument("--iterations", type=int, default=ITERATIONS,
                    help=f"IBM Model 1 EM rounds (default {ITERATIONS})")
+    p.add_argument("--data-dir", default=None, help="override data.dir (text corpora moved since training)")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -433,7 +434,8 @@ def _cmd_average(args) -> int:
 def _cmd_shortlist(args) -> int:
     from s2s_jax.inference.shortlist import build_for_run
 
-    print(json.dumps(build_for_run(args.workdir, top_k=args.top_k, iterations=args.iterations)))
+    print(json.dumps(build_for_run(args.workdir, top_k=args.top_k, iterations=args.iterations,
+                                   data_dir=args.data_dir)))
     return 0
 
 

@@ -213,6 +213,14 @@ def test_a_shortlist_of_every_possible_token_equals_full_decoding(random_model, 
         np.testing.assert_allclose(x["scores"], y["scores"], rtol=1e-5, atol=1e-5)
 
 
+def test_copy_attention_models_refuse_the_shortlist(random_model):
+    config, _, _, vocab = random_model
+    config = config.replace(model=dataclasses.replace(config.model, copy_attention=True),
+                            decode=dataclasses.replace(config.decode, shortlist=True))
+    with pytest.raises(shortlist_lib.ShortlistError, match="copy_attention"):
+        shortlist_lib.for_decoding("/nonexistent", config, vocab.vocab_size, vocab.vocab_size)
+
+
 # -- a run: build, decode, validate, export --------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -224,7 +224,10 @@ def _model_card(config, manifest: dict, flat: dict, eval_record: dict | None, n_
               f"bundle = load_bundle({manifest['name']!r})",
               f"bundle.translate([\"...\"])            # beam {d['default_beam']} (the run's decode.beam_size)",
               "bundle.translate([\"...\"], beam=1)     # greedy",
-              "bundle.params                          # nested dict of numpy arrays", "```", "",
+              "bundle.params                          # nested dict of numpy arrays",
+              "bundle.translator().translate([\"...\"], beam=4, nbest=2)   # continuous batching over the "
+              "step programs (any beam; imports s2s_jax's decoding stack)",
+              "# s2s-jax serve --bundle DIR             # the HTTP server, continuous batching", "```", "",
               "## Programs (`programs/*.jaxexport`, `jax.export.deserialize(bytearray(data)).call(...)`)", "",
               f"Lowered for platforms {', '.join(manifest['platforms'])}; symbolic sizes: batch B, source "
               "length S, output bound T. Inputs: `params` (nested dict as in params.safetensors, "
