@@ -239,6 +239,11 @@ def test_cli_average_last_in_bfloat16(tiny_run, tmp_path):
         mean = ((p10[name].astype(np.float64) + p20[name]) / 2).astype(np.float32)
         np.testing.assert_array_equal(value, mean.astype(ml_dtypes.bfloat16))
     assert len(bundle.translate(LINES[:3], beam=1)) == 3  # bfloat16 programs run
+    # The step programs take float32 params (converted once from the stored bfloat16 values):
+    # the slot pool over them gives what the fixed-batch programs give.
+    fixed, pooled = bundle.translate_full(LINES, beam=1), bundle.translator().translate_full(LINES, beam=1)
+    assert [h[0]["text"] for h in pooled] == [h[0]["text"] for h in fixed]
+    np.testing.assert_allclose([h[0]["score"] for h in pooled], [h[0]["score"] for h in fixed], atol=1e-4)
 
 
 def test_export_errors(tiny_run, tiny_bundle, tmp_path):

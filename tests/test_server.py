@@ -310,6 +310,31 @@ def test_serve_bad_arguments_exit_2(tiny_task_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_ensemble_bundle_server_equals_ensemble_server(tiny_task_run, other_seed_run, tmp_path):
+    """An ensemble's export bundle streams too (its step programs combine the members): the same
+    answers as the ensemble of the runs, through the real app (ASGI client)."""
+    from starlette.testclient import TestClient
+
+    from s2s_jax.inference.export import export_bundle
+    from s2s_jax.inference.server import create_app, load_engine
+
+    runs = [str(tiny_task_run), str(other_seed_run)]
+    bundle = export_bundle(runs, str(tmp_path / "ens"), weights=[0.3, 0.7], beams=[3], platforms=("cpu",))
+    answers = []
+    for engine in (load_engine(bundle=bundle), load_engine(workdir=runs, weights="3,7")):
+        with TestClient(create_app(engine)) as client:
+            assert client.get("/model").json()["batching"] == "stream"
+            answers.append([client.post("/translate", json={"text": LINES, "beam": beam, "nbest": nbest}).json()
+                            for beam, nbest in ((1, 1), (3, 2))])
+    for got, want in zip(*answers):
+        assert [[n["text"] for n in g["nbest"]] for g in got["translations"]] == \
+            [[n["text"] for n in w["nbest"]] for w in want["translations"]]
+        assert [g["score"] for g in got["translations"]] == pytest.approx([w["score"] for w in want["translations"]],
+                                                                          abs=1e-5)
+
+
+@pytest.mark.slow
 def test_serve_ensemble_of_different_vocabularies_exit_2(tiny_task_run, fr_en_run):
     from tests.conftest import run_cli
 

@@ -224,7 +224,10 @@ def _model_card(config, manifest: dict, flat: dict, eval_record: dict | None, n_
               f"bundle = load_bundle({manifest['name']!r})",
               f"bundle.translate([\"...\"])            # beam {d['default_beam']} (the run's decode.beam_size)",
               "bundle.translate([\"...\"], beam=1)     # greedy",
-              "bundle.params                          # nested dict of numpy arrays", "```", "",
+              "bundle.params                          # nested dict of numpy arrays",
+              "bundle.translator().translate([\"...\"], beam=4, nbest=2)   # continuous batching over the "
+              "step programs (any beam; imports s2s_jax's decoding stack)",
+              "# s2s-jax serve --bundle DIR             # the HTTP server, continuous batching", "```", "",
               "## Programs (`programs/*.jaxexport`, `jax.export.deserialize(bytearray(data)).call(...)`)", "",
               f"Lowered for platforms {', '.join(manifest['platforms'])}; symbolic sizes: batch B, source "
               "length S, output bound T. Inputs: `params` (nested dict as in params.safetensors, "
@@ -348,6 +351,9 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
         config, model, params, source_vocab, target_vocab, ck = (run.config, run.model, run.params, run.source_vocab,
                                                                  run.target_vocab, run.checkpoint)
         model = SingleModel(model)
+    if config.model.copy_attention:
+        raise UserError(f"{workdir}: export bundles do not hold copy-attention models yet (model.copy_attention="
+                        "True); translate and eval the run itself (s2s_jax translate / eval --workdir)")
     if beams is None:
         beams = [config.decode.beam_size if config.decode.beam_size > 1 else 5]
     beams = sorted(set(int(b) for b in beams))
