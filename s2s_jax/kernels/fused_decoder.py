@@ -48,8 +48,11 @@ Array = jax.Array
 
 
 def supported(cfg) -> bool:
-    """Whether `decode` handles this ModelConfig (else the decoder's generic scan does)."""
-    return cfg.fused_decoder and cfg.input_feeding and cfg.cell == "lstm" and cfg.attention in ("dot", "general")
+    """Whether `decode` handles this ModelConfig (else the decoder's generic scan does). Coverage
+    (model.coverage) hands over to the generic scan; copy attention needs nothing of the scan
+    beyond the weights it returns."""
+    return (cfg.fused_decoder and cfg.input_feeding and cfg.cell == "lstm" and cfg.attention in ("dot", "general")
+            and not cfg.coverage)
 
 
 def decoder_scan(activations, cfg, W: dict, gx0: Array, state, memory: Array, keys: Array, mask: Array,
