@@ -3,11 +3,15 @@ offline translation of the same sentences by the same model, in the same sitting
 
     python experiments/load_test.py --workdir runs/m30k --src ../shared/data/multi30k/test.en \
         --beam 5 --concurrency 1,8,32 --seconds 30 --out experiments/results/load_test_m30k.json
+    python experiments/load_test.py --bundle bundles/m30k ...                       # an export bundle
+    python experiments/load_test.py --workdir runs/a --workdir runs/b [--weights 0.5,0.5] ...   # an ensemble
 
-1. Offline: the run's Translator in this process translates the whole --src file (`translate
-   --beam K`'s code path); after one warm-up pass (compilation), the median of --offline-runs
-   timed passes gives sentences/s. The Translator is then released.
-2. Server: `python -m s2s_jax serve --workdir RUN` starts on a free loopback port. For each
+1. Offline: the model's Translator in this process translates the whole --src file (`translate
+   --beam K`'s code path: for a bundle `Bundle.translator()`, the same continuous batching over
+   its exported step; for several runs their ensemble); after one warm-up pass (compilation),
+   the median of --offline-runs timed passes gives sentences/s. The Translator is then released.
+2. Server: `python -m s2s_jax serve --workdir RUN` (or `--bundle B`, or several `--workdir` with
+   `--weights`: the same model as offline) starts on a free loopback port. For each
    concurrency level C, C asyncio clients (httpx) each send requests of 1-16 consecutive
    --src sentences (seeded) one after another: first for --warmup seconds (the server compiles
    the decode programs of the shapes it meets; they also land in the persistent XLA cache),
@@ -38,12 +42,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 
-def offline_throughput(workdir: str, lines: list[str], beam: int, runs: int, step, best) -> dict:
-    import s2s_jax
+def load_model(args):
+    """The Translator of what is load-tested: the run, the ensemble of the runs, or the bundle."""
+    if args.bundle:
+        from s2s_jax.inference.bundle import load_bundle
+
+        return load_bundle(args.bundle).translator()
+    if len(args.workdir) > 1:
+        from s2s_jax.inference.ensemble import load_ensemble_translator, parse_weights
+
+        return load_ensemble_translator(args.workdir, weights=parse_weights(args.weights, len(args.workdir)),
+                                        step=args.step, best=args.best)
     from s2s_jax.inference.runs import load_translator
 
-    s2s_jax.setup()
-    translator = load_translator(workdir, step=step, best=best)
+    return load_translator(args.workdir[0], step=args.step, best=args.best)
+
+
+def model_args(args) -> list[str]:
+    """`serve`'s arguments naming the same model as `load_model`."""
+    if args.bundle:
+        return ["--bundle", args.bundle]
+    runs = [a for w in args.workdir for a in ("--workdir", w)]
+    return runs + (["--weights", args.weights] if args.weights else []) + (["--best"] if args.best else []) + (
+        ["--step", str(args.step)] if args.step is not None else [])
+
+
+def offline_throughput(translator, lines: list[str], beam: int, runs: int) -> dict:
     t0 = time.perf_counter()
     translator.translate(lines, beam=beam)  # compiles
     first = time.perf_counter() - t0
@@ -57,8 +81,8 @@ def offline_throughput(workdir: str, lines: list[str], beam: int, runs: int, ste
             "seconds": [round(t, 3) for t in times], "sentences_per_second": round(len(lines) / median, 1)}
 
 
-def start_server(workdir: str, extra: list[str]):
-    cmd = [sys.executable, "-m", "s2s_jax", "serve", "--workdir", workdir, "--port", "0", *extra]
+def start_server(extra: list[str]):
+    cmd = [sys.executable, "-m", "s2s_jax", "serve", "--port", "0", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -115,7 +139,10 @@ async def run_level(url: str, lines: list[str], *, clients: int, seconds: float,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--workdir", action="append", help="a trained run; several: their ensemble")
+    which.add_argument("--bundle", help="an export bundle (served with `serve --bundle`)")
+    p.add_argument("--weights", default=None, help="ensemble weights, one per --workdir (default: equal)")
     p.add_argument("--src", default=os.path.join(ROOT, "..", "shared", "data", "multi30k", "test.en"))
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--concurrency", default="1,8,32")
@@ -132,18 +159,23 @@ def main(argv=None) -> int:
     with open(args.src, encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
     levels = [int(c) for c in args.concurrency.split(",")]
-    record = {"workdir": os.path.abspath(args.workdir), "src": os.path.abspath(args.src), "beam": args.beam,
+    if args.bundle and (args.step is not None or args.best or args.weights):
+        p.error("--step/--best/--weights apply to --workdir runs")
+    record = {"model": {"bundle": os.path.abspath(args.bundle)} if args.bundle else {
+                  "workdirs": [os.path.abspath(w) for w in args.workdir], "weights": args.weights},
+              "src": os.path.abspath(args.src), "beam": args.beam,
               "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(sys.argv)}
-    record["offline"] = offline_throughput(args.workdir, lines, args.beam, args.offline_runs, args.step, args.best)
+    import s2s_jax
+
+    s2s_jax.setup()
+    record["offline"] = offline_throughput(load_model(args), lines, args.beam, args.offline_runs)
     print(f"offline translate --beam {args.beam}: {record['offline']['sentences_per_second']} sentences/s",
           file=sys.stderr, flush=True)
     import gc
 
     gc.collect()
-    extra = args.server_args.split() + (["--best"] if args.best else []) + (
-        ["--step", str(args.step)] if args.step is not None else []) + ["--max-pending", "100000"]
-    proc, url = start_server(args.workdir, extra)
+    proc, url = start_server(model_args(args) + args.server_args.split() + ["--max-pending", "100000"])
     record["levels"] = []
     try:
         for c in levels:

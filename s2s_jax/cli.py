@@ -88,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP translation server with dynamic batching (see inference/server.py)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--workdir", help="a trained run")
+    which.add_argument("--workdir", action="append",
+                       help="a trained run; give several (same vocabularies) to serve their ensemble")
     which.add_argument("--bundle", help="an export bundle directory")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...",
+                   help="ensemble weights, one per --workdir (default: equal)")
     _decode_args(p)
     _serve_args(p)
     p = sub.add_parser("benchmark", help="training throughput, compile time and FLOP utilisation (JSON)")
@@ -109,7 +112,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--average-last", type=int, default=None, metavar="K",
                    help="average the parameters of the last K checkpoints")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.FIELD=VALUE")
-    controls = p.add_argument_group("decoding controls (each sets a decode.* field; docs/decoding.md)")
+    controls = p.add_argument_group("decoding controls (each sets a decode.* field; docs/lifecycle.md)")
     for flag, field, kind, text in _DECODE_CONTROLS:
         extra = {"nargs": "+"} if field == "ignore_when_blocking" else ({"nargs": 0} if kind is bool else {"type": kind})
         controls.add_argument(flag, dest="overrides", action=_DecodeField, field=field, default=[], help=text, **extra)
@@ -156,6 +159,7 @@ def _shortlist_args(p: argparse.ArgumentParser) -> None:
                         f"this many; default {DEFAULT_TOP_K})")
     p.add_argument("--iterations", type=int, default=ITERATIONS,
                    help=f"IBM Model 1 EM rounds (default {ITERATIONS})")
+    p.add_argument("--data-dir", default=None, help="override data.dir (text corpora moved since training)")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -173,8 +177,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="sentences merged into one decode call (0: 16 x decode.batch_size)")
     p.add_argument("--max-beam", type=int, default=d.max_beam, help="largest beam a request may ask for")
     p.add_argument("--batching", choices=("auto", "stream", "merge"), default="auto",
-                   help="stream: sentences join the running decoder as slots free up (runs; the default); "
-                        "merge: one decode call per group of waiting requests (bundles)")
+                   help="stream: sentences join the running decoder as slots free up (the default); "
+                        "merge: one decode call per group of waiting requests (what auto picks for a bundle "
+                        "of format version 1, which has no step programs)")
     p.add_argument("--chunk-steps", type=int, default=4,
                    help="stream batching: decoding steps between admissions of new sentences")
     p.add_argument("--graceful-seconds", type=float, default=60.0,
@@ -315,6 +320,8 @@ def _write_results(out, lines, results, *, nbest: int, fmt: str, translator) -> 
                 record["hypotheses"].append({"text": h["text"], "score": round(float(h["score"]), 6),
                                              "tokens": h["tokens"],
                                              "attention": [[round(float(w), 5) for w in row] for row in h["attention"]]})
+                if "copied" in h:  # copy attention: the output tokens copied from the source, and from where
+                    record["hypotheses"][-1]["copied"] = h["copied"]
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     elif nbest == 1:
         out.writelines(hyps[0]["text"] + "\n" for hyps in results)
@@ -427,7 +434,8 @@ def _cmd_average(args) -> int:
 def _cmd_shortlist(args) -> int:
     from s2s_jax.inference.shortlist import build_for_run
 
-    print(json.dumps(build_for_run(args.workdir, top_k=args.top_k, iterations=args.iterations)))
+    print(json.dumps(build_for_run(args.workdir, top_k=args.top_k, iterations=args.iterations,
+                                   data_dir=args.data_dir)))
     return 0
 
 

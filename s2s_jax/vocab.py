@@ -107,8 +107,55 @@ class CharVocab:
         """Per-token strings, for attention plots and JSON output."""
         return [self.itos[int(i)] if 0 <= int(i) < len(self.itos) else "?" for i in ids]
 
+    def surfaces(self, text: str) -> list[str]:
+        """The text of each token `encode(text)` gives (copy attention's unknown words)."""
+        return list(text)
+
     def to_json(self) -> dict:
         return {"kind": "char"}
+
+
+class WordVocab:
+    """Whitespace-separated words (built-in tasks with data.spm_model_type="word"): the 4
+    specials, then the words of at least two training examples, most frequent first (at most
+    data.vocab_size entries in all); any other word is UNK (copy attention can still copy it)."""
+
+    kind = "word"
+
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+
+    @classmethod
+    def build(cls, texts, vocab_size: int) -> "WordVocab":
+        counts: dict[str, int] = {}
+        for t in texts:  # one text per example (source and target together): a word counts once in it
+            for w in dict.fromkeys(t.split()):
+                counts[w] = counts.get(w, 0) + 1
+        words = sorted((w for w, c in counts.items() if c >= 2), key=lambda w: -counts[w])  # stable: first seen
+        return cls(list(SPECIALS) + words[:max(vocab_size - len(SPECIALS), 0)])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(w, UNK_ID) for w in text.split()]
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return " ".join(self.itos[i] if 0 <= i < len(self.itos) else "?" for i in _content_ids(ids))
+
+    def pieces(self, ids) -> list[str]:
+        return [self.itos[int(i)] if 0 <= int(i) < len(self.itos) else "?" for i in ids]
+
+    def surfaces(self, text: str) -> list[str]:
+        return text.split()
+
+    def to_json(self) -> dict:
+        return {"kind": "word", "itos": self.itos}
 
 
 class SentencePieceVocab:
@@ -147,6 +194,10 @@ class SentencePieceVocab:
         n = self.vocab_size
         return [self.sp.id_to_piece(int(i)) if 0 <= int(i) < n else "?" for i in ids]
 
+    def surfaces(self, text: str) -> list[str]:
+        """The text each piece of `encode(text)` covers (copy attention's unknown words)."""
+        return [p.surface for p in self.sp.encode(text, out_type="immutable_proto").pieces]
+
     def to_json(self) -> dict:
         return {"kind": "sentencepiece", "model": os.path.basename(self.model_file),
                 "vocab_size": self.vocab_size}
@@ -157,6 +208,8 @@ def vocab_from_json(desc: dict, directory: str):
     kind = desc.get("kind")
     if kind == "char":
         return CharVocab(desc.get("itos"))
+    if kind == "word":
+        return WordVocab(desc["itos"])
     if kind == "sentencepiece":
         path = os.path.join(directory, desc["model"])
         if not os.path.isfile(path):
@@ -187,3 +240,49 @@ def read_vocab_dir(directory: str):
         raise VocabError(f"{path}: not a valid vocabulary description (truncated or corrupt); copy the "
                          f"run's vocab/ folder back or retrain") from None
     return vocab_from_json(source, directory), vocab_from_json(target, directory)
+
+
+# -- copy attention's per-sentence extended ids ------------------------------------------------
+
+def extended_ids(vocab, source_ids, source_words, target_ids=None, target_words=None):
+    """Copy attention's dynamic vocabulary of one sentence: each distinct source word that is
+    UNK in `vocab` gets id V + k (k-th such word), and a target UNK whose word is one of them
+    gets that id. source_words/target_words: the text of each token (`vocab.surfaces`).
+    Returns (source_ext, target_ext or None, unknown words [k -> word])."""
+    V = vocab.vocab_size
+    unknown: dict[str, int] = {}
+    src = [int(i) for i in source_ids]
+    for n, i in enumerate(src):
+        if i == UNK_ID and n < len(source_words):
+            src[n] = V + unknown.setdefault(source_words[n], len(unknown))
+    tgt = None
+    if target_ids is not None:
+        tgt = [int(i) for i in target_ids]
+        for n, i in enumerate(tgt):
+            if i == UNK_ID and n < len(target_words) and target_words[n] in unknown:
+                tgt[n] = V + unknown[target_words[n]]
+    return src, tgt, list(unknown)
+
+
+def decode_extended(vocab, ids, words) -> tuple[str, list[str]]:
+    """(text, pieces) of output ids that may hold extended ids (>= V: words[id - V], the
+    source's unknown words, written as they were in the source)."""
+    V = vocab.vocab_size
+    ids = list(_content_ids(ids))
+    if all(i < V for i in ids):
+        return vocab.decode(ids), vocab.pieces(ids)
+    pieces = [words[i - V] if i >= V else vocab.pieces([i])[0] for i in ids]
+    if vocab.kind == "sentencepiece":  # in-vocabulary runs decode as SentencePiece does
+        out, run = [], []
+        for i in ids + [None]:
+            if i is not None and i < V:
+                run.append(i)
+                continue
+            if run:
+                out.append(vocab.decode(run))
+                run = []
+            if i is not None:
+                out.append(words[i - V])
+        return " ".join(o for o in out if o), pieces
+    sep = "" if vocab.kind == "char" else " "
+    return sep.join(pieces), pieces

@@ -162,8 +162,10 @@ def bridge(cfg, params, finals, B):
     return out
 
 
-def attend(cfg, p, q, memory, mask):
-    """q [B, H], memory [B, S, H], mask [B, S] -> (attentional hidden [B, H], weights [B, S])."""
+def attend(cfg, p, q, memory, mask, coverage=None):
+    """q [B, H], memory [B, S, H], mask [B, S] -> (attentional hidden [B, H], weights [B, S]).
+    coverage [B, S] (model.coverage): c_s = the earlier steps' weights summed, scored as
+    + w_c c_s (dot, general) or inside the tanh as + w_c c_s (mlp, w_c a vector)."""
     if cfg.attention == "dot":
         scores = jnp.einsum("bh,bsh->bs", q, memory, precision=HIGH)
     elif cfg.attention == "general":
@@ -171,8 +173,13 @@ def attend(cfg, p, q, memory, mask):
         scores = jnp.einsum("bh,bsh->bs", q, keys, precision=HIGH)
     else:
         keys = jnp.einsum("bsh,hk->bsk", memory, p["key_kernel"], precision=HIGH)
-        feat = jnp.tanh((dot(q, p["query_kernel"]) + p["bias"])[:, None, :] + keys)
+        pre = (dot(q, p["query_kernel"]) + p["bias"])[:, None, :] + keys
+        if coverage is not None:
+            pre = pre + coverage[:, :, None] * p["coverage_weight"][None, None, :]
+        feat = jnp.tanh(pre)
         scores = jnp.einsum("bsh,h->bs", feat, p["v"][:, 0], precision=HIGH)
+    if coverage is not None and cfg.attention != "mlp":
+        scores = scores + p["coverage_weight"][0] * coverage
     biggest = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True)
     e = jnp.where(mask, jnp.exp(scores - biggest), 0.0)
     weights = e / e.sum(-1, keepdims=True)
@@ -191,6 +198,7 @@ def forward(cfg, params, source, source_lengths, target_input):
     mask = jnp.arange(S)[None, :] < source_lengths[:, None]
     state = bridge(cfg, params, finals, B)
     feed = jnp.zeros((B, cfg.hidden_dim), jnp.float32)
+    coverage = jnp.zeros((B, S), jnp.float32)  # model.coverage: Σ of the earlier steps' weights
     hiddens, all_weights = [], []
     for t in range(target_input.shape[1]):
         x = params["target_embedding"][target_input[:, t]]
@@ -206,7 +214,9 @@ def forward(cfg, params, source, source_lengths, target_input):
             x = y
         state = new_state
         if cfg.attention != "none":
-            x, w = attend(cfg, params["decoder"]["attention"], x, memory, mask)
+            x, w = attend(cfg, params["decoder"]["attention"], x, memory, mask,
+                          coverage if cfg.coverage else None)
+            coverage = coverage + w
             all_weights.append(w)
         feed = x
         hiddens.append(x)
@@ -263,3 +273,65 @@ def shortlist_logits(cfg, params, hidden, vocab_ids):
         else:
             columns.append(dot(hidden, kernel[:, v]) + params["output_bias"][v])
     return jnp.stack(columns, axis=1)
+
+
+# -- coverage loss (model.coverage) -------------------------------------------------------------
+def coverage_loss(weights, batch):
+    """Σ over real target steps t and source positions i of min(a_t,i, c_t,i), c_t = Σ_{t'<t} a_t'
+    (a Python loop over t)."""
+    B, T, S = weights.shape
+    real = jnp.arange(T)[None, :] < batch["target_lengths"][:, None]
+    c = jnp.zeros((B, S), jnp.float32)
+    total = 0.0
+    for t in range(T):
+        total = total + jnp.where(real[:, t], jnp.minimum(weights[:, t], c).sum(-1), 0.0).sum()
+        c = c + weights[:, t]
+    return total
+
+
+# -- copy attention (model.copy_attention) --------------------------------------------------------
+UNK = 3
+
+
+def copy_forward(cfg, params, source_ext, source_lengths, target_input, V):
+    """Teacher forcing with copy attention: source_ext holds extended ids (>= V: unknown words,
+    embedded as UNK). Returns (logits [B, T, V], copy weights [B, T, S], gate [B, T], weights)."""
+    source = jnp.where(source_ext >= V, UNK, source_ext)
+    hidden, logits, weights = forward(cfg, params, source, source_lengths, target_input)
+    memory, _ = encode(cfg, params, source, source_lengths)
+    mask = jnp.arange(source.shape[1])[None, :] < source_lengths[:, None]
+    copy_ws, gates = [], []
+    for t in range(target_input.shape[1]):
+        h = hidden[:, t]
+        a = weights[:, t]
+        if cfg.copy_attention_separate:
+            _, a = attend(cfg, params["copy_attention"], h, memory, mask)
+        context = jnp.einsum("bs,bsh->bh", a, memory, precision=HIGH)
+        emb = params["target_embedding"][target_input[:, t]]
+        x = jnp.concatenate([h, context, emb], -1)
+        gates.append(jax.nn.sigmoid(dot(x, params["copy_gate_kernel"])[:, 0] + params["copy_gate_bias"][0]))
+        copy_ws.append(a)
+    return logits, jnp.stack(copy_ws, 1), jnp.stack(gates, 1), weights
+
+
+def copy_loss(logits, copy_weights, gate, batch, V, force_copy=False):
+    """Mean over real target positions of -log p(y), p(y) = (1 - g) p_vocab(y) [unless y is an
+    unknown word found in the source, or force_copy and y is in the source] + g Σ_{i: x_i = y} a_i,
+    written with Python loops over rows, steps and source positions."""
+    B, T, _ = logits.shape
+    probs = jax.nn.softmax(logits, axis=-1)
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(int(batch["target_lengths"][b])):
+            y, y_ext = int(batch["target_output"][b, t]), int(batch["target_ext"][b, t])
+            copy = 0.0
+            found = False
+            for i in range(int(batch["source_lengths"][b])):
+                if int(batch["source_ext"][b, i]) == y_ext:
+                    copy = copy + copy_weights[b, t, i]
+                    found = True
+            g = gate[b, t]
+            vocab_part = 0.0 if (y_ext >= V or (force_copy and found)) else (1 - g) * probs[b, t, y]
+            total = total - jnp.log(vocab_part + g * copy)
+            count += 1
+    return total / count

@@ -55,9 +55,9 @@ def in_process(workdir, lines, beam):
 
 def test_bundle_layout_and_model_card(tiny_bundle):
     manifest = json.loads((tiny_bundle / "bundle.json").read_text())
-    assert manifest["format"] == "s2s_jax-bundle" and manifest["format_version"] == 1
+    assert manifest["format"] == "s2s_jax-bundle" and manifest["format_version"] == 2
     assert manifest["checkpoint"] == {"which": "latest", "steps": [20]}
-    assert sorted(manifest["programs"]) == ["beam_3", "encode", "greedy"]
+    assert sorted(manifest["programs"]) == ["beam_3", "encode", "greedy", "projection_table", "step", "step_table"]
     assert manifest["platforms"] == ["cpu", "cuda"]
     for name in ("config.json", "params.safetensors", "vocab/vocab.json", "MODEL.md", "programs/encode.jaxexport",
                  "programs/greedy.jaxexport", "programs/beam_3.jaxexport"):
@@ -67,11 +67,12 @@ def test_bundle_layout_and_model_card(tiny_bundle):
 
     with safe_open(str(tiny_bundle / "params.safetensors"), framework="np") as f:
         names = set(f.keys())
-        assert f.metadata()["format_version"] == "1"
+        assert f.metadata()["format_version"] == "2"
     assert {"decoder/layer_0/input_kernel", "encoder/layer_0/recurrent_kernel", "output_kernel"} <= names
     card = (tiny_bundle / "MODEL.md").read_text()
     for needle in ("LSTM encoder", "built-in task `reverse`", "| BLEU |", "exact match",
-                   "sacreBLEU signature: `nrefs:1|", "step 20", "`beam_3`", "`decoder/layer_0/input_kernel`"):
+                   "sacreBLEU signature: `nrefs:1|", "step 20", "`beam_3`", "`step_table`",
+                   "`decoder/layer_0/input_kernel`"):
         assert needle in card, needle
 
 
@@ -87,6 +88,70 @@ def test_bundle_translations_equal_in_process(tiny_run, tiny_bundle):
     assert bundle.translate(LINES, beam=3) == in_process(tiny_run, LINES, beam=3)
     with pytest.raises(UserError, match="beam sizes"):
         bundle.translate(LINES, beam=4)
+
+
+def _stream(translator, lines, *, beam, nbest=1):
+    """`StreamingDecoder` (the server's pool) over `translator`: sentences arrive in three
+    groups while it decodes -> {line index: result}."""
+    from s2s_jax.inference.streaming import StreamingDecoder
+
+    decoder = StreamingDecoder(translator, beam=beam, nbest=nbest, chunk_steps=2, slots=8)
+    items = [(i, ids) for i, ids in enumerate(translator.encode_lines(lines)) if ids]
+    out = {}
+    for start in range(0, len(items), 3):
+        decoder.add(items[start:start + 3])
+        out.update(decoder.step())
+    while decoder.busy:
+        out.update(decoder.step())
+    return out
+
+
+def test_bundle_streaming_equals_run_streaming(tiny_run, tiny_bundle):
+    """The bundle's step programs through the server's slot pool (`Bundle.translator`) give the
+    run's tokens, token for token, greedy and beam (n-best too; beam 4 was not exported as a
+    fixed program: the search runs in the loader)."""
+    from s2s_jax.inference.bundle import load_bundle
+    from s2s_jax.inference.runs import load_translator
+
+    lines = LINES * 3 + ["abcdefghijklmnopq"]
+    run, bundle = load_translator(str(tiny_run)), load_bundle(str(tiny_bundle)).translator()
+    for beam, nbest in ((1, 1), (3, 2), (4, 1)):
+        got, want = _stream(bundle, lines, beam=beam, nbest=nbest), _stream(run, lines, beam=beam, nbest=nbest)
+        assert sorted(got) == sorted(want) == [i for i, line in enumerate(lines) if line]
+        for i in want:
+            assert got[i]["tokens"] == want[i]["tokens"], (beam, lines[i])
+            np.testing.assert_allclose(got[i]["scores"], want[i]["scores"], rtol=1e-5, atol=1e-5)
+        if beam == 1:
+            assert len({tuple(r["tokens"][0]) for r in want.values()}) > 2  # not a constant output
+    offline, expected = bundle.translate(lines, beam=3, nbest=2), run.translate(lines, beam=3, nbest=2)
+    assert [[t for t, _ in hyps] for hyps in offline] == [[t for t, _ in hyps] for hyps in expected]
+    np.testing.assert_allclose([[x for _, x in h] for h in offline], [[x for _, x in h] for h in expected], atol=1e-5)
+
+
+def test_format_1_bundle_loads_and_asks_for_a_re_export(tiny_bundle, tmp_path):
+    """A bundle written before the step programs (format version 1) still translates with its
+    fixed-batch programs and is served with merged calls; continuous batching asks for a re-export."""
+    from s2s_jax.inference.bundle import STEP_PROGRAMS, load_bundle
+    from s2s_jax.inference.server import BundleEngine, create_app, load_engine
+
+    old = tmp_path / "v1"
+    shutil.copytree(tiny_bundle, old)
+    manifest = json.loads((old / "bundle.json").read_text())
+    manifest["format_version"] = 1
+    for name in STEP_PROGRAMS:
+        os.remove(old / manifest["programs"].pop(name)["file"])
+        del manifest["files"][f"programs/{name}.jaxexport"]
+    (old / "bundle.json").write_text(json.dumps(manifest))
+    bundle = load_bundle(str(old))
+    assert not bundle.streams and bundle.beam_sizes == [1, 3]
+    assert bundle.translate(LINES, beam=3) == load_bundle(str(tiny_bundle)).translate(LINES, beam=3)
+    with pytest.raises(UserError, match="format version 1 has no step programs; re-export"):
+        bundle.translator()
+    engine = load_engine(bundle=str(old))
+    assert isinstance(engine, BundleEngine)
+    assert create_app(engine).state.server.streaming is False  # auto: merged calls
+    with pytest.raises(UserError, match="re-export it"):
+        create_app(engine, batching="stream")
 
 
 def test_fresh_process_loader_needs_no_training_stack(tiny_bundle):
@@ -174,6 +239,11 @@ def test_cli_average_last_in_bfloat16(tiny_run, tmp_path):
         mean = ((p10[name].astype(np.float64) + p20[name]) / 2).astype(np.float32)
         np.testing.assert_array_equal(value, mean.astype(ml_dtypes.bfloat16))
     assert len(bundle.translate(LINES[:3], beam=1)) == 3  # bfloat16 programs run
+    # The step programs take float32 params (converted once from the stored bfloat16 values):
+    # the slot pool over them gives what the fixed-batch programs give.
+    fixed, pooled = bundle.translate_full(LINES, beam=1), bundle.translator().translate_full(LINES, beam=1)
+    assert [h[0]["text"] for h in pooled] == [h[0]["text"] for h in fixed]
+    np.testing.assert_allclose([h[0]["score"] for h in pooled], [h[0]["score"] for h in fixed], atol=1e-4)
 
 
 def test_export_errors(tiny_run, tiny_bundle, tmp_path):

@@ -1,6 +1,7 @@
 """The translation server over loopback with a real HTTP client (httpx): routes, every bad
 request's status and message, merging of concurrent requests, SIGTERM with requests in
-flight, and the API key."""
+flight, the API key, and bundles and ensembles served (the bundle server answers as the run
+server, the ensemble server as `translate --workdir A --workdir B`)."""
 
 from __future__ import annotations
 
@@ -227,15 +228,119 @@ def test_api_key(tiny_task_run):
         assert r.status_code == 200
 
 
+@pytest.fixture(scope="module")
+def other_seed_run(tmp_path_factory):
+    """A second tiny run (another seed, the same vocabulary): the ensemble's other member."""
+    from tests.conftest import run_cli
+
+    workdir = tmp_path_factory.mktemp("serve_ensemble") / "seed1"
+    proc = run_cli("train", "--config", "experiments/configs/tiny.py", "--workdir", str(workdir), "--no-progress",
+                   "--set", "train.seed=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_task_run, tmp_path_factory):
+    from s2s_jax.inference.export import export_bundle
+
+    return export_bundle(str(tiny_task_run), str(tmp_path_factory.mktemp("serve_bundle") / "bundle"),
+                         beams=[3], platforms=("cpu",))
+
+
+def test_bundle_server_equals_run_server(server, tiny_bundle):
+    """`serve --bundle` streams through the same slot pool as `serve --workdir` (the bundle's
+    step programs): the same answers, any beam and n-best, concurrent requests included."""
+    with serve("--bundle", tiny_bundle, "--max-sentences", "16") as bundle_server:
+        model = bundle_server.get("/model").json()
+        assert model["kind"] == "bundle" and model["batching"] == "stream" and model["bundle_format_version"] == 2
+        for body in ({"text": LINES, "beam": 3, "nbest": 2}, {"text": LINES}, {"text": LINES[::-1], "beam": 4}):
+            got = bundle_server.post("/translate", json=body)
+            want = server.post("/translate", json=body)
+            assert got.status_code == want.status_code == 200, got.text
+            got, want = got.json()["translations"], want.json()["translations"]
+            assert [[n["text"] for n in g["nbest"]] for g in got] == [[n["text"] for n in w["nbest"]] for w in want]
+            assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-5)
+        url = str(bundle_server.base_url.join("/translate"))
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            bodies = [{"text": [LINES[(i + k) % len(LINES)] for k in range(1 + i % 5)], "beam": 3} for i in range(8)]
+            answers = list(pool.map(lambda b: httpx.post(url, json=b, timeout=120).json(), bodies))
+        for body, answer in zip(bodies, answers):
+            want = server.post("/translate", json=body).json()
+            assert [g["text"] for g in answer["translations"]] == [w["text"] for w in want["translations"]]
+
+
+def test_ensemble_server_equals_translate_cli(tiny_task_run, other_seed_run):
+    """`serve --workdir A --workdir B --weights` answers as `translate --workdir A --workdir B
+    --weights` writes, greedy and beam."""
+    from tests.conftest import run_cli
+
+    runs = ["--workdir", str(tiny_task_run), "--workdir", str(other_seed_run), "--weights", "3,7"]
+    expected = {}
+    for beam in (1, 3):
+        proc = run_cli("translate", *runs, "--beam", str(beam), input="\n".join(LINES) + "\n", timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        expected[beam] = proc.stdout.split("\n")[:len(LINES)]
+    assert len(set(expected[1])) > 1  # not a constant output
+    with serve(*runs[:2], *runs[2:]) as client:
+        model = client.get("/model").json()
+        assert model["kind"] == "ensemble" and model["checkpoint"]["weights"] == pytest.approx([0.3, 0.7])
+        assert len(model["model"]) == 2
+        for beam in (1, 3):
+            r = client.post("/translate", json={"text": LINES, "beam": beam})
+            assert r.status_code == 200, r.text
+            assert [t["text"] for t in r.json()["translations"]] == expected[beam]
+
+
 def test_serve_bad_arguments_exit_2(tiny_task_run, tmp_path):
     from tests.conftest import run_cli
 
+    two = ["--workdir", str(tiny_task_run), "--workdir", str(tiny_task_run)]
     for args, expect in ((["--workdir", str(tmp_path / "none")], "no such folder"),
                          (["--bundle", str(tmp_path)], "bundle"),
                          (["--workdir", str(tiny_task_run), "--max-sentences", "0"], "--max-sentences 0"),
-                         (["--workdir", str(tiny_task_run), "--beam", "0"], "beam 0")):
+                         (["--workdir", str(tiny_task_run), "--beam", "0"], "beam 0"),
+                         ([*two, "--weights", "1"], "1 weight(s) for 2"),
+                         ([*two, "--weights", "1,-1"], "positive"),
+                         ([*two, "--weights", "a,b"], "one number per --workdir"),
+                         (["--workdir", str(tiny_task_run), "--weights", "1"], "give several --workdir"),
+                         (["--bundle", str(tmp_path), "--weights", "1,1"], "apply to --workdir runs")):
         proc = run_cli("serve", *args, "--port", "0", timeout=120)
         assert proc.returncode == 2 and expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_ensemble_bundle_server_equals_ensemble_server(tiny_task_run, other_seed_run, tmp_path):
+    """An ensemble's export bundle streams too (its step programs combine the members): the same
+    answers as the ensemble of the runs, through the real app (ASGI client)."""
+    from starlette.testclient import TestClient
+
+    from s2s_jax.inference.export import export_bundle
+    from s2s_jax.inference.server import create_app, load_engine
+
+    runs = [str(tiny_task_run), str(other_seed_run)]
+    bundle = export_bundle(runs, str(tmp_path / "ens"), weights=[0.3, 0.7], beams=[3], platforms=("cpu",))
+    answers = []
+    for engine in (load_engine(bundle=bundle), load_engine(workdir=runs, weights="3,7")):
+        with TestClient(create_app(engine)) as client:
+            assert client.get("/model").json()["batching"] == "stream"
+            answers.append([client.post("/translate", json={"text": LINES, "beam": beam, "nbest": nbest}).json()
+                            for beam, nbest in ((1, 1), (3, 2))])
+    for got, want in zip(*answers):
+        assert [[n["text"] for n in g["nbest"]] for g in got["translations"]] == \
+            [[n["text"] for n in w["nbest"]] for w in want["translations"]]
+        assert [g["score"] for g in got["translations"]] == pytest.approx([w["score"] for w in want["translations"]],
+                                                                          abs=1e-5)
+
+
+@pytest.mark.slow
+def test_serve_ensemble_of_different_vocabularies_exit_2(tiny_task_run, fr_en_run):
+    from tests.conftest import run_cli
+
+    proc = run_cli("serve", "--workdir", str(tiny_task_run), "--workdir", str(fr_en_run), "--port", "0", timeout=300)
+    assert proc.returncode == 2 and "source vocabulary differs" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def _unusable_bodies():

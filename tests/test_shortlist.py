@@ -88,9 +88,9 @@ def test_save_load_round_trip_and_checks(tmp_path):
     np.testing.assert_array_equal(back.frequent, sl.frequent)
     assert back.meta == sl.meta
     with pytest.raises(shortlist_lib.ShortlistError, match="--top-k 4"):
-        back.check(top_k=4, frequent=0, source_vocab_size=30, target_vocab_size=140)
+        back.check(top_k=4, source_vocab_size=30, target_vocab_size=140)
     with pytest.raises(shortlist_lib.ShortlistError, match="vocabularies"):
-        back.check(top_k=3, frequent=0, source_vocab_size=31, target_vocab_size=140)
+        back.check(top_k=3, source_vocab_size=31, target_vocab_size=140)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(shortlist_lib.ShortlistError, match="unreadable"):
         shortlist_lib.load(str(tmp_path / "bad.npz"))
@@ -211,6 +211,14 @@ def test_a_shortlist_of_every_possible_token_equals_full_decoding(random_model, 
     for x, y in zip(a, b):
         assert x["tokens"] == y["tokens"] and set(x["tokens"][0]) <= set(allowed.tolist())
         np.testing.assert_allclose(x["scores"], y["scores"], rtol=1e-5, atol=1e-5)
+
+
+def test_copy_attention_models_refuse_the_shortlist(random_model):
+    config, _, _, vocab = random_model
+    config = config.replace(model=dataclasses.replace(config.model, copy_attention=True),
+                            decode=dataclasses.replace(config.decode, shortlist=True))
+    with pytest.raises(shortlist_lib.ShortlistError, match="copy_attention"):
+        shortlist_lib.for_decoding("/nonexistent", config, vocab.vocab_size, vocab.vocab_size)
 
 
 # -- a run: build, decode, validate, export --------------------------------------------------------

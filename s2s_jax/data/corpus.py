@@ -24,7 +24,7 @@ from s2s_jax.data.preprocess import load_prepared, prepare
 from s2s_jax.data.records import open_split
 from s2s_jax.data.sources import split_roles
 from s2s_jax.data.text import as_text
-from s2s_jax.vocab import CharVocab
+from s2s_jax.vocab import CharVocab, WordVocab
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,15 @@ class _Truncated:
         return [self._cut(r) for r in records]
 
 
-def _task_splits(d, vocab: CharVocab):
-    generated = tasks.generate_splits(d.task, d.task_train_size, d.task_eval_size, d.task_seed)
+def task_vocab(d, train_pairs):
+    """A built-in task's vocabulary: characters, or (data.spm_model_type="word") the words of
+    its training split (vocab.WordVocab, one vocabulary for both sides)."""
+    if d.spm_model_type == "word":
+        return WordVocab.build([f"{s} {t}" for s, t in train_pairs], d.vocab_size)
+    return CharVocab()
+
+
+def _task_splits(d, vocab, generated):
     splits = {}
     for role, name in split_roles(d).items():
         exs, ls, lt = [], [], []
@@ -170,7 +177,7 @@ class Data:
                               process_index=self.process_index, process_count=self.process_count,
                               prefetch=d.prefetch, worker_count=d.worker_count,
                               src_len=train.src_len[ids], tgt_len=train.tgt_len[ids], pool_batches=d.pool_batches,
-                              auto_buckets=not d.buckets)
+                              auto_buckets=not d.buckets, copy_vocab=self._copy_vocab())
         self._planned = True
         self._stats = self._plan_stats(ids, bucket, reasons)
 
@@ -293,7 +300,11 @@ class Data:
                         "truncated for evaluation", sp.name, truncated, n, big_s, big_t)
         bucket = assign_buckets(self.shapes, np.minimum(src_len, big_s), np.minimum(tgt_len, big_t - 1))
         plan = [(b, local_rows(i, self.process_index, self.process_count)) for b, i in eval_plan(bucket, self.rows)]
-        return list(grain_batches(plan, Materialize(sp.source, self.shapes), prefetch=self.d.prefetch))
+        return list(grain_batches(plan, Materialize(sp.source, self.shapes, self._copy_vocab()), prefetch=self.d.prefetch))
+
+    def _copy_vocab(self):
+        """The vocabulary of copy attention's extended ids (batches then carry COPY_FIELDS), or None."""
+        return self.source_vocab if self.config.model.copy_attention else None
 
     def training_ids(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(source ids, target ids) of every training pair in corpus order, before the length
@@ -345,8 +356,9 @@ def build_data(config, workdir: str | None = None, *, process_index: int = 0, pr
                          f"batch_multiple={batch_multiple}")
     d = config.data
     if d.source == "task":
-        vocab = CharVocab()
-        splits = _task_splits(d, vocab)
+        generated = tasks.generate_splits(d.task, d.task_train_size, d.task_eval_size, d.task_seed)
+        vocab = task_vocab(d, generated["train"])
+        splits = _task_splits(d, vocab, generated)
         source_vocab = target_vocab = vocab
         prep_stats, path = {}, None
     else:

@@ -47,6 +47,8 @@ import numpy as np
 
 from s2s_jax.data.batch import Batch, pad_rows
 from s2s_jax.data.errors import DataError
+from s2s_jax.data.text import as_text
+from s2s_jax.vocab import extended_ids
 
 log = logging.getLogger(__name__)
 
@@ -380,9 +382,10 @@ class Materialize:
     the bucket: source to S tokens, target to T - 1 tokens.
     """
 
-    def __init__(self, source, shapes):
+    def __init__(self, source, shapes, copy_vocab=None):
         self.source = source  # random-access: tfds ArrayRecordDataSource or a list of dicts
         self.shapes = shapes
+        self.copy_vocab = copy_vocab  # copy attention: the vocabulary of the extended ids
 
     def _records(self, ids):
         getitems = getattr(self.source, "__getitems__", None)
@@ -395,7 +398,15 @@ class Materialize:
         ids = np.asarray(ids)
         real = ids[ids >= 0]
         records = self._records([int(i) for i in real]) if len(real) else []
-        return pad_rows(((ex["source"], ex["target"]) for ex in records), ids, self.shapes[b])
+        return pad_rows([(ex["source"], ex["target"]) for ex in records], ids, self.shapes[b],
+                        None if self.copy_vocab is None else [copy_row(self.copy_vocab, ex) for ex in records])
+
+
+def copy_row(vocab, ex) -> tuple[list, list]:
+    """(source_ext, target_ext) of a record (vocab.extended_ids, words from its texts)."""
+    src_text, tgt_text = as_text(ex["source_text"]), as_text(ex["target_text"])
+    src, tgt, _ = extended_ids(vocab, ex["source"], vocab.surfaces(src_text), ex["target"], vocab.surfaces(tgt_text))
+    return src, tgt
 
 
 def grain_batches(plan, materialize, *, start: int = 0, prefetch: int = 2, worker_count: int = 0):
@@ -485,7 +496,7 @@ class Loader:
     def __init__(self, source, bucket: np.ndarray, ids: np.ndarray, shapes, rows, *, seed: int,
                  process_index: int, process_count: int, prefetch: int, worker_count: int,
                  src_len: np.ndarray | None = None, tgt_len: np.ndarray | None = None, pool_batches: int = 0,
-                 auto_buckets: bool = False):
+                 auto_buckets: bool = False, copy_vocab=None):
         self.source, self.bucket, self.ids = source, bucket, ids
         self.shapes, self.rows = shapes, rows
         self.seed = seed
@@ -494,7 +505,7 @@ class Loader:
         self.auto_buckets = auto_buckets  # the shapes go into the iterator state
         self.process_index, self.process_count = process_index, process_count
         self.prefetch, self.worker_count = prefetch, worker_count
-        self.materialize = Materialize(source, shapes)
+        self.materialize = Materialize(source, shapes, copy_vocab)
 
     def global_epoch_plan(self, epoch: int):
         return epoch_plan(self.bucket, self.ids, self.rows, self.seed, epoch, pool=self.pool,

@@ -76,13 +76,52 @@ def dates_task(rng):
     return fmt(d), d.isoformat()
 
 
+_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "r", "s", "st", "t", "v",
+           "w", "z", "th", "sh", "ch"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ee"]
+_CODAS = ["", "n", "r", "l", "s", "k", "m", "x"]
+# (source, target) templates of copy_names: {0}, {1} are names; every other word is common.
+NAME_TEMPLATES = (
+    ("yesterday {0} told {1} about the new plan .", "{0} informed {1}"),
+    ("{0} and {1} went to the market together .", "market trip : {0} , {1}"),
+    ("a letter from {0} arrived for {1} this morning .", "letter : {0} -> {1}"),
+    ("{1} was hired by {0} last week .", "{0} hired {1}"),
+    ("after the meeting {0} called {1} twice .", "{0} called {1}"),
+    ("the award went to {0} , said {1} .", "winner : {0} ( source : {1} )"),
+    ("{0} lent a bicycle to {1} on monday .", "{1} borrowed from {0}"),
+    ("please ask {1} whether {0} has left .", "question for {1} about {0}"),
+)
+
+
+def name(rng: np.random.Generator) -> str:
+    """A capitalised pseudo-name of 2-3 syllables (about 10^8 of them: rare by construction)."""
+    parts = [_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] + _CODAS[rng.integers(len(_CODAS))]
+             for _ in range(int(rng.integers(2, 4)))]
+    return "".join(parts).capitalize()
+
+
+def copy_names_task(rng):
+    """A sentence mentioning two rare names -> a template holding them (word-level; the held-out
+    splits' names never occur in training, `generate_splits`). With data.spm_model_type="word"
+    the names are unknown words: only copy attention can write them."""
+    src, tgt = NAME_TEMPLATES[int(rng.integers(len(NAME_TEMPLATES)))]
+    a, b = name(rng), name(rng)
+    while b == a:
+        b = name(rng)
+    return src.format(a, b), tgt.format(a, b)
+
+
 TASKS = {
     "copy": copy_task,
     "reverse": reverse_task,
     "sort": sort_task,
     "addition": addition_task,
     "dates": dates_task,
+    "copy_names": copy_names_task,
 }
+# Tasks whose held-out examples may not share any word with training beyond the template's
+# common words (copy_names: test names never appear in training).
+UNSEEN_WORDS = {"copy_names"}
 
 
 def generate(task: str, n: int, seed: int, stream: int = 0) -> list[tuple[str, str]]:
@@ -98,13 +137,17 @@ def generate_splits(task: str, train_size: int, eval_size: int, seed: int) -> di
     """{'train', 'valid', 'test'}: held-out splits exclude every source seen in training."""
     train = generate(task, train_size, seed, 0)
     seen = {s for s, _ in train}
+    if task in UNSEEN_WORDS:  # every name of training: a held-out example may use none of them
+        common = {w for src, tgt in NAME_TEMPLATES for w in (src + " " + tgt).split()}
+        names = {w for s, t in train for w in s.split() if w not in common}
     splits = {"train": train}
     for stream, name in ((1, "valid"), (2, "test")):
         rng_seed_offset = 0
         out: list[tuple[str, str]] = []
         while len(out) < eval_size:
             batch = generate(task, eval_size, seed + 7919 * rng_seed_offset, stream)
-            out.extend(ex for ex in batch if ex[0] not in seen)
+            out.extend(ex for ex in batch if ex[0] not in seen
+                       and not (task in UNSEEN_WORDS and names.intersection(ex[0].split())))
             rng_seed_offset += 1
             if rng_seed_offset > 50:
                 raise ValueError(f"task {task!r}: cannot draw {eval_size} held-out examples unseen in training")

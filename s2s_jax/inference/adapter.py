@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from s2s_jax import kernels as kernels_lib
 from s2s_jax.decoding import ContextStepFn
 from s2s_jax.model import Seq2Seq
+from s2s_jax.model.seq2seq import in_vocabulary
 from s2s_jax.model.decoder import input_projection_table
 
 CONTEXT_KEYS = ("memory", "keys", "mask")  # the encoder cache entries that are the step's context
@@ -155,8 +156,12 @@ def _decode_step(model: Seq2Seq, tokens, table, state, context, output=None):
     if table is None and output is None:
         logits, cache, weights = model.decode_step(tokens, dict(context, state=state))
         return logits, cache["state"], weights
+    if model.config.copy_attention:  # copied unknown words (ids >= V) go back in as UNK
+        tokens = in_vocabulary(tokens, model.target_vocab_size)
     embedded = jnp.take(model.target_embedding, tokens, axis=0) if table is None else None
     projected = None if table is None else jnp.take(table, tokens, axis=0)
     hidden, state, weights = model.decoder.step(embedded, state, context["memory"], context["keys"], context["mask"],
                                                 projected=projected)
+    if model.config.copy_attention:  # the extended distribution [N, V + S] (over the whole vocabulary)
+        return model.step_output(hidden, weights, tokens, state, context), state, weights
     return (model.logits(hidden) if output is None else model.project(hidden, *output)), state, weights

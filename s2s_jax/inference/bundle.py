@@ -8,7 +8,7 @@ deserializer also needs the small `flatbuffers` package.
     bundle.translate(["hello"], beam=5)           # any beam size the bundle was exported with
     bundle.params["decoder"]["layer_0"]["input_kernel"]   # numpy arrays, nested dicts
 
-Bundle layout (format version 1; `s2s_jax export` writes it, see inference/export.py):
+Bundle layout (format version 2; `s2s_jax export` writes it, see inference/export.py):
 
     bundle.json            manifest: format, format_version, checkpoint used, decode settings,
                            programs, and the byte size + sha256 of every other file
@@ -21,14 +21,21 @@ Bundle layout (format version 1; `s2s_jax export` writes it, see inference/expor
     shortlist.npz          the run's vocabulary shortlist, when it had one (`Bundle.shortlist`;
                            inference/shortlist.py; the exported programs score the whole vocabulary)
     programs/*.jaxexport   serialized `jax.export` programs (see `Bundle.program`):
-                           encode, greedy and beam_<K> (one per exported beam size K)
+                           encode, greedy and beam_<K> (one per exported beam size K); since
+                           version 2 also projection_table, step and step_table (one decoder step)
     MODEL.md               model card: architecture, data, scores, tensor names, programs
 
-Translation uses the exported fixed-batch greedy/beam programs (sorted by length, the run's
-batch size, row/length padding and maximum output length). `s2s_jax.inference.Translator`
-decodes the same sentences through a refilled slot pool instead (continuous batching), which
-gives each sentence the same search, so a float32 bundle gives the same translations as the run
-it came from (tests/test_export.py checks it); it is only slower.
+`translate` uses the exported fixed-batch greedy/beam programs (sorted by length, the run's
+batch size, row/length padding and maximum output length) and needs no more than the packages
+above. `s2s_jax.inference.Translator` decodes the same sentences through a refilled slot pool
+instead (continuous batching), which gives each sentence the same search, so a float32 bundle
+gives the same translations as the run it came from (tests/test_export.py checks it); it is
+only slower. `Bundle.translator()` (format version 2) is that Translator over the bundle's
+exported encoder and decoder step (`ExportedModel`): s2s_jax's decoding stack around the
+programs (it imports flax; no model is built and no training code runs); `serve --bundle` uses it.
+
+Version 1 bundles (no step programs) still load and translate; `translator()` asks for a
+re-export.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output
 from s2s_jax.vocab import VOCAB_JSON, VocabError, input_normalization, normalize, vocab_from_json
 
 FORMAT = "s2s_jax-bundle"
-FORMAT_VERSION = 1  # the newest bundle format this module reads (and export.py writes)
+FORMAT_VERSION = 2  # the newest bundle format this module reads (and export.py writes); 2 added the step programs
+STEP_PROGRAMS = ("projection_table", "step", "step_table")  # format 2: what `Bundle.translator` decodes with
 MANIFEST = "bundle.json"
 PARAMS_FILE = "params.safetensors"
 PROGRAM_DIR = "programs"
@@ -176,9 +184,24 @@ class Bundle:
     # -- programs -------------------------------------------------------------------------
 
     @property
+    def streams(self) -> bool:
+        """Whether the bundle has the step programs (format version 2) that `translator` needs."""
+        return all(name in self.manifest["programs"] for name in STEP_PROGRAMS)
+
+    def translator(self):
+        """A `s2s_jax.inference.Translator` decoding with this bundle's step programs: continuous
+        batching as `translate --workdir` does (the server's slot pool too), any beam size and
+        n-best. Imports s2s_jax's decoding stack (and flax), unlike `translate`."""
+        if not self.streams:
+            raise BundleError(f"{self.path}: bundle format version {self.manifest['format_version']} has no step "
+                              f"programs; re-export it with `python -m s2s_jax export` to decode it with "
+                              f"continuous batching")
+        return _bundle_translator(self)
+
+    @property
     def beam_sizes(self) -> list[int]:
-        """Beam sizes this bundle can decode with (1 = greedy)."""
-        return sorted(p.get("beam_size", 1) for name, p in self.manifest["programs"].items() if name != "encode")
+        """Beam sizes the fixed-batch programs (`translate`) decode with (1 = greedy)."""
+        return sorted(p["beam_size"] for p in self.manifest["programs"].values() if "beam_size" in p)
 
     def program(self, name: str):
         """The deserialized `jax.export.Exported` program `name` (encode | greedy | beam_<K>).
@@ -291,6 +314,95 @@ class Bundle:
         beam: 1 = greedy; None = the run's decode.beam_size; otherwise one of `beam_sizes`.
         """
         return [hyps[0]["text"] for hyps in self.translate_full(lines, beam=beam, batch_size=batch_size)]
+
+
+# -- the step programs as a DecodingModel ----------------------------------------------------
+
+class ExportedModel:
+    """A bundle's `encode` and step programs as an `inference.adapter.DecodingModel` (params:
+    the bundle's tree in float32), so that the Translator and the server's slot pool decode with
+    them exactly as with a run; the search (`decoding`) runs here, around the programs."""
+
+    def __init__(self, bundle: Bundle, kernels):
+        self.bundle, self.kernels = bundle, kernels
+        self.source_vocab_size = bundle.source_vocab.vocab_size
+        self.target_vocab_size = bundle.target_vocab.vocab_size
+        params_file = bundle.manifest["params"]["file"]
+        self.cache_key = ("bundle", os.path.abspath(bundle.path), bundle.manifest.get("files", {}).get(
+            params_file, {}).get("sha256"), self.source_vocab_size, self.target_vocab_size)
+
+    def with_dtype(self, dtype: str):
+        return self  # the programs compute in the dtype they were exported with
+
+    def encode(self, params, source, source_lengths) -> dict:
+        import jax
+
+        dtypes = jax.tree.map(lambda a: a.dtype, self.bundle.params)  # the encode program takes the stored dtype
+        params = jax.tree.map(lambda p, d: p.astype(d), params, dtypes)
+        return self.bundle.program("encode")(params, source, source_lengths)
+
+    def projection_table(self, params):
+        return self.bundle.program("projection_table")(params)
+
+    def step_fn(self, params, *, table=None, attention: bool = True, vocab_ids=None):
+        import functools
+
+        if vocab_ids is not None:
+            raise BundleError("a bundle's step programs score the whole target vocabulary (no shortlist)")
+
+        if table is None:
+            return functools.partial(_exported_step, self.bundle.program("step"), params, attention)
+        return functools.partial(_exported_step_table, self.bundle.program("step_table"), params, table, attention)
+
+    def score_log_probs(self, params, source, source_lengths, target_input):
+        raise BundleError("an export bundle cannot score (teacher forcing); use the run it came from")
+
+    def bundle_params(self, params) -> dict:
+        return params
+
+    def from_bundle_params(self, tree: dict):
+        return tree
+
+
+def _beams(tokens, context):
+    """The `beams` argument of the step programs: [K], K = rows per slot."""
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.zeros((tokens.shape[0] // jax.tree.leaves(context)[0].shape[0],), jnp.int32)
+
+
+def _exported_step(program, params, attention, tokens, state, context):
+    logits, state, weights = program(params, None, _beams(tokens, context), tokens, state, context)
+    return logits, state, weights if attention else None
+
+
+def _exported_step_table(program, params, table, attention, tokens, state, context):
+    logits, state, weights = program(params, table, _beams(tokens, context), tokens, state, context)
+    return logits, state, weights if attention else None
+
+
+def _bundle_translator(bundle: Bundle):
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from s2s_jax import config as config_lib
+    from s2s_jax import kernels as kernels_lib
+    from s2s_jax.inference.translator import Translator
+
+    try:
+        config = config_lib.from_dict(bundle.config)
+    except UserError as e:
+        raise BundleError(f"{bundle.path}/{CONFIG_FILE}: {e}; re-export the bundle with this s2s_jax") from None
+    config = dataclasses.replace(config, decode=dataclasses.replace(config.decode, dtype="model"))
+    model = ExportedModel(bundle, kernels_lib.select(config.model.kernels))
+    params = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float32), bundle.params))
+    translator = Translator(config, model, jax.tree.map(jnp.asarray, params), bundle.source_vocab,
+                            bundle.target_vocab)
+    translator.checkpoint = bundle.manifest.get("checkpoint")
+    return translator
 
 
 def load_bundle(path: str, *, verify: bool = True) -> Bundle:

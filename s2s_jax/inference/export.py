@@ -11,6 +11,9 @@ run's config.json, its vocabulary files (and its decoding shortlist, shortlist.n
 (encode, greedy decode, beam decode) lowered for the CPU and CUDA platforms. The programs are
 polymorphic in the batch size B, the source length S and the output-length bound T, and take
 the parameters as an input (they embed no weights), so one bundle serves any input shape.
+Since format version 2 the bundle also holds one decoder step (`step`, `step_table`,
+`projection_table`; polymorphic in slots, beams and source length), so the loader can run the
+continuous-batching search itself (`Bundle.translator`, `serve --bundle`) with any beam size.
 
 What is fixed at export time, because it shapes the program: each beam program's beam size K
 (every --beam given; by default the run's decode.beam_size, or 5 when that is 1), n-best = 1, and the decode settings
@@ -25,6 +28,7 @@ this module imports nothing heavy at import time; flax/orbax are imported inside
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -62,9 +66,8 @@ def run(args) -> int:
 # -- programs -------------------------------------------------------------------------------
 
 def _export_programs(config, model, params_avals, beams, platforms) -> dict[str, bytes]:
-    """Serialized programs {name: bytes}: encode, greedy, beam_<K> for each K in beams."""
-    import functools
-
+    """Serialized programs {name: bytes}: encode, greedy, beam_<K> for each K in beams, and the
+    step programs (`_step_programs`)."""
     import jax
     import jax.numpy as jnp
     from jax import export
@@ -98,7 +101,51 @@ def _export_programs(config, model, params_avals, beams, platforms) -> dict[str,
         fn = jax.jit(functools.partial(decode, beam=beam))
         exported = export.export(fn, platforms=platforms)(params_avals, source, lengths, carrier)
         programs[name] = exported.serialize()
+    programs.update(_step_programs(model, params_avals, platforms))
     return programs
+
+
+def _step_programs(model, params_avals, platforms) -> dict[str, bytes]:
+    """The programs a continuous-batching decoder needs beside `encode` (format version 2; the
+    search itself, `decoding.SlotPool`, runs in the loader): {projection_table, step, step_table}.
+
+    They take float32 params (the loader converts a bfloat16 bundle's once). step: (params,
+    beams [K] (its length, not its values, is the beam size), tokens [K·P], state (rows [K·P,
+    ...], as `encode` gives it per sentence), context {memory, keys [P, S, H], mask [P, S]} per
+    slot) -> (logits [K·P, V], new state, attention [K·P, S] or None): `DecodingModel.step_fn`
+    with attention. step_table also takes projection_table's output (gathered instead of
+    multiplying the embeddings)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    from s2s_jax.inference.adapter import CONTEXT_KEYS
+
+    P, K, S = export.symbolic_shape("slots, beams, source_len")
+    f32_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params_avals)
+    cache = jax.eval_shape(lambda p: model.encode(model.from_bundle_params(p), jnp.ones((1, 16), jnp.int32),
+                                                  jnp.ones((1,), jnp.int32)), f32_avals)
+    rows = jax.tree.map(lambda a: jax.ShapeDtypeStruct((K * P, *a.shape[1:]), a.dtype), cache["state"])
+    context = jax.tree.map(lambda a: jax.ShapeDtypeStruct((P, S, *a.shape[2:]), a.dtype),
+                           {k: cache[k] for k in CONTEXT_KEYS})
+    step_args = (jax.ShapeDtypeStruct((K,), jnp.int32), jax.ShapeDtypeStruct((K * P,), jnp.int32), rows, context)
+    table = jax.eval_shape(lambda p: model.projection_table(model.from_bundle_params(p)), f32_avals)
+    lowered = {
+        "projection_table": (_projection_table, (f32_avals,)),
+        "step": (_step, (f32_avals, None, *step_args)),
+        "step_table": (_step, (f32_avals, table, *step_args)),
+    }
+    return {name: export.export(jax.jit(functools.partial(fn, model)), platforms=platforms)(*args).serialize()
+            for name, (fn, args) in lowered.items()}
+
+
+def _projection_table(model, params):
+    return model.projection_table(model.from_bundle_params(params))
+
+
+def _step(model, params, table, beams, tokens, state, context):
+    step_fn = model.step_fn(model.from_bundle_params(params), table=table, attention=True)
+    return step_fn(tokens, state, context)
 
 
 # -- the model card -------------------------------------------------------------------------
@@ -177,7 +224,10 @@ def _model_card(config, manifest: dict, flat: dict, eval_record: dict | None, n_
               f"bundle = load_bundle({manifest['name']!r})",
               f"bundle.translate([\"...\"])            # beam {d['default_beam']} (the run's decode.beam_size)",
               "bundle.translate([\"...\"], beam=1)     # greedy",
-              "bundle.params                          # nested dict of numpy arrays", "```", "",
+              "bundle.params                          # nested dict of numpy arrays",
+              "bundle.translator().translate([\"...\"], beam=4, nbest=2)   # continuous batching over the "
+              "step programs (any beam; imports s2s_jax's decoding stack)",
+              "# s2s-jax serve --bundle DIR             # the HTTP server, continuous batching", "```", "",
               "## Programs (`programs/*.jaxexport`, `jax.export.deserialize(bytearray(data)).call(...)`)", "",
               f"Lowered for platforms {', '.join(manifest['platforms'])}; symbolic sizes: batch B, source "
               "length S, output bound T. Inputs: `params` (nested dict as in params.safetensors, "
@@ -187,7 +237,12 @@ def _model_card(config, manifest: dict, flat: dict, eval_record: dict | None, n_
               "- `encode`: → decoder cache {memory [B, S, H], keys [B, S, H], mask [B, S], state}.",
               "- `greedy`: → {tokens [B, T] (EOS included, PAD after), lengths [B], scores [B] (sum of log-probs)}.",
               *[f"- `beam_{k}`: beam search with beam size {k} fixed at export; same outputs, best hypothesis, "
-                f"GNMT score" for k in beams], "",
+                f"GNMT score" for k in beams],
+              "- `projection_table`, `step`, `step_table`: one decoder step for continuous batching "
+              "(`bundle.translator()`, `s2s-jax serve --bundle`): float32 params, `beams` [K] (its length is "
+              "the beam size), tokens [K·P], the decoder state rows [K·P, ...] and the per-slot context "
+              "{memory, keys [P, S, H], mask [P, S]} → (logits [K·P, V], new state, attention [K·P, S]); "
+              "the search runs in the loader, so any beam size and n-best.", "",
               "Fixed at export: beam sizes, n-best = 1, length penalty "
               f"{d['length_penalty']}, coverage penalty {d['coverage_penalty']}, and the length rule: sentence b "
               f"stops after min(T, floor({d['max_len_a']} · length_b + {d['max_len_b']})) tokens. The loader "
@@ -296,6 +351,9 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
         config, model, params, source_vocab, target_vocab, ck = (run.config, run.model, run.params, run.source_vocab,
                                                                  run.target_vocab, run.checkpoint)
         model = SingleModel(model)
+    if config.model.copy_attention:
+        raise UserError(f"{workdir}: export bundles do not hold copy-attention models yet (model.copy_attention="
+                        "True); translate and eval the run itself (s2s_jax translate / eval --workdir)")
     if beams is None:
         beams = [config.decode.beam_size if config.decode.beam_size > 1 else 5]
     beams = sorted(set(int(b) for b in beams))
@@ -323,7 +381,7 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
             with open(os.path.join(tmp, file), "wb") as f:
                 f.write(data)
             info = {"file": file}
-            if name != "encode":
+            if name == "greedy" or name.startswith("beam_"):
                 info["beam_size"] = 1 if name == "greedy" else int(name.split("_")[1])
             programs[name] = info
 

@@ -2,6 +2,7 @@
 
     s2s-jax serve --workdir runs/m30k [--best] [--host 127.0.0.1] [--port 8080] [--api-key KEY]
     s2s-jax serve --bundle bundles/m30k
+    s2s-jax serve --workdir runs/a --workdir runs/b [--weights 0.6,0.4]      # an ensemble
 
 Routes (JSON in, JSON out):
 
@@ -21,17 +22,20 @@ accepting, lets in-flight requests finish, then runs the app's shutdown.
 Structure: the route handlers are module-level functions; what they share (engine, limits, API
 key, worker) is one `Server` object, `app.state.server`, started and stopped by the app's
 lifespan; a `RequestError` raised anywhere in a handler becomes its `{"error": ...}` response.
-The engine is a `RunEngine` (a run's Translator) or a `BundleEngine` (an export bundle), both
-the `Engine` protocol. The command line's options are defined in cli.py; `run(args)` is the verb.
+The engine is a `RunEngine` (a Translator: a run's, an ensemble's (`inference/ensemble.py`) or
+an export bundle's, whose exported encoder and decoder step the same search drives,
+`Bundle.translator`) or a `BundleEngine` (a bundle of format version 1, which has only
+fixed-batch programs), both the `Engine` protocol. The command line's options are defined in
+cli.py; `run(args)` is the verb.
 
 Dynamic batching: one worker thread owns the model (the Translator is not thread-safe).
-For a run (`--batching stream`, the default) the worker keeps a continuous-batching decoder
-running (`inference/streaming.py`): each request's sentences join it as decoding slots free
-up, whatever else is being decoded, and a request is answered when its last sentence
-finishes; the decoder never idles at the end of a batch and a new request never waits for
-one. For a bundle (`--batching merge`) the worker takes, whenever it is free, every queued
-request with the same (beam, nbest), up to `--max-batch` sentences, and decodes them in one
-call. Either way each request gets its own sentences back, in its order, and a sentence's
+By default (`--batching stream`) the worker keeps a continuous-batching decoder running
+(`inference/streaming.py`): each request's sentences join it as decoding slots free up,
+whatever else is being decoded, and a request is answered when its last sentence finishes;
+the decoder never idles at the end of a batch and a new request never waits for one. With
+`--batching merge` (and for format-1 bundles) the worker takes, whenever it is free, every
+queued request with the same (beam, nbest), up to `--max-batch` sentences, and decodes them in
+one call. Either way each request gets its own sentences back, in its order, and a sentence's
 translation does not depend on what it was batched with (tests/test_server.py).
 
 Limits: at most `--max-sentences` per request and `--max-chars` per sentence (413), at most
@@ -117,7 +121,8 @@ def _check_search(beam: int, nbest: int, limits: Limits) -> None:
 
 
 class RunEngine:
-    """A trained run's Translator (any beam and n-best; streams)."""
+    """A Translator: a trained run, an ensemble of runs, or an export bundle's step programs
+    (`Bundle.translator`); any beam and n-best; streams."""
 
     streams = True
 
@@ -134,7 +139,8 @@ class RunEngine:
 
 
 class BundleEngine:
-    """An export bundle: the beam sizes it was exported with, the best hypothesis only."""
+    """A bundle of format version 1 (no step programs): its fixed-batch programs, the beam
+    sizes it was exported with, the best hypothesis only; served with `--batching merge`."""
 
     streams = False
 
@@ -154,18 +160,30 @@ class BundleEngine:
         return self.bundle.translate_full(lines, beam=beam, nbest=nbest)
 
 
-def _run_description(run) -> dict:
+def _model_summary(m) -> dict:
+    """The /model "model" entry of a model config (a ModelConfig or its dict)."""
+    keys = ("cell", "encoder_layers", "decoder_layers", "bidirectional", "hidden_dim", "attention",
+            "input_feeding", "dtype")
+    return {k: m.get(k) if isinstance(m, dict) else getattr(m, k) for k in keys}
+
+
+def _vocab_summary(source_vocab, target_vocab) -> dict:
+    return {"source": {"kind": source_vocab.kind, "size": source_vocab.vocab_size},
+            "target": {"kind": target_vocab.kind, "size": target_vocab.vocab_size}}
+
+
+def _run_description(translator, kind: str = "run") -> dict:
+    """GET /model of a Translator over a run or an ensemble (its config is the first run's)."""
     import s2s_jax
 
-    m, d, dc = run.config.model, run.config.data, run.config.decode
-    return {"name": run.config.name, "version": s2s_jax.__version__, "kind": "run",
-            "checkpoint": run.checkpoint,
-            "model": {"cell": m.cell, "encoder_layers": m.encoder_layers, "decoder_layers": m.decoder_layers,
-                      "bidirectional": m.bidirectional, "hidden_dim": m.hidden_dim, "attention": m.attention,
-                      "input_feeding": m.input_feeding, "dtype": m.dtype},
+    config = translator.config
+    d, dc = config.data, config.decode
+    models = translator.model.config if kind == "ensemble" else config.model
+    return {"name": config.name, "version": s2s_jax.__version__, "kind": kind,
+            "checkpoint": translator.checkpoint,
+            "model": [_model_summary(m) for m in models] if kind == "ensemble" else _model_summary(models),
             "languages": {"source": d.src_lang, "target": d.tgt_lang},
-            "vocab": {"source": {"kind": run.source_vocab.kind, "size": run.source_vocab.vocab_size},
-                      "target": {"kind": run.target_vocab.kind, "size": run.target_vocab.vocab_size}},
+            "vocab": _vocab_summary(translator.source_vocab, translator.target_vocab),
             "normalization": d.normalization if d.source != "task" else None,
             "decode": {"beam_size": dc.beam_size, "batch_size": dc.batch_size, "length_penalty": dc.length_penalty,
                        "max_len_a": dc.max_len_a, "max_len_b": dc.max_len_b}}
@@ -175,34 +193,52 @@ def _bundle_description(bundle) -> dict:
     import s2s_jax
 
     c, man = bundle.config, bundle.manifest
-    m, d = c.get("model", {}), c.get("data", {})
+    d = c.get("data", {})
     return {"name": c.get("name"), "version": s2s_jax.__version__, "kind": "bundle",
             "checkpoint": man.get("checkpoint"), "bundle_format_version": man.get("format_version"),
-            "model": {k: m.get(k) for k in ("cell", "encoder_layers", "decoder_layers", "bidirectional",
-                                            "hidden_dim", "attention", "input_feeding", "dtype")},
+            "model": _model_summary(c.get("model", {})),
             "languages": {"source": d.get("src_lang"), "target": d.get("tgt_lang")},
-            "vocab": {"source": {"kind": bundle.source_vocab.kind, "size": bundle.source_vocab.vocab_size},
-                      "target": {"kind": bundle.target_vocab.kind, "size": bundle.target_vocab.vocab_size}},
+            "vocab": _vocab_summary(bundle.source_vocab, bundle.target_vocab),
             "normalization": d.get("normalization") if d.get("source") != "task" else None,
-            "decode": dict(bundle.decode, beam_sizes=bundle.beam_sizes)}
+            "decode": dict(bundle.decode, beam_sizes=None if bundle.streams else bundle.beam_sizes)}
 
 
-def load_engine(*, workdir: str | None = None, bundle: str | None = None, step=None, best=False,
+def _bundle_engine(path: str, run_options: bool) -> Engine:
+    from s2s_jax.inference.bundle import load_bundle
+
+    if run_options:
+        raise UserError("--step/--best/--average-last/--weights/--set/--max-len/--batch-size apply to --workdir "
+                        "runs; a bundle's decode settings were fixed at export")
+    bundle = load_bundle(path)
+    if not bundle.streams:  # format version 1: fixed-batch programs only
+        return BundleEngine(bundle, _bundle_description(bundle))
+    return RunEngine(bundle.translator(), _bundle_description(bundle))
+
+
+def load_engine(*, workdir=None, bundle: str | None = None, weights: str | None = None, step=None, best=False,
                 average_last=None, overrides=(), max_len=None, batch_size=None) -> Engine:
-    if (workdir is None) == (bundle is None):
-        raise UserError("serve needs exactly one of --workdir RUN and --bundle DIR")
+    """The engine of `serve`: workdir a run (a path) or an ensemble (several paths, `weights`
+    "w1,w2,..." as `translate --weights` takes them), or bundle an export bundle."""
+    workdirs = [workdir] if isinstance(workdir, (str, os.PathLike)) else list(workdir or [])
+    if bool(workdirs) == (bundle is not None):
+        raise UserError("serve needs --workdir RUN (several for an ensemble) or --bundle DIR, not both")
     if bundle is not None:
-        from s2s_jax.inference.bundle import load_bundle
+        return _bundle_engine(bundle, step is not None or best or average_last is not None or bool(overrides)
+                              or bool(max_len) or bool(batch_size) or weights is not None)
+    choice = dict(step=step, best=best, average_last=average_last, overrides=overrides, max_len=max_len,
+                  batch_size=batch_size)
+    if len(workdirs) > 1:
+        from s2s_jax.inference.ensemble import load_ensemble_translator, parse_weights
 
-        if step is not None or best or average_last is not None or overrides or max_len or batch_size:
-            raise UserError("--step/--best/--average-last/--set/--max-len/--batch-size apply to --workdir runs; "
-                            "a bundle's decode settings were fixed at export")
-        b = load_bundle(bundle)
-        return BundleEngine(b, _bundle_description(b))
-    from s2s_jax.inference.runs import load_run
+        translator = load_ensemble_translator([os.fspath(w) for w in workdirs],
+                                              weights=parse_weights(weights, len(workdirs)), **choice)
+        return RunEngine(translator, _run_description(translator, "ensemble"))
+    if weights is not None:
+        raise UserError("--weights: give several --workdir runs to serve their ensemble")
+    from s2s_jax.inference.runs import load_translator
 
-    run = load_run(workdir, step=step, best=best, average_last=average_last)
-    return RunEngine(run.translator(overrides, max_len=max_len, batch_size=batch_size), _run_description(run))
+    translator = load_translator(os.fspath(workdirs[0]), **choice)
+    return RunEngine(translator, _run_description(translator))
 
 
 # -- dynamic batching -----------------------------------------------------------------------
@@ -326,7 +362,7 @@ class BatchingWorker(_Worker):
 class StreamingWorker(_Worker):
     """Continuous batching across requests (`inference.streaming.StreamingDecoder`): each
     request's sentences join the running decoder of its (beam, nbest) as slots free up, and a
-    request is answered as soon as its last sentence finishes. Runs only (not bundles)."""
+    request is answered as soon as its last sentence finishes. Any `RunEngine`."""
 
     MAX_DECODERS = 4  # idle decoders beyond this many (beam, nbest) settings are dropped
 
@@ -607,15 +643,19 @@ async def _lifespan(app):
 def create_app(engine: Engine, *, limits: Limits = Limits(), api_key: str | None = None, batching: str = "auto",
                chunk_steps: int = 4):
     """The Starlette app (its lifespan starts and stops the worker). batching: "stream"
-    (continuous batching across requests; runs only), "merge" (one decode call per group of
-    waiting requests) or "auto" (stream for a run, merge for a bundle)."""
+    (continuous batching across requests), "merge" (one decode call per group of waiting
+    requests) or "auto" (stream, except for a format-1 bundle, which has no step programs)."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     if batching not in ("auto", "stream", "merge"):
         raise UserError(f"--batching {batching}: choose auto, stream or merge")
     if batching == "stream" and not engine.streams:
-        raise UserError("--batching stream needs --workdir (an export bundle decodes fixed batches: use merge)")
+        raise UserError("--batching stream: this bundle (format version 1) has no step programs; re-export it "
+                        "with `python -m s2s_jax export`, or serve it with --batching merge")
+    if batching == "auto" and not engine.streams:
+        log.warning("this bundle (format version 1) has no step programs: serving it with one decode call per "
+                    "group of requests (--batching merge, slower); re-export it for continuous batching")
     streaming = batching == "stream" or (batching == "auto" and engine.streams)
     routes = [Route("/translate", translate, methods=["POST"]),
               Route("/translator/translate", translator_translate, methods=["POST"]),
@@ -647,7 +687,7 @@ def run(args) -> int:
     except OSError as e:
         raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror}); "
                         f"pick another port") from None
-    engine = load_engine(workdir=args.workdir, bundle=args.bundle, step=args.step, best=args.best,
+    engine = load_engine(workdir=args.workdir, bundle=args.bundle, weights=args.weights, step=args.step, best=args.best,
                          average_last=args.average_last, overrides=args.overrides, max_len=args.max_len,
                          batch_size=args.batch_size)
     if args.beam is not None:

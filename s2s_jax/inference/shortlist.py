@@ -76,9 +76,9 @@ class Shortlist:
     def target_vocab_size(self) -> int:
         return int(self.frequent.shape[0])
 
-    def check(self, *, top_k: int, frequent: int, source_vocab_size: int, target_vocab_size: int,
-              where: str = "") -> None:
-        """A ShortlistError unless it fits the model's vocabularies and the decode settings."""
+    def check(self, *, top_k: int, source_vocab_size: int, target_vocab_size: int, where: str = "") -> None:
+        """A ShortlistError unless it fits the model's vocabularies and decode.shortlist_top_k
+        (decode.shortlist_frequent past the vocabulary takes all of it)."""
         if (self.source_vocab_size, self.target_vocab_size) != (source_vocab_size, target_vocab_size):
             raise ShortlistError(f"{where or 'the shortlist'}: built for vocabularies of {self.source_vocab_size} / "
                                  f"{self.target_vocab_size} pieces, the model has {source_vocab_size} / "
@@ -87,9 +87,6 @@ class Shortlist:
             raise ShortlistError(f"decode.shortlist_top_k={top_k}: {where or 'the shortlist'} keeps {self.top_k} "
                                  f"translations per source piece; lower it, or rebuild with "
                                  f"`{BUILD_COMMAND.format(workdir='RUN')} --top-k {top_k}`")
-        if frequent > self.target_vocab_size:
-            raise ShortlistError(f"decode.shortlist_frequent={frequent}: the target vocabulary has only "
-                                 f"{self.target_vocab_size} pieces; lower it")
 
     def candidates(self, sources, *, top_k: int, frequent: int) -> np.ndarray:
         """The target ids a batch of sources (id sequences) may produce, ascending int32 [C]:
@@ -205,10 +202,12 @@ def build(sources, targets, source_vocab_size: int, target_vocab_size: int, *, t
     return Shortlist(table, frequent, meta)
 
 
-def build_for_run(workdir: str, *, top_k: int = DEFAULT_TOP_K, iterations: int = ITERATIONS) -> dict:
+def build_for_run(workdir: str, *, top_k: int = DEFAULT_TOP_K, iterations: int = ITERATIONS,
+                  data_dir: str | None = None) -> dict:
     """Builds the shortlist of a run from its training split (prepared as the run's data
-    config says; the cached preparation is reused) and writes `<workdir>/shortlist.npz`.
-    Returns its meta with "path"."""
+    config says, the corpus read from `data_dir` if given; the cached preparation is reused)
+    and writes `<workdir>/shortlist.npz`. Returns its meta with "path"."""
+    from s2s_jax import config as config_lib
     from s2s_jax import rundir
     from s2s_jax.data import build_data
 
@@ -216,13 +215,11 @@ def build_for_run(workdir: str, *, top_k: int = DEFAULT_TOP_K, iterations: int =
     if top_k < 1 or iterations < 1:
         raise UserError(f"--top-k {top_k} / --iterations {iterations}: both must be at least 1")
     config = rundir.read_config(workdir)
+    if data_dir is not None:
+        config = config_lib.override(config, [f"data.dir={data_dir}"])
     source_vocab, target_vocab = rundir.read_vocabs(workdir)
-    data = build_data(config)
-    if (data.source_vocab.vocab_size, data.target_vocab.vocab_size) != (source_vocab.vocab_size,
-                                                                         target_vocab.vocab_size):
-        raise UserError(f"--workdir {workdir}: its data config now prepares other vocabularies than the run's "
-                        f"vocab/; restore the run's data settings")
-    sources, targets = data.training_ids()
+    # With the workdir, the data layer refuses a corpus whose vocabulary is not the run's.
+    sources, targets = build_data(config, workdir).training_ids()
     shortlist = build(sources, targets, source_vocab.vocab_size, target_vocab.vocab_size, top_k=top_k,
                       iterations=iterations)
     path = shortlist.save(rundir.shortlist_path(workdir))
@@ -241,12 +238,15 @@ def for_decoding(directory: str, config, source_vocab_size: int, target_vocab_si
     dc = config.decode
     if not dc.shortlist:
         return None
+    if config.model.copy_attention:
+        raise ShortlistError("decode.shortlist=true: a model.copy_attention model scores the whole vocabulary and "
+                             "the source's words at every step; leave decode.shortlist=false")
     path = rundir.shortlist_path(directory)
     if not os.path.isfile(path):
         raise ShortlistError(f"decode.shortlist=true: {workdir_flag} {directory} has no {rundir.SHORTLIST_FILE}; "
                              f"build it with `{BUILD_COMMAND.format(workdir=directory)}` (or leave "
                              f"decode.shortlist=false)")
     shortlist = load(path)
-    shortlist.check(top_k=dc.shortlist_top_k, frequent=dc.shortlist_frequent, source_vocab_size=source_vocab_size,
+    shortlist.check(top_k=dc.shortlist_top_k, source_vocab_size=source_vocab_size,
                     target_vocab_size=target_vocab_size, where=path)
     return shortlist

@@ -37,6 +37,7 @@ import numpy as np
 from s2s_jax import decoding
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, output_ids, round_up
 from s2s_jax.inference.adapter import CONTEXT_KEYS
+from s2s_jax.config import UserError
 from s2s_jax.inference.translator import _use_input_table, pad_cache, search_settings, wants_attention
 
 _PROGRAMS: dict = {}  # jitted pool functions shared by every decoder of the same model and settings
@@ -78,6 +79,9 @@ class StreamingDecoder:
                  source_len: int | None = None):
         self.translator, self.beam, self.nbest = translator, beam, nbest
         model, config = translator.model, translator.config
+        if config.model.copy_attention:
+            raise UserError("the streaming decoder (the server) does not decode copy-attention models yet "
+                            "(model.copy_attention=True); use s2s_jax translate / eval or the Python API")
         dc = config.decode
         self.slots = slots or dc.batch_size
         self.source_len = round_up(source_len or max(config.data.max_source_length, LENGTH_MULTIPLE))

@@ -42,7 +42,7 @@ from s2s_jax import decoding
 from s2s_jax.config import Config, UserError
 from s2s_jax.inference.adapter import CONTEXT_KEYS, DecodingModel, SingleModel
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
-from s2s_jax.vocab import BOS_ID, EOS_ID, input_normalization, normalize
+from s2s_jax.vocab import BOS_ID, EOS_ID, decode_extended, extended_ids, input_normalization, normalize
 
 QUEUE_BATCHES = 16  # most sentences decoded by one continuous-batching call, in batches
 _DECODERS: dict = {}  # compiled decoders shared by all Translators: key -> jitted function
@@ -61,6 +61,8 @@ def pad_cache(cache: dict, length: int) -> dict:
     out = dict(cache)
     for k in CONTEXT_KEYS:  # (per member for an ensemble)
         out[k] = jax.tree.map(pad_one, cache[k])
+    if isinstance(cache.get("state"), dict) and "coverage" in cache["state"]:  # model.coverage: [B, S] state
+        out["state"] = dict(cache["state"], coverage=pad_one(cache["state"]["coverage"]))
     return out
 
 
@@ -138,11 +140,17 @@ def decode(params, cache, source_lengths, max_lengths, num_sentences, vocab_ids=
     step_fn = model.step_fn(params, table=table, attention=want_attention, vocab_ids=vocab_ids)
     settings = search_settings(config, model, beam_size=beam_size, nbest=nbest, max_len=max_len,
                                ignore_ids=ignore_ids)
-    columns = model.target_vocab_size if vocab_ids is None else vocab_ids.shape[0]
+    columns = output_size(config, model, cache["mask"].shape[1]) if vocab_ids is None else vocab_ids.shape[0]
     return decoding.continuous_search(
         step_fn, cache["state"], context, settings, num_sentences=num_sentences, slots=slots,
         max_lengths=max_lengths, source_lengths=source_lengths, slot_context=True,
         output_sizes=(columns, cache["mask"].shape[1] if want_attention else None), vocab_ids=vocab_ids)
+
+
+def output_size(config: Config, model: DecodingModel, source_len: int) -> int:
+    """The size of a step's scores over the whole vocabulary: the target vocabulary, + the source
+    positions with copy attention (extended ids V + k, one per distinct unknown source word at most)."""
+    return model.target_vocab_size + (source_len if config.model.copy_attention else 0)
 
 
 def decode_fixed_batch(params, source, source_lengths, *, model: DecodingModel, config: Config,
@@ -204,6 +212,7 @@ class Translator:
         self.target_vocab = target_vocab
         self.shortlist = shortlist
         self._normalization = input_normalization(config.data)
+        self._copy = config.model.copy_attention  # text in/out through extended ids (vocab.extended_ids)
         self.checkpoint: dict | None = None  # set by runs.Run.translator
         self.ignore_ids = blocking_ignore_ids(config, target_vocab)  # decode.ignore_when_blocking
         self.last_stats: dict = {}
@@ -331,6 +340,9 @@ class Translator:
         Blank lines (and lines that encode to nothing) give nbest empty hypotheses of score 0.
         """
         encoded = self.encode_lines(lines)
+        words = [None] * len(lines)
+        if self._copy:
+            encoded, words = self.extended_lines(lines, encoded)
         nonempty = [i for i, e in enumerate(encoded) if e]
         decoded = self.translate_ids([encoded[i] for i in nonempty], beam=beam, nbest=nbest,
                                      attention=attention, batch_size=batch_size)
@@ -340,25 +352,52 @@ class Translator:
             empty["attention"] = np.zeros((1, 0), np.float32)
         out = [[dict(empty) for _ in range(nbest)] for _ in lines]
         for i, res in zip(nonempty, decoded):
-            out[i] = self.hypotheses(res)
+            out[i] = self.hypotheses(res, None if words[i] is None else (encoded[i], words[i]))
         return out
 
-    def hypotheses(self, result: dict) -> list[dict]:
+    def extended_lines(self, lines: Sequence[str], encoded) -> tuple[list, list]:
+        """Copy attention: the lines' extended ids (unknown source words as V + k) and, per line,
+        its unknown words (word k is id V + k)."""
+        out_ids, out_words = [], []
+        for line, ids in zip(lines, encoded):
+            ext, _, words = extended_ids(self.source_vocab, ids, self.source_vocab.surfaces(self.normalize(line)))
+            out_ids.append(ext)
+            out_words.append(words)
+        return out_ids, out_words
+
+    def hypotheses(self, result: dict, copy: tuple | None = None) -> list[dict]:
         """One entry of `translate_ids` as text hypotheses [{"text", "score", "tokens"
-        (pieces), + "attention" when the entry has it}]."""
+        (pieces), + "attention" when the entry has it}]. copy: (the source's extended ids, its
+        unknown words) of a copy-attention model: extended output ids are written as the source
+        words, and each hypothesis lists them under "copied" ({"index": output position,
+        "word", "source_positions"})."""
         hyps = []
         for k, (ids, score) in enumerate(zip(result["tokens"], result["scores"])):
-            hyp = {"text": self.target_vocab.decode(ids), "score": score, "tokens": self.target_vocab.pieces(ids)}
+            if copy is None:
+                hyp = {"text": self.target_vocab.decode(ids), "score": score, "tokens": self.target_vocab.pieces(ids)}
+            else:
+                hyp = self._copied_hypothesis(ids, score, *copy)
             if "attentions" in result:
                 hyp["attention"] = result["attentions"][k]
             hyps.append(hyp)
         return hyps
+
+    def _copied_hypothesis(self, ids, score, source_ext, words) -> dict:
+        V = self.target_vocab.vocab_size
+        text, pieces = decode_extended(self.target_vocab, ids, words)
+        copied = [{"index": j, "word": words[int(i) - V],
+                   "source_positions": [n for n, x in enumerate(source_ext) if x == int(i)]}
+                  for j, i in enumerate(ids) if int(i) >= V]
+        return {"text": text, "score": score, "tokens": pieces, "copied": copied}
 
     def score(self, pairs: Sequence[tuple[str, str]], *, batch_size: int | None = None) -> list[dict]:
         """Log-probability the model gives each (source, target) text pair, both normalised as in
         training: per pair {"score": sum of token log-probs (EOS included), "tokens": target
         tokens + 1, "per_token": score / tokens}. A blank target scores its EOS alone; a blank
         source scores None (translate maps it to an empty line without decoding)."""
+        if self._copy:
+            raise UserError("scoring given targets is not implemented for copy-attention models yet "
+                            "(model.copy_attention=True); translate and eval work")
         batch_size = batch_size or self.config.decode.batch_size
         sources = self.encode_lines([s for s, _ in pairs])
         targets = self.target_vocab.encode_batch([self.normalize(t) for _, t in pairs])

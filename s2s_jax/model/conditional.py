@@ -120,4 +120,4 @@ def conditional_step(cfg: ModelConfig, ks: KernelSet, W: dict, dot, gx0: Array, 
     hidden = jnp.tanh(deep + gx0[:, G:] + W["layer0_bias"][G:])
     if masks is not None:
         hidden = hidden * masks["output"]
-    return hidden, {"layers": (carry,), "feed": hidden}, weights
+    return hidden, dict(state, layers=(carry,), feed=hidden), weights

@@ -42,7 +42,7 @@ class Decoder(nn.Module):
             for i in range(cfg.decoder_layers)
         ]
         if cfg.attention != "none":
-            self.attention = AttentionParams(cfg.attention, H)
+            self.attention = AttentionParams(cfg.attention, H, cfg.coverage)
 
     # -- parameters prepared once per call, outside any scan ---------------------------------
     def _prepared(self) -> dict[str, Array]:
@@ -87,7 +87,10 @@ class Decoder(nn.Module):
         return project_keys(self.attention(), cfg.attention, memory, jnp.dtype(cfg.dtype), self.kernels)
 
     def initial_state(self, carries, memory):
-        return {"layers": tuple(carries), "feed": jnp.zeros_like(memory[:, 0, :], dtype=jnp.float32)}
+        state = {"layers": tuple(carries), "feed": jnp.zeros_like(memory[:, 0, :], dtype=jnp.float32)}
+        if self.config.coverage:  # c_0 = 0 [B, S]
+            state["coverage"] = jnp.zeros(memory.shape[:2], jnp.float32)
+        return state
 
     def __call__(self, embedded: Array, state, memory: Array, keys: Array, mask: Array,
                  row_ids: Array | None = None, deterministic: bool = True):
@@ -127,7 +130,10 @@ class Decoder(nn.Module):
         weights = None
         if cfg.attention != "none":
             am = None if not train else jnp.swapaxes(masks["attention"][:, :, 0, :], 0, 1)  # [B, T, S]
-            x, weights = attend(_attention_params(W), cfg.attention, x, keys, memory, mask, dtype, am)
+            if cfg.coverage:
+                x, weights = _attend_with_coverage(cfg, W, x, keys, memory, mask, am, state["coverage"])
+            else:
+                x, weights = attend(_attention_params(W), cfg.attention, x, keys, memory, mask, dtype, am)
         if train:
             x = x * jnp.swapaxes(masks["output"], 0, 1)
         return x, weights
@@ -244,12 +250,35 @@ def _step(cfg: ModelConfig, ks: KernelSet, W: dict, dot, gx0: Array, state, mask
         inp = out
     weights = None
     hidden = inp
+    new_state = dict(state, layers=tuple(new_carries))  # other entries (copy's source_ext) ride along
     if cfg.attention != "none":
         hidden, weights = attend(_attention_params(W), cfg.attention, inp, W["keys"], W["memory"], W["mask"],
-                                 dtype, None if masks is None else masks.get("attention"), dot=dot)
+                                 dtype, None if masks is None else masks.get("attention"), dot=dot,
+                                 coverage=state.get("coverage"))
+        if cfg.coverage:
+            new_state["coverage"] = state["coverage"] + weights
     if masks is not None:
         hidden = hidden * masks["output"]
-    return hidden, {"layers": tuple(new_carries), "feed": hidden}, weights
+    new_state["feed"] = hidden
+    return hidden, new_state, weights
+
+
+# -- coverage (model.coverage) ---------------------------------------------------------------
+def _attend_with_coverage(cfg: ModelConfig, W: dict, x: Array, keys: Array, memory: Array, mask: Array,
+                          dropout: Array | None, coverage: Array):
+    """Attention of every target position (x [B, T, H]) without input feeding, with coverage:
+    step t's scores read c_t = c_0 + Σ_{t'<t} a_t', so the steps run in a scan over time.
+    dropout: [B, T, S] or None. Returns (hidden [B, T, H], weights [B, T, S])."""
+    params, dtype = _attention_params(W), jnp.dtype(cfg.dtype)
+
+    def body(cov, xs):
+        q, am = xs
+        hidden, weights = attend(params, cfg.attention, q, keys, memory, mask, dtype, am, coverage=cov)
+        return cov + weights, (hidden, weights)
+
+    time_major = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)  # noqa: E731
+    _, (hidden, weights) = jax.lax.scan(body, coverage, (time_major(x), time_major(dropout)), unroll=cfg.unroll)
+    return time_major(hidden), time_major(weights)
 
 
 def _grouped_attention_dot(group: int):

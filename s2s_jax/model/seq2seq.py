@@ -22,10 +22,13 @@ import jax.numpy as jnp
 
 from s2s_jax.config import ModelConfig
 from s2s_jax.kernels import KernelSet
+from s2s_jax.kernels.deferred_scan import plain_dot
+from s2s_jax.model.attention import AttentionParams, attend, project_keys
 from s2s_jax.model.cells import initial_carry, row_dropout_mask
 from s2s_jax.model.conditional import ConditionalDecoder
 from s2s_jax.model.decoder import Decoder
 from s2s_jax.model.encoder import Encoder
+from s2s_jax.vocab import UNK_ID
 
 Array = jax.Array
 
@@ -56,6 +59,12 @@ class Seq2Seq(nn.Module):
             self.output_kernel = self.param("output_kernel", nn.initializers.lecun_uniform(),
                                             (H, self.target_vocab_size))
         self.output_bias = self.param("output_bias", nn.initializers.zeros, (self.target_vocab_size,))
+        if cfg.copy_attention:  # the gate g = σ([h~; context; decoder input] W_g + b_g)
+            self.copy_gate_kernel = self.param("copy_gate_kernel", nn.initializers.lecun_uniform(),
+                                               (2 * H + cfg.target_embed_dim, 1))
+            self.copy_gate_bias = self.param("copy_gate_bias", nn.initializers.zeros, (1,))
+            if cfg.copy_attention_separate:
+                self.copy_attention = AttentionParams(cfg.attention, H)
 
     def _source_table(self):
         return self.target_embedding if self.config.share_embeddings else self.source_embedding
@@ -92,13 +101,22 @@ class Seq2Seq(nn.Module):
 
     def encode(self, source: Array, source_lengths: Array, deterministic: bool = True,
                row_ids: Array | None = None) -> dict:
-        """source [B, S] int32 -> decoding cache: memory/keys [B, S, H], mask [B, S], state."""
+        """source [B, S] int32 -> decoding cache: memory/keys [B, S, H], mask [B, S], state.
+
+        model.copy_attention: `source` may hold extended ids (>= V: the sentence's unknown words,
+        embedded as UNK); the state keeps them as "source_ext" (the same for every beam of a
+        sentence, so it follows the beams as it is)."""
+        ext = None
+        if self.config.copy_attention:
+            ext, source = source, in_vocabulary(source, self.source_vocab_size)
         emb = jnp.take(self._source_table(), source.T, axis=0)  # time-major [S, B, E]
         emb = self._embedding_noise(emb, row_ids, self.config.source_word_dropout, deterministic)
         memory, finals = self.encoder(emb, source_lengths, row_ids, deterministic=deterministic)
         mask = jnp.arange(source.shape[1])[None, :] < source_lengths[:, None]
         keys = self.decoder.project_keys(memory)
         state = self.decoder.initial_state(self._bridge(finals, memory), memory)
+        if ext is not None:
+            state["source_ext"] = ext
         return {"memory": memory, "keys": keys, "mask": mask, "state": state}
 
     def __call__(self, source: Array, source_lengths: Array, target_input: Array,
@@ -108,6 +126,13 @@ class Seq2Seq(nn.Module):
         row_ids [B]: each example's index in the global batch (default arange(B)); dropout masks
         are drawn per row from it, so sharding the batch never changes them.
         """
+        hidden, weights, _, _ = self._teacher_forced(source, source_lengths, target_input, deterministic, row_ids)
+        if self.config.copy_attention_separate and self.is_initializing():
+            self.copy_attention()  # its parameters exist from `init` on
+        return hidden, weights
+
+    def _teacher_forced(self, source, source_lengths, target_input, deterministic, row_ids):
+        """(hidden [B, T, H], weights [B, T, S] | None, encoder cache, embedded targets [T, B, E])."""
         if row_ids is None:
             row_ids = jnp.arange(source.shape[0])
         cache = self.encode(source, source_lengths, deterministic, row_ids)
@@ -117,8 +142,55 @@ class Seq2Seq(nn.Module):
             T, _, E = emb.shape
             emb = emb * jnp.swapaxes(row_dropout_mask(key, self.config.dropout, row_ids, (T, E)), 0, 1)
         emb = self._embedding_noise(emb, row_ids, self.config.target_word_dropout, deterministic)
-        return self.decoder(emb, cache["state"], cache["memory"], cache["keys"], cache["mask"],
-                            row_ids, deterministic=deterministic)
+        state = {k: v for k, v in cache["state"].items() if k != "source_ext"}
+        hidden, weights = self.decoder(emb, state, cache["memory"], cache["keys"], cache["mask"],
+                                       row_ids, deterministic=deterministic)
+        return hidden, weights, cache, emb
+
+    # -- copy attention (model.copy_attention) ---------------------------------------------
+    def copy_forward(self, source: Array, source_lengths: Array, target_input: Array,
+                     deterministic: bool = True, row_ids: Array | None = None):
+        """Teacher forcing with copy attention; source may hold extended ids (`encode`).
+
+        Returns (hidden [B, T, H], attention weights [B, T, S], copy weights [B, T, S], gate [B, T]).
+        """
+        hidden, weights, cache, emb = self._teacher_forced(source, source_lengths, target_input, deterministic,
+                                                           row_ids)
+        copy_weights, gate = self._copy_terms(hidden, weights, jnp.swapaxes(emb, 0, 1), cache["memory"],
+                                              cache["mask"])
+        return hidden, weights, copy_weights, gate
+
+    def _copy_terms(self, hidden: Array, weights: Array, emb: Array, memory: Array, mask: Array):
+        """hidden [B, (T,) H], weights [B, (T,) S], emb (decoder input) [B, (T,) E], memory [B, S, H]
+        -> (copy weights [B, (T,) S], gate g [B, (T,)]). The copy weights are the decoder's
+        attention weights, or (copy_attention_separate) those of the copy attention queried by h~."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.copy_attention_separate:
+            p = self.copy_attention()
+            keys = project_keys(p, cfg.attention, memory, dtype, self.kernels)
+            _, weights = attend(p, cfg.attention, hidden, keys, memory, mask, dtype)
+        single = weights.ndim == 2
+        spec = "bs,bsh->bh" if single else "bts,bsh->bth"
+        context = plain_dot("", spec, weights, memory, dtype)
+        x = jnp.concatenate([hidden.astype(jnp.float32), context, emb.astype(jnp.float32)], -1)
+        gate = jax.nn.sigmoid(self.kernels.matmul(x, self.copy_gate_kernel, dtype)[..., 0] + self.copy_gate_bias[0])
+        return weights, gate
+
+    def copy_log_probs(self, hidden: Array, weights: Array, tokens: Array, source_ext: Array, memory: Array,
+                       mask: Array) -> Array:
+        """One decoding step's extended distribution: log p(w) over [N, V + S] ids,
+        p(w) = (1 - g) p_vocab(w) + g Σ_{i: source_ext_i = w} a_i (ids >= V: the sentence's
+        unknown source words). tokens [N]: the step's input tokens (in the vocabulary);
+        memory, mask, source_ext: per row [N, ...]."""
+        V = self.target_vocab_size
+        emb = jnp.take(self.target_embedding, tokens, axis=0)
+        copy_weights, gate = self._copy_terms(hidden, weights, emb, memory, mask)
+        p_vocab = jax.nn.softmax(self.logits(hidden).astype(jnp.float32), axis=-1) * (1.0 - gate)[:, None]
+        N, S = source_ext.shape
+        dist = jnp.concatenate([p_vocab, jnp.zeros((N, S), jnp.float32)], axis=-1)
+        dist = dist.at[jnp.arange(N)[:, None], source_ext].add(gate[:, None] * copy_weights)
+        return jnp.log(jnp.maximum(dist, jnp.finfo(jnp.float32).tiny))
 
     def _embedding_noise(self, emb: Array, row_ids: Array | None, word_rate: float, deterministic: bool) -> Array:
         """model.embedding_dropout (per element) and word dropout at `word_rate` (a token's whole
@@ -155,8 +227,29 @@ class Seq2Seq(nn.Module):
         return self.project(hidden, *self.output_weights())
 
     def decode_step(self, tokens: Array, cache: dict):
-        """tokens [N] (previous output) -> (logits [N, V] float32, new cache, weights [N, S] | None)."""
+        """tokens [N] (previous output) -> (logits [N, V] float32, new cache, weights [N, S] | None).
+        model.copy_attention: log-probabilities [N, V + S] over the extended ids (`copy_log_probs`;
+        copied unknown words, ids >= V, are fed back as UNK)."""
+        if self.config.copy_attention:
+            tokens = in_vocabulary(tokens, self.target_vocab_size)
         emb = jnp.take(self.target_embedding, tokens, axis=0)
         hidden, state, weights = self.decoder.step(emb, cache["state"], cache["memory"], cache["keys"],
                                                    cache["mask"])
-        return self.logits(hidden), dict(cache, state=state), weights
+        return self.step_output(hidden, weights, tokens, state, cache), dict(cache, state=state), weights
+
+    def step_output(self, hidden: Array, weights: Array | None, tokens: Array, state: dict, context: dict) -> Array:
+        """A decoding step's scores: logits [N, V], or with copy attention the extended
+        log-probabilities [N, V + S] (context: memory, mask per row or per group of rows)."""
+        if not self.config.copy_attention:
+            return self.logits(hidden)
+        memory, mask, ext = context["memory"], context["mask"], state["source_ext"]
+        if memory.shape[0] != ext.shape[0]:  # shared by groups of beam rows: one entry per row here
+            group = ext.shape[0] // memory.shape[0]
+            memory, mask = jnp.repeat(memory, group, axis=0), jnp.repeat(mask, group, axis=0)
+        return self.copy_log_probs(hidden, weights, tokens, ext, memory, mask)
+
+
+def in_vocabulary(ids: Array, vocab_size: int) -> Array:
+    """Extended ids (copy attention: >= vocab_size for a sentence's unknown words) as vocabulary
+    ids: those past the vocabulary become UNK."""
+    return jnp.where(ids >= vocab_size, UNK_ID, ids)

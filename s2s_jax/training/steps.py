@@ -39,14 +39,40 @@ def _row_ids(batch_rows: int, axis_name) -> jax.Array:
 def loss_sums(params, batch: ModelInputs, *, model: Seq2Seq, config: Config, rng=None, row_ids=None):
     """Sums over the batch's real target tokens: loss, nll, correct, weight."""
     train = rng is not None
-    hidden, _ = model.apply({"params": params}, batch["source"], batch["source_lengths"],
-                            batch["target_input"], deterministic=not train, row_ids=row_ids,
-                            rngs={"dropout": rng} if train else None)
+    if config.model.copy_attention:
+        return _copy_loss_sums(params, batch, model=model, config=config, rng=rng, row_ids=row_ids)
+    hidden, weights = model.apply({"params": params}, batch["source"], batch["source_lengths"],
+                                  batch["target_input"], deterministic=not train, row_ids=row_ids,
+                                  rngs={"dropout": rng} if train else None)
     kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
-    return losses.sequence_loss(
+    sums = losses.sequence_loss(
         hidden, kernel, bias, batch["target_output"], target_weights(batch),
         label_smoothing=config.train.label_smoothing if train else 0.0,
         chunk=config.model.loss_chunk, dtype=jnp.dtype(config.model.dtype), kernels=model.kernels)
+    lam = config.train.coverage_loss_weight
+    if train and lam > 0:  # training objective only (evaluation's loss stays the cross-entropy)
+        sums = dict(sums, loss=sums["loss"] + lam * losses.coverage_loss_sum(weights, target_weights(batch)))
+    return sums
+
+
+def _copy_loss_sums(params, batch: ModelInputs, *, model: Seq2Seq, config: Config, rng, row_ids):
+    """`loss_sums` with copy attention: the batch's extended ids (source_ext, target_ext) and the
+    pointer-generator loss (losses.copy_sequence_loss), plus the coverage loss when asked."""
+    train = rng is not None
+    hidden, weights, copy_weights, gate = model.apply(
+        {"params": params}, batch["source_ext"], batch["source_lengths"], batch["target_input"],
+        deterministic=not train, row_ids=row_ids, rngs={"dropout": rng} if train else None,
+        method=Seq2Seq.copy_forward)
+    kernel, bias = model.apply({"params": params}, method=Seq2Seq.output_weights)
+    tw = target_weights(batch)
+    sums = losses.copy_sequence_loss(
+        hidden, kernel, bias, gate, copy_weights, batch["source_ext"], batch["target_output"], batch["target_ext"], tw,
+        label_smoothing=config.train.label_smoothing if train else 0.0, force_copy=config.model.force_copy,
+        dtype=jnp.dtype(config.model.dtype), kernels=model.kernels)
+    lam = config.train.coverage_loss_weight
+    if train and lam > 0:
+        sums = dict(sums, loss=sums["loss"] + lam * losses.coverage_loss_sum(weights, tw))
+    return sums
 
 
 def _psum(tree, axis_name):

@@ -154,8 +154,13 @@ def evaluate(config: Config, params, data, translator: Translator, eval_fn, para
     examples = data.eval_examples(split, limit=limit)
     if examples:
         sources = truncate_sources(config.data, [data.source_vocab.encode(s) for s, _ in examples])
-        hyps = translator.translate_ids(sources, beam=1)
-        texts = [data.target_vocab.decode(h["tokens"][0]) for h in hyps]
+        if config.model.copy_attention:  # extended ids in; copied unknown words come back as source words
+            sources, words = translator.extended_lines([s for s, _ in examples], sources)
+            hyps = translator.translate_ids(sources, beam=1)
+            texts = [translator.hypotheses(h, (src, w))[0]["text"] for h, src, w in zip(hyps, sources, words)]
+        else:
+            hyps = translator.translate_ids(sources, beam=1)
+            texts = [data.target_vocab.decode(h["tokens"][0]) for h in hyps]
         refs = [t for _, t in examples]
         scores = metrics_lib.corpus_scores(texts, refs, kind=config.data.task_kind, lang=config.data.tgt_lang)
         result.update({k: v for k, v in scores.items() if k not in metrics_lib.VERBOSE_KEYS})
