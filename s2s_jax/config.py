@@ -131,6 +131,12 @@ class DataConfig:
     vocab_size: int = positive(8000)
     joint_vocab: bool = True  # one SentencePiece model for both sides
     spm_model_type: Literal["unigram", "bpe", "char", "word"] = "unigram"
+    # Subword regularisation (Kudo 2018): each training pair is re-segmented every epoch by
+    # SentencePiece sampling (nbest_size=-1, this smoothing alpha, e.g. 0.1; unigram models),
+    # seeded by (data.shuffle_seed, epoch, example index) so resumes and any process count see
+    # the same samples; a sample longer than the example's bucket keeps the usual pieces.
+    # 0 = off (the prepared segmentation). Text/TFDS corpora only.
+    spm_sampling_alpha: float = checked(0.0, _Rule(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1] (0 = off, e.g. 0.1)"))
     spm_character_coverage: float = checked(1.0, _Rule(
         lambda v: 0.0 < v <= 1.0, "must be in (0, 1], e.g. 0.9995 for languages with large alphabets"))
     # Applied before SentencePiece.
@@ -472,6 +478,9 @@ def _check_data(d: DataConfig) -> None:
         if not getattr(d, name):
             what = "trains on" if name == "train_split" else "evaluates on (every train.eval_every steps and at the end)"
             raise ConfigError(f"data.{name} is empty: the trainer {what} it; set it to the split's name")
+    if d.spm_sampling_alpha > 0 and d.source == "task":
+        raise ConfigError(f"data.spm_sampling_alpha={d.spm_sampling_alpha}: built-in tasks use a character "
+                          "vocabulary, nothing to sample; set it to 0")
     if d.vocab_from and d.source == "task":
         raise ConfigError(f"data.vocab_from={d.vocab_from!r}: built-in tasks always use the character "
                           "vocabulary; leave data.vocab_from empty for data.source='task'")
@@ -518,6 +527,9 @@ def _check_model(config: Config) -> None:
         raise ConfigError("model.input_feeding=True needs an attention type (model.attention != 'none')")
     if m.decoder_type == "conditional":
         _check_conditional_decoder(m)
+    if m.copy_attention and d.spm_sampling_alpha > 0:
+        raise ConfigError("data.spm_sampling_alpha > 0 re-segments the sources, but model.copy_attention's extended "
+                          "ids follow the prepared pieces: set data.spm_sampling_alpha=0")
     _check_copy_and_coverage(config)
     if m.attention == "none" and m.attention_dropout > 0:
         raise ConfigError(f"model.attention_dropout={m.attention_dropout}: has no effect with model.attention='none'; "

@@ -17,8 +17,8 @@ import numpy as np
 from s2s_jax import rundir
 from s2s_jax.data import tasks
 from s2s_jax.data.errors import DataError
-from s2s_jax.data.pipeline import (Loader, Materialize, TrainIterator, assign_buckets, bucket_rows, bucket_shapes,
-                                   check_batch_size, eval_plan, grain_batches, length_filter, local_rows,
+from s2s_jax.data.pipeline import (Loader, Materialize, SubwordSampler, TrainIterator, assign_buckets, bucket_rows,
+                                   bucket_shapes, check_batch_size, eval_plan, grain_batches, length_filter, local_rows,
                                    padding_efficiency, survivors, train_shapes)
 from s2s_jax.data.preprocess import load_prepared, prepare
 from s2s_jax.data.records import open_split
@@ -177,7 +177,9 @@ class Data:
                               process_index=self.process_index, process_count=self.process_count,
                               prefetch=d.prefetch, worker_count=d.worker_count,
                               src_len=train.src_len[ids], tgt_len=train.tgt_len[ids], pool_batches=d.pool_batches,
-                              auto_buckets=not d.buckets, copy_vocab=self._copy_vocab())
+                              auto_buckets=not d.buckets, copy_vocab=self._copy_vocab(),
+                              sampler=SubwordSampler(self.source_vocab, self.target_vocab, d.spm_sampling_alpha,
+                                                     d.shuffle_seed) if d.spm_sampling_alpha > 0 else None)
         self._planned = True
         self._stats = self._plan_stats(ids, bucket, reasons)
 

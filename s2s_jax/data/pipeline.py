@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import numpy as np
 
@@ -382,10 +383,11 @@ class Materialize:
     the bucket: source to S tokens, target to T - 1 tokens.
     """
 
-    def __init__(self, source, shapes, copy_vocab=None):
+    def __init__(self, source, shapes, copy_vocab=None, sampler=None):
         self.source = source  # random-access: tfds ArrayRecordDataSource or a list of dicts
         self.shapes = shapes
         self.copy_vocab = copy_vocab  # copy attention: the vocabulary of the extended ids
+        self.sampler = sampler  # data.spm_sampling_alpha: SubwordSampler (plan items carry the epoch)
 
     def _records(self, ids):
         getitems = getattr(self.source, "__getitems__", None)
@@ -394,12 +396,51 @@ class Materialize:
         return [self.source[i] for i in ids]
 
     def __call__(self, item) -> Batch:
-        b, ids = item
-        ids = np.asarray(ids)
+        b, ids = item[0], np.asarray(item[1])
         real = ids[ids >= 0]
         records = self._records([int(i) for i in real]) if len(real) else []
-        return pad_rows([(ex["source"], ex["target"]) for ex in records], ids, self.shapes[b],
+        pairs = [(ex["source"], ex["target"]) for ex in records]
+        if self.sampler is not None and len(item) > 2:  # training batch: (bucket, ids, epoch)
+            pairs = [self.sampler(ex, int(i), int(item[2]), self.shapes[b]) for ex, i in zip(records, real)]
+        return pad_rows(pairs, ids, self.shapes[b],
                         None if self.copy_vocab is None else [copy_row(self.copy_vocab, ex) for ex in records])
+
+
+# -------------------------------------------------------------- subword regularisation
+
+_SAMPLING_LOCK = threading.Lock()  # SentencePiece's sampling generator is process-wide
+
+
+class SubwordSampler:
+    """data.spm_sampling_alpha: a fresh SentencePiece segmentation of each training example every
+    epoch (Kudo 2018, subword regularisation: sampled from the whole lattice, nbest_size=-1, with
+    smoothing alpha), instead of the prepared one.
+
+    Example i of epoch e is sampled with SentencePiece's generator seeded by (seed, e, i)
+    (`seed_of`; set and used under one lock, so prefetch threads cannot interleave): the sample
+    depends on nothing else, so a resumed run sees the same samples, and 1 and N processes (or
+    Grain workers) the same batches. A sample that does not fit the example's bucket (the plan
+    is made from the prepared lengths) falls back to the prepared pieces.
+    """
+
+    def __init__(self, source_vocab, target_vocab, alpha: float, seed: int):
+        self.source_vocab, self.target_vocab = source_vocab, target_vocab
+        self.alpha, self.seed = float(alpha), int(seed)
+
+    def seed_of(self, epoch: int, index: int) -> int:
+        return int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+
+    def __call__(self, ex, index: int, epoch: int, shape) -> tuple:
+        """A record (source/target ids and texts) -> (source ids, target ids), no BOS/EOS."""
+        import sentencepiece as spm
+        kw = dict(out_type=int, enable_sampling=True, alpha=self.alpha, nbest_size=-1)
+        with _SAMPLING_LOCK:
+            spm.set_random_generator_seed(self.seed_of(epoch, index))
+            src = self.source_vocab.sp.encode(as_text(ex["source_text"]), **kw)
+            tgt = self.target_vocab.sp.encode(as_text(ex["target_text"]), **kw)
+        if len(src) > shape[0] or len(tgt) + 1 > shape[1]:
+            return ex["source"], ex["target"]
+        return np.asarray(src, np.int32), np.asarray(tgt, np.int32)
 
 
 def copy_row(vocab, ex) -> tuple[list, list]:
@@ -496,7 +537,7 @@ class Loader:
     def __init__(self, source, bucket: np.ndarray, ids: np.ndarray, shapes, rows, *, seed: int,
                  process_index: int, process_count: int, prefetch: int, worker_count: int,
                  src_len: np.ndarray | None = None, tgt_len: np.ndarray | None = None, pool_batches: int = 0,
-                 auto_buckets: bool = False, copy_vocab=None):
+                 auto_buckets: bool = False, copy_vocab=None, sampler=None):
         self.source, self.bucket, self.ids = source, bucket, ids
         self.shapes, self.rows = shapes, rows
         self.seed = seed
@@ -505,15 +546,15 @@ class Loader:
         self.auto_buckets = auto_buckets  # the shapes go into the iterator state
         self.process_index, self.process_count = process_index, process_count
         self.prefetch, self.worker_count = prefetch, worker_count
-        self.materialize = Materialize(source, shapes, copy_vocab)
+        self.materialize = Materialize(source, shapes, copy_vocab, sampler)
 
     def global_epoch_plan(self, epoch: int):
         return epoch_plan(self.bucket, self.ids, self.rows, self.seed, epoch, pool=self.pool,
                           src_len=self.src_len, tgt_len=self.tgt_len, shapes=self.shapes)
 
     def local_epoch_plan(self, epoch: int):
-        return [(b, local_rows(i, self.process_index, self.process_count))
-                for b, i in self.global_epoch_plan(epoch)]
+        plan = [(b, local_rows(i, self.process_index, self.process_count)) for b, i in self.global_epoch_plan(epoch)]
+        return plan if self.materialize.sampler is None else [(b, i, epoch) for b, i in plan]
 
     def iterate(self, plan, start: int = 0):
         return grain_batches(plan, self.materialize, start=start, prefetch=self.prefetch,
