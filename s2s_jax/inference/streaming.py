@@ -37,7 +37,7 @@ import numpy as np
 from s2s_jax import decoding
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, output_ids, round_up
 from s2s_jax.inference.adapter import CONTEXT_KEYS
-from s2s_jax.inference.translator import _use_input_table, pad_cache, search_settings, wants_attention
+from s2s_jax.inference.translator import _use_input_table, output_size, pad_cache, search_settings, wants_attention
 
 _PROGRAMS: dict = {}  # jitted pool functions shared by every decoder of the same model and settings
 MIN_ACTIVE = 8
@@ -92,7 +92,8 @@ class StreamingDecoder:
             pool = decoding.SlotPool(
                 functools.partial(_step_fn, model, want_attention),
                 search_settings(config, model, beam_size=beam, nbest=nbest, max_len=self.max_len),
-                slots=self.slots, queue=2 * self.slots, results=8 * self.slots, vocab_size=model.target_vocab_size,
+                slots=self.slots, queue=2 * self.slots, results=8 * self.slots,
+                vocab_size=output_size(config, model, self.source_len),
                 source_len=self.source_len if want_attention else None, slot_context=True)
             _PROGRAMS[key] = _pool_programs(pool, model, self.source_len, chunk_steps)
         self._programs = _PROGRAMS[key]
