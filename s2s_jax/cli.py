@@ -112,7 +112,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--average-last", type=int, default=None, metavar="K",
                    help="average the parameters of the last K checkpoints")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.FIELD=VALUE")
-    controls = p.add_argument_group("decoding controls (each sets a decode.* field; docs/decoding.md)")
+    controls = p.add_argument_group("decoding controls (each sets a decode.* field; docs/lifecycle.md)")
     for flag, field, kind, text in _DECODE_CONTROLS:
         extra = {"nargs": "+"} if field == "ignore_when_blocking" else ({"nargs": 0} if kind is bool else {"type": kind})
         controls.add_argument(flag, dest="overrides", action=_DecodeField, field=field, default=[], help=text, **extra)

@@ -209,7 +209,7 @@ def test_stepwise_coverage_penalty_prunes_during_the_search(stepwise):
                                    rtol=1e-5)
 
 
-def test_controls_beam_one_equals_greedy_and_continuous_equals_plain():
+def test_controls_beam_one_equals_greedy():
     step = make_rnn_step(seed=11)
     source_lengths = [5, 2, 3, 4]
     cache = rnn_cache(seed=12, source_lengths=source_lengths)
@@ -223,16 +223,19 @@ def test_controls_beam_one_equals_greedy_and_continuous_equals_plain():
     check_well_formed(greedy["tokens"][:, None], greedy["lengths"][:, None], np.asarray(max_lengths))
     assert np.all(np.asarray(greedy["lengths"]) >= 3)
 
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_controls_continuous_equals_plain(beam_size):
+    controls = dict(min_length=2, block_ngram_repeat=2, ignore_ids=(5,))
     chains = random_chains(13, 5)
     per_row = lambda tokens, state, context: (context["table"][jnp.arange(tokens.shape[0]), tokens], state, None)
     limits = jnp.array([6, 3, 7, 5, 7])
-    for beam_size in (1, 3):
-        plain = decoding.search(lambda t, c: per_row(t, c, c), chains,
-                                settings(7, beam_size=beam_size, **controls), batch_size=5, max_lengths=limits)
-        cont = continuous_search(per_row, dummy_cache(5), chains, num_sentences=5, slots=2, max_lengths=limits,
-                                 max_len=7, beam_size=beam_size, **controls)
-        np.testing.assert_array_equal(cont["tokens"], plain["tokens"])
-        np.testing.assert_allclose(cont["scores"], plain["scores"], rtol=1e-6)
+    plain = decoding.search(lambda t, c: per_row(t, c, c), chains,
+                            settings(7, beam_size=beam_size, **controls), batch_size=5, max_lengths=limits)
+    cont = continuous_search(per_row, dummy_cache(5), chains, num_sentences=5, slots=2, max_lengths=limits,
+                             max_len=7, beam_size=beam_size, **controls)
+    np.testing.assert_array_equal(cont["tokens"], plain["tokens"])
+    np.testing.assert_allclose(cont["scores"], plain["scores"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])

@@ -88,9 +88,9 @@ def test_save_load_round_trip_and_checks(tmp_path):
     np.testing.assert_array_equal(back.frequent, sl.frequent)
     assert back.meta == sl.meta
     with pytest.raises(shortlist_lib.ShortlistError, match="--top-k 4"):
-        back.check(top_k=4, frequent=0, source_vocab_size=30, target_vocab_size=140)
+        back.check(top_k=4, source_vocab_size=30, target_vocab_size=140)
     with pytest.raises(shortlist_lib.ShortlistError, match="vocabularies"):
-        back.check(top_k=3, frequent=0, source_vocab_size=31, target_vocab_size=140)
+        back.check(top_k=3, source_vocab_size=31, target_vocab_size=140)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(shortlist_lib.ShortlistError, match="unreadable"):
         shortlist_lib.load(str(tmp_path / "bad.npz"))

@@ -138,8 +138,7 @@ class _Candidates(NamedTuple):
     log_probs: jax.Array  # [B, C] raw log-prob of the longer prefix
     parent: jax.Array  # [B, C] the beam each extends
     token: jax.Array  # [B, C] int32, the token added
-    tokens: jax.Array  # [B, C, T] the whole prefix
-    attention: jax.Array | None  # [B, C, T, S]
+    step_attention: jax.Array | None  # [B, C, S] this step's attention of each (its parent's row)
     coverage: jax.Array | None  # [B, C, S]
     ranking: jax.Array  # [B, C] what the beam keeps the best of: log_probs (+ the stepwise penalty)
 
@@ -183,7 +182,7 @@ class Beam:
         step = state.step  # [B]
         candidates = self._extend(state, logits, attention, limits, source_mask, vocab_ids)
         finished = self._finish(state, candidates, source_mask)
-        alive_log_probs, alive_parent, alive = self._keep_alive(candidates)
+        alive_log_probs, alive_parent, alive = self._keep_alive(state, candidates)
         done = self._stop(state, alive_log_probs, finished, limits)
         new_state = BeamState(step=step + 1, **finished, **alive, done=done)
         return new_state, alive_parent, done
@@ -215,15 +214,25 @@ class Beam:
         ranking = log_probs
         if step_penalty is not None:
             log_probs = log_probs - jnp.take_along_axis(step_penalty, parent, axis=1)
-        at_step = jnp.arange(T)[None, None, :] == step[:, None, None]  # [B, 1, T]
-        tokens = jnp.where(at_step, token[:, :, None], gather_beams(state.alive_tokens, parent))
-        candidate_attention = coverage = None
+        coverage = None
         if self.source_len is not None:
             step_attention = gather_beams(step_attention, parent)  # [B, C, S]
-            candidate_attention = jnp.where(at_step[..., None], step_attention[:, :, None, :],
-                                            gather_beams(state.alive_attention, parent))
             coverage = gather_beams(state.alive_coverage, parent) + step_attention
-        return _Candidates(log_probs, parent, token, tokens, candidate_attention, coverage, ranking)
+        return _Candidates(log_probs, parent, token, step_attention, coverage, ranking)
+
+    def _prefixes(self, state: BeamState, candidates: _Candidates, index):
+        """The whole prefixes of the candidates index [B, M] -> (tokens [B, M, T], attention
+        [B, M, T, S] or None). Built only for the M candidates kept (K alive, N finished), never
+        for all C."""
+        at_step = jnp.arange(self.settings.max_len)[None, None, :] == state.step[:, None, None]  # [B, 1, T]
+        parent = jnp.take_along_axis(candidates.parent, index, axis=1)
+        token = jnp.take_along_axis(candidates.token, index, axis=1)
+        tokens = jnp.where(at_step, token[:, :, None], gather_beams(state.alive_tokens, parent))
+        if self.source_len is None:
+            return tokens, None
+        step_attention = gather_beams(candidates.step_attention, index)
+        attention = jnp.where(at_step[..., None], step_attention[:, :, None, :], gather_beams(state.alive_attention, parent))
+        return tokens, attention
 
     def _coverage_penalty(self, coverage, source_mask):
         settings = self.settings
@@ -254,16 +263,23 @@ class Beam:
         _, keep = lax.top_k(jnp.where(merged_flags, merged_scores, NEG_INF), self.num_best)
         lengths = jnp.broadcast_to((step + 1)[:, None], token.shape).astype(jnp.int32)
         merged = {
-            "finished_tokens": (state.finished_tokens, candidates.tokens),
             "finished_lengths": (state.finished_lengths, lengths),
             "finished_scores": (state.finished_scores, scores),
             "finished_log_probs": (state.finished_log_probs, candidates.log_probs),
             "finished_flags": (state.finished_flags, newly_finished),
-            "finished_attention": (state.finished_attention, candidates.attention),
         }
-        return {name: _merge(old, new, keep) for name, (old, new) in merged.items()}
+        finished = {name: _merge(old, new, keep) for name, (old, new) in merged.items()}
+        # Prefixes (tokens, attention) of only the kept entries: an old one, or a candidate's built now.
+        N = self.num_best
+        is_new = keep >= N
+        tokens, attention = self._prefixes(state, candidates, jnp.clip(keep - N, 0, self.num_candidates - 1))
+        old = jnp.minimum(keep, N - 1)
+        finished["finished_tokens"] = jnp.where(is_new[..., None], tokens, gather_beams(state.finished_tokens, old))
+        finished["finished_attention"] = None if attention is None else jnp.where(
+            is_new[..., None, None], attention, gather_beams(state.finished_attention, old))
+        return finished
 
-    def _keep_alive(self, candidates: _Candidates):
+    def _keep_alive(self, state: BeamState, candidates: _Candidates):
         """The K most probable candidates without EOS stay alive -> (alive_log_probs [B, K],
         their parents [B, K], BeamState's other alive fields)."""
         is_eos = candidates.token == self.settings.eos_id
@@ -271,11 +287,12 @@ class Beam:
         if candidates.ranking is not candidates.log_probs:  # stepwise penalty: keep the raw sums
             alive_log_probs = jnp.where(jnp.isfinite(alive_log_probs),
                                         jnp.take_along_axis(candidates.log_probs, pick, axis=1), NEG_INF)
+        tokens, attention = self._prefixes(state, candidates, pick)
         alive = {
             "alive_log_probs": alive_log_probs,
             "last": jnp.take_along_axis(candidates.token, pick, axis=1),
-            "alive_tokens": gather_beams(candidates.tokens, pick),
-            "alive_attention": _gather_optional(candidates.attention, pick),
+            "alive_tokens": tokens,
+            "alive_attention": attention,
             "alive_coverage": _gather_optional(candidates.coverage, pick),
         }
         return alive_log_probs, jnp.take_along_axis(candidates.parent, pick, axis=1), alive

@@ -156,6 +156,9 @@ def load_ensemble_translator(workdirs: Sequence[str], *, weights: Sequence[float
         if input_normalization(run.config.data) != input_normalization(first.config.data):
             raise UserError(f"--workdir {run.workdir}: data.normalization differs from {first.workdir}'s; "
                             f"the members must read text the same way")
+        if run.config.model.copy_attention or first.config.model.copy_attention:
+            raise UserError(f"--workdir {run.workdir}: ensembles of copy-attention models (model.copy_attention=True) "
+                            "are not supported yet; translate with one run")
         if run.config.model.dtype != first.config.model.dtype:
             raise UserError(f"--workdir {run.workdir}: model.dtype {run.config.model.dtype} differs from "
                             f"{first.config.model.dtype}; decode the ensemble in one dtype")

@@ -129,10 +129,13 @@ def decode_best(translator, sources: Sequence[str], beam: int) -> list[str]:
     from s2s_jax.data import truncate_sources
 
     encoded = truncate_sources(translator.config.data, translator.encode_lines(sources))
+    words = [None] * len(sources)
+    if translator.config.model.copy_attention:  # extended ids; copied unknown words written as in the source
+        encoded, words = translator.extended_lines(sources, encoded)
     keep = [i for i, ids in enumerate(encoded) if ids]
     hyps = [""] * len(sources)
     for i, result in zip(keep, translator.translate_ids([encoded[i] for i in keep], beam=beam)):
-        hyps[i] = translator.hypotheses(result)[0]["text"]
+        hyps[i] = translator.hypotheses(result, None if words[i] is None else (encoded[i], words[i]))[0]["text"]
     return hyps
 
 

@@ -351,6 +351,9 @@ def export_bundle(workdir, out: str, *, step: int | None = None, best: bool = Fa
         config, model, params, source_vocab, target_vocab, ck = (run.config, run.model, run.params, run.source_vocab,
                                                                  run.target_vocab, run.checkpoint)
         model = SingleModel(model)
+    if config.model.copy_attention:
+        raise UserError(f"{workdir}: export bundles do not hold copy-attention models yet (model.copy_attention="
+                        "True); translate and eval the run itself (s2s_jax translate / eval --workdir)")
     if beams is None:
         beams = [config.decode.beam_size if config.decode.beam_size > 1 else 5]
     beams = sorted(set(int(b) for b in beams))

@@ -76,9 +76,9 @@ class Shortlist:
     def target_vocab_size(self) -> int:
         return int(self.frequent.shape[0])
 
-    def check(self, *, top_k: int, frequent: int, source_vocab_size: int, target_vocab_size: int,
-              where: str = "") -> None:
-        """A ShortlistError unless it fits the model's vocabularies and the decode settings."""
+    def check(self, *, top_k: int, source_vocab_size: int, target_vocab_size: int, where: str = "") -> None:
+        """A ShortlistError unless it fits the model's vocabularies and decode.shortlist_top_k
+        (decode.shortlist_frequent past the vocabulary takes all of it)."""
         if (self.source_vocab_size, self.target_vocab_size) != (source_vocab_size, target_vocab_size):
             raise ShortlistError(f"{where or 'the shortlist'}: built for vocabularies of {self.source_vocab_size} / "
                                  f"{self.target_vocab_size} pieces, the model has {source_vocab_size} / "
@@ -87,9 +87,6 @@ class Shortlist:
             raise ShortlistError(f"decode.shortlist_top_k={top_k}: {where or 'the shortlist'} keeps {self.top_k} "
                                  f"translations per source piece; lower it, or rebuild with "
                                  f"`{BUILD_COMMAND.format(workdir='RUN')} --top-k {top_k}`")
-        if frequent > self.target_vocab_size:
-            raise ShortlistError(f"decode.shortlist_frequent={frequent}: the target vocabulary has only "
-                                 f"{self.target_vocab_size} pieces; lower it")
 
     def candidates(self, sources, *, top_k: int, frequent: int) -> np.ndarray:
         """The target ids a batch of sources (id sequences) may produce, ascending int32 [C]:
@@ -250,6 +247,6 @@ def for_decoding(directory: str, config, source_vocab_size: int, target_vocab_si
                              f"build it with `{BUILD_COMMAND.format(workdir=directory)}` (or leave "
                              f"decode.shortlist=false)")
     shortlist = load(path)
-    shortlist.check(top_k=dc.shortlist_top_k, frequent=dc.shortlist_frequent, source_vocab_size=source_vocab_size,
+    shortlist.check(top_k=dc.shortlist_top_k, source_vocab_size=source_vocab_size,
                     target_vocab_size=target_vocab_size, where=path)
     return shortlist

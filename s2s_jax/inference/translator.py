@@ -396,6 +396,9 @@ class Translator:
         training: per pair {"score": sum of token log-probs (EOS included), "tokens": target
         tokens + 1, "per_token": score / tokens}. A blank target scores its EOS alone; a blank
         source scores None (translate maps it to an empty line without decoding)."""
+        if self._copy:
+            raise UserError("scoring given targets is not implemented for copy-attention models yet "
+                            "(model.copy_attention=True); translate and eval work")
         batch_size = batch_size or self.config.decode.batch_size
         sources = self.encode_lines([s for s, _ in pairs])
         targets = self.target_vocab.encode_batch([self.normalize(t) for _, t in pairs])
