@@ -233,6 +233,35 @@ class ModelConfig:
     # Keep the rows loaded from those files bitwise fixed during training (rows not found in the
     # files still train). With tie_output the frozen target rows are output-projection rows too.
     freeze_embeddings: bool = False
+    # -- recipe parts of the strongest small-data RNN systems (docs/model.md; all off by default) --
+    # Layer normalisation inside every recurrent cell, encoder and decoder (Ba et al. 2016;
+    # Marian --layer-normalization, nmtpy, Nematus): the input pre-activations x·W_ih and the
+    # recurrent ones h·W_hh are each normalised (gain only, eps 1e-5; the cell's biases added
+    # after). "per_gate": each gate's H units on their own (Nematus's block-wise layer norm);
+    # "whole": the G·H pre-activations at once (one statistic per vector). "off": none.
+    layer_norm: Literal["off", "per_gate", "whole"] = "off"
+    # The decoder: "stacked" (Luong/Bahdanau: model.decoder_layers layers, then attention, with or
+    # without input feeding) or "conditional" (Nematus/nmtpy's conditional GRU, cGRU, with
+    # model.cell=gru; a conditional LSTM with lstm): a transition on the previous target
+    # embedding, attention with its state as the query, a second transition on the context, and
+    # the deep output tanh(W_c [context; state] + W_y embedding + b). Needs one decoder layer,
+    # model.input_feeding=false and an attention type (mlp as Nematus/nmtpy).
+    decoder_type: Literal["stacked", "conditional"] = "stacked"
+    # Dropout on the source and target embeddings, per element (nmtpy's dropout_emb), on top of
+    # model.dropout; training only, drawn per row like every mask (batch-split invariant).
+    embedding_dropout: float = probability(0.0)
+    # Dropout on the attentional output (the decoder's hidden state before the output
+    # projection; nmtpy's dropout_out), on top of model.dropout.
+    output_dropout: float = probability(0.0)
+    # Variational recurrent dropout (Gal & Ghahramani 2016; Marian --dropout-rnn on the state):
+    # one mask per sequence and layer, the same at every time step, on h_{t-1} where it enters
+    # h·W_hh (encoder and decoder). The carry itself is not dropped.
+    recurrent_dropout: float = probability(0.0)
+    # Word dropout (Marian --dropout-src / --dropout-trg, Nematus dropout_source/target): each
+    # source token's (decoder input token's) whole embedding is zeroed with this probability and
+    # the kept ones scaled by 1/(1-p), one draw per token.
+    source_word_dropout: float = probability(0.0)
+    target_word_dropout: float = probability(0.0)
     # Coverage (See et al., 2017): the decoder carries c_t = sum of the earlier steps' attention
     # weights, and each attention score gets a learned w_c * c_i term (mlp: a vector inside the
     # tanh; dot/general: a scalar added to the score). Needs an attention type; the fused decoder
@@ -487,6 +516,8 @@ def _check_model(config: Config) -> None:
         raise ConfigError("model.share_embeddings=True needs data.joint_vocab=True (one vocabulary)")
     if m.input_feeding and m.attention == "none":
         raise ConfigError("model.input_feeding=True needs an attention type (model.attention != 'none')")
+    if m.decoder_type == "conditional":
+        _check_conditional_decoder(m)
     _check_copy_and_coverage(config)
     if m.attention == "none" and m.attention_dropout > 0:
         raise ConfigError(f"model.attention_dropout={m.attention_dropout}: has no effect with model.attention='none'; "
@@ -502,6 +533,22 @@ def _check_model(config: Config) -> None:
         field_ = "model.source_embeddings" if m.source_embeddings else "model.target_embeddings"
         raise ConfigError(f"{field_} and train.init_from both set the embeddings; drop one "
                           "(the embeddings of the run in train.init_from are already trained)")
+
+
+def _check_conditional_decoder(m: ModelConfig) -> None:
+    if m.attention == "none":
+        raise ConfigError("model.decoder_type='conditional' attends between its two transitions: set "
+                          "model.attention (mlp as Nematus/nmtpy, or dot/general)")
+    if m.input_feeding:
+        raise ConfigError("model.decoder_type='conditional' has no input feeding (its second transition reads "
+                          "the context): set model.input_feeding=false")
+    if m.decoder_layers != 1:
+        raise ConfigError(f"model.decoder_layers={m.decoder_layers}: model.decoder_type='conditional' is one "
+                          "conditional layer (two transitions); set model.decoder_layers=1")
+    for name in ("coverage", "copy_attention"):
+        if getattr(m, name):
+            raise ConfigError(f"model.{name}=True is not built for model.decoder_type='conditional' yet: use the "
+                              f"stacked decoder or set model.{name}=False")
 
 
 def _check_copy_and_coverage(config: Config) -> None:

@@ -51,9 +51,43 @@ def gru_step(x, h, w_ih, b, w_hh, b_hh):
 def cell_step(cell, p, k, x, state):
     """Direction k's weights of layer p applied to x [B, D] with state (h, c) or h."""
     w_ih, b, w_hh = p["input_kernel"][:, k, :], p["bias"][k], p["recurrent_kernel"][k]
+    if "input_norm_scale" in p:  # model.layer_norm (section below)
+        return normed_cell_step(cell, p, k, x, state)
     if cell == "lstm":
         return lstm_step(x, state[0], state[1], w_ih, b, w_hh)
     return gru_step(x, state, w_ih, b, w_hh, p["recurrent_bias"][k])
+
+
+# -- layer normalisation inside the cells (model.layer_norm) --------------------------------------
+#   LN(z) per block: z viewed as g blocks of n = G·H/g units (g = G "per_gate", 1 "whole"),
+#   (z - mean) / sqrt(var + 1e-5) * gain, gain [g, n];  no shift (the cell's biases follow):
+#   LSTM  gates = LN_x(x W_ih) + b + LN_h(h W_hh)
+#   GRU   gx = LN_x(x W_ih) + b;  gh = LN_h(h W_hh) + b_hh;  then the GRU equations above
+
+def layer_norm(z, gain):
+    g, n = gain.shape
+    blocks = z.reshape(z.shape[0], g, n)
+    mean = blocks.mean(-1, keepdims=True)
+    var = ((blocks - mean) ** 2).mean(-1, keepdims=True)
+    return ((blocks - mean) / jnp.sqrt(var + 1e-5) * gain).reshape(z.shape)
+
+
+def normed_cell_step(cell, p, k, x, state):
+    w_ih, b, w_hh = p["input_kernel"][:, k, :], p["bias"][k], p["recurrent_kernel"][k]
+    gx = layer_norm(dot(x, w_ih), p["input_norm_scale"][k]) + b
+    h = state[0] if cell == "lstm" else state
+    gh = layer_norm(dot(h, w_hh), p["recurrent_norm_scale"][k])
+    H = h.shape[-1]
+    if cell == "lstm":
+        gates = gx + gh
+        i, f, g, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
+        c = jax.nn.sigmoid(f) * state[1] + jax.nn.sigmoid(i) * jnp.tanh(g)
+        return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    gh = gh + p["recurrent_bias"][k]
+    r = jax.nn.sigmoid(gx[:, :H] + gh[:, :H])
+    z = jax.nn.sigmoid(gx[:, H:2 * H] + gh[:, H:2 * H])
+    n = jnp.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
+    return (1 - z) * n + z * h
 
 
 def hidden_of(cell, state):
@@ -157,6 +191,8 @@ def attend(cfg, p, q, memory, mask, coverage=None):
 def forward(cfg, params, source, source_lengths, target_input):
     """Teacher forcing -> (hidden [B, T, H], logits [B, T, V], weights [B, T, S] or None).
     Only positions t < target length are meaningful (later ones never affect them)."""
+    if cfg.decoder_type == "conditional":
+        return conditional_forward(cfg, params, source, source_lengths, target_input)
     B, S = source.shape
     memory, finals = encode(cfg, params, source, source_lengths)
     mask = jnp.arange(S)[None, :] < source_lengths[:, None]
@@ -189,6 +225,32 @@ def forward(cfg, params, source, source_lengths, target_input):
     logits = dot(hidden, kernel) + params["output_bias"]
     weights = jnp.stack(all_weights, axis=1) if all_weights else None
     return hidden, logits, weights
+
+
+# -- the conditional GRU decoder (model.decoder_type="conditional") --------------------------------
+#   s' = cell(y_{t-1}, s);  a = attention weights of query s';  c = Σ_s a_s m_s
+#   s  = cell(c, s');  hidden = tanh([c; s] W_c + y_{t-1} W_y + b_y)
+
+def conditional_forward(cfg, params, source, source_lengths, target_input):
+    B, S = source.shape
+    memory, finals = encode(cfg, params, source, source_lengths)
+    mask = jnp.arange(S)[None, :] < source_lengths[:, None]
+    state = bridge(cfg, params, finals, B)[0]
+    dec = params["decoder"]
+    hiddens, all_weights = [], []
+    for t in range(target_input.shape[1]):
+        y = params["target_embedding"][target_input[:, t]]
+        state = cell_step(cfg.cell, dec["layer_0"], 0, y, state)
+        _, w = attend(cfg, dec["attention"], hidden_of(cfg.cell, state), memory, mask)
+        context = jnp.einsum("bs,bsh->bh", w, memory, precision=HIGH)
+        state = cell_step(cfg.cell, dec["layer_1"], 0, context, state)
+        both = jnp.concatenate([context, hidden_of(cfg.cell, state)], -1)
+        hiddens.append(jnp.tanh(dot(both, dec["attention"]["output_kernel"]) + dot(y, dec["embedding_output_kernel"])
+                                + dec["embedding_output_bias"]))
+        all_weights.append(w)
+    hidden = jnp.stack(hiddens, axis=1)
+    kernel = params["target_embedding"].T if cfg.tie_output else params["output_kernel"]
+    return hidden, dot(hidden, kernel) + params["output_bias"], jnp.stack(all_weights, axis=1)
 
 
 def loss(logits, batch):

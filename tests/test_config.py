@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -110,3 +111,28 @@ def test_experiment_configs_are_their_recipe_but_for_the_declared_differences():
         assert _differences(recipe.train, cfg.train) == train, name
         assert cfg.decode == recipe.decode and _differences(recipe.model, cfg.model) == models[name]
         assert set(_differences(recipe.data, cfg.data)) <= {"buckets", "max_buckets"}, name
+
+
+def test_multi30k_best_is_multi30k_with_the_recipe_parts():
+    """multi30k_en_de_best derives from multi30k_en_de: the conditional-GRU recipe model (its
+    dtype kept) and label smoothing are its only differences."""
+    recipes = config_lib.load_module(ROOT / "experiments/configs/_recipes.py")
+    base = config_lib.load(ROOT / "experiments/configs/multi30k_en_de.py")
+    best = config_lib.override(config_lib.load(ROOT / "experiments/configs/multi30k_en_de_best.py"),
+                               ["data.dir=/tmp/corpus"])
+    assert best.data == dataclasses.replace(base.data, dir="/tmp/corpus") and best.decode == base.decode
+    assert _differences(base.train, best.train) == {"label_smoothing": 0.1}
+    assert _differences(recipes.conditional_gru_256(), best.model) == {"dtype": base.model.dtype}
+    assert best.model.decoder_type == "conditional" and best.model.layer_norm == "per_gate"
+
+
+@pytest.mark.parametrize("fields,says", [
+    (dict(decoder_type="conditional", attention="none", input_feeding=False), "model.attention"),
+    (dict(decoder_type="conditional", input_feeding=True), "input_feeding=false"),
+    (dict(decoder_type="conditional", input_feeding=False, decoder_layers=2), "decoder_layers=1"),
+    (dict(layer_norm="on"), "model.layer_norm"),
+    (dict(recurrent_dropout=1.0), "model.recurrent_dropout"),
+])
+def test_recipe_fields_refuse_bad_values(fields, says):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(says)):
+        config_lib.validate(config_lib.Config(model=config_lib.ModelConfig(**fields)))

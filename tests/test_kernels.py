@@ -83,8 +83,13 @@ PARAMS = [pytest.param(ks, i, case, id=f"{ks}-" + "-".join(map(str, case)),
 def test_matches_reference(ks, i, case):
     """Outputs (hidden, logits, attention weights) and parameter gradients of a masked loss,
     float32 at highest precision, within 1e-5."""
-    cell, att, feed, bi = case
-    cfg = model_config(cell, att, feed, bi, i, kernels=ks, matmul_precision="highest")
+    check_against_reference(model_config(*case, i, kernels=ks, matmul_precision="highest"), i)
+
+
+def check_against_reference(cfg, i):
+    """The model of `cfg` against ref.forward: outputs at real positions and every parameter
+    gradient of the masked loss, within 1e-5 (seeds from i)."""
+    att = cfg.attention
     model, params = init(cfg, seed=i)
     batch = make_batch(seed=i)
 
@@ -348,9 +353,10 @@ def test_lstm_gate_grads_equal_autodiff_of_the_cell(ks):
 
 # -- the train step: guard, precision, lowered programs -------------------------------------
 
-def _train_setup(ks, precision="auto", dtype="float32"):
-    mcfg = model_config("lstm", "general", True, True, 0, bridge="dense", kernels=ks, dropout=0.1,
-                        matmul_precision=precision, dtype=dtype)
+def _train_setup(ks, precision="auto", dtype="float32", **model_fields):
+    fields = {**dict(cell="lstm", attention="general", input_feeding=True, bidirectional=True, bridge="dense",
+                     kernels=ks, dropout=0.1, matmul_precision=precision, dtype=dtype), **model_fields}
+    mcfg = model_config(*(fields.pop(k) for k in ("cell", "attention", "input_feeding", "bidirectional")), 0, **fields)
     config = Config(model=mcfg, train=TrainConfig(learning_rate=1e-2, clip_norm=1.0))
     model = build(mcfg)
     state = create_state(config, model)
@@ -628,3 +634,171 @@ def test_deterministic_flags_set_before_the_backend_starts():
             assert out[2] == "--xla_cpu_enable_fast_math=false --xla_gpu_deterministic_ops=true"
         else:
             assert out[0] == "[]" and out[2] == "--xla_cpu_enable_fast_math=false"
+
+
+# -- recipe parts (model.layer_norm, the recipe dropouts): docs/model.md ----------------------
+
+RECIPE = dict(layer_norm="per_gate", embedding_dropout=0.2, output_dropout=0.2, recurrent_dropout=0.2,
+              source_word_dropout=0.1, target_word_dropout=0.1)
+LN_CASES = [("lstm", "general", True, True, "per_gate"), ("gru", "mlp", False, True, "whole"),
+            ("gru", "dot", True, False, "per_gate"), ("lstm", "none", False, True, "whole"),
+            ("lstm", "mlp", False, False, "per_gate"), ("gru", "general", True, True, "whole")]
+
+
+@pytest.mark.parametrize("ks,case", [pytest.param(ks, case, id=f"{ks}-" + "-".join(map(str, case)),
+                                                  marks=() if (j + (ks == "portable")) % 2 == 0 else pytest.mark.slow)
+                                     for ks in SETS for j, case in enumerate(LN_CASES)])
+def test_layer_norm_matches_reference(ks, case):
+    """model.layer_norm (per gate block and whole) in the encoder and decoder cells: outputs and
+    gradients against ref.normed_cell_step, both sets (the input-feeding LSTM decoder leaves the
+    fused decoder for the generic scan)."""
+    *model_case, ln = case
+    i = LN_CASES.index(case)
+    check_against_reference(model_config(*model_case, i, kernels=ks, matmul_precision="highest", layer_norm=ln), i)
+
+
+@pytest.mark.parametrize("ks", SETS)
+@pytest.mark.parametrize("cell,att,feed", [("lstm", "general", True), ("gru", "mlp", False)])
+def test_layer_norm_padding_invariance(ks, cell, att, feed):
+    cfg = model_config(cell, att, feed, True, 1, kernels=ks, layer_norm="per_gate")
+    model, params = init(cfg)
+    batch = make_batch()
+    apply = jax.jit(model.apply)
+    h0, _ = apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
+    padded = pad_batch(batch, 3, 2)
+    h1, _ = apply({"params": params}, padded["source"], padded["source_lengths"], padded["target_input"])
+    for b in range(len(SOURCE_LENGTHS)):
+        assert_close(h1[b, :int(TARGET_LENGTHS[b])], h0[b, :int(TARGET_LENGTHS[b])], tol=1e-6)
+
+
+def _plain_recurrence(cell, xp, w_hh, b_hh, mask, initial, norm, state_mask):
+    """A Python loop over t of reference_model's equations, with the per-sequence state mask on
+    h before h·W_hh and layer norm (gain `norm` [K, g, n]) of h·W_hh; xp includes the input side."""
+    outs, state = [], initial
+    for t in range(xp.shape[0]):
+        h = state[0] if cell == "lstm" else state
+        gh = jnp.einsum("kbh,khg->kbg", h * state_mask, w_hh, precision=ref.HIGH)
+        gh = jnp.stack([ref.layer_norm(gh[k], norm[k]) for k in range(gh.shape[0])])
+        H = h.shape[-1]
+        if cell == "lstm":
+            z = xp[t] + gh
+            c = jax.nn.sigmoid(z[..., H:2 * H]) * state[1] + jax.nn.sigmoid(z[..., :H]) * jnp.tanh(z[..., 2 * H:3 * H])
+            new = (jax.nn.sigmoid(z[..., 3 * H:]) * jnp.tanh(c), c)
+        else:
+            gh = gh + b_hh[:, None]
+            r = jax.nn.sigmoid(xp[t][..., :H] + gh[..., :H])
+            u = jax.nn.sigmoid(xp[t][..., H:2 * H] + gh[..., H:2 * H])
+            n = jnp.tanh(xp[t][..., 2 * H:] + r * gh[..., 2 * H:])
+            new = (1 - u) * n + u * h
+        state = jax.tree.map(lambda a, b: jnp.where(mask[t], a, b), new, state)
+        outs.append(jnp.where(mask[t], state[0] if cell == "lstm" else state, 0.0))
+    return jnp.stack(outs), state
+
+
+@pytest.mark.parametrize("ks", SETS)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrence_with_state_dropout_and_layer_norm_matches_plain_loop(ks, cell):
+    """KernelSet.recurrence with a per-sequence state mask (model.recurrent_dropout) and layer
+    norm of h·W_hh: outputs, final carry and gradients against a Python loop, two directions,
+    ragged lengths (the mask is the same at every step)."""
+    rng = np.random.default_rng(5)
+    T, K, B, H = 5, 2, 3, 4
+    G = 4 if cell == "lstm" else 3
+
+    def r(*shape):
+        return jnp.asarray(rng.normal(size=shape) * 0.5, jnp.float32)
+
+    mask = jnp.broadcast_to(jnp.asarray(np.arange(T)[:, None, None, None] < np.array([5, 3, 1])[None, None, :, None]),
+                            (T, K, B, 1))
+    state_mask = jnp.asarray(rng.integers(0, 2, (K, B, H)) / 0.5, jnp.float32)
+    norm = 1.0 + r(K, G, H)
+    args = (r(T, K, B, G * H), r(K, H, G * H), r(K, G * H), (r(K, B, H), r(K, B, H)) if cell == "lstm" else r(K, B, H))
+    b_hh = args[2] if cell == "gru" else None
+
+    def fast(xp, w_hh, b_hh, initial, norm):
+        ys, final = kernels.select(ks).recurrence(cell, jnp.float32, 1, xp, w_hh, b_hh, mask, initial,
+                                                  recurrent_norm=norm, state_mask=state_mask)
+        return (ys ** 2).sum() + sum((x ** 2).sum() for x in jax.tree.leaves(final)), (ys, final)
+
+    def plain(xp, w_hh, b_hh, initial, norm):
+        ys, final = _plain_recurrence(cell, xp, w_hh, b_hh, mask, initial, norm, state_mask)
+        return (ys ** 2).sum() + sum((x ** 2).sum() for x in jax.tree.leaves(final)), (ys, final)
+
+    argnums = (0, 1, 3, 4) if cell == "lstm" else (0, 1, 2, 3, 4)
+    with jax.default_matmul_precision("highest"):
+        g1, out1 = jax.jit(jax.grad(fast, argnums, has_aux=True))(args[0], args[1], b_hh, args[3], norm)
+    g0, out0 = jax.grad(plain, argnums, has_aux=True)(args[0], args[1], b_hh, args[3], norm)
+    jax.tree.map(lambda a, b: assert_close(a, b), out1, out0)
+    jax.tree.map(lambda a, b: assert_close(a, b), g1, g0)
+
+
+def _recipe_gradient(ks, **fields):
+    """The loss and gradient of one training batch (dropout drawn from a fixed step key)."""
+    config, model, state = _train_setup(ks, **{**RECIPE, **fields})
+    batch = make_batch(seed=1)
+
+    def loss(params):
+        with kernels.precision_scope(config.model):
+            sums = steps.loss_sums(params, batch, model=model, config=config, rng=jax.random.key(4),
+                                   row_ids=jnp.arange(len(SOURCE_LENGTHS)))
+        return sums["loss"] / sums["weight"]
+
+    return jax.jit(jax.value_and_grad(loss))(state.params)
+
+
+@pytest.mark.parametrize("fields", [{}, {"cell": "gru", "input_feeding": False, "attention": "mlp"},
+                                    {"cell": "gru", "input_feeding": False, "attention": "mlp", "decoder_type": "conditional",
+                                     "decoder_layers": 1}], ids=["lstm-feeding", "gru-mlp", "cgru"])
+def test_both_sets_give_the_same_gradient_with_the_recipe_parts(fields):
+    """Layer norm and every recipe dropout on: cpu and portable draw the same masks from the same
+    step key and compute the same loss and gradient, within 1e-5; the dropouts change the loss."""
+    (v0, g0), (v1, g1) = (_recipe_gradient(ks, **fields) for ks in SETS)
+    assert_close(v0, v1)
+    jax.tree.map(lambda a, b: assert_close(a, b), g0, g1)
+    quiet, _ = _recipe_gradient("cpu", **fields, **{k: 0.0 for k in RECIPE if k.endswith("dropout")})
+    assert abs(float(quiet) - float(v0)) > 1e-4
+
+
+def test_lowered_portable_train_step_with_the_recipe_parts_has_static_control_flow_only():
+    """Layer norm and the recipe dropouts add no conditional, barrier or device-counted loop."""
+    portable = _lowered_train_step("portable", **RECIPE)
+    assert "stablehlo.while" in portable and not _cpu_set_constructs(portable)
+
+
+# -- the conditional decoder (model.decoder_type="conditional"): docs/model.md ----------------
+
+CONDITIONAL_CASES = [("gru", "mlp", "off", True), ("gru", "general", "per_gate", False), ("lstm", "dot", "whole", True),
+                     ("gru", "dot", "off", False)]
+
+
+@pytest.mark.parametrize("ks,case", [pytest.param(ks, case, id=f"{ks}-" + "-".join(map(str, case)),
+                                                  marks=() if (j + (ks == "portable")) % 2 == 0 else pytest.mark.slow)
+                                     for ks in SETS for j, case in enumerate(CONDITIONAL_CASES)])
+def test_conditional_decoder_matches_reference(ks, case):
+    """cGRU (and the conditional LSTM), with and without layer norm: outputs and gradients against
+    ref.conditional_forward, both sets."""
+    cell, att, ln, bi = case
+    i = CONDITIONAL_CASES.index(case)
+    check_against_reference(model_config(cell, att, False, bi, i, kernels=ks, matmul_precision="highest",
+                                         layer_norm=ln, decoder_type="conditional", decoder_layers=1), i)
+
+
+@pytest.mark.parametrize("ks", SETS)
+def test_conditional_decoder_padding_invariance(ks):
+    cfg = model_config("gru", "mlp", False, True, 1, kernels=ks, decoder_type="conditional", decoder_layers=1)
+    model, params = init(cfg)
+    batch = make_batch()
+    apply = jax.jit(model.apply)
+    h0, w0 = apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
+    padded = pad_batch(batch, 3, 2)
+    h1, w1 = apply({"params": params}, padded["source"], padded["source_lengths"], padded["target_input"])
+    for b in range(len(SOURCE_LENGTHS)):
+        T, S = int(TARGET_LENGTHS[b]), int(SOURCE_LENGTHS[b])
+        assert_close(h1[b, :T], h0[b, :T], tol=1e-6)
+        assert_close(w1[b, :T, :S], w0[b, :T, :S], tol=1e-6)
+
+
+def test_lowered_portable_conditional_train_step_has_static_control_flow_only():
+    portable = _lowered_train_step("portable", **RECIPE, decoder_type="conditional", input_feeding=False,
+                                   decoder_layers=1, cell="gru")
+    assert "stablehlo.while" in portable and not _cpu_set_constructs(portable)

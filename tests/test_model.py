@@ -18,6 +18,7 @@ from s2s_jax import kernels
 from s2s_jax.training import losses, steps
 from s2s_jax.config import ModelConfig, TrainConfig, load
 from s2s_jax.model import Seq2Seq
+from s2s_jax.model.decoder import input_projection_table
 from s2s_jax.train_state import create_state
 
 VOCAB = 13
@@ -190,3 +191,75 @@ def test_bfloat16_close_to_float32():
     np.testing.assert_allclose(np.asarray(h16), np.asarray(h32), atol=5e-2)
 
 
+
+
+# -- recipe dropouts (model.embedding_dropout, output_dropout, recurrent_dropout, word dropout) --
+
+RECIPE_DROPOUTS = dict(embedding_dropout=0.2, output_dropout=0.2, recurrent_dropout=0.3, source_word_dropout=0.2,
+                       target_word_dropout=0.2)
+
+
+@pytest.mark.parametrize("cell,att,feed", [("lstm", "general", True), ("gru", "mlp", False)])
+def test_recipe_dropouts_independent_of_batch_split_and_repeatable(cell, att, feed):
+    """Every recipe dropout on: masks are drawn per row from the step key, so half batches give
+    the full batch's rows, the same key gives the same output bit for bit (bit-exact resume), and
+    they change the output."""
+    cfg = model_config(cell, att, feed, True, 1, layer_norm="per_gate", **RECIPE_DROPOUTS)
+    model, params = init(cfg)
+    batch = make_batch(source_lengths=np.array([5, 2, 4, 6], np.int32), target_lengths=np.array([4, 1, 3, 5], np.int32))
+    apply = jax.jit(lambda src, sl, tin, rows, key: model.apply(
+        {"params": params}, src, sl, tin, deterministic=False, row_ids=rows, rngs={"dropout": key})[0])
+
+    def run(rows, key=jax.random.key(3)):
+        sl = slice(rows[0], rows[-1] + 1)
+        return apply(batch["source"][sl], batch["source_lengths"][sl], batch["target_input"][sl], jnp.asarray(rows), key)
+
+    full = run([0, 1, 2, 3])
+    assert_close(jnp.concatenate([run([0, 1]), run([2, 3])]), full, tol=1e-6)
+    np.testing.assert_array_equal(np.asarray(run([0, 1, 2, 3])), np.asarray(full))
+    det, _ = model.apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
+    assert not np.allclose(full, det)
+    assert not np.allclose(run([0, 1, 2, 3], jax.random.key(4)), full)
+
+
+def test_word_dropout_zeroes_whole_tokens():
+    """Word dropout: each token's embedding is either zero or scaled by 1/(1-p) as a whole, about
+    p of them zero; embedding_dropout drops single elements."""
+    cfg = model_config("lstm", "general", True, True, 0, source_word_dropout=0.5)
+    model, params = init(cfg)
+    emb = jnp.asarray(np.random.default_rng(0).normal(size=(40, 8, 8)) + 3.0, jnp.float32)  # [T, B, E], no zeros
+    noisy = np.asarray(model.apply({"params": params}, emb, jnp.arange(8), 0.5, False, method=Seq2Seq._embedding_noise,
+                                   rngs={"dropout": jax.random.key(0)}))
+    zero = np.all(noisy == 0.0, axis=-1)  # [T, B]
+    np.testing.assert_allclose(noisy[~zero], 2.0 * np.asarray(emb)[~zero], rtol=1e-6)
+    assert 0.35 < zero.mean() < 0.65
+    elems = dataclasses.replace(cfg, source_word_dropout=0.0, embedding_dropout=0.5)
+    noisy = np.asarray(build(elems).apply({"params": params}, emb, jnp.arange(8), 0.0, False,
+                                          method=Seq2Seq._embedding_noise, rngs={"dropout": jax.random.key(0)}))
+    assert 0.35 < (noisy == 0.0).mean() < 0.65
+    assert np.any((noisy == 0.0).any(-1) & ~(noisy == 0.0).all(-1))  # some tokens only partly dropped
+
+
+@pytest.mark.parametrize("cell,att", [("gru", "mlp"), ("gru", "general")])
+def test_conditional_step_decoding_equals_teacher_forcing(cell, att):
+    """decode_step (one token at a time, the path beam search takes) == the teacher-forced scan,
+    with layer norm; and the recipe dropouts stay batch-split invariant."""
+    cfg = model_config(cell, att, False, True, 2, bridge="dense", decoder_type="conditional", decoder_layers=1,
+                       layer_norm="whole")
+    model, params = init(cfg)
+    batch = make_batch()
+    hidden, weights = model.apply({"params": params}, batch["source"], batch["source_lengths"], batch["target_input"])
+    expected = model.apply({"params": params}, hidden, method=Seq2Seq.logits)
+    cache = model.apply({"params": params}, batch["source"], batch["source_lengths"], method=Seq2Seq.encode)
+    step = jax.jit(lambda tok, cache: model.apply({"params": params}, tok, cache, method=Seq2Seq.decode_step))
+    for t in range(batch["target_input"].shape[1]):
+        logits, cache, w = step(batch["target_input"][:, t], cache)
+        assert_close(logits, expected[:, t], tol=1e-5, what=f"step {t}")
+        assert_close(w, weights[:, t], tol=1e-6)
+    # the inference adapter's path: rows of the projected-embedding table instead of embeddings
+    table = model.apply({"params": params}, method=lambda m: input_projection_table(m.decoder, m.target_embedding))
+    cache = model.apply({"params": params}, batch["source"], batch["source_lengths"], method=Seq2Seq.encode)
+    tok = batch["target_input"][:, 0]
+    h, _, _ = model.apply({"params": params}, None, cache["state"], cache["memory"], cache["keys"], cache["mask"],
+                          table[tok], method=lambda m, *a: m.decoder.step(*a))
+    assert_close(model.apply({"params": params}, h, method=Seq2Seq.logits), expected[:, 0], tol=1e-5)

@@ -79,6 +79,35 @@ def text_translation(name: str, src_lang: str, tgt_lang: str, max_length: int) -
     )
 
 
+def conditional_gru_256() -> ModelConfig:
+    """The nmtpy / Nematus small-data recipe parts on a Multi30k-size model (UNTUNED: the values
+    are the published systems' kind of setting, not measured here yet; docs/model.md).
+
+    Bidirectional 2-layer GRU encoder (256 units in total), a 256-unit conditional GRU decoder
+    with Bahdanau (mlp) attention and the deep output, 128-dim embeddings, layer normalisation
+    per gate block in every cell, dropout on the embeddings and the output, variational
+    recurrent dropout.
+    """
+    return ModelConfig(
+        cell="gru",
+        source_embed_dim=128,
+        target_embed_dim=128,
+        hidden_dim=256,
+        encoder_layers=2,
+        decoder_layers=1,
+        bidirectional=True,
+        dropout=0.0,
+        attention="mlp",
+        input_feeding=False,
+        bridge="dense",
+        decoder_type="conditional",
+        layer_norm="per_gate",
+        embedding_dropout=0.3,
+        output_dropout=0.5,
+        recurrent_dropout=0.2,
+    )
+
+
 def text_summarization(name: str, max_source_length: int, max_target_length: int) -> Config:
     """`text_translation` turned to summarisation (a `{split}.src` -> `{split}.tgt` folder):
     scored by ROUGE (data.task_kind="summarization", train.best_metric="rougeL"), sources cut

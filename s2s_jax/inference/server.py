@@ -251,7 +251,7 @@ class _Job:
     future: concurrent.futures.Future
     results: list | None = None  # StreamingWorker: per sentence, filled as they finish
     remaining: int = 0
-    copy: list | None = None  # copy attention: per sentence (extended ids, unknown words), for the text
+    copy: list | None = None  # StreamingWorker, copy attention: per sentence (extended ids, unknown words)
 
 
 class _Worker:
@@ -387,7 +387,8 @@ class StreamingWorker(_Worker):
     def _start(self, job: _Job, open_jobs: dict) -> None:
         translator = self.engine.translator
         encoded = translator.encode_lines(job.lines)
-        if translator.config.model.copy_attention:  # extended ids in; copied words written back as in the source
+        job.copy = [None] * len(encoded)
+        if translator.config.model.copy_attention:  # unknown source words as extended ids, as translate does
             encoded, words = translator.extended_lines(job.lines, encoded)
             job.copy = list(zip(encoded, words))
         empty = [{"text": "", "score": 0.0, "tokens": []} for _ in range(job.nbest)]
@@ -434,7 +435,7 @@ class StreamingWorker(_Worker):
                 self.stats["decode_seconds"] += time.perf_counter() - t0
                 for (job_id, i), result in finished:
                     job = open_jobs[job_id]
-                    job.results[i] = self.engine.translator.hypotheses(result, None if job.copy is None else job.copy[i])
+                    job.results[i] = self.engine.translator.hypotheses(result, job.copy[i])
                     job.remaining -= 1
                     if not job.remaining:
                         self._done(open_jobs.pop(job_id), job.results)

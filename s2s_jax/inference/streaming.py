@@ -21,6 +21,9 @@ are computed (the smallest power of two >= 8 covering the busy slots and the wai
 sentences), so a lightly loaded server computes few rows. A sentence gets the same search,
 hence the same translation, as offline translation (tests/test_server.py checks it).
 
+A copy-attention model's pool scores its V + S extended ids (S: the pool's source length), and
+the server passes unknown source words in as extended ids, as `Translator.translate_full` does.
+
 Sources longer than the pool's source length (`max(data.max_source_length, 16)` rounded up
 to LENGTH_MULTIPLE) are translated by the Translator directly, as a batch of their own.
 """

@@ -49,10 +49,10 @@ Array = jax.Array
 
 def supported(cfg) -> bool:
     """Whether `decode` handles this ModelConfig (else the decoder's generic scan does). Coverage
-    (model.coverage) hands over to the generic scan; copy attention needs nothing of the scan
-    beyond the weights it returns."""
+    (model.coverage), layer norm and recurrent dropout hand over to the generic scan; copy
+    attention needs nothing of the scan beyond the weights it returns."""
     return (cfg.fused_decoder and cfg.input_feeding and cfg.cell == "lstm" and cfg.attention in ("dot", "general")
-            and not cfg.coverage)
+            and not cfg.coverage and cfg.layer_norm == "off" and cfg.recurrent_dropout == 0)
 
 
 def decoder_scan(activations, cfg, W: dict, gx0: Array, state, memory: Array, keys: Array, mask: Array,

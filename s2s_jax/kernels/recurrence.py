@@ -139,10 +139,62 @@ def _recurrence_bwd(cell, dtype, unroll, activations, res, ct):
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def recurrence(activations, cell: str, dtype, unroll: int, xp: Array, w_hh: Array, b_hh, mask: Array, initial):
+def recurrence(activations, cell: str, dtype, unroll: int, xp: Array, w_hh: Array, b_hh, mask: Array, initial,
+               *, recurrent_norm: Array | None = None, state_mask: Array | None = None):
     """The scan over time-major projected inputs xp [T, K, B, G·H] (bias included), recurrent
     kernels w_hh [K, H, G·H] (GRU: b_hh [K, G·H], else None), mask [T, K, B, 1] (True at real
     steps), initial carry ([K, B, H] or its (h, c) pair) -> (outputs [T, K, B, H], zero at masked
     steps; final carry). activations: the LSTM gate nonlinearity (kernels/activations.py), bound
-    by the kernel set (KernelSet.recurrence takes the rest)."""
+    by the kernel set (KernelSet.recurrence takes the rest).
+
+    recurrent_norm [K, g, G·H/g]: layer normalisation of h·W_hh in g blocks (`layer_norm_gates`;
+    model.layer_norm); state_mask [K, B, H]: one dropout mask per sequence on h before h·W_hh
+    (model.recurrent_dropout). With either, the step is `_recurrence_plain`'s, differentiated by
+    JAX; without both, the hand-derived backward pass above (unchanged)."""
+    if recurrent_norm is not None or state_mask is not None:
+        return _recurrence_plain(cell, jnp.dtype(dtype), int(unroll), activations, xp, w_hh, b_hh, mask, initial,
+                                 recurrent_norm, state_mask)
     return _recurrence(cell, jnp.dtype(dtype).name, int(unroll), activations, xp, w_hh, b_hh, mask, initial)
+
+
+# -- layer normalisation and variational recurrent dropout (model.layer_norm, recurrent_dropout) --
+
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm_gates(z: Array, scale: Array) -> Array:
+    """Layer normalisation of gate pre-activations z [..., G·H] in g blocks, gain only.
+
+    scale [..., g, n] (g·n = G·H; leading axes broadcast against z's): z is viewed as [..., g, n],
+    each block of n is normalised to zero mean and unit variance (eps LAYER_NORM_EPS), then
+    multiplied by its gains. g = G is per gate block (each gate's H units on their own), g = 1 the
+    whole G·H vector at once. No shift: the cell's own biases are added after it.
+    """
+    g, n = scale.shape[-2:]
+    blocks = z.reshape(z.shape[:-1] + (g, n))
+    mean = blocks.mean(-1, keepdims=True)
+    centred = blocks - mean
+    var = jnp.square(centred).mean(-1, keepdims=True)
+    return (centred * jax.lax.rsqrt(var + LAYER_NORM_EPS) * scale).reshape(z.shape)
+
+
+def _recurrence_plain(cell, dtype, unroll, activations, xp, w_hh, b_hh, mask, initial, norm, state_mask):
+    """`recurrence` with layer normalisation and/or a per-sequence dropout mask on the state fed
+    to W_hh: the plain step in one lax.scan (static trip count T, no cond: both sets), its
+    gradient by JAX. norm [K, g, n] -> [K, 1, g, n] against gh [K, B, G·H]."""
+    norm = None if norm is None else norm[:, None]
+
+    def body(carry, inp):
+        gx, m = inp
+        h = carry[0] if cell == "lstm" else carry
+        gh = _dot(h if state_mask is None else h * state_mask, w_hh, dtype)
+        if norm is not None:
+            gh = layer_norm_gates(gh, norm)
+        if cell == "lstm":
+            h, c, _ = _lstm_step(gx, gh, h, carry[1], m, activations)
+            return (h, c), h
+        h, _ = _gru_step(gx, gh + b_hh[:, None, :], h, m)
+        return h, h
+
+    final, hs = jax.lax.scan(body, initial, (xp, mask), unroll=unroll)
+    return jnp.where(mask, hs, 0.0), final

@@ -70,6 +70,19 @@ def attend(params: dict, kind: str, query: Array, keys: Array, memory: Array, ma
     single = query.ndim == 2
     q = query[:, None, :] if single else query  # [B, T, H]
     cov = None if coverage is None else (coverage[:, None, :] if single else coverage)  # [B, T, S]
+    context, weights = attention_context(params, kind, q, keys, memory, mask, dtype, dropout_mask, dot, cov)
+    hidden = jnp.tanh(dot("att_output_kernel", "bti,ih->bth", jnp.concatenate([context, q.astype(jnp.float32)], -1),
+                          params["output_kernel"], dtype))
+    if single:
+        return hidden[:, 0], weights[:, 0]
+    return hidden, weights
+
+
+def attention_context(params: dict, kind: str, q: Array, keys: Array, memory: Array, mask: Array, dtype,
+                      dropout_mask: Array | None = None, dot=plain_dot, cov: Array | None = None):
+    """The scores, weights and context of queries q [B, T, H] (arguments as `attend`'s; cov the
+    coverage [B, T, S] or None) -> (context [B, T, H], weights [B, T, S]), float32; `attend` adds
+    the output layer, the conditional decoder its deep output."""
     if kind == "mlp":
         qp = dot("att_query_kernel", "bth,hk->btk", q, params["query_kernel"], dtype) + params["bias"]
         pre = qp[:, :, None, :] + keys[:, None, :, :]
@@ -84,9 +97,4 @@ def attend(params: dict, kind: str, query: Array, keys: Array, memory: Array, ma
     scores = jnp.where(mask[:, None, :], scores, NEG_INF)
     weights = jax.nn.softmax(scores, axis=-1)  # float32
     probs = weights if dropout_mask is None else weights * dropout_mask
-    context = dot("memory", "bts,bsh->bth", probs, memory, dtype)
-    hidden = jnp.tanh(dot("att_output_kernel", "bti,ih->bth", jnp.concatenate([context, q.astype(jnp.float32)], -1),
-                          params["output_kernel"], dtype))
-    if single:
-        return hidden[:, 0], weights[:, 0]
-    return hidden, weights
+    return dot("memory", "bts,bsh->bth", probs, memory, dtype), weights

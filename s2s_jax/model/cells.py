@@ -8,6 +8,9 @@ G = 4 (LSTM, gate order i, f, g, o) or 3 (GRU, gate order r, z, n):
     bias              [K, G·H]      added to the hoisted projection
     recurrent_kernel  [K, H, G·H]   h_{t-1} @ W_hh, the only matmul inside the scan body
     recurrent_bias    [K, G·H]      GRU only (b_hn sits inside r * (h W_hn + b_hn))
+    input_norm_scale, recurrent_norm_scale [K, g, G·H/g]   model.layer_norm only: the gains of
+                      the layer normalisation of x·W_ih and h·W_hh in g blocks (g = G per gate,
+                      1 whole; kernels/recurrence.py layer_norm_gates), ones at init
 
 All matmuls take the compute dtype (float32 or bfloat16) and accumulate in float32; the carry
 and gate nonlinearities stay float32.
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from s2s_jax.kernels import KernelSet
+from s2s_jax.kernels.recurrence import layer_norm_gates
 
 Array = jax.Array
 
@@ -44,6 +48,7 @@ class RecurrentParams(nn.Module):
     in_dim: int
     hidden: int
     directions: int = 1
+    layer_norm: str = "off"  # model.layer_norm
 
     @nn.compact
     def __call__(self) -> dict[str, Array]:
@@ -61,6 +66,11 @@ class RecurrentParams(nn.Module):
         }
         if self.cell == "gru":
             p["recurrent_bias"] = self.param("recurrent_bias", nn.initializers.zeros, (self.directions, g))
+        if self.layer_norm != "off":
+            blocks = GATES[self.cell] if self.layer_norm == "per_gate" else 1
+            shape = (self.directions, blocks, g // blocks)
+            p["input_norm_scale"] = self.param("input_norm_scale", nn.initializers.ones, shape)
+            p["recurrent_norm_scale"] = self.param("recurrent_norm_scale", nn.initializers.ones, shape)
         return p
 
 
@@ -116,7 +126,7 @@ def select_carry(mask: Array, new, old):
 
 
 def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, ks: KernelSet, initial=None,
-              dtype=jnp.float32, unroll: int = 1):
+              dtype=jnp.float32, unroll: int = 1, state_mask: Array | None = None):
     """A (bi)directional recurrent layer over time-major x [T, B, D] with right padding.
 
     Direction 1 (if present) reads each sequence backwards, in the same scan as direction 0
@@ -130,12 +140,19 @@ def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, ks: KernelSe
     (take_along_axis) on the projection, the outputs and both their cotangents (~1.7 % of a
     bench_cpu step, in-process A/B).
     The projection and the scan are the kernel set's (`ks.matmul`, `ks.recurrence`).
+    With model.layer_norm (params hold `input_norm_scale`), the projection is normalised before
+    the bias is added and the scan normalises h·W_hh; state_mask [K, B, H]: the per-sequence
+    recurrent dropout mask (model.recurrent_dropout) on h where it enters h·W_hh.
     Returns outputs [T, B, K·H] (zero at padded steps; direction 0 first) and the final carry
     (per direction, stacked [K, B, H]; the state at each column's last real step).
     """
     K, H, G = params["recurrent_kernel"].shape
     T, B, D = x.shape
-    xp = ks.matmul(x, params["input_kernel"].reshape(D, K * G), dtype).reshape(T, B, K, G) + params["bias"]
+    if "input_norm_scale" in params:  # LN(x·W_ih) + b: the statistics are per step, so still hoisted
+        xp = ks.matmul(x, params["input_kernel"].reshape(D, K * G), dtype).reshape(T, B, K, G)
+        xp = layer_norm_gates(xp, params["input_norm_scale"]) + params["bias"]
+    else:
+        xp = ks.matmul(x, params["input_kernel"].reshape(D, K * G), dtype).reshape(T, B, K, G) + params["bias"]
     mask = (jnp.arange(T)[:, None] < lengths[None, :])[:, None, :, None]  # [T, 1, B, 1]
     if K == 1:
         xp = xp[:, None, :, 0]  # [T, 1, B, G]
@@ -145,6 +162,7 @@ def run_layer(params: dict, cell: str, x: Array, lengths: Array, *, ks: KernelSe
     if initial is None:
         initial = initial_carry(cell, xp[0, :, :, :H])  # [K, B, H]
     ys, final = ks.recurrence(cell, dtype, unroll, xp, params["recurrent_kernel"],
-                              params.get("recurrent_bias"), mask, initial)  # [T, K, B, H]
+                              params.get("recurrent_bias"), mask, initial,
+                              recurrent_norm=params.get("recurrent_norm_scale"), state_mask=state_mask)  # [T, K, B, H]
     outs = [ys[:, 0]] if K == 1 else [ys[:, 0], jnp.flip(ys[:, 1], 0)]
     return jnp.concatenate(outs, axis=-1), final

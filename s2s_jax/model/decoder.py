@@ -23,6 +23,7 @@ from s2s_jax.config import ModelConfig
 from s2s_jax.kernels import KernelSet
 from s2s_jax.kernels.deferred_scan import plain_dot
 from s2s_jax.model.attention import AttentionParams, attend, project_keys
+from s2s_jax.kernels.recurrence import layer_norm_gates
 from s2s_jax.model.cells import RecurrentParams, carry_hidden, cell_update, row_dropout_mask, run_layer
 
 Array = jax.Array
@@ -37,7 +38,7 @@ class Decoder(nn.Module):
         H, E = cfg.hidden_dim, cfg.target_embed_dim
         self.layers = [
             RecurrentParams(cfg.cell, (E + H if cfg.input_feeding else E) if i == 0 else H, H, 1,
-                            name=f"layer_{i}")
+                            cfg.layer_norm, name=f"layer_{i}")
             for i in range(cfg.decoder_layers)
         ]
         if cfg.attention != "none":
@@ -62,17 +63,21 @@ class Decoder(nn.Module):
                 side = w_ih[E:]  # input-feeding part (empty without input feeding)
             else:
                 side = w_ih
-            if cfg.cell == "lstm":  # one matmul: [side_input, h] @ [[W_side]; [W_hh]]
+            if cfg.cell == "lstm" and cfg.layer_norm == "off":  # one matmul: [side_input, h] @ [[W_side]; [W_hh]]
                 W[f"layer{i}"] = jnp.concatenate([side, w_hh], axis=0)
-            else:
+            else:  # GRU, or layer norm (x·W_ih and h·W_hh are normalised apart)
                 if side.shape[0]:
                     W[f"layer{i}_side"] = side
                 W[f"layer{i}_hh"] = w_hh
-                W[f"layer{i}_b_hh"] = p["recurrent_bias"][0]
+                if cfg.cell == "gru":
+                    W[f"layer{i}_b_hh"] = p["recurrent_bias"][0]
+            if cfg.layer_norm != "off":
+                W[f"layer{i}_in_norm"] = p["input_norm_scale"][0]  # [g, G·H/g]
+                W[f"layer{i}_rec_norm"] = p["recurrent_norm_scale"][0]
         if cfg.attention != "none":
             W.update({f"att_{k}": v for k, v in self.attention().items()})
-        # every array but the biases (added in float32) is a matmul kernel
-        return {k: v if k.endswith(("bias", "b_hh")) else v.astype(dtype) for k, v in W.items()}
+        # every array but the biases and norm gains (used in float32) is a matmul kernel
+        return {k: v if k.endswith(("bias", "b_hh", "_norm")) else v.astype(dtype) for k, v in W.items()}
 
     def project_keys(self, memory: Array) -> Array:
         """Attention keys [B, S, H], computed once per batch (memory itself without attention)."""
@@ -97,25 +102,14 @@ class Decoder(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         ks = self.kernels
         T, B, _ = embedded.shape
-        H, L, S = cfg.hidden_dim, cfg.decoder_layers, memory.shape[1]
-        train = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0)
-        masks = None
-        if train:  # all dropout masks drawn up front (per row, time-major): no RNG in the scan
-            rng = self.make_rng("dropout")
-            k1, k2, k3 = jax.random.split(rng, 3)
-
-            def draw(key, rate, shape):  # [B, T, ...] -> [T, B, ...]
-                return jnp.swapaxes(row_dropout_mask(key, rate, row_ids, shape), 0, 1)
-
-            masks = {"between": draw(k1, cfg.dropout, (T, max(L - 1, 1), H)).transpose(0, 2, 1, 3),
-                     "output": draw(k2, cfg.dropout, (T, H))}
-            if cfg.attention != "none":
-                masks["attention"] = draw(k3, cfg.attention_dropout, (T, 1, S))
+        L, S = cfg.decoder_layers, memory.shape[1]
+        masks = self._training_masks(T, S, row_ids, deterministic)
+        train = masks is not None
         W = self._prepared()
         layers = [layer() for layer in self.layers] if not cfg.input_feeding else None
 
         if cfg.input_feeding:  # the kernel set's decoder scan (fused, or this step taped)
-            gx0 = ks.matmul(embedded, W.pop("w_emb"), dtype) + W["layer0_bias"]  # [T, B, G·H]
+            gx0 = project_embedding(cfg, ks, embedded, W.pop("w_emb"), W)  # [T, B, G·H]
             hidden, weights = ks.decoder_scan(cfg, W, gx0, state, memory, keys, mask, masks,
                                               step=functools.partial(_step, cfg, ks), tape_names=_tape_names(cfg))
             return jnp.swapaxes(hidden, 0, 1), None if weights is None else jnp.swapaxes(weights, 0, 1)
@@ -125,7 +119,8 @@ class Decoder(nn.Module):
         x = embedded  # time-major through the layers
         for i, layer in enumerate(layers):
             carry = jax.tree.map(lambda a: a[None], state["layers"][i])
-            y, _ = run_layer(layer, cfg.cell, x, lengths, ks=ks, initial=carry, dtype=dtype, unroll=cfg.unroll)
+            y, _ = run_layer(layer, cfg.cell, x, lengths, ks=ks, initial=carry, dtype=dtype, unroll=cfg.unroll,
+                             state_mask=masks["recurrent"][0, i][None] if train and "recurrent" in masks else None)
             if cfg.residual and i > 0:
                 y = y + x
             if train and i + 1 < L:
@@ -143,6 +138,32 @@ class Decoder(nn.Module):
             x = x * jnp.swapaxes(masks["output"], 0, 1)
         return x, weights
 
+    def _training_masks(self, T: int, S: int, row_ids: Array | None, deterministic: bool) -> dict | None:
+        """The time-major dropout masks of a teacher-forced call, all drawn up front (per row, so
+        batch-split invariant; no RNG in the scan): "between" [T, L', B, H], "output" [T, B, H],
+        "attention" [T, B, 1, S] (with attention), and `recipe_masks`'; None when not training."""
+        cfg = self.config
+        H, L = cfg.hidden_dim, cfg.decoder_layers
+        train = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0 or cfg.output_dropout > 0
+                                       or cfg.recurrent_dropout > 0)
+        if not train:
+            return None
+        rng = self.make_rng("dropout")
+        k1, k2, k3 = jax.random.split(rng, 3)
+
+        def draw(key, rate, shape):  # [B, T, ...] -> [T, B, ...]
+            return jnp.swapaxes(row_dropout_mask(key, rate, row_ids, shape), 0, 1)
+
+        masks = {"between": draw(k1, cfg.dropout, (T, max(L - 1, 1), H)).transpose(0, 2, 1, 3),
+                 "output": draw(k2, cfg.dropout, (T, H))}
+        if cfg.attention != "none":
+            masks["attention"] = draw(k3, cfg.attention_dropout, (T, 1, S))
+        return recipe_masks(cfg, masks, rng, row_ids, T)
+
+    def _one_step(self, W: dict, dot, gx0: Array, state):
+        """The decoding step's body (`_step`; the conditional decoder overrides it)."""
+        return _step(self.config, self.kernels, W, dot, gx0, state, None)
+
     def step(self, embedded: Array | None, state, memory: Array, keys: Array, mask: Array,
              projected: Array | None = None):
         """One decoding step: embedded [N, E] -> (hidden [N, H], new state, weights [N, S] | None).
@@ -158,7 +179,7 @@ class Decoder(nn.Module):
         W = self._prepared()
         w_emb = W.pop("w_emb")
         ks = self.kernels
-        gx0 = projected if projected is not None else ks.matmul(embedded, w_emb, dtype) + W["layer0_bias"]
+        gx0 = projected if projected is not None else project_embedding(cfg, ks, embedded, w_emb, W)
         dot = plain_dot
         rows, entries = gx0.shape[0], memory.shape[0]
         if entries != rows and cfg.attention != "none":
@@ -171,7 +192,7 @@ class Decoder(nn.Module):
             else:
                 dot = _grouped_attention_dot(group)
         W.update(memory=memory, keys=keys, mask=mask)
-        return _step(cfg, ks, W, dot, gx0, state, None)
+        return self._one_step(W, dot, gx0, state)
 
 
 def _attention_params(W: dict) -> dict:
@@ -180,7 +201,7 @@ def _attention_params(W: dict) -> dict:
 
 def _tape_names(cfg: ModelConfig) -> set[str]:
     """The arrays the step only multiplies by (their gradients can wait until after the loop)."""
-    names = {f"layer{i}" for i in range(cfg.decoder_layers)} if cfg.cell == "lstm" else (
+    names = {f"layer{i}" for i in range(cfg.decoder_layers)} if cfg.cell == "lstm" and cfg.layer_norm == "off" else (
         {f"layer{i}_side" for i in range(cfg.decoder_layers)} | {f"layer{i}_hh" for i in range(cfg.decoder_layers)})
     if cfg.attention != "none":
         names |= {"att_output_kernel", "memory"}
@@ -208,7 +229,11 @@ def _step(cfg: ModelConfig, ks: KernelSet, W: dict, dot, gx0: Array, state, mask
         h = carry_hidden(cfg.cell, carry)
         side = (state["feed"] if cfg.input_feeding else None) if i == 0 else inp
         gx = gx0 if i == 0 else W[f"layer{i}_bias"]
-        if cfg.cell == "lstm":  # one matmul: [side_input, h] @ [[W_side]; [W_hh]]
+        if masks is not None and "recurrent" in masks:  # model.recurrent_dropout: on h entering h·W_hh
+            h = h * masks["recurrent"][i]
+        if cfg.layer_norm != "off":
+            gx, gh = normed_preactivations(cfg, W, dot, i, gx0 if i == 0 else None, side, h)
+        elif cfg.cell == "lstm":  # one matmul: [side_input, h] @ [[W_side]; [W_hh]]
             both = h if side is None else jnp.concatenate([side, h], axis=-1)
             gx = gx + dot(f"layer{i}", "ni,ig->ng", both, W[f"layer{i}"], dtype)
             gh = 0.0
@@ -280,4 +305,43 @@ def input_projection_table(decoder: Decoder, embedding: Array) -> Array:
     multiplying [N, E] embeddings each step. Call it on a bound decoder (inside `apply`).
     """
     W = decoder._prepared()
-    return decoder.kernels.matmul(embedding, W["w_emb"], jnp.dtype(decoder.config.dtype)) + W["layer0_bias"]
+    return project_embedding(decoder.config, decoder.kernels, embedding, W["w_emb"], W)
+
+
+# -- recipe parts: layer normalisation, output and recurrent dropout (docs/model.md) ---------------
+
+def project_embedding(cfg: ModelConfig, ks: KernelSet, embedded: Array, w_emb: Array, W: dict) -> Array:
+    """Layer 1's input pre-activation from the embeddings [..., E] -> [..., G·H]: with its bias,
+    or, with model.layer_norm or the conditional decoder, without it (the step adds it)."""
+    if cfg.layer_norm != "off" or cfg.decoder_type == "conditional":
+        return ks.matmul(embedded, w_emb, jnp.dtype(cfg.dtype))
+    return ks.matmul(embedded, w_emb, jnp.dtype(cfg.dtype)) + W["layer0_bias"]
+
+
+def normed_preactivations(cfg: ModelConfig, W: dict, dot, i: int, gx0: Array | None, side: Array | None,
+                           h: Array) -> tuple[Array, Array]:
+    """model.layer_norm: layer i's (LN(x·W_ih) + b, LN(h·W_hh) [+ b_hh for GRU]), x = [embedding;
+    side] for layer 0 (gx0: the embedding's part, no bias) and the layer below's output above."""
+    dtype = jnp.dtype(cfg.dtype)
+    px = gx0
+    if side is not None:
+        ps = dot(f"layer{i}_side", "ni,ig->ng", side, W[f"layer{i}_side"], dtype)
+        px = ps if px is None else px + ps
+    gx = layer_norm_gates(px, W[f"layer{i}_in_norm"]) + W[f"layer{i}_bias"]
+    gh = layer_norm_gates(dot(f"layer{i}_hh", "nh,hg->ng", h, W[f"layer{i}_hh"], dtype), W[f"layer{i}_rec_norm"])
+    return gx, (gh + W[f"layer{i}_b_hh"] if cfg.cell == "gru" else gh)
+
+
+def recipe_masks(cfg: ModelConfig, masks: dict, rng: Array, row_ids: Array, T: int) -> dict:
+    """Adds the masks of model.output_dropout (multiplied into "output", [T, B, H]) and
+    model.recurrent_dropout ("recurrent" [T, L, B, H]: one mask per sequence and layer, the same
+    at every step) to the decoder's time-major dropout masks; unchanged when both are off."""
+    H = cfg.hidden_dim
+    L = 2 if cfg.decoder_type == "conditional" else cfg.decoder_layers  # conditional: its two transitions
+    if cfg.output_dropout > 0:
+        extra = row_dropout_mask(jax.random.fold_in(rng, 3), cfg.output_dropout, row_ids, (T, H))
+        masks = dict(masks, output=masks["output"] * jnp.swapaxes(extra, 0, 1))
+    if cfg.recurrent_dropout > 0:
+        rec = jnp.swapaxes(row_dropout_mask(jax.random.fold_in(rng, 4), cfg.recurrent_dropout, row_ids, (L, H)), 0, 1)
+        masks = dict(masks, recurrent=jnp.broadcast_to(rec[None], (T,) + rec.shape))
+    return masks

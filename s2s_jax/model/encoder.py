@@ -36,7 +36,7 @@ class Encoder(nn.Module):
         K = 2 if cfg.bidirectional else 1
         self.layers = [
             RecurrentParams(cfg.cell, cfg.source_embed_dim if i == 0 else cfg.hidden_dim,
-                            cfg.hidden_dim // K, K, name=f"layer_{i}")
+                            cfg.hidden_dim // K, K, cfg.layer_norm, name=f"layer_{i}")
             for i in range(cfg.encoder_layers)
         ]
 
@@ -48,6 +48,7 @@ class Encoder(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         train = not deterministic and cfg.dropout > 0
         key = self.make_rng("dropout") if train else None
+        state_masks = self._recurrent_masks(row_ids, deterministic)
         x = embedded
         finals = []
         for i, layer in enumerate(self.layers):
@@ -55,9 +56,22 @@ class Encoder(nn.Module):
                 keep = row_dropout_mask(jax.random.fold_in(key, i), cfg.dropout, row_ids,
                                         (x.shape[0], x.shape[2]))
                 x = x * jnp.swapaxes(keep, 0, 1)
-            y, final = run_layer(layer(), cfg.cell, x, lengths, ks=self.kernels, dtype=dtype, unroll=cfg.unroll)
+            y, final = run_layer(layer(), cfg.cell, x, lengths, ks=self.kernels, dtype=dtype, unroll=cfg.unroll,
+                                 state_mask=None if state_masks is None else state_masks[i])
             x = y + x if (cfg.residual and i > 0) else y
             finals.append(merge_directions(cfg.cell, final))
         x = jnp.swapaxes(x, 0, 1)  # [B, S, H]
         mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
         return jnp.where(mask[..., None], x, 0.0), finals
+
+    def _recurrent_masks(self, row_ids: Array | None, deterministic: bool) -> list[Array] | None:
+        """model.recurrent_dropout: per layer, one mask [K, B, H/K] per sequence (the same at every
+        step) on the state entering h·W_hh; None when off or not training."""
+        cfg = self.config
+        if deterministic or cfg.recurrent_dropout == 0:
+            return None
+        key = self.make_rng("dropout")
+        K = 2 if cfg.bidirectional else 1
+        return [jnp.swapaxes(row_dropout_mask(jax.random.fold_in(key, i), cfg.recurrent_dropout, row_ids,
+                                              (K, cfg.hidden_dim // K)), 0, 1)
+                for i in range(cfg.encoder_layers)]

@@ -25,6 +25,7 @@ from s2s_jax.kernels import KernelSet
 from s2s_jax.kernels.deferred_scan import plain_dot
 from s2s_jax.model.attention import AttentionParams, attend, project_keys
 from s2s_jax.model.cells import initial_carry, row_dropout_mask
+from s2s_jax.model.conditional import ConditionalDecoder
 from s2s_jax.model.decoder import Decoder
 from s2s_jax.model.encoder import Encoder
 from s2s_jax.vocab import UNK_ID
@@ -47,7 +48,7 @@ class Seq2Seq(nn.Module):
             self.source_embedding = self.param("source_embedding", emb_init,
                                                (self.source_vocab_size, cfg.source_embed_dim))
         self.encoder = Encoder(cfg, self.kernels)
-        self.decoder = Decoder(cfg, self.kernels)
+        self.decoder = (ConditionalDecoder if cfg.decoder_type == "conditional" else Decoder)(cfg, self.kernels)
         H = cfg.hidden_dim
         if cfg.bridge == "dense":
             init = nn.initializers.lecun_uniform()
@@ -109,6 +110,7 @@ class Seq2Seq(nn.Module):
         if self.config.copy_attention:
             ext, source = source, in_vocabulary(source, self.source_vocab_size)
         emb = jnp.take(self._source_table(), source.T, axis=0)  # time-major [S, B, E]
+        emb = self._embedding_noise(emb, row_ids, self.config.source_word_dropout, deterministic)
         memory, finals = self.encoder(emb, source_lengths, row_ids, deterministic=deterministic)
         mask = jnp.arange(source.shape[1])[None, :] < source_lengths[:, None]
         keys = self.decoder.project_keys(memory)
@@ -139,6 +141,7 @@ class Seq2Seq(nn.Module):
             key = self.make_rng("dropout")
             T, _, E = emb.shape
             emb = emb * jnp.swapaxes(row_dropout_mask(key, self.config.dropout, row_ids, (T, E)), 0, 1)
+        emb = self._embedding_noise(emb, row_ids, self.config.target_word_dropout, deterministic)
         state = {k: v for k, v in cache["state"].items() if k != "source_ext"}
         hidden, weights = self.decoder(emb, state, cache["memory"], cache["keys"], cache["mask"],
                                        row_ids, deterministic=deterministic)
@@ -188,6 +191,21 @@ class Seq2Seq(nn.Module):
         dist = jnp.concatenate([p_vocab, jnp.zeros((N, S), jnp.float32)], axis=-1)
         dist = dist.at[jnp.arange(N)[:, None], source_ext].add(gate[:, None] * copy_weights)
         return jnp.log(jnp.maximum(dist, jnp.finfo(jnp.float32).tiny))
+
+    def _embedding_noise(self, emb: Array, row_ids: Array | None, word_rate: float, deterministic: bool) -> Array:
+        """model.embedding_dropout (per element) and word dropout at `word_rate` (a token's whole
+        embedding zeroed, the rest scaled by 1/(1-rate)) on time-major embeddings [T, B, E];
+        masks per row (batch-split invariant). Unchanged (no rng drawn) when both are off."""
+        rate = self.config.embedding_dropout
+        if deterministic or (rate == 0 and word_rate == 0):
+            return emb
+        key = self.make_rng("dropout")
+        T, _, E = emb.shape
+        if rate > 0:
+            emb = emb * jnp.swapaxes(row_dropout_mask(jax.random.fold_in(key, 0), rate, row_ids, (T, E)), 0, 1)
+        if word_rate > 0:
+            emb = emb * jnp.swapaxes(row_dropout_mask(jax.random.fold_in(key, 1), word_rate, row_ids, (T, 1)), 0, 1)
+        return emb
 
     def candidate_output_weights(self, vocab_ids: Array) -> tuple[Array, Array]:
         """The output projection restricted to a shortlist: vocab_ids [C] int32 (-1: padding)

@@ -30,7 +30,9 @@ from s2s_jax.config import Config, UserError
 
 # model.* fields that do not change the parameters or what they compute: may differ in a warm start.
 TRAINING_ONLY_MODEL_FIELDS = ("dropout", "attention_dropout", "dtype", "unroll", "loss_chunk",
-                              "source_embeddings", "target_embeddings", "freeze_embeddings", "force_copy")
+                              "source_embeddings", "target_embeddings", "freeze_embeddings",
+                              "embedding_dropout", "output_dropout", "recurrent_dropout", "source_word_dropout",
+                              "target_word_dropout", "force_copy")
 
 
 class WarmStartError(UserError):
