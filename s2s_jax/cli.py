@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="write the n best per input line, as 'text<TAB>score' lines")
             p.add_argument("--format", choices=("text", "jsonl"), default="text",
                            help="jsonl: one JSON object per input line with source pieces and, per hypothesis, "
-                                "text, score, tokens and the attention alignment")
+                                "text, score, tokens and the attention alignment (copy-attention models: also "
+                                "'copied', the output tokens copied from the source and from which positions)")
             p.add_argument("--attention-plot", default=None, metavar="FILE.png",
                            help="plot attention heatmaps of the first few sentences")
         else:

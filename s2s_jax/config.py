@@ -278,7 +278,7 @@ class ModelConfig:
     # context; decoder input] + b_g), with the last decoder layer's attention (copy_attention_separate:
     # a separate attention of the same kind over the encoder memory instead). Needs a shared
     # source/target vocabulary (data.joint_vocab=True, or a built-in task); source words outside the
-    # vocabulary get per-sentence ids V + k (docs/model.md "Copy attention").
+    # vocabulary get per-sentence ids V + k (docs/copy.md).
     copy_attention: bool = False
     copy_attention_separate: bool = False
     # An unknown target word found in the source is always scored by its copy probability alone;

@@ -173,3 +173,30 @@ def test_copy_config_errors():
     with pytest.raises(ConfigError, match="model.force_copy=True has no effect"):
         validate(Config(model=ModelConfig(force_copy=True)))
     validate(Config(model=ModelConfig(copy_attention=True, copy_attention_separate=True, force_copy=True)))
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_translator_writes_copied_words_with_coverage(beam):
+    """Text in and out through the Translator (greedy and beam search, coverage in the decoder
+    state padded to the queue's source length): with the gate forced open every output word is
+    copied, unknown ones (Zed, Quo) are written as in the source, and "copied" says from where."""
+    from s2s_jax.config import DecodeConfig
+    from s2s_jax.inference.adapter import SingleModel
+    from s2s_jax.inference.translator import Translator
+    from s2s_jax.vocab import WordVocab
+
+    vocab = WordVocab(["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, V)])
+    mcfg = model_config("lstm", "general", True, True, 1, copy_attention=True, coverage=True)
+    batch = copy_batch()
+    model, params = init(mcfg, batch={k: batch[k] for k in ("source", "source_lengths", "target_input")})
+    params = dict(params, copy_gate_bias=jnp.array([30.0]))  # g = 1: p(w) is the copy distribution
+    config = Config(model=mcfg, decode=DecodeConfig(max_len_a=1.0, max_len_b=2))
+    translator = Translator(config, SingleModel(model), params, vocab, vocab)
+    line = "w4 Zed w5 Zed Quo"
+    (hyp,) = translator.translate_full([line], beam=beam)[0]
+    words = line.split()
+    assert hyp["tokens"] and all(w in words for w in hyp["tokens"]) and hyp["copied"]
+    for c in hyp["copied"]:
+        assert hyp["tokens"][c["index"]] == c["word"] and c["word"] in ("Zed", "Quo")
+        assert c["source_positions"] == [i for i, w in enumerate(words) if w == c["word"]]
+    assert hyp["text"] == " ".join(hyp["tokens"])

@@ -40,3 +40,24 @@ def test_copy_names_needs_copy_attention(tmp_path):
     assert [(c["index"], c["word"], c["source_positions"]) for c in hyp["copied"]] == [
         (0, "Quillamonk", [1]), (2, "Zebrostan", [3])]
     assert _train_and_eval(tmp_path / "nocopy", "model.copy_attention=false") <= 0.05
+
+
+@pytest.mark.slow
+def test_served_copy_model_writes_the_copied_names(tmp_path):
+    """The server (streaming decoder, greedy and beam) answers a copy-attention run as translate does."""
+    from test_server import serve
+
+    run = tmp_path / "copy"
+    subprocess.run([sys.executable, "-m", "s2s_jax", "train", "--config", CONFIG, "--workdir", str(run),
+                    "--no-progress", "--set", "train.steps=150"], check=True, cwd=REPO, capture_output=True)
+    from s2s_jax.inference.runs import load_translator
+
+    lines = ["yesterday Quillamonk told Zebrostan about the new plan .", "the award went to Ann , said Bob ."]
+    translator = load_translator(str(run))
+    with serve("--workdir", run) as client:
+        for beam in (1, 3):
+            expected = [hyps[0][0] for hyps in translator.translate(lines, beam=beam)]
+            assert any("Zebrostan" in e or "Bob" in e for e in expected)
+            r = client.post("/translate", json={"text": lines, "beam": beam})
+            assert r.status_code == 200, r.text
+            assert [g["text"] for g in r.json()["translations"]] == expected

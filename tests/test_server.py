@@ -335,6 +335,31 @@ def test_ensemble_bundle_server_equals_ensemble_server(tiny_task_run, other_seed
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_copy_attention_run_is_served_as_translated(tmp_path):
+    """A copy-attention run (scores over V + S extended ids, unknown source words as ids >= V)
+    streams through the pool and answers as `Translator.translate_full` does."""
+    from starlette.testclient import TestClient
+
+    from s2s_jax.inference.runs import load_translator
+    from s2s_jax.inference.server import create_app, load_engine
+    from tests.conftest import run_cli
+
+    workdir = tmp_path / "copy"
+    proc = run_cli("train", "--config", "experiments/configs/tiny.py", "--workdir", str(workdir), "--no-progress",
+                   "--set", "model.copy_attention=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = LINES + ["zyx \u00fc\u20ac \u4e2d", "abcdefghijklmnop"]
+    expected = load_translator(str(workdir)).translate_full(lines, beam=3, nbest=2)
+    with TestClient(create_app(load_engine(workdir=str(workdir)))) as client:
+        r = client.post("/translate", json={"text": lines, "beam": 3, "nbest": 2})
+        assert r.status_code == 200, r.text
+    got = r.json()["translations"]
+    assert [[n["text"] for n in g["nbest"]] for g in got] == [[h["text"] for h in hyps] for hyps in expected]
+    assert [g["score"] for g in got] == pytest.approx([hyps[0]["score"] for hyps in expected], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_serve_ensemble_of_different_vocabularies_exit_2(tiny_task_run, fr_en_run):
     from tests.conftest import run_cli
 

@@ -251,6 +251,7 @@ class _Job:
     future: concurrent.futures.Future
     results: list | None = None  # StreamingWorker: per sentence, filled as they finish
     remaining: int = 0
+    copy: list | None = None  # StreamingWorker, copy attention: per sentence (extended ids, unknown words)
 
 
 class _Worker:
@@ -386,6 +387,10 @@ class StreamingWorker(_Worker):
     def _start(self, job: _Job, open_jobs: dict) -> None:
         translator = self.engine.translator
         encoded = translator.encode_lines(job.lines)
+        job.copy = [None] * len(encoded)
+        if translator.config.model.copy_attention:  # unknown source words as extended ids, as translate does
+            encoded, words = translator.extended_lines(job.lines, encoded)
+            job.copy = list(zip(encoded, words))
         empty = [{"text": "", "score": 0.0, "tokens": []} for _ in range(job.nbest)]
         job.results = [list(empty) if not ids else None for ids in encoded]
         job.remaining = sum(1 for ids in encoded if ids)
@@ -430,7 +435,7 @@ class StreamingWorker(_Worker):
                 self.stats["decode_seconds"] += time.perf_counter() - t0
                 for (job_id, i), result in finished:
                     job = open_jobs[job_id]
-                    job.results[i] = self.engine.translator.hypotheses(result)
+                    job.results[i] = self.engine.translator.hypotheses(result, job.copy[i])
                     job.remaining -= 1
                     if not job.remaining:
                         self._done(open_jobs.pop(job_id), job.results)

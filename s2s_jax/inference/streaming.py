@@ -21,6 +21,9 @@ are computed (the smallest power of two >= 8 covering the busy slots and the wai
 sentences), so a lightly loaded server computes few rows. A sentence gets the same search,
 hence the same translation, as offline translation (tests/test_server.py checks it).
 
+A copy-attention model's pool scores its V + S extended ids (S: the pool's source length), and
+the server passes unknown source words in as extended ids, as `Translator.translate_full` does.
+
 Sources longer than the pool's source length (`max(data.max_source_length, 16)` rounded up
 to LENGTH_MULTIPLE) are translated by the Translator directly, as a batch of their own.
 """
@@ -37,8 +40,7 @@ import numpy as np
 from s2s_jax import decoding
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, output_ids, round_up
 from s2s_jax.inference.adapter import CONTEXT_KEYS
-from s2s_jax.config import UserError
-from s2s_jax.inference.translator import _use_input_table, pad_cache, search_settings, wants_attention
+from s2s_jax.inference.translator import _use_input_table, output_size, pad_cache, search_settings, wants_attention
 
 _PROGRAMS: dict = {}  # jitted pool functions shared by every decoder of the same model and settings
 MIN_ACTIVE = 8
@@ -79,9 +81,6 @@ class StreamingDecoder:
                  source_len: int | None = None):
         self.translator, self.beam, self.nbest = translator, beam, nbest
         model, config = translator.model, translator.config
-        if config.model.copy_attention:
-            raise UserError("the streaming decoder (the server) does not decode copy-attention models yet "
-                            "(model.copy_attention=True); use s2s_jax translate / eval or the Python API")
         dc = config.decode
         self.slots = slots or dc.batch_size
         self.source_len = round_up(source_len or max(config.data.max_source_length, LENGTH_MULTIPLE))
@@ -96,7 +95,8 @@ class StreamingDecoder:
             pool = decoding.SlotPool(
                 functools.partial(_step_fn, model, want_attention),
                 search_settings(config, model, beam_size=beam, nbest=nbest, max_len=self.max_len),
-                slots=self.slots, queue=2 * self.slots, results=8 * self.slots, vocab_size=model.target_vocab_size,
+                slots=self.slots, queue=2 * self.slots, results=8 * self.slots,
+                vocab_size=output_size(config, model, self.source_len),
                 source_len=self.source_len if want_attention else None, slot_context=True)
             _PROGRAMS[key] = _pool_programs(pool, model, self.source_len, chunk_steps)
         self._programs = _PROGRAMS[key]

@@ -61,8 +61,9 @@ def pad_cache(cache: dict, length: int) -> dict:
     out = dict(cache)
     for k in CONTEXT_KEYS:  # (per member for an ensemble)
         out[k] = jax.tree.map(pad_one, cache[k])
-    if isinstance(cache.get("state"), dict) and "coverage" in cache["state"]:  # model.coverage: [B, S] state
-        out["state"] = dict(cache["state"], coverage=pad_one(cache["state"]["coverage"]))
+    state = cache.get("state")
+    if isinstance(state, dict):  # per-position state: model.coverage's [B, S], copy attention's source_ext [B, S]
+        out["state"] = dict(state, **{k: pad_one(state[k]) for k in ("coverage", "source_ext") if k in state})
     return out
 
 

@@ -32,7 +32,7 @@ from s2s_jax.config import Config, UserError
 TRAINING_ONLY_MODEL_FIELDS = ("dropout", "attention_dropout", "dtype", "unroll", "loss_chunk",
                               "source_embeddings", "target_embeddings", "freeze_embeddings",
                               "embedding_dropout", "output_dropout", "recurrent_dropout", "source_word_dropout",
-                              "target_word_dropout")
+                              "target_word_dropout", "force_copy")
 
 
 class WarmStartError(UserError):
