@@ -116,6 +116,8 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     controls = p.add_argument_group("decoding controls (each sets a decode.* field; docs/lifecycle.md)")
     for flag, field, kind, text in _DECODE_CONTROLS:
         extra = {"nargs": "+"} if field == "ignore_when_blocking" else ({"nargs": 0} if kind is bool else {"type": kind})
+        if kind is not bool:
+            extra["metavar"] = _CONTROL_METAVARS[field]
         controls.add_argument(flag, dest="overrides", action=_DecodeField, field=field, default=[], help=text, **extra)
 
 
@@ -132,6 +134,11 @@ _DECODE_CONTROLS = (
     ("--stepwise-penalty", "stepwise_penalty", bool, "also apply the coverage penalty at every beam step"),
     ("--max-len-ratio", "max_len_a", float, "maximum output length = RATIO * source length + decode.max_len_b"),
 )
+
+
+_CONTROL_METAVARS = {"min_length": "N", "block_ngram_repeat": "N", "ignore_when_blocking": "PIECE",
+                     "length_penalty_type": "{wu,avg,none}", "length_penalty": "ALPHA",
+                     "coverage_penalty_type": "{wu,summary}", "coverage_penalty": "BETA", "max_len_a": "RATIO"}
 
 
 class _DecodeField(argparse.Action):
