@@ -196,7 +196,7 @@ class SentencePieceVocab:
 
     def surfaces(self, text: str) -> list[str]:
         """The text each piece of `encode(text)` covers (copy attention's unknown words)."""
-        return [p.surface for p in self.sp.encode(text, out_type="immutable_proto").pieces]
+        return [p.surface for p in self.sp.encode(text, return_type="proto").pieces]
 
     def to_json(self) -> dict:
         return {"kind": "sentencepiece", "model": os.path.basename(self.model_file),

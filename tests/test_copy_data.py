@@ -53,3 +53,17 @@ def test_copy_names_test_names_never_occur_in_training():
             names = [w for w in s.split() if w not in common]
             assert len(names) == 2 and not train_words.intersection(names)
             assert all(n in t.split() for n in names)
+
+
+def test_sentencepiece_surfaces_cover_the_text_of_each_encoded_piece(tmp_path):
+    # Copy attention on a SentencePiece corpus reads each piece's surface (vocab.surfaces); the
+    # sentencepiece wheel we pin refuses out_type="immutable_proto", which broke DialogSum + copy.
+    from s2s_jax.data.tokenizer import train_sentencepiece
+
+    lines = ["the cat sat on the mat", "a dog ran to the park", "the bird sang a song"] * 30
+    v = train_sentencepiece(lines, str(tmp_path / "spm"), vocab_size=28, model_type="unigram",
+                            character_coverage=1.0, what="test lines")
+    text = "the cat sang to Zed"
+    surfaces = v.surfaces(text)
+    assert len(surfaces) == len(v.encode(text))
+    assert "".join(surfaces).replace(" ", "") == text.replace(" ", "")
