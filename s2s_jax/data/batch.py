@@ -39,9 +39,9 @@ class Batch(TypedDict, total=False):
     target_ext: np.ndarray  # copy attention only
 
 
-FIELDS = tuple(Batch.__annotations__)
-MODEL_FIELDS = ("source", "source_lengths", "target_input", "target_output", "target_lengths")
 COPY_FIELDS = ("source_ext", "target_ext")  # model inputs too, in batches of copy-attention runs
+FIELDS = tuple(k for k in Batch.__annotations__ if k not in COPY_FIELDS)  # in every batch
+MODEL_FIELDS = ("source", "source_lengths", "target_input", "target_output", "target_lengths")
 
 
 def model_inputs(batch) -> dict:
