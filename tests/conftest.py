@@ -30,6 +30,16 @@ def tiny_task_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def other_seed_run(tmp_path_factory):
+    """A second tiny run (another seed, the same vocabulary): an ensemble's other member."""
+    workdir = tmp_path_factory.mktemp("ensemble") / "seed1"
+    proc = run_cli("train", "--config", "experiments/configs/tiny.py", "--workdir", str(workdir), "--no-progress",
+                   "--set", "train.seed=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="session")
 def fr_en_corpus(tmp_path_factory):
     """French -> English from Tatoeba, as the raw files come (U+202F before '!' and '?', NBSP)."""
     if not TATOEBA.is_dir():

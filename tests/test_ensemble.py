@@ -13,15 +13,6 @@ from tests.conftest import run_cli
 LINES = ["hello world", "abc", "", "quick brown fox", "x", "jax and flax", "seq2seq"]
 
 
-@pytest.fixture(scope="module")
-def other_seed_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("ensemble") / "seed1"
-    proc = run_cli("train", "--config", "experiments/configs/tiny.py", "--workdir", str(workdir), "--no-progress",
-                   "--set", "train.seed=1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
-
-
 def test_combined_step_is_the_weighted_sum_of_log_probs():
     from s2s_jax.inference.ensemble import combine_steps
 

@@ -229,18 +229,6 @@ def test_api_key(tiny_task_run):
 
 
 @pytest.fixture(scope="module")
-def other_seed_run(tmp_path_factory):
-    """A second tiny run (another seed, the same vocabulary): the ensemble's other member."""
-    from tests.conftest import run_cli
-
-    workdir = tmp_path_factory.mktemp("serve_ensemble") / "seed1"
-    proc = run_cli("train", "--config", "experiments/configs/tiny.py", "--workdir", str(workdir), "--no-progress",
-                   "--set", "train.seed=1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
-
-
-@pytest.fixture(scope="module")
 def tiny_bundle(tiny_task_run, tmp_path_factory):
     from s2s_jax.inference.export import export_bundle
 
