@@ -103,6 +103,8 @@ def test_plumbing_equalities_hold(smoke):
     assert ex["serialized"] is False and "flatbuffers" in ex["note"]
     assert set(ex["programs"]) == {"encode", "greedy", "beam_2"}
     assert all("cuda" in p["platforms"] for p in ex["programs"].values())
+    assert set(ex["step_programs"]) == {"projection_table", "step", "step_table"}  # bundle format 2
+    assert all({"cuda", "cpu"} <= set(p["platforms"]) for p in ex["step_programs"].values())
     assert ex["programs"]["greedy"]["tokens_equal"] is True and ex["programs"]["beam_2"]["tokens_equal"] is True
 
 
