@@ -256,7 +256,7 @@ class _EchoTranslator:
     def translate_ids(self, sources, *, beam):
         return [{"tokens": [s], "scores": [0.0]} for s in sources]
 
-    def hypotheses(self, result):
+    def hypotheses(self, result, copy=None):
         return [{"text": " ".join(result["tokens"][0])}]
 
 
