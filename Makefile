@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 WORKDIR ?= runs/dates
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-all test-fast venv clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: venv
 
 # The whole suite CI runs (everything but GPU-only tests).
 test: venv
+	$(PY) -m pytest -q -m "not gpu and not extended"
+
+# Everything but GPU tests: also the full reference matrices (marked extended).
+test-all: venv
 	$(PY) -m pytest -q -m "not gpu"
 
 # Quick loop while developing: skips tests marked slow.

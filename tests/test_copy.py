@@ -86,7 +86,7 @@ QUICK = {("dot", False, False), ("mlp", True, True), ("general", False, True)}
 
 
 @pytest.mark.parametrize("ks", SETS)
-@pytest.mark.parametrize("att,sep,cov", [pytest.param(*c, marks=() if c in QUICK else pytest.mark.slow)
+@pytest.mark.parametrize("att,sep,cov", [pytest.param(*c, marks=() if c in QUICK else (pytest.mark.slow, pytest.mark.extended))
                                          for c in CASES])
 def test_copy_matches_reference(ks, att, sep, cov):
     i = CASES.index((att, sep, cov))

@@ -39,7 +39,7 @@ QUICK = {("lstm", "dot", True), ("gru", "general", False), ("gru", "mlp", True)}
 
 
 @pytest.mark.parametrize("ks", SETS)
-@pytest.mark.parametrize("cell,att,feed", [pytest.param(*c, marks=() if c in QUICK else pytest.mark.slow)
+@pytest.mark.parametrize("cell,att,feed", [pytest.param(*c, marks=() if c in QUICK else (pytest.mark.slow, pytest.mark.extended))
                                            for c in CASES])
 def test_coverage_matches_reference(ks, cell, att, feed):
     i = CASES.index((cell, att, feed))

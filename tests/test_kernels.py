@@ -62,7 +62,7 @@ def test_select_gives_one_hashable_set_per_name_built_where_the_model_is():
 
 # Every cell x attention/input-feeding x direction combination: 28 programs per kernel set, so
 # the default run checks a covering subset per set (every value of every factor, every
-# attention/feeding pair) and the full product runs with the slow tests (CI runs them).
+# attention/feeding pair) and the full product is marked `extended` (`make test-all`; CI runs the subset).
 CASES = [(cell, att, feed, bi)
          for cell in ("lstm", "gru")
          for att, feed in (("dot", True), ("dot", False), ("general", True), ("general", False),
@@ -75,7 +75,7 @@ QUICK = {"cpu": {("lstm", "dot", True, True), ("gru", "dot", False, False), ("ls
                       ("gru", "none", False, True), ("lstm", "dot", False, True), ("gru", "general", False, False),
                       ("gru", "mlp", True, True)}}
 PARAMS = [pytest.param(ks, i, case, id=f"{ks}-" + "-".join(map(str, case)),
-                       marks=() if case in QUICK[ks] else pytest.mark.slow)
+                       marks=() if case in QUICK[ks] else (pytest.mark.slow, pytest.mark.extended))
           for ks in SETS for i, case in enumerate(CASES)]
 
 
@@ -646,7 +646,7 @@ LN_CASES = [("lstm", "general", True, True, "per_gate"), ("gru", "mlp", False, T
 
 
 @pytest.mark.parametrize("ks,case", [pytest.param(ks, case, id=f"{ks}-" + "-".join(map(str, case)),
-                                                  marks=() if (j + (ks == "portable")) % 2 == 0 else pytest.mark.slow)
+                                                  marks=() if (j + (ks == "portable")) % 2 == 0 else (pytest.mark.slow, pytest.mark.extended))
                                      for ks in SETS for j, case in enumerate(LN_CASES)])
 def test_layer_norm_matches_reference(ks, case):
     """model.layer_norm (per gate block and whole) in the encoder and decoder cells: outputs and
@@ -772,7 +772,7 @@ CONDITIONAL_CASES = [("gru", "mlp", "off", True), ("gru", "general", "per_gate",
 
 
 @pytest.mark.parametrize("ks,case", [pytest.param(ks, case, id=f"{ks}-" + "-".join(map(str, case)),
-                                                  marks=() if (j + (ks == "portable")) % 2 == 0 else pytest.mark.slow)
+                                                  marks=() if (j + (ks == "portable")) % 2 == 0 else (pytest.mark.slow, pytest.mark.extended))
                                      for ks in SETS for j, case in enumerate(CONDITIONAL_CASES)])
 def test_conditional_decoder_matches_reference(ks, case):
     """cGRU (and the conditional LSTM), with and without layer norm: outputs and gradients against
