@@ -28,6 +28,7 @@ def _train_and_eval(workdir, *overrides):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_copy_names_needs_copy_attention(tmp_path):
     assert _train_and_eval(tmp_path / "copy") >= 0.95
     lines = tmp_path / "in.txt"
@@ -43,6 +44,7 @@ def test_copy_names_needs_copy_attention(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_served_copy_model_writes_the_copied_names(tmp_path):
     """The server (streaming decoder, greedy and beam) answers a copy-attention run as translate does."""
     from test_server import serve

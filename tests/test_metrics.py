@@ -299,6 +299,7 @@ def test_eval_cli_misaligned_reference_exits_2_before_loading_anything(tmp_path)
 # ------------------------------------------------------------------ end to end (slow: trains)
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.skipif(not DIALOGSUM.is_dir(), reason="../shared/data/dialogsum not found")
 def test_summarisation_run_validates_and_evaluates_by_rouge_without_being_told(tmp_path):
     """dialogsum.py on 300 dialogues with a toy model: validation and `eval` score ROUGE."""

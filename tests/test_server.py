@@ -298,6 +298,7 @@ def test_serve_bad_arguments_exit_2(tiny_task_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_ensemble_bundle_server_equals_ensemble_server(tiny_task_run, other_seed_run, tmp_path):
     """An ensemble's export bundle streams too (its step programs combine the members): the same
@@ -323,6 +324,7 @@ def test_ensemble_bundle_server_equals_ensemble_server(tiny_task_run, other_seed
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_copy_attention_run_is_served_as_translated(tmp_path):
     """A copy-attention run (scores over V + S extended ids, unknown source words as ids >= V)
@@ -348,6 +350,7 @@ def test_copy_attention_run_is_served_as_translated(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_serve_ensemble_of_different_vocabularies_exit_2(tiny_task_run, fr_en_run):
     from tests.conftest import run_cli
 

@@ -243,6 +243,7 @@ def _accuracy(translator, pairs):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_shortlist_of_a_run_and_the_cost_of_dropping_reference_pieces(trained, tmp_path, capsys):
     from s2s_jax.data import tasks
     from s2s_jax.inference import runs as runs_lib
