@@ -81,6 +81,7 @@ def test_cpu_record_keeps_its_format(bf16_record):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_round_sync_and_token_batches():
     """--sync round (the accelerator default) and data.batch_tokens rows per bucket."""
     sets = [a for s in TOY + ["data.batch_tokens=512", "data.buckets=((14, 16), (30, 32))"]
@@ -195,6 +196,7 @@ def test_device_count_environments():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_device_counts_on_a_cpu_only_host_are_simulated():
     sets = [a for s in TOY for a in ("--set", s)]
     r = _bench("--config", "experiments/configs/bench_cpu.py", "--devices", "1,2", "--rounds", "1", "--batches", "1",

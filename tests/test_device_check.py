@@ -26,7 +26,7 @@ BLOCKED = ("grain", "tensorflow_datasets", "array_record", "tensorflow", "flatbu
 PARTS = ("environment", "ceilings", "correctness", "plumbing", "throughput")
 RUN_VARIANTS = ("bench_gpu_bf16", "bench_gpu_bf16_cmdbuf_while")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # run by make test-all and on a lent GPU, not CI
 
 
 @pytest.fixture(scope="module")
