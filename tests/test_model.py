@@ -93,6 +93,13 @@ def assert_close(a, b, tol=1e-5, what=""):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol, rtol=tol, err_msg=what)
 
 
+def assert_trees_close(fast, ref, tol=1e-5, what="grad"):
+    """Every leaf of `fast` against the leaf at the same path of `ref` (a gradient tree)."""
+    for path, a in jax.tree_util.tree_leaves_with_path(fast):
+        b = functools.reduce(lambda t, k: t[k.key], path, ref)
+        assert_close(a, b, tol, what=f"{what} {jax.tree_util.keystr(path)}")
+
+
 @pytest.mark.parametrize("att", ["dot", "general", "mlp"])
 def test_attention_masks_padding_and_normalises(att):
     cfg = model_config("lstm", att, True, True)
