@@ -179,7 +179,10 @@ def pass_parts(translator, sources, beam: int, iters: int) -> tuple[dict, dict]:
     logits, _, _ = step(tokens, rows, context)
     seconds["step function (cell + attention + output projection)"] = median_time(step, tokens, rows, context,
                                                                                   iters=iters)
-    seconds.update(_model_parts(model, params, table, tokens, rows, context, iters))
+    # With decode.shortlist the step scores the union of the file's candidates (one queue of
+    # the Translator's when the file fits in one), so its projection is timed over those too.
+    vocab_ids = None if translator.shortlist is None else jnp.asarray(translator._vocab_ids(sources, []))
+    seconds.update(_model_parts(model, params, table, tokens, rows, context, iters, vocab_ids))
     seconds["log-softmax over [P*K, V] (for scale)"] = median_time(
         jax.jit(lambda x: jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)), logits, iters=iters)
     search = strategy.fresh(P)
@@ -212,7 +215,7 @@ def pass_parts(translator, sources, beam: int, iters: int) -> tuple[dict, dict]:
     return seconds, shapes
 
 
-def _model_parts(model, params, table, tokens, rows, context, iters: int) -> dict:
+def _model_parts(model, params, table, tokens, rows, context, iters: int, vocab_ids=None) -> dict:
     """Decoder cell + attention, attention alone and the output projection, each jitted alone."""
     import jax
     import jax.numpy as jnp
@@ -245,6 +248,11 @@ def _model_parts(model, params, table, tokens, rows, context, iters: int) -> dic
         out["    of which attention (K queries per sentence)"] = median_time(attention, query, context, iters=iters)
     project = jax.jit(lambda h: module.apply(variables, h, method=Seq2Seq.logits))
     out["  output projection [P*K, H] x [H, V]"] = median_time(project, hidden, iters=iters)
+    if vocab_ids is not None:
+        shortlisted = jax.jit(lambda h, ids: module.apply(
+            variables, h, ids, method=lambda m, h, ids: m.project(h, *m.candidate_output_weights(ids))))
+        out[f"  output projection over the shortlist [P*K, H] x [H, C={int(vocab_ids.shape[0])}] (timed with its weight "
+            "gather, which decoding does once per call)"] = median_time(shortlisted, hidden, vocab_ids, iters=iters)
     return out
 
 

@@ -352,6 +352,11 @@ class DecodeConfig:
     # Also rank each step's extensions with the coverage penalty of the coverage so far
     # (OpenNMT-py's -stepwise_penalty); needs coverage_penalty > 0.
     stepwise_penalty: bool = False
+    # When a beam-search sentence with a full n-best stops: "exact" once no live hypothesis can
+    # beat it at any length it may still reach (the search's answer is final), "current_length"
+    # once none beats it at its current length (fewer steps; may miss a longer winner;
+    # decoding.SearchSettings, docs/speed.md).
+    stop_rule: Literal["exact", "current_length"] = "exact"
     # Fewest output tokens before EOS (EOS is masked until then; greedy and beam). A sentence
     # whose length limit (max_len_a * source_length + max_len_b) comes first ends there.
     min_length: int = non_negative(0)

@@ -75,6 +75,32 @@ def setup() -> dict:
     return {"compilation_cache": enable_compilation_cache(), "host_allocator": tune_host_allocator()}
 
 
+# -- compilation time -----------------------------------------------------------------------
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")  # trace, lower, compile (or cache load)
+_compile_seconds = [0.0]
+_listening = [False]
+
+
+def _on_event_duration(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing, lowering and compiling jax programs (or loading
+    them from the persistent cache) since the first call, from jax's own monitoring events.
+    Differences of two calls time the compilation inside a piece of work, e.g. a translation
+    (`Translator.last_stats["compile_seconds"]`), so decode speed can be quoted without it."""
+    if not _listening[0]:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
+        _listening[0] = True
+    return _compile_seconds[0]
+
+
 # XLA flags behind train.deterministic: GPU reductions and scatters (atomics) in a fixed order,
 # so two runs from the same state give bitwise the same parameters. XLA:CPU and TPUs are
 # deterministic without them; on CPU-only jaxlib the GPU flags are accepted and inert.

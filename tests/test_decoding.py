@@ -515,6 +515,18 @@ def test_early_stop_bound_uses_the_longest_allowed_length():
     assert unpad(out["tokens"][0, 0], out["lengths"][0, 0]) == long
     np.testing.assert_allclose(out["scores"][0, 0], long_score, rtol=1e-4)
 
+    # stop_rule="current_length" compares at the current length only, so it stops after the
+    # first step (log 0.5 = -0.693 beats -0.885) and returns `EOS`: the search it saves is the
+    # one that would have found the winner.
+    short = beam_search(
+        markov_step(chain_table(rows, vocab_size)), dummy_cache(1), batch_size=1, beam_size=2,
+        max_lengths=jnp.array([10]), max_len=10, length_penalty=alpha, stop_rule="current_length",
+    )
+    assert unpad(short["tokens"][0, 0], short["lengths"][0, 0]) == (EOS_ID,)
+    np.testing.assert_allclose(short["scores"][0, 0], np.log(0.5), rtol=1e-5)
+    with pytest.raises(ValueError, match="stop_rule"):
+        settings(10, stop_rule="early")
+
 
 # ----------------------------------------------------------------- continuous batching
 

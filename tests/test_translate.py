@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -208,6 +209,25 @@ def test_cli_translate_file_nbest_and_throughput(workdir, tmp_path, capsys):
     assert got == [h[0][0] for h in translator.translate(LINES, beam=beam)]
 
 
+def test_compile_time_is_counted_once_and_reported_apart(workdir, tmp_path, capsys):
+    """A call that meets a new program counts its compilation in last_stats["compile_seconds"];
+    the same call again compiles nothing (0.0 exactly). The CLI reports the rate without it."""
+    translator = runs_lib.load_translator(workdir)
+    sources = [translator.source_vocab.encode(line) for line in ["abc", "quick brown fox jumps over"]]
+    translator.translate_ids(sources, beam=4, nbest=3)  # (beam 4, nbest 3): a program no other test builds
+    first = translator.last_stats["compile_seconds"]
+    translator.translate_ids(sources, beam=4, nbest=3)
+    assert first > 0.0 and translator.last_stats["compile_seconds"] == 0.0
+
+    src = tmp_path / "in.txt"
+    src.write_text("abc\nhello\n", encoding="utf-8")
+    assert cli.main(["translate", "--workdir", workdir, "--input", str(src), "--output", str(tmp_path / "o"),
+                     "--beam", "2"]) == 0
+    err = capsys.readouterr().err
+    total, compile_s = (float(x) for x in re.search(r"in ([\d.]+)s: .* without the ([\d.]+)s of compilation", err).groups())
+    assert 0.0 <= compile_s <= total
+
+
 def test_cli_attention_plot_is_png(workdir, tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_text("abc\n\nhello\n", encoding="utf-8")
@@ -234,6 +254,8 @@ def test_cli_eval_writes_scores(workdir, capsys):
         assert key in record
     assert record["bleu_signature"].startswith("nrefs:1|case:mixed")
     assert record["beam"] == 2 and record["split"] == "test" and record["sentences"] > 0
+    assert 0.0 <= record["compile_seconds"] <= record["translate_seconds"]
+    assert record["decode_sentences_per_second"] >= record["sentences_per_second"]
     hyps = open(os.path.join(workdir, "eval_test_beam2.txt"), encoding="utf-8").read().split("\n")
     assert len(hyps) - 1 == record["sentences"]
 

@@ -15,6 +15,7 @@ from s2s_jax.vocab import BOS_ID, EOS_ID  # the one definition of the special id
 STRATEGIES = ("auto", "greedy", "beam")
 LENGTH_PENALTIES = ("wu", "avg", "none")
 COVERAGE_PENALTIES = ("wu", "summary")
+STOP_RULES = ("exact", "current_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,12 @@ class SearchSettings:
     block_ngram_repeat: N > 0: an extension that would repeat an N-gram of its hypothesis (BOS
       counted as its first token) gets log-prob -inf, as OpenNMT-py's -block_ngram_repeat;
       N-grams holding a token of `ignore_ids` are never blocked. Greedy and beam alike.
+    stop_rule: when a beam-search sentence stops once its n-best is full. "exact": when no live
+      hypothesis can beat the n-best's worst at any length it may still finish at (with alpha >
+      0 that is its length limit): the search's result is then final. "current_length": when
+      none beats it scored at its current length (Hugging Face's early_stopping=False; OpenNMT-py
+      stops sooner still, when its best extension ends): fewer steps, and a longer hypothesis
+      that would have won may be missed (docs/speed.md measures both).
     strategy: "greedy", "beam", or "auto" (greedy when beam_size is 1, else beam). Beam search
       with K = 1 finds greedy's hypothesis but returns beam's n-best layout.
     bos_id, eos_id: the first input token and the token that ends a hypothesis.
@@ -64,9 +71,11 @@ class SearchSettings:
     min_length: int = 0
     block_ngram_repeat: int = 0
     ignore_ids: tuple = ()
+    stop_rule: str = "exact"
 
     def __post_init__(self):
         for name, value, options in (("strategy", self.strategy, STRATEGIES),
+                                     ("stop_rule", self.stop_rule, STOP_RULES),
                                      ("length_penalty_type", self.length_penalty_type, LENGTH_PENALTIES),
                                      ("coverage_penalty_type", self.coverage_penalty_type, COVERAGE_PENALTIES)):
             if value not in options:

@@ -303,10 +303,12 @@ class Beam:
         Best score a live hypothesis could still reach: its log-prob can only fall, and the
         length penalty is monotone in length, so the best case is at one end of the lengths it
         may still finish at (step+2 .. limit); with alpha >= 0 that is the limit. (min_length
-        only narrows those lengths, and every coverage penalty is <= 0, so the bound holds.)"""
+        only narrows those lengths, and every coverage penalty is <= 0, so the bound holds.)
+        stop_rule "current_length" takes the first end only (SearchSettings)."""
         best_alive = jnp.max(alive_log_probs, axis=1)  # (sorted by the stepwise ranking, not by it)
-        bound = jnp.maximum(best_alive / self._length_penalty(state.step + 2),
-                            best_alive / self._length_penalty(limits))
+        bound = best_alive / self._length_penalty(state.step + 2)
+        if self.settings.stop_rule == "exact":
+            bound = jnp.maximum(bound, best_alive / self._length_penalty(limits))
         nbest_full = finished["finished_flags"][:, -1]
         cannot_improve = nbest_full & (finished["finished_scores"][:, -1] >= bound)
         return state.done | ~jnp.isfinite(best_alive) | cannot_improve

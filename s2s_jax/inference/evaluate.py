@@ -30,6 +30,7 @@ import re
 import time
 from collections.abc import Sequence
 
+from s2s_jax import runtime
 from s2s_jax.config import UserError
 
 
@@ -166,15 +167,21 @@ def evaluate(translator, workdir: str, *, split: str | None = None, src_file: st
     config = translator.config
     beam = beam or config.decode.beam_size
     ts = test or test_set(config, workdir, split=split, src_file=src_file, ref_file=ref_file, data_dir=data_dir)
+    compile_start = runtime.compile_seconds()
     t0 = time.perf_counter()
     hyps = decode_best(translator, ts.sources, beam)
     elapsed = time.perf_counter() - t0
+    compile_s = runtime.compile_seconds() - compile_start
     record = {"workdir": os.path.abspath(workdir), "split": ts.name, "sentences": len(ts.sources), "beam": beam,
               "task_kind": config.data.task_kind, "truncate_source": config.data.truncate_source,
               "length_penalty": config.decode.length_penalty, "coverage_penalty": config.decode.coverage_penalty,
               **score(config, hyps, ts),
               "translate_seconds": round(elapsed, 3),
               "sentences_per_second": round(len(ts.sources) / max(elapsed, 1e-9), 1),
+              # the part of translate_seconds spent compiling (or loading cached programs), and
+              # the speed without it: what a warm process decodes at (docs/speed.md)
+              "compile_seconds": round(compile_s, 3),
+              "decode_sentences_per_second": round(len(ts.sources) / max(elapsed - compile_s, 1e-9), 1),
               "checkpoint": checkpoint}
     if getattr(translator, "checkpoint", None):
         record["parameters"] = translator.checkpoint  # {"which", "steps"[, "source"]}

@@ -15,9 +15,9 @@ Speed on CPU comes from doing little work and compiling few programs:
   reorders (only the small decoder state follows the beams), and attention weights are produced
   only when asked for (plots) or needed (coverage penalty).
 * Each sentence stops at `decode.max_len_a * source_length + decode.max_len_b` tokens.
-* With a vocabulary shortlist (`decode.shortlist`, `inference/shortlist.py`), a queue is one
-  batch of sentences, and its decode program scores only the union of their candidate target
-  pieces (padded to a few static sizes, one program each) instead of the whole vocabulary.
+* With a vocabulary shortlist (`decode.shortlist`, `inference/shortlist.py`), a queue's decode
+  program scores only the union of its sentences' candidate target pieces (padded to a few
+  static sizes, one program each) instead of the whole vocabulary.
 * All queues are dispatched before any result is fetched, so host work overlaps device work.
 
 Text in = text as trained: `translate` normalises every line exactly as prepare normalised the
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import decoding
+from s2s_jax import decoding, runtime
 from s2s_jax.config import Config, UserError
 from s2s_jax.inference.adapter import CONTEXT_KEYS, DecodingModel, SingleModel
 from s2s_jax.inference.lengths import LENGTH_MULTIPLE, max_output_length, output_ids, round_up
@@ -94,7 +94,7 @@ def search_settings(config: Config, model: DecodingModel, *, beam_size: int, nbe
         length_penalty=dc.length_penalty, coverage_penalty=dc.coverage_penalty, bos_id=BOS_ID, eos_id=EOS_ID,
         length_penalty_type=dc.length_penalty_type, coverage_penalty_type=dc.coverage_penalty_type,
         stepwise_penalty=dc.stepwise_penalty and beam_size > 1, min_length=min_length,
-        block_ngram_repeat=dc.block_ngram_repeat, ignore_ids=tuple(ignore_ids))
+        block_ngram_repeat=dc.block_ngram_repeat, ignore_ids=tuple(ignore_ids), stop_rule=dc.stop_rule)
 
 
 def blocking_ignore_ids(config: Config, target_vocab) -> tuple[int, ...]:
@@ -194,9 +194,11 @@ def _use_input_table(queue_size: int, beam_size: int, max_len: int, vocab_size: 
 class Translator:
     """Translates token ids or text with fixed params. Not thread-safe.
 
-    After each call, `last_stats` holds {"sentences", "tokens", "queues", "encoder_shapes"} of it
-    (tokens: output tokens of the best hypotheses, EOS excluded; with a shortlist also
-    "candidates": the mean candidate count of a queue, before padding).
+    After each call, `last_stats` holds {"sentences", "tokens", "queues", "encoder_shapes",
+    "compile_seconds"} of it (tokens: output tokens of the best hypotheses, EOS excluded;
+    compile_seconds: tracing + compiling, or loading from the persistent cache, the programs it
+    had not run before; with a shortlist also "candidates": the mean candidate count of a queue,
+    before padding).
 
     shortlist: a `shortlist.Shortlist` to decode with (`decode.shortlist_top_k` / `_frequent`
     candidates per batch), or None: the whole vocabulary. The loaders (`runs.Run.translator`,
@@ -249,6 +251,7 @@ class Translator:
         """
         if nbest > max(beam, 1):
             raise ValueError(f"nbest {nbest} must be <= beam {beam}")
+        compile_start = runtime.compile_seconds()
         batch_size = batch_size or self.config.decode.batch_size
         n = len(sources)
         lengths = np.asarray([len(s) for s in sources], np.int64)
@@ -263,8 +266,11 @@ class Translator:
         S_all = round_up(int(lengths.max()), LENGTH_MULTIPLE) if n else LENGTH_MULTIPLE
         max_len = int(self.max_len_for(S_all))
         pending, shapes, candidates = [], set(), []
-        # A shortlist is the union of a queue's candidates: one batch per queue keeps it small.
-        queue_rows = rows * (1 if self.shortlist is not None else QUEUE_BATCHES)
+        # With a shortlist a queue scores the union of its sentences' candidates. Whole queues
+        # (not one batch each) keep the slots busy: on Multi30k test2016 one batch per queue took
+        # 198 slot passes where a queue of the 1,000 sentences took 138, and that outweighed the
+        # smaller union (~3,000 vs ~4,600 of 8,000 pieces; docs/speed.md).
+        queue_rows = rows * QUEUE_BATCHES
         for queue_start in range(0, n, queue_rows):
             queue = order[queue_start:queue_start + queue_rows]
             batches = 1 << max(-(-len(queue) // rows) - 1, 0).bit_length()  # power of two
@@ -307,7 +313,8 @@ class Translator:
                     res["attention"] = res["attentions"][0]
                 results[i] = res
         self.last_stats = {"sentences": n, "tokens": n_tokens, "queues": len(pending),
-                           "encoder_shapes": len(shapes)}
+                           "encoder_shapes": len(shapes),
+                           "compile_seconds": runtime.compile_seconds() - compile_start}
         if candidates:
             self.last_stats["candidates"] = float(np.mean(candidates))
         return results
