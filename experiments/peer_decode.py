@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "experiments")]
+from onmt_peer import onmt_bin, onmt_env, pieces_to_text  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,11 +56,12 @@ def parse_args(argv=None):
 
 
 def _bleu(hyp_file: str, ref_file: str) -> float:
-    import sacrebleu
+    """sacreBLEU (cased, detokenised) as `s2s-jax eval` reports it (`s2s_jax.metrics`)."""
+    from s2s_jax import metrics
 
     hyps = Path(hyp_file).read_text(encoding="utf-8").splitlines()
     refs = Path(ref_file).read_text(encoding="utf-8").splitlines()
-    return round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+    return round(metrics.bleu_scores(hyps, [refs], lang="de")["bleu"], 2)
 
 
 def _words(path: str) -> int:
@@ -66,27 +69,24 @@ def _words(path: str) -> int:
 
 
 def run_onmt(model: str, beam: int, tmp: str, ref: str) -> dict:
-    venv, data = os.environ.get("ONMT_VENV"), os.environ.get("DATA")
-    if not venv or not data:
-        raise SystemExit("error: set ONMT_VENV and DATA as ../shared/peers/README.md does")
+    data = os.environ.get("DATA")
+    if not data:
+        raise SystemExit("error: set DATA (prep_multi30k.py's output) as ../shared/peers/README.md does")
     src = os.path.join(data, "sp", "test.en")
     out_sp = os.path.join(tmp, f"onmt.beam{beam}.sp")
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
     start = time.perf_counter()
-    proc = subprocess.run([os.path.join(venv, "bin", "onmt_translate"), "-model", model, "-src", src,
+    proc = subprocess.run([onmt_bin("onmt_translate"), "-model", model, "-src", src,
                            "-output", out_sp, "-beam_size", str(beam), "-batch_size", "64", "-batch_type", "sents",
-                           "-max_length", "100", "-report_time"], capture_output=True, text=True, env=env)
+                           "-max_length", "100", "-report_time"], capture_output=True, text=True, env=onmt_env())
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"onmt_translate failed:\n{proc.stderr[-2000:]}")
     tps = float(re.search(r"Tokens per second: ([\d.]+)", proc.stderr + proc.stdout).group(1))
-    pieces = [line.split() for line in Path(out_sp).read_text(encoding="utf-8").splitlines()]
-    decode_s = sum(map(len, pieces)) / tps
+    lines = Path(out_sp).read_text(encoding="utf-8").splitlines()
+    decode_s = sum(len(line.split()) for line in lines) / tps  # its output pieces / its tokens per second
     out = os.path.join(tmp, f"onmt.beam{beam}.txt")
-    with open(out, "w", encoding="utf-8") as f:
-        for p in pieces:
-            f.write("".join(p).replace("\u2581", " ").strip() + "\n")
-    return {"sentences": len(pieces), "decode_seconds": decode_s, "process_seconds": wall,
+    Path(out).write_text("".join(pieces_to_text(line) + "\n" for line in lines), encoding="utf-8")
+    return {"sentences": len(lines), "decode_seconds": decode_s, "process_seconds": wall,
             "words": _words(out), "bleu": _bleu(out, ref)}
 
 

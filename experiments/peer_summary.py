@@ -35,12 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = os.path.join(HERE, "..", "..", "shared", "peers", "onmt")
 SPLITS = ("train", "valid", "test")
 
-
-def _bin(name: str) -> str:
-    venv = os.environ.get("ONMT_VENV")
-    if not venv:
-        raise SystemExit("error: set ONMT_VENV to OpenNMT-py's venv (../shared/peers/setup_onmt.sh makes one)")
-    return os.path.join(venv, "bin", name)
+sys.path.insert(0, HERE)
+from onmt_peer import onmt_bin, onmt_env, pieces_to_text  # noqa: E402
 
 
 def prepare(a) -> None:
@@ -63,7 +59,7 @@ def prepare(a) -> None:
     with open(vocab_yaml, "w") as f:
         f.write(f"save_data: {a.out}/run\nsrc_vocab: {a.out}/vocab.shared\nshare_vocab: true\noverwrite: true\n"
                 f"data:\n  corpus_1:\n    path_src: {a.out}/sp/train.src\n    path_tgt: {a.out}/sp/train.tgt\n")
-    subprocess.run([_bin("onmt_build_vocab"), "-config", vocab_yaml, "-n_sample", "-1", "-num_threads", "1"],
+    subprocess.run([onmt_bin("onmt_build_vocab"), "-config", vocab_yaml, "-n_sample", "-1", "-num_threads", "1"],
                    check=True)
 
 
@@ -75,11 +71,11 @@ def train(a) -> None:
     yaml = os.path.join(a.out, "train.yaml")
     with open(yaml, "w", encoding="utf-8") as f:
         f.write(config)
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env = onmt_env()
     start = time.time()
     with open(os.path.join(a.out, "train.log"), "w", encoding="utf-8") as log:
         try:
-            subprocess.run([_bin("onmt_train"), "-config", yaml], stdout=log, stderr=subprocess.STDOUT, env=env,
+            subprocess.run([onmt_bin("onmt_train"), "-config", yaml], stdout=log, stderr=subprocess.STDOUT, env=env,
                            timeout=a.minutes * 60)
         except subprocess.TimeoutExpired:
             pass
@@ -98,16 +94,16 @@ def _last_checkpoint(out: str) -> str:
 def translate(a) -> None:
     ckpt = _last_checkpoint(a.out)
     pred = os.path.join(a.out, "test.sp")
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env = onmt_env()
     start = time.time()
-    subprocess.run([_bin("onmt_translate"), "-model", ckpt, "-src", os.path.join(a.out, "sp", "test.src"),
+    subprocess.run([onmt_bin("onmt_translate"), "-model", ckpt, "-src", os.path.join(a.out, "sp", "test.src"),
                     "-output", pred, "-beam_size", str(a.beam), "-batch_size", "16", "-max_length", str(a.max_length),
                     "-block_ngram_repeat", "3", "-min_length", str(a.min_length), "-stepwise_penalty",
                     "-coverage_penalty", "summary", "-beta", "5", "-length_penalty", "wu", "-alpha", "0.9",
                     "-report_time"], check=True, env=env)
     seconds = time.time() - start
     with open(pred, encoding="utf-8") as f:
-        text = ["".join(line.split()).replace("\u2581", " ").strip() for line in f]
+        text = [pieces_to_text(line) for line in f]
     with open(os.path.join(a.out, "test.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(text) + "\n")
     refs = [os.path.join(a.data, "test.tgt")] + sorted(glob.glob(os.path.join(a.data, "test.ref*")))

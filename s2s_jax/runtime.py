@@ -79,13 +79,14 @@ def setup() -> dict:
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")  # trace, lower, compile (or cache load)
-_compile_seconds = [0.0]
-_listening = [False]
+_compile_seconds = 0.0
+_listening = False
 
 
 def _on_event_duration(event: str, duration: float, **_) -> None:
-    if event in _COMPILE_EVENTS:
-        _compile_seconds[0] += duration
+    global _compile_seconds
+    if event in _COMPILE_EVENTS:  # top-level traces only: jax times nested jits inside their caller's
+        _compile_seconds += duration
 
 
 def compile_seconds() -> float:
@@ -93,12 +94,13 @@ def compile_seconds() -> float:
     them from the persistent cache) since the first call, from jax's own monitoring events.
     Differences of two calls time the compilation inside a piece of work, e.g. a translation
     (`Translator.last_stats["compile_seconds"]`), so decode speed can be quoted without it."""
-    if not _listening[0]:
+    global _listening
+    if not _listening:
         import jax
 
         jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
-        _listening[0] = True
-    return _compile_seconds[0]
+        _listening = True
+    return _compile_seconds
 
 
 # XLA flags behind train.deterministic: GPU reductions and scatters (atomics) in a fixed order,

@@ -209,10 +209,9 @@ def test_cli_translate_file_nbest_and_throughput(workdir, tmp_path, capsys):
     assert got == [h[0][0] for h in translator.translate(LINES, beam=beam)]
 
 
-def test_compile_time_is_counted_once_and_reported_apart(workdir, tmp_path, capsys):
+def test_compile_time_is_counted_once_and_reported_apart(workdir, translator, tmp_path, capsys):
     """A call that meets a new program counts its compilation in last_stats["compile_seconds"];
     the same call again compiles nothing (0.0 exactly). The CLI reports the rate without it."""
-    translator = runs_lib.load_translator(workdir)
     sources = [translator.source_vocab.encode(line) for line in ["abc", "quick brown fox jumps over"]]
     translator.translate_ids(sources, beam=4, nbest=3)  # (beam 4, nbest 3): a program no other test builds
     first = translator.last_stats["compile_seconds"]

@@ -30,7 +30,6 @@ import re
 import time
 from collections.abc import Sequence
 
-from s2s_jax import runtime
 from s2s_jax.config import UserError
 
 
@@ -167,11 +166,10 @@ def evaluate(translator, workdir: str, *, split: str | None = None, src_file: st
     config = translator.config
     beam = beam or config.decode.beam_size
     ts = test or test_set(config, workdir, split=split, src_file=src_file, ref_file=ref_file, data_dir=data_dir)
-    compile_start = runtime.compile_seconds()
     t0 = time.perf_counter()
     hyps = decode_best(translator, ts.sources, beam)
     elapsed = time.perf_counter() - t0
-    compile_s = runtime.compile_seconds() - compile_start
+    compile_s = getattr(translator, "last_stats", {}).get("compile_seconds", 0.0)  # decode_best's one call
     record = {"workdir": os.path.abspath(workdir), "split": ts.name, "sentences": len(ts.sources), "beam": beam,
               "task_kind": config.data.task_kind, "truncate_source": config.data.truncate_source,
               "length_penalty": config.decode.length_penalty, "coverage_penalty": config.decode.coverage_penalty,

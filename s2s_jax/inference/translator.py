@@ -201,7 +201,7 @@ class Translator:
     before padding).
 
     shortlist: a `shortlist.Shortlist` to decode with (`decode.shortlist_top_k` / `_frequent`
-    candidates per batch), or None: the whole vocabulary. The loaders (`runs.Run.translator`,
+    candidates, their union per queue), or None: the whole vocabulary. The loaders (`runs.Run.translator`,
     the ensemble's) pass the run's when decode.shortlist is on.
     """
 
